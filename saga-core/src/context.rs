@@ -1,0 +1,101 @@
+//! What a running step sees: who it is, which attempt, its idempotency key, shared resources
+//! and the idempotency guard.
+
+use std::sync::Arc;
+
+use crate::{IdempotencyGuard, MissingResource, Phase, Resources, SagaId, SagaStore};
+
+/// The context passed to a step's forward action, compensation and reconciliation check.
+#[derive(Clone)]
+pub struct StepContext {
+    pub(crate) saga_id: SagaId,
+    pub(crate) saga_type: Arc<str>,
+    pub(crate) step: &'static str,
+    pub(crate) position: u32,
+    pub(crate) attempt: u32,
+    pub(crate) phase: Phase,
+    pub(crate) idempotency_key: String,
+    pub(crate) resources: Arc<Resources>,
+    pub(crate) store: Arc<dyn SagaStore>,
+    pub(crate) span: tracing::Span,
+}
+
+impl std::fmt::Debug for StepContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepContext")
+            .field("saga_id", &self.saga_id)
+            .field("saga_type", &self.saga_type)
+            .field("step", &self.step)
+            .field("position", &self.position)
+            .field("attempt", &self.attempt)
+            .field("phase", &self.phase)
+            .field("idempotency_key", &self.idempotency_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StepContext {
+    /// The saga this step belongs to.
+    #[must_use]
+    pub fn saga_id(&self) -> SagaId {
+        self.saga_id
+    }
+
+    /// The saga's registered type name.
+    #[must_use]
+    pub fn saga_type(&self) -> &str {
+        &self.saga_type
+    }
+
+    /// The step's name.
+    #[must_use]
+    pub fn step_name(&self) -> &'static str {
+        self.step
+    }
+
+    /// The step's position in the saga's journal (from 0).
+    #[must_use]
+    pub fn position(&self) -> u32 {
+        self.position
+    }
+
+    /// The attempt number, from 1; it keeps counting across resumes.
+    #[must_use]
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Forward action or compensation.
+    #[must_use]
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The deterministic idempotency key of this step and phase: the same on every attempt
+    /// and every resume, different for forward and compensate. Pass it to the systems the
+    /// step calls (an `Idempotency-Key` header, a unique column).
+    #[must_use]
+    pub fn idempotency_key(&self) -> &str {
+        &self.idempotency_key
+    }
+
+    /// A shared resource registered on the engine.
+    ///
+    /// # Errors
+    /// [`MissingResource`] (permanent) when no value of type `T` was registered.
+    pub fn resource<T: Send + Sync + 'static>(&self) -> Result<&T, MissingResource> {
+        self.resources.get::<T>()
+    }
+
+    /// The idempotency guard on the saga store, to make any side effect exactly-once.
+    #[must_use]
+    pub fn guard(&self) -> IdempotencyGuard {
+        IdempotencyGuard::new(Arc::clone(&self.store))
+    }
+
+    /// The `step` tracing span this attempt runs in.
+    #[must_use]
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+}

@@ -1,0 +1,614 @@
+//! The workflow context: executes steps, or replays them from the journal.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tracing::Instrument;
+
+use super::definition::{ErasedStep, TypedStep, step_error};
+use super::guarded::{Guarded, run_guarded};
+use super::{SagaError, Shared};
+use crate::store::{CommitOutcome, Lease, Schedule, StoreError, Transition};
+use crate::{
+    CompensationReason, ErrorClass, EventKind, Phase, RetryDecision, SagaEvent, SagaState, Step,
+    StepContext, StepError, StepStatus, StepTimeout, Timestamp, step_idempotency_key,
+};
+
+/// Why the workflow stopped making progress in this run.
+#[derive(Debug, Clone)]
+pub(crate) enum Halt {
+    /// A step failed for good; `StepFailed` and `CompensationStarted` are committed.
+    StepFailed(SagaError),
+    /// A cancel request was seen; compensation has not been recorded yet.
+    Cancelled,
+    /// A durable timer was committed; the saga is due again at this time.
+    Suspended(Timestamp),
+    /// This run lost the saga (fenced) or the store failed; nothing more may be written.
+    Interrupted(String),
+    /// The workflow diverged from its journal.
+    NonDeterministic { position: u32, message: String },
+    /// Stored data or a value cannot be decoded or encoded, or is too large.
+    BadData(String),
+    /// Compensation replay reached the end of the recorded progress.
+    Collected,
+}
+
+impl Halt {
+    fn to_error(&self) -> SagaError {
+        match self {
+            Halt::StepFailed(err) => err.clone(),
+            Halt::Cancelled => SagaError::Cancelled("cancel requested".into()),
+            Halt::Suspended(until) => SagaError::Suspended { until: *until },
+            Halt::Interrupted(reason) => SagaError::Interrupted(reason.clone()),
+            Halt::NonDeterministic { position, message } => {
+                SagaError::NonDeterministic { position: *position, message: message.clone() }
+            }
+            Halt::BadData(message) => SagaError::BadData(message.clone()),
+            Halt::Collected => SagaError::Interrupted("replaying for compensation".into()),
+        }
+    }
+}
+
+/// Whether `run` executes steps or only replays them to learn what to compensate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Forward,
+    Collect,
+}
+
+/// A step seen by this run, kept for the compensation phase.
+pub(crate) struct Registered {
+    pub(crate) position: u32,
+    pub(crate) step: Arc<dyn ErasedStep>,
+}
+
+/// The context a workflow runs in: `run` executes a step (or replays its recorded output),
+/// `now` and `uuid` give journaled values.
+pub struct SagaContext {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) lease: Lease,
+    pub(crate) state: SagaState,
+    pub(crate) pending: Vec<SagaEvent>,
+    pub(crate) position: u32,
+    pub(crate) halt: Option<Halt>,
+    pub(crate) steps: Vec<Registered>,
+    pub(crate) mode: Mode,
+    pub(crate) rng: fastrand::Rng,
+    pub(crate) saga_type: Arc<str>,
+    /// A position whose `StepStarted` was committed but whose attempt never ran because a
+    /// cancel arrived with that very commit.
+    pub(crate) unexecuted: Option<u32>,
+}
+
+impl std::fmt::Debug for SagaContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SagaContext")
+            .field("saga_id", &self.state.id)
+            .field("saga_type", &self.saga_type)
+            .field("position", &self.position)
+            .field("fence", &self.lease.fence)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the journal holds at a position, as far as `run` is concerned.
+enum Slot {
+    Fresh,
+    Replay { output: Value },
+    InFlight { attempts: u32, ambiguous: bool, next_retry_at: Option<Timestamp> },
+    Failed,
+}
+
+impl SagaContext {
+    /// The saga's id.
+    #[must_use]
+    pub fn saga_id(&self) -> crate::SagaId {
+        self.state.id
+    }
+
+    /// `true` while the workflow is being replayed for compensation (no step runs; recorded
+    /// outputs come back until the recorded progress ends).
+    #[must_use]
+    pub fn is_compensating(&self) -> bool {
+        self.mode == Mode::Collect
+    }
+
+    /// Runs `step` with `input`, or returns its recorded output if the journal already has
+    /// it. Transient failures are retried under the step's policy; a permanent failure (or
+    /// exhausted retries) returns [`SagaError::StepFailed`] and the saga compensates.
+    ///
+    /// # Errors
+    /// [`SagaError`]: propagate it with `?`. Once one is returned every later call returns
+    /// an error too, so a workflow that catches it cannot run further steps.
+    pub async fn run<S: Step>(&mut self, step: S, input: S::Input) -> Result<S::Output, SagaError> {
+        if let Some(halt) = &self.halt {
+            return Err(halt.to_error());
+        }
+        let position = self.position;
+        self.position += 1;
+        let input_value = match serde_json::to_value(&input) {
+            Ok(value) => value,
+            Err(err) => {
+                return Err(self.stop(Halt::BadData(format!(
+                    "input of step `{}` does not encode: {err}",
+                    S::NAME
+                ))));
+            }
+        };
+        let slot = match self.slot(position, S::NAME, false, &input_value) {
+            Ok(slot) => slot,
+            Err(halt) => return Err(self.stop(halt)),
+        };
+        let step = Arc::new(step);
+        let erased: Arc<dyn ErasedStep> = Arc::new(TypedStep(Arc::clone(&step)));
+        match (self.mode, slot) {
+            (_, Slot::Replay { output }) => match serde_json::from_value(output) {
+                Ok(output) => {
+                    self.steps.push(Registered { position, step: erased });
+                    Ok(output)
+                }
+                Err(err) => Err(self.stop(Halt::NonDeterministic {
+                    position,
+                    message: format!(
+                        "the recorded output of step `{}` does not decode as its Output type: {err}",
+                        S::NAME
+                    ),
+                })),
+            },
+            (Mode::Collect, Slot::Fresh) => Err(self.stop(Halt::Collected)),
+            (Mode::Collect, Slot::InFlight { .. } | Slot::Failed) => {
+                self.steps.push(Registered { position, step: erased });
+                Err(self.stop(Halt::Collected))
+            }
+            (Mode::Forward, Slot::Failed) => Err(self.stop(Halt::BadData(format!(
+                "journal position {position} is failed while the saga is still running"
+            )))),
+            (Mode::Forward, Slot::Fresh) => {
+                self.execute(&step, erased, position, Some(input), input_value, 1, true).await
+            }
+            (Mode::Forward, Slot::InFlight { attempts, ambiguous, next_retry_at }) => {
+                if self.state.cancel_requested {
+                    self.steps.push(Registered { position, step: erased });
+                    return Err(self.stop(Halt::Cancelled));
+                }
+                if ambiguous {
+                    if let Some(output) =
+                        self.reconcile(&*step, position, attempts, &input).await?
+                    {
+                        self.steps.push(Registered { position, step: erased });
+                        return Ok(output);
+                    }
+                    // Unknown outcome: run the same attempt again with the same key.
+                    self.execute(&step, erased, position, Some(input), input_value, attempts.max(1), false)
+                        .await
+                } else {
+                    if let Some(at) = next_retry_at {
+                        self.wait_until(at).await?;
+                    }
+                    self.execute(&step, erased, position, Some(input), input_value, attempts + 1, false)
+                        .await
+                }
+            }
+        }
+    }
+
+    /// The current time, journaled: a replay returns the time recorded on the first run.
+    ///
+    /// # Errors
+    /// As [`SagaContext::run`].
+    pub fn now(&mut self) -> Result<Timestamp, SagaError> {
+        let value = self.journaled_value("now", |shared| {
+            serde_json::to_value(shared.clock.now()).unwrap_or(Value::Null)
+        })?;
+        serde_json::from_value(value).map_err(|err| {
+            self.stop(Halt::NonDeterministic {
+                position: self.position - 1,
+                message: format!("the recorded `now` value does not decode: {err}"),
+            })
+        })
+    }
+
+    /// A random UUID, journaled: a replay returns the one recorded on the first run.
+    ///
+    /// # Errors
+    /// As [`SagaContext::run`].
+    pub fn uuid(&mut self) -> Result<uuid::Uuid, SagaError> {
+        let value = self.journaled_value("uuid", |_| Value::String(uuid::Uuid::new_v4().to_string()))?;
+        serde_json::from_value(value).map_err(|err| {
+            self.stop(Halt::NonDeterministic {
+                position: self.position - 1,
+                message: format!("the recorded `uuid` value does not decode: {err}"),
+            })
+        })
+    }
+
+    fn journaled_value(
+        &mut self,
+        name: &'static str,
+        make: impl FnOnce(&Shared) -> Value,
+    ) -> Result<Value, SagaError> {
+        if let Some(halt) = &self.halt {
+            return Err(halt.to_error());
+        }
+        let position = self.position;
+        self.position += 1;
+        match self.slot(position, name, true, &Value::Null) {
+            Ok(Slot::Replay { output }) => Ok(output),
+            Ok(Slot::Fresh) if self.mode == Mode::Collect => Err(self.stop(Halt::Collected)),
+            Ok(Slot::Fresh) => {
+                let value = make(&self.shared);
+                // Recorded with the next commit: nothing durable can depend on the value
+                // before then, because every effect starts with a commit.
+                self.record(EventKind::ValueRecorded {
+                    position,
+                    name: name.to_owned(),
+                    value: value.clone(),
+                })
+                .map_err(|halt| self.stop(halt))?;
+                Ok(value)
+            }
+            Ok(Slot::InFlight { .. } | Slot::Failed) => Err(self.stop(Halt::NonDeterministic {
+                position,
+                message: format!("the journal holds a step where the workflow asked for `{name}`"),
+            })),
+            Err(halt) => Err(self.stop(halt)),
+        }
+    }
+
+    fn stop(&mut self, halt: Halt) -> SagaError {
+        let err = halt.to_error();
+        if self.halt.is_none() {
+            self.halt = Some(halt);
+        }
+        err
+    }
+
+    fn slot(&self, position: u32, name: &str, is_value: bool, input: &Value) -> Result<Slot, Halt> {
+        let Some(record) = self.state.record(position) else {
+            return Ok(Slot::Fresh);
+        };
+        if record.name != name || record.is_value != is_value {
+            return Err(Halt::NonDeterministic {
+                position,
+                message: format!(
+                    "the journal records `{}` here but the workflow now calls `{name}`",
+                    record.name
+                ),
+            });
+        }
+        if !is_value && let Some(recorded) = &record.input && recorded != input {
+            return Err(Halt::NonDeterministic {
+                position,
+                message: format!(
+                    "step `{name}` is called with an input that differs from the recorded one"
+                ),
+            });
+        }
+        Ok(match record.status {
+            StepStatus::Succeeded => {
+                Slot::Replay { output: record.output.clone().unwrap_or(Value::Null) }
+            }
+            StepStatus::Failed => Slot::Failed,
+            StepStatus::Started => {
+                Slot::InFlight { attempts: record.attempts, ambiguous: true, next_retry_at: None }
+            }
+            StepStatus::Retrying => Slot::InFlight {
+                attempts: record.attempts,
+                ambiguous: false,
+                next_retry_at: record.next_retry_at,
+            },
+        })
+    }
+
+    pub(crate) fn record(&mut self, kind: EventKind) -> Result<(), Halt> {
+        let event = SagaEvent { seq: 0, at: self.shared.clock.now(), kind };
+        self.state.apply(0, &event).map_err(|err| Halt::BadData(err.to_string()))?;
+        self.pending.push(event);
+        Ok(())
+    }
+
+    /// Records `kinds` and writes every pending event and the new state in one atomic commit.
+    pub(crate) async fn commit(
+        &mut self,
+        kinds: Vec<EventKind>,
+        schedule: Schedule,
+    ) -> Result<CommitOutcome, Halt> {
+        for kind in kinds {
+            self.record(kind)?;
+        }
+        let encode = |what: &str, err: serde_json::Error| {
+            Halt::BadData(format!("cannot encode the saga {what}: {err}"))
+        };
+        let state = serde_json::to_string(&self.state).map_err(|err| encode("state", err))?;
+        let events = self
+            .pending
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| encode("events", err))?;
+        let transition = Transition {
+            commit_id: uuid::Uuid::new_v4().to_string(),
+            events,
+            state,
+            status: self.state.status,
+            schedule,
+        };
+        match self.shared.commit(&self.lease, transition).await {
+            Ok(outcome) => {
+                self.pending.clear();
+                if outcome.cancel_requested {
+                    self.state.cancel_requested = true;
+                }
+                Ok(outcome)
+            }
+            Err(err @ StoreError::TooLarge { .. }) => Err(Halt::BadData(err.to_string())),
+            Err(err) => Err(Halt::Interrupted(err.to_string())),
+        }
+    }
+
+    /// Waits for a recorded retry time: in process when it is close, as a durable timer
+    /// otherwise.
+    async fn wait_until(&mut self, at: Timestamp) -> Result<(), SagaError> {
+        let remaining = at.since(self.shared.clock.now());
+        if remaining.is_zero() {
+            return Ok(());
+        }
+        if remaining <= self.shared.config.inline_wait_max {
+            tokio::time::sleep(remaining).await;
+            return Ok(());
+        }
+        let halt = match self.commit(Vec::new(), Schedule::WakeAfter(remaining)).await {
+            Ok(_) => Halt::Suspended(at),
+            Err(halt) => halt,
+        };
+        Err(self.stop(halt))
+    }
+
+    pub(crate) fn step_context(
+        &self,
+        step: &'static str,
+        position: u32,
+        attempt: u32,
+        phase: Phase,
+        span: tracing::Span,
+    ) -> StepContext {
+        StepContext {
+            saga_id: self.state.id,
+            saga_type: Arc::clone(&self.saga_type),
+            step,
+            position,
+            attempt,
+            phase,
+            idempotency_key: step_idempotency_key(self.state.id, position, step, phase),
+            resources: Arc::clone(&self.shared.resources),
+            store: Arc::clone(&self.shared.store),
+            span,
+        }
+    }
+
+    async fn reconcile<S: Step>(
+        &mut self,
+        step: &S,
+        position: u32,
+        attempt: u32,
+        input: &S::Input,
+    ) -> Result<Option<S::Output>, SagaError> {
+        let span = tracing::info_span!("reconcile", step = S::NAME, position, attempt);
+        let ctx = self.step_context(S::NAME, position, attempt, Phase::Forward, span.clone());
+        match step.reconcile(&ctx, input).instrument(span).await {
+            Ok(crate::Reconciled::Applied(output)) => {
+                let value = serde_json::to_value(&output).map_err(|err| {
+                    self.stop(Halt::BadData(format!(
+                        "reconciled output of `{}` does not encode: {err}",
+                        S::NAME
+                    )))
+                })?;
+                self.record(EventKind::StepSucceeded {
+                    position,
+                    step: S::NAME.to_owned(),
+                    attempt,
+                    output: value,
+                    reconciled: true,
+                })
+                .map_err(|halt| self.stop(halt))?;
+                tracing::info!(step = S::NAME, position, "reconciliation found the effect applied; not re-running");
+                Ok(Some(output))
+            }
+            Ok(crate::Reconciled::NotApplied | crate::Reconciled::Unknown) => Ok(None),
+            Err(err) => {
+                tracing::warn!(step = S::NAME, position, error = %err, "reconciliation check failed; re-running the attempt");
+                Ok(None)
+            }
+        }
+    }
+
+    /// The attempt loop of one step.
+    #[allow(clippy::too_many_arguments)]
+    async fn execute<S: Step>(
+        &mut self,
+        step: &Arc<S>,
+        erased: Arc<dyn ErasedStep>,
+        position: u32,
+        mut input: Option<S::Input>,
+        input_value: Value,
+        first_attempt: u32,
+        fresh: bool,
+    ) -> Result<S::Output, SagaError> {
+        let policy = step.retry_policy();
+        let ttl = self.shared.config.lease_ttl;
+        let mut attempt = first_attempt;
+        let mut record_input = fresh.then_some(input_value.clone());
+        loop {
+            if self.state.cancel_requested {
+                self.steps.push(Registered { position, step: erased });
+                return Err(self.stop(Halt::Cancelled));
+            }
+            let key = step_idempotency_key(self.state.id, position, S::NAME, Phase::Forward);
+            let started = self
+                .commit(
+                    vec![EventKind::StepStarted {
+                        position,
+                        step: S::NAME.to_owned(),
+                        attempt,
+                        idempotency_key: key.clone(),
+                        input: record_input.take(),
+                    }],
+                    Schedule::Continue { ttl },
+                )
+                .await;
+            match started {
+                Ok(outcome) if outcome.cancel_requested => {
+                    self.unexecuted = Some(position);
+                    self.steps.push(Registered { position, step: erased });
+                    return Err(self.stop(Halt::Cancelled));
+                }
+                Ok(_) => {}
+                Err(halt) => return Err(self.stop(halt)),
+            }
+            let span = tracing::info_span!(
+                "step",
+                step = S::NAME,
+                position,
+                attempt,
+                idempotency_key = %key
+            );
+            let ctx = self.step_context(S::NAME, position, attempt, Phase::Forward, span.clone());
+            let owned_input = match input.take() {
+                Some(value) => value,
+                None => match serde_json::from_value(input_value.clone()) {
+                    Ok(value) => value,
+                    Err(err) => {
+                        return Err(self.stop(Halt::BadData(format!(
+                            "input of step `{}` does not decode for a retry: {err}",
+                            S::NAME
+                        ))));
+                    }
+                },
+            };
+            let clock = tokio::time::Instant::now();
+            let outcome = run_guarded(
+                &*self.shared.store,
+                &self.lease,
+                ttl,
+                step.timeout(),
+                step.forward(&ctx, owned_input).instrument(span.clone()),
+            )
+            .await;
+            let seconds = clock.elapsed().as_secs_f64();
+            let failure = match outcome {
+                Guarded::Done(Ok(output)) => {
+                    let value = match serde_json::to_value(&output) {
+                        Ok(value) => value,
+                        Err(err) => {
+                            return Err(self.stop(Halt::BadData(format!(
+                                "output of step `{}` does not encode: {err}",
+                                S::NAME
+                            ))));
+                        }
+                    };
+                    // Recorded with the next commit (the next step's start, or the saga's
+                    // end), which always precedes the next effect: one store write per step.
+                    self.record(EventKind::StepSucceeded {
+                        position,
+                        step: S::NAME.to_owned(),
+                        attempt,
+                        output: value,
+                        reconciled: false,
+                    })
+                    .map_err(|halt| self.stop(halt))?;
+                    self.shared.observe_attempt(&span, &self.state, position, S::NAME, &key, attempt, seconds, AttemptLog::Succeeded);
+                    self.steps.push(Registered { position, step: erased });
+                    return Ok(output);
+                }
+                Guarded::Done(Err(err)) => step_error(&err),
+                Guarded::TimedOut(limit) => StepError {
+                    message: StepTimeout(limit).to_string(),
+                    class: ErrorClass::TRANSIENT,
+                    timeout: true,
+                },
+                Guarded::Lost(err) => return Err(self.stop(Halt::Interrupted(err.to_string()))),
+            };
+            let now = self.shared.clock.now();
+            let first_started = self
+                .state
+                .record(position)
+                .and_then(|r| r.first_started_at)
+                .unwrap_or(now);
+            match policy.decide(attempt, failure.class, now.since(first_started), &mut self.rng) {
+                RetryDecision::RetryAfter(delay) => {
+                    let next_retry_at = now.plus(delay);
+                    self.shared.observe_attempt(&span, &self.state, position, S::NAME, &key, attempt, seconds, AttemptLog::Retry { error: &failure, delay, next_retry_at });
+                    let inline = delay <= self.shared.config.inline_wait_max;
+                    let schedule = if inline { Schedule::Continue { ttl } } else { Schedule::WakeAfter(delay) };
+                    let committed = self
+                        .commit(
+                            vec![EventKind::StepAttemptFailed {
+                                position,
+                                step: S::NAME.to_owned(),
+                                attempt,
+                                error: failure,
+                                backoff_seconds: delay.as_secs_f64(),
+                                next_retry_at,
+                            }],
+                            schedule,
+                        )
+                        .await;
+                    if let Err(halt) = committed {
+                        return Err(self.stop(halt));
+                    }
+                    if !inline {
+                        self.steps.push(Registered { position, step: erased });
+                        return Err(self.stop(Halt::Suspended(next_retry_at)));
+                    }
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                RetryDecision::GiveUp(reason) => {
+                    self.shared.observe_attempt(&span, &self.state, position, S::NAME, &key, attempt, seconds, AttemptLog::Failed { error: &failure, reason });
+                    let error = SagaError::StepFailed {
+                        step: S::NAME.to_owned(),
+                        position,
+                        reason,
+                        error: failure.message.clone(),
+                    };
+                    let cause = CompensationReason::StepFailed {
+                        position,
+                        step: S::NAME.to_owned(),
+                        reason,
+                        error: failure.message.clone(),
+                    };
+                    self.steps.push(Registered { position, step: erased });
+                    let committed = self
+                        .commit(
+                            vec![
+                                EventKind::StepFailed {
+                                    position,
+                                    step: S::NAME.to_owned(),
+                                    attempt,
+                                    error: failure,
+                                    reason,
+                                },
+                                EventKind::CompensationStarted { reason: cause },
+                            ],
+                            Schedule::Continue { ttl },
+                        )
+                        .await;
+                    let halt = match committed {
+                        Ok(_) => Halt::StepFailed(error),
+                        Err(halt) => halt,
+                    };
+                    return Err(self.stop(halt));
+                }
+            }
+        }
+    }
+}
+
+/// One attempt outcome, for the structured log line and metrics.
+pub(crate) enum AttemptLog<'a> {
+    Succeeded,
+    Retry { error: &'a StepError, delay: Duration, next_retry_at: Timestamp },
+    Failed { error: &'a StepError, reason: crate::GiveUpReason },
+    Compensated,
+}

@@ -1,0 +1,148 @@
+//! Saga types: a workflow function with a name and a version, and the type-erased forms the
+//! engine keeps in its registry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::{SagaContext, SagaError};
+use crate::{Classify, Compensation, Reconciled, RetryPolicy, Step, StepContext, StepError};
+
+/// A saga type: a workflow that calls steps in order through its [`SagaContext`].
+///
+/// The workflow is re-executed on every resume, with completed steps replayed from the
+/// journal, so it must be deterministic given its step results: take time and randomness from
+/// [`SagaContext::now`] and [`SagaContext::uuid`], and make every side effect a step.
+#[async_trait]
+pub trait Saga: Send + Sync + 'static {
+    /// The workflow input, stored with the saga.
+    type Input: Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// The workflow output, stored when the saga completes.
+    type Output: Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// Registered type name, stored with every saga of this type.
+    const NAME: &'static str;
+    /// Version of the workflow code; part of the idempotency fingerprint.
+    const VERSION: u32 = 1;
+
+    /// The workflow.
+    async fn run(&self, saga: &mut SagaContext, input: Self::Input)
+    -> Result<Self::Output, SagaError>;
+}
+
+#[async_trait]
+pub(crate) trait ErasedSaga: Send + Sync {
+    fn name(&self) -> &'static str;
+    async fn run_erased(&self, saga: &mut SagaContext, input: Value) -> Result<Value, SagaError>;
+}
+
+pub(crate) struct TypedSaga<S>(pub(crate) S);
+
+#[async_trait]
+impl<S: Saga> ErasedSaga for TypedSaga<S> {
+    fn name(&self) -> &'static str {
+        S::NAME
+    }
+
+    async fn run_erased(&self, saga: &mut SagaContext, input: Value) -> Result<Value, SagaError> {
+        let input: S::Input = serde_json::from_value(input).map_err(|err| {
+            SagaError::BadData(format!(
+                "stored input does not decode as {}::Input: {err}",
+                std::any::type_name::<S>()
+            ))
+        })?;
+        let output = self.0.run(saga, input).await?;
+        serde_json::to_value(output)
+            .map_err(|err| SagaError::BadData(format!("workflow output does not encode: {err}")))
+    }
+}
+
+/// A step as the compensation phase needs it, with its types erased.
+#[async_trait]
+pub(crate) trait ErasedStep: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn compensation(&self) -> Compensation;
+    fn compensation_policy(&self) -> RetryPolicy;
+    fn timeout(&self) -> Option<Duration>;
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        input: &Value,
+        output: Option<&Value>,
+    ) -> Result<(), StepError>;
+    async fn reconcile(
+        &self,
+        ctx: &StepContext,
+        input: &Value,
+    ) -> Result<Reconciled<Value>, StepError>;
+}
+
+pub(crate) struct TypedStep<S>(pub(crate) Arc<S>);
+
+pub(crate) fn step_error<E: Classify + std::fmt::Display>(err: &E) -> StepError {
+    StepError { message: err.to_string(), class: err.classify(), timeout: false }
+}
+
+fn decode_error(what: &str, step: &str, err: &serde_json::Error) -> StepError {
+    StepError {
+        message: format!("recorded {what} of step `{step}` does not decode: {err}"),
+        class: crate::ErrorClass::Permanent,
+        timeout: false,
+    }
+}
+
+#[async_trait]
+impl<S: Step> ErasedStep for TypedStep<S> {
+    fn name(&self) -> &'static str {
+        S::NAME
+    }
+
+    fn compensation(&self) -> Compensation {
+        S::COMPENSATION
+    }
+
+    fn compensation_policy(&self) -> RetryPolicy {
+        self.0.compensation_retry_policy()
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        self.0.timeout()
+    }
+
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        input: &Value,
+        output: Option<&Value>,
+    ) -> Result<(), StepError> {
+        let input: S::Input = serde_json::from_value(input.clone())
+            .map_err(|err| decode_error("input", S::NAME, &err))?;
+        let output: Option<S::Output> = match output {
+            Some(value) => Some(
+                serde_json::from_value(value.clone())
+                    .map_err(|err| decode_error("output", S::NAME, &err))?,
+            ),
+            None => None,
+        };
+        self.0.compensate(ctx, input, output).await.map_err(|err| step_error(&err))
+    }
+
+    async fn reconcile(
+        &self,
+        ctx: &StepContext,
+        input: &Value,
+    ) -> Result<Reconciled<Value>, StepError> {
+        let input: S::Input = serde_json::from_value(input.clone())
+            .map_err(|err| decode_error("input", S::NAME, &err))?;
+        match self.0.reconcile(ctx, &input).await.map_err(|err| step_error(&err))? {
+            Reconciled::Applied(output) => serde_json::to_value(output)
+                .map(Reconciled::Applied)
+                .map_err(|err| decode_error("output", S::NAME, &err)),
+            Reconciled::NotApplied => Ok(Reconciled::NotApplied),
+            Reconciled::Unknown => Ok(Reconciled::Unknown),
+        }
+    }
+}

@@ -1,0 +1,822 @@
+//! The engine: starts sagas, runs them with their lease, resumes them from their journal,
+//! compensates them, and answers questions about them.
+
+mod compensate;
+mod context;
+mod definition;
+mod error;
+mod guarded;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tracing::Instrument;
+
+pub use context::SagaContext;
+pub use definition::Saga;
+pub use error::{EngineError, SagaError};
+
+use context::{AttemptLog, Halt, Mode};
+use definition::{ErasedSaga, TypedSaga};
+
+use crate::store::{
+    CancelOutcome, ClaimOutcome, ClaimRequest, CommitOutcome, CreateOutcome, Lease, NewSaga,
+    SagaStore, Schedule, StoreError, Transition,
+};
+use crate::{
+    Clock, CompensationReason, EventKind, FailureKind, Resources, RetryPolicy, SagaEvent, SagaId,
+    SagaState, SagaStatus, StepStatus, Timestamp, TokioClock, fingerprint,
+};
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// This coordinator's owner id, written into every lease it takes. Unique per live
+    /// process; a restarted process that keeps its id reclaims its own sagas at once.
+    pub owner: String,
+    /// Lease length; renewed while a step runs and extended by every commit.
+    pub lease_ttl: Duration,
+    /// Backoffs up to this long are slept in process; longer ones become durable timers that
+    /// release the saga and its worker.
+    pub inline_wait_max: Duration,
+    /// How store writes are retried when the store is briefly unavailable.
+    pub store_retry: RetryPolicy,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            owner: format!("saga-{}-{:08x}", std::process::id(), fastrand::u32(..)),
+            lease_ttl: Duration::from_secs(30),
+            inline_wait_max: Duration::from_secs(1),
+            store_retry: RetryPolicy::default()
+                .with_max_attempts(8)
+                .with_initial_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(2)),
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn SagaStore>,
+    pub(crate) registry: HashMap<&'static str, Arc<dyn ErasedSaga>>,
+    pub(crate) resources: Arc<Resources>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) config: EngineConfig,
+}
+
+impl Shared {
+    /// Commits with bounded retries while the store is unavailable. Safe to retry: the
+    /// transition carries a commit id that the store applies at most once.
+    pub(crate) async fn commit(
+        &self,
+        lease: &Lease,
+        transition: Transition,
+    ) -> Result<CommitOutcome, StoreError> {
+        let mut failed = 0;
+        let mut rng = fastrand::Rng::new();
+        loop {
+            match self.store.commit(lease, transition.clone()).await {
+                Err(err) if err.is_transient() && failed + 1 < self.config.store_retry.max_attempts() => {
+                    failed += 1;
+                    let delay = self.config.store_retry.delay(failed, &mut rng);
+                    tracing::warn!(saga_id = %lease.saga_id, error = %err, retry_in = ?delay, "store commit failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn observe_attempt(
+        &self,
+        span: &tracing::Span,
+        state: &SagaState,
+        position: u32,
+        step: &'static str,
+        key: &str,
+        attempt: u32,
+        seconds: f64,
+        outcome: AttemptLog<'_>,
+    ) {
+        let _entered = span.enter();
+        let workflow_id = state.id.to_string();
+        metrics::histogram!("saga_step_duration_seconds", "step" => step).record(seconds);
+        match outcome {
+            AttemptLog::Succeeded => {
+                metrics::counter!("saga_step_attempts_total", "step" => step, "outcome" => "success").increment(1);
+                tracing::info!(workflow_id, step = position, operation = step, idempotency_key = key, status = "succeeded", attempt, "step attempt succeeded");
+            }
+            AttemptLog::Compensated => {
+                metrics::counter!("saga_step_attempts_total", "step" => step, "outcome" => "compensated").increment(1);
+                tracing::info!(workflow_id, step = position, operation = step, idempotency_key = key, status = "compensated", attempt, "compensation succeeded");
+            }
+            AttemptLog::Retry { error, delay, next_retry_at } => {
+                metrics::counter!("saga_step_attempts_total", "step" => step, "outcome" => "retry").increment(1);
+                tracing::warn!(
+                    workflow_id,
+                    step = position,
+                    operation = step,
+                    idempotency_key = key,
+                    status = "retry",
+                    attempt,
+                    error = %error.message,
+                    class = %error.class,
+                    backoff_seconds = delay.as_secs_f64(),
+                    next_retry_at = %next_retry_at,
+                    "attempt failed; retrying"
+                );
+            }
+            AttemptLog::Failed { error, reason } => {
+                metrics::counter!("saga_step_attempts_total", "step" => step, "outcome" => "failure").increment(1);
+                tracing::error!(
+                    workflow_id,
+                    step = position,
+                    operation = step,
+                    idempotency_key = key,
+                    status = "failed",
+                    attempt,
+                    error = %error.message,
+                    class = %error.class,
+                    reason = %reason,
+                    "attempt failed for good"
+                );
+            }
+        }
+    }
+}
+
+/// Builds an [`Engine`].
+pub struct EngineBuilder {
+    store: Arc<dyn SagaStore>,
+    registry: HashMap<&'static str, Arc<dyn ErasedSaga>>,
+    resources: Resources,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+}
+
+impl std::fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineBuilder")
+            .field("sagas", &self.registry.keys().collect::<Vec<_>>())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EngineBuilder {
+    /// Registers a saga type.
+    #[must_use]
+    pub fn register<S: Saga>(mut self, saga: S) -> Self {
+        self.registry.insert(S::NAME, Arc::new(TypedSaga(saga)));
+        self
+    }
+
+    /// Registers a shared resource that steps read with `StepContext::resource`.
+    #[must_use]
+    pub fn resource<T: Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.resources.insert(value);
+        self
+    }
+
+    /// Sets the owner id written into leases (default: `saga-<pid>-<random>`).
+    #[must_use]
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.config.owner = owner.into();
+        self
+    }
+
+    /// Sets the lease length (default 30 s).
+    #[must_use]
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.config.lease_ttl = ttl;
+        self
+    }
+
+    /// Sets the longest backoff slept in process (default 1 s); longer ones become durable
+    /// timers.
+    #[must_use]
+    pub fn inline_wait_max(mut self, max: Duration) -> Self {
+        self.config.inline_wait_max = max;
+        self
+    }
+
+    /// Sets how store writes are retried while the store is briefly unavailable.
+    #[must_use]
+    pub fn store_retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.store_retry = policy;
+        self
+    }
+
+    /// Uses `clock` for event timestamps and retry times (tests).
+    #[must_use]
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Checks the configuration and builds the engine.
+    ///
+    /// # Errors
+    /// [`EngineError::Config`] when the owner id is empty, the lease is shorter than 30 ms,
+    /// or in-process waits could outlast a third of the lease.
+    pub fn build(self) -> Result<Engine, EngineError> {
+        let config = self.config;
+        if config.owner.trim().is_empty() {
+            return Err(EngineError::Config("owner id must not be empty".into()));
+        }
+        if config.lease_ttl < Duration::from_millis(30) {
+            return Err(EngineError::Config(format!(
+                "lease_ttl {:?} is too short; use at least 30 ms (30 s in production)",
+                config.lease_ttl
+            )));
+        }
+        if config.inline_wait_max > config.lease_ttl / 3 {
+            return Err(EngineError::Config(format!(
+                "inline_wait_max {:?} must be at most a third of lease_ttl {:?}, or the lease could lapse during a wait",
+                config.inline_wait_max, config.lease_ttl
+            )));
+        }
+        Ok(Engine {
+            shared: Arc::new(Shared {
+                store: self.store,
+                registry: self.registry,
+                resources: Arc::new(self.resources),
+                clock: self.clock,
+                config,
+            }),
+        })
+    }
+}
+
+/// Options for starting a saga.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StartOptions {
+    /// Starting twice with the same key returns the first saga; the same key with another
+    /// input is a conflict.
+    pub idempotency_key: Option<String>,
+}
+
+impl StartOptions {
+    /// Options with an idempotency key.
+    #[must_use]
+    pub fn key(key: impl Into<String>) -> Self {
+        Self { idempotency_key: Some(key.into()) }
+    }
+}
+
+/// The result of [`Engine::start`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Started {
+    /// The saga id.
+    pub id: SagaId,
+    /// `false` when the idempotency key had already started this saga.
+    pub created: bool,
+}
+
+/// How a saga ended (or stands, if it is not terminal).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SagaOutcome {
+    /// The saga id.
+    pub id: SagaId,
+    /// Its status.
+    pub status: SagaStatus,
+    /// The workflow output, when completed.
+    pub output: Option<Value>,
+    /// Why it compensated, when it did.
+    pub compensation_reason: Option<CompensationReason>,
+    /// Why it failed, when `Failed`.
+    pub failure: Option<(FailureKind, String)>,
+}
+
+impl SagaOutcome {
+    fn from_state(state: &SagaState) -> Self {
+        Self {
+            id: state.id,
+            status: state.status,
+            output: state.output.clone(),
+            compensation_reason: state.compensation_reason.clone(),
+            failure: state.failure.clone(),
+        }
+    }
+
+    /// The workflow output decoded as `T` (`None` unless completed).
+    ///
+    /// # Errors
+    /// [`EngineError::Encoding`] when it does not decode as `T`.
+    pub fn output<T: DeserializeOwned>(&self) -> Result<Option<T>, EngineError> {
+        self.output
+            .clone()
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|source| EngineError::Encoding { what: format!("output of saga {}", self.id), source })
+    }
+}
+
+/// The result of one run of a saga in this process.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum RunOutcome {
+    /// The saga reached a terminal state.
+    Finished(SagaOutcome),
+    /// A durable timer was set; the saga is due again at this time.
+    Suspended(Timestamp),
+}
+
+/// The saga engine. Cheap to clone; every clone shares the store, registry and resources.
+///
+/// ```
+/// use saga_core::{Engine, MemoryStore, Saga, SagaContext, SagaError, SagaStatus, StartOptions};
+///
+/// struct Hello;
+///
+/// #[async_trait::async_trait]
+/// impl Saga for Hello {
+///     type Input = String;
+///     type Output = String;
+///     const NAME: &'static str = "hello";
+///
+///     async fn run(&self, saga: &mut SagaContext, name: String) -> Result<String, SagaError> {
+///         let _when = saga.now()?; // journaled: the same value on every replay
+///         Ok(format!("hello, {name}"))
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let engine = Engine::builder(MemoryStore::new()).register(Hello).build()?;
+/// let outcome = engine.execute::<Hello>(&"deal team".into(), StartOptions::key("greet-1")).await?;
+/// assert_eq!(outcome.status, SagaStatus::Completed);
+/// assert_eq!(outcome.output::<String>()?.as_deref(), Some("hello, deal team"));
+/// # Ok::<_, saga_core::EngineError>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("owner", &self.shared.config.owner)
+            .field("sagas", &self.shared.registry.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Starts building an engine on `store`.
+    pub fn builder(store: impl SagaStore) -> EngineBuilder {
+        Self::builder_shared(Arc::new(store))
+    }
+
+    /// Starts building an engine on a shared store handle.
+    pub fn builder_shared(store: Arc<dyn SagaStore>) -> EngineBuilder {
+        EngineBuilder {
+            store,
+            registry: HashMap::new(),
+            resources: Resources::default(),
+            clock: Arc::new(TokioClock::new()),
+            config: EngineConfig::default(),
+        }
+    }
+
+    /// The store this engine writes to.
+    #[must_use]
+    pub fn store(&self) -> &Arc<dyn SagaStore> {
+        &self.shared.store
+    }
+
+    /// The engine's settings.
+    #[must_use]
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.config
+    }
+
+    /// Durably records a new saga of type `S` (or finds the one its idempotency key already
+    /// started). When this returns, the saga survives any crash; it runs when a coordinator
+    /// claims it (see [`Engine::run_to_end`] and [`Engine::run_due`]).
+    ///
+    /// # Errors
+    /// [`EngineError::IdempotencyConflict`] when the key was used with another input, or a
+    /// store or encoding error.
+    pub async fn start<S: Saga>(
+        &self,
+        input: &S::Input,
+        options: StartOptions,
+    ) -> Result<Started, EngineError> {
+        self.create::<S>(input, options, None).await.map(|(started, _)| started)
+    }
+
+    async fn create<S: Saga>(
+        &self,
+        input: &S::Input,
+        options: StartOptions,
+        claim: Option<ClaimRequest>,
+    ) -> Result<(Started, Option<Lease>), EngineError> {
+        let input = serde_json::to_value(input).map_err(|source| EngineError::Encoding {
+            what: format!("input of saga type `{}`", S::NAME),
+            source,
+        })?;
+        let key = options.idempotency_key;
+        let id = match &key {
+            Some(key) => SagaId::from_idempotency_key(S::NAME, key),
+            None => SagaId::random(),
+        };
+        let print = fingerprint("start", &serde_json::json!([S::NAME, S::VERSION, input]));
+        let now = self.shared.clock.now();
+        let state = SagaState::new(id, S::NAME.to_owned(), S::VERSION, input.clone(), key.clone(), now);
+        let started = SagaEvent {
+            seq: 0,
+            at: now,
+            kind: EventKind::SagaStarted {
+                saga_type: S::NAME.to_owned(),
+                version: S::VERSION,
+                input,
+                idempotency_key: key.clone(),
+            },
+        };
+        let encode = |what: &str, source| EngineError::Encoding { what: what.to_owned(), source };
+        let new = NewSaga {
+            id,
+            saga_type: S::NAME.to_owned(),
+            idempotency_key: key.clone(),
+            fingerprint: print,
+            state: serde_json::to_string(&state).map_err(|e| encode("saga state", e))?,
+            events: vec![serde_json::to_string(&started).map_err(|e| encode("event", e))?],
+            claim,
+        };
+        match self.shared.store.create(new).await {
+            Ok(CreateOutcome::Created { lease }) => {
+                metrics::counter!("saga_started_total", "saga_type" => S::NAME).increment(1);
+                tracing::info!(saga_id = %id, saga_type = S::NAME, "saga started");
+                Ok((Started { id, created: true }, lease))
+            }
+            Ok(CreateOutcome::Existing { .. }) => {
+                metrics::counter!("saga_idempotency_hits_total").increment(1);
+                tracing::info!(saga_id = %id, saga_type = S::NAME, "idempotent start: saga exists");
+                Ok((Started { id, created: false }, None))
+            }
+            Err(StoreError::IdempotencyConflict { saga }) => Err(EngineError::IdempotencyConflict {
+                saga,
+                key: key.unwrap_or_default(),
+            }),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Starts a saga of type `S` and runs it to its end in this process (an idempotent
+    /// repeat runs or waits for the existing one instead).
+    ///
+    /// # Errors
+    /// As [`Engine::start`] and [`Engine::run_to_end`].
+    pub async fn execute<S: Saga>(
+        &self,
+        input: &S::Input,
+        options: StartOptions,
+    ) -> Result<SagaOutcome, EngineError> {
+        let claim = self.claim_request();
+        let (started, lease) = self.create::<S>(input, options, Some(claim)).await?;
+        match lease {
+            Some(lease) => match self.drive(lease).await? {
+                RunOutcome::Finished(outcome) => Ok(outcome),
+                RunOutcome::Suspended(until) => {
+                    self.sleep_until(until).await;
+                    self.run_to_end(started.id).await
+                }
+            },
+            None => self.run_to_end(started.id).await,
+        }
+    }
+
+    fn claim_request(&self) -> ClaimRequest {
+        ClaimRequest { owner: self.shared.config.owner.clone(), ttl: self.shared.config.lease_ttl }
+    }
+
+    async fn sleep_until(&self, until: Timestamp) {
+        tokio::time::sleep(until.since(self.shared.clock.now())).await;
+    }
+
+    /// Claims the saga and runs it once: to its end, or until it sets a durable timer.
+    ///
+    /// # Errors
+    /// [`EngineError::Busy`] when another owner holds its lease, [`EngineError::NotFound`],
+    /// [`EngineError::Quarantined`], [`EngineError::Interrupted`] (fenced, store failure),
+    /// or a store error.
+    pub async fn run_once(&self, id: SagaId) -> Result<RunOutcome, EngineError> {
+        match self.shared.store.claim(id, &self.claim_request()).await? {
+            ClaimOutcome::Claimed(lease) => self.drive(lease).await,
+            ClaimOutcome::Busy(holder) => {
+                Err(EngineError::Busy { saga: id, owner: holder.owner, until: holder.expires_at })
+            }
+            ClaimOutcome::NotRunnable { quarantined: Some(reason), .. } => {
+                Err(EngineError::Quarantined { saga: id, reason })
+            }
+            ClaimOutcome::NotRunnable { .. } => Ok(RunOutcome::Finished(self.outcome(id).await?)),
+        }
+    }
+
+    /// Runs (or resumes) the saga in this process until it is terminal, sleeping through its
+    /// durable timers.
+    ///
+    /// # Errors
+    /// As [`Engine::run_once`].
+    pub async fn run_to_end(&self, id: SagaId) -> Result<SagaOutcome, EngineError> {
+        loop {
+            match self.run_once(id).await? {
+                RunOutcome::Finished(outcome) => return Ok(outcome),
+                RunOutcome::Suspended(until) => self.sleep_until(until).await,
+            }
+        }
+    }
+
+    /// Claims up to `limit` due sagas (new, woken by their timer, or whose lease expired) and
+    /// runs each once, concurrently. Returns each saga's result.
+    ///
+    /// # Errors
+    /// A store error from the claim itself; per-saga errors are in the returned list.
+    pub async fn run_due(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(SagaId, Result<RunOutcome, EngineError>)>, EngineError> {
+        let leases = self.shared.store.claim_due(&self.claim_request(), limit).await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for lease in leases {
+            let engine = self.clone();
+            tasks.spawn(async move {
+                let id = lease.saga_id;
+                (id, engine.drive(lease).await)
+            });
+        }
+        let mut results = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(result) => results.push(result),
+                Err(err) => tracing::error!(error = %err, "saga task panicked"),
+            }
+        }
+        Ok(results)
+    }
+
+    /// Asks for the saga to be cancelled: it stops before its next step and compensates every
+    /// completed step. Works from any process; needs no lease.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`] or a store error.
+    pub async fn cancel(&self, id: SagaId, reason: &str) -> Result<CancelOutcome, EngineError> {
+        let event = SagaEvent {
+            seq: 0,
+            at: self.shared.clock.now(),
+            kind: EventKind::CancelRequested { reason: reason.to_owned() },
+        };
+        let encoded = serde_json::to_string(&event)
+            .map_err(|source| EngineError::Encoding { what: "cancel event".into(), source })?;
+        match self.shared.store.request_cancel(id, encoded).await {
+            Ok(outcome) => Ok(outcome),
+            Err(StoreError::NotFound(id)) => Err(EngineError::NotFound(id)),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// The saga's current state (status and journal).
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`], or [`EngineError::Encoding`] when the stored state does not
+    /// decode.
+    pub async fn state(&self, id: SagaId) -> Result<SagaState, EngineError> {
+        let stored = self.shared.store.load(id).await?.ok_or(EngineError::NotFound(id))?;
+        let mut state: SagaState = serde_json::from_str(&stored.state).map_err(|source| {
+            EngineError::Encoding { what: format!("stored state of saga {id}"), source }
+        })?;
+        state.cancel_requested |= stored.cancel_requested;
+        Ok(state)
+    }
+
+    /// The saga's outcome so far.
+    ///
+    /// # Errors
+    /// As [`Engine::state`].
+    pub async fn outcome(&self, id: SagaId) -> Result<SagaOutcome, EngineError> {
+        Ok(SagaOutcome::from_state(&self.state(id).await?))
+    }
+
+    /// The saga's full event history, oldest first.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`], or [`EngineError::Encoding`] for an undecodable event.
+    pub async fn history(&self, id: SagaId) -> Result<Vec<SagaEvent>, EngineError> {
+        let raw = match self.shared.store.events(id).await {
+            Ok(raw) => raw,
+            Err(StoreError::NotFound(id)) => return Err(EngineError::NotFound(id)),
+            Err(err) => return Err(err.into()),
+        };
+        raw.iter()
+            .enumerate()
+            .map(|(seq, text)| {
+                let mut event: SagaEvent = serde_json::from_str(text).map_err(|source| {
+                    EngineError::Encoding { what: format!("event #{seq} of saga {id}"), source }
+                })?;
+                event.seq = seq as u64;
+                Ok(event)
+            })
+            .collect()
+    }
+
+    async fn quarantine(&self, id: SagaId, reason: String) -> EngineError {
+        tracing::error!(saga_id = %id, %reason, "saga quarantined");
+        metrics::counter!("saga_quarantined_total").increment(1);
+        match self.shared.store.quarantine(id, &reason).await {
+            Ok(()) => EngineError::Quarantined { saga: id, reason },
+            Err(err) => err.into(),
+        }
+    }
+
+    /// Runs a claimed saga: replays its journal, executes what remains, compensates when it
+    /// must. The lease stays fenced against every other writer throughout.
+    async fn drive(&self, lease: Lease) -> Result<RunOutcome, EngineError> {
+        let id = lease.saga_id;
+        let stored = self.shared.store.load(id).await?.ok_or(EngineError::NotFound(id))?;
+        let mut state: SagaState = match serde_json::from_str(&stored.state) {
+            Ok(state) => state,
+            Err(err) => {
+                return Err(self.quarantine(id, format!("stored state does not decode: {err}")).await);
+            }
+        };
+        state.cancel_requested |= stored.cancel_requested;
+        if state.status.is_terminal() {
+            return Ok(RunOutcome::Finished(SagaOutcome::from_state(&state)));
+        }
+        let Some(saga) = self.shared.registry.get(state.saga_type.as_str()).cloned() else {
+            let mut known: Vec<&str> = self.shared.registry.keys().copied().collect();
+            known.sort_unstable();
+            let reason = format!("unknown saga type `{}` (this coordinator runs {known:?})", state.saga_type);
+            return Err(self.quarantine(id, reason).await);
+        };
+        let span = tracing::info_span!("saga", saga_id = %id, saga_type = %state.saga_type);
+        self.drive_with(saga, lease, state).instrument(span).await
+    }
+
+    async fn drive_with(
+        &self,
+        saga: Arc<dyn ErasedSaga>,
+        lease: Lease,
+        state: SagaState,
+    ) -> Result<RunOutcome, EngineError> {
+        let id = lease.saga_id;
+        let input = state.input.clone();
+        let resumed_from = resumed_from(&state);
+        let mut ctx = SagaContext {
+            shared: Arc::clone(&self.shared),
+            saga_type: Arc::from(saga.name()),
+            mode: if state.status == SagaStatus::Compensating { Mode::Collect } else { Mode::Forward },
+            lease,
+            state,
+            pending: Vec::new(),
+            position: 0,
+            halt: None,
+            steps: Vec::new(),
+            rng: fastrand::Rng::new(),
+            unexecuted: None,
+        };
+        let owner = ctx.lease.owner.clone();
+        let fence = ctx.lease.fence;
+        let fold = |halt: Halt| halt;
+        ctx.record(EventKind::LeaseAcquired { owner: owner.clone(), fence }).map_err(|h| halt_error(id, fold(h)))?;
+        if let Some(reason) = resumed_from {
+            metrics::counter!("saga_resumed_total", "reason" => reason).increment(1);
+            tracing::info!(status = %ctx.state.status, reason, "resuming saga from its journal");
+            let completed_steps = ctx
+                .state
+                .journal
+                .iter()
+                .filter(|r| r.status == StepStatus::Succeeded)
+                .count() as u32;
+            let status = ctx.state.status;
+            ctx.record(EventKind::SagaResumed { owner, status, completed_steps })
+                .map_err(|h| halt_error(id, h))?;
+        }
+        let result = saga.run_erased(&mut ctx, input).await;
+        let compensating = match (ctx.mode, ctx.halt.take(), result) {
+            (Mode::Forward, None, Ok(output)) => {
+                let recorded = ctx.state.journal.len() as u32;
+                if ctx.position < recorded {
+                    let message = format!(
+                        "the workflow finished after {} journal entries but {recorded} are recorded",
+                        ctx.position
+                    );
+                    let position = ctx.position;
+                    return self.fail_nondeterministic(&mut ctx, position, message).await;
+                }
+                ctx.commit(vec![EventKind::SagaCompleted { output }], Schedule::Finished)
+                    .await
+                    .map_err(|h| halt_error(id, h))?;
+                false
+            }
+            (Mode::Forward, None, Err(err)) => {
+                let reason = CompensationReason::Aborted { message: err.to_string() };
+                self.start_compensation(&mut ctx, reason).await?;
+                true
+            }
+            (Mode::Forward, Some(Halt::Cancelled), _) => {
+                let reason = self.cancel_reason(id).await;
+                self.start_compensation(&mut ctx, CompensationReason::Cancelled { reason }).await?;
+                true
+            }
+            (_, Some(Halt::StepFailed(_)), _) => true,
+            (Mode::Collect, None | Some(Halt::Collected | Halt::Cancelled), _) => true,
+            (_, Some(Halt::Suspended(until)), _) => return Ok(RunOutcome::Suspended(until)),
+            (_, Some(Halt::NonDeterministic { position, message }), _) => {
+                return self.fail_nondeterministic(&mut ctx, position, message).await;
+            }
+            (_, Some(halt @ (Halt::Interrupted(_) | Halt::BadData(_) | Halt::Collected)), _) => {
+                return Err(self.halted(id, halt).await);
+            }
+        };
+        if compensating {
+            match compensate::compensate(&mut ctx).await {
+                Ok(_) => {}
+                Err(Halt::Suspended(until)) => return Ok(RunOutcome::Suspended(until)),
+                Err(halt) => return Err(self.halted(id, halt).await),
+            }
+        }
+        let outcome = SagaOutcome::from_state(&ctx.state);
+        let seconds = ctx.state.updated_at.since(ctx.state.created_at).as_secs_f64();
+        metrics::counter!("saga_finished_total", "status" => outcome.status.as_str()).increment(1);
+        metrics::histogram!("saga_duration_seconds", "status" => outcome.status.as_str()).record(seconds);
+        tracing::info!(status = %outcome.status, "saga finished");
+        Ok(RunOutcome::Finished(outcome))
+    }
+
+    async fn start_compensation(
+        &self,
+        ctx: &mut SagaContext,
+        reason: CompensationReason,
+    ) -> Result<(), EngineError> {
+        tracing::warn!(%reason, "compensating");
+        let ttl = self.shared.config.lease_ttl;
+        match ctx.commit(vec![EventKind::CompensationStarted { reason }], Schedule::Continue { ttl }).await {
+            Ok(_) => Ok(()),
+            Err(halt) => Err(self.halted(ctx.lease.saga_id, halt).await),
+        }
+    }
+
+    async fn cancel_reason(&self, id: SagaId) -> String {
+        let history = self.history(id).await.unwrap_or_default();
+        history
+            .iter()
+            .rev()
+            .find_map(|event| match &event.kind {
+                EventKind::CancelRequested { reason } => Some(reason.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| "cancel requested".to_owned())
+    }
+
+    async fn fail_nondeterministic(
+        &self,
+        ctx: &mut SagaContext,
+        position: u32,
+        message: String,
+    ) -> Result<RunOutcome, EngineError> {
+        let error = format!("non-deterministic workflow at journal position {position}: {message}");
+        tracing::error!(%error, "saga failed");
+        ctx.pending.retain(|event| !matches!(event.kind, EventKind::StepSucceeded { .. } | EventKind::ValueRecorded { .. }));
+        ctx.commit(
+            vec![EventKind::SagaFailed { kind: FailureKind::NonDeterministic, error }],
+            Schedule::Finished,
+        )
+        .await
+        .map_err(|h| halt_error(ctx.lease.saga_id, h))?;
+        metrics::counter!("saga_finished_total", "status" => "failed").increment(1);
+        Ok(RunOutcome::Finished(SagaOutcome::from_state(&ctx.state)))
+    }
+
+    async fn halted(&self, id: SagaId, halt: Halt) -> EngineError {
+        match halt {
+            Halt::BadData(reason) => self.quarantine(id, reason).await,
+            other => halt_error(id, other),
+        }
+    }
+}
+
+fn halt_error(id: SagaId, halt: Halt) -> EngineError {
+    let reason = match halt {
+        Halt::Interrupted(reason) | Halt::BadData(reason) => reason,
+        other => format!("{other:?}"),
+    };
+    EngineError::Interrupted { saga: id, reason }
+}
+
+/// Why a claimed saga counts as resumed, or `None` for its first run.
+fn resumed_from(state: &SagaState) -> Option<&'static str> {
+    state.owner.as_ref()?;
+    let waiting = state.journal.last().is_some_and(|r| {
+        r.status == StepStatus::Retrying
+            || r.compensation.as_ref().is_some_and(|c| c.next_retry_at.is_some())
+    });
+    Some(if waiting { "timer" } else { "recovery" })
+}

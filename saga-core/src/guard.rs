@@ -1,0 +1,170 @@
+//! The idempotency guard: run a side effect at most once per key, remember its result until
+//! the key expires.
+//!
+//! A step's attempts share one idempotency key; a step whose downstream system has no
+//! idempotency support of its own wraps the call in the guard:
+//!
+//! ```
+//! use std::time::Duration;
+//! use saga_core::{IdempotencyGuard, MemoryStore};
+//! use std::sync::Arc;
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let guard = IdempotencyGuard::new(Arc::new(MemoryStore::new()));
+//! let ttl = Duration::from_secs(3600);
+//! let first: u32 = guard.once("charge-42", &100, ttl, || async { Ok::<_, std::io::Error>(7) }).await?;
+//! // The same key again: the effect does not run; the recorded result comes back.
+//! let again: u32 = guard.once("charge-42", &100, ttl, || async { Ok::<_, std::io::Error>(8) }).await?;
+//! assert_eq!((first, again), (7, 7));
+//! // The same key with a different request is a conflict, not a silent reuse.
+//! let conflict = guard.once("charge-42", &999, ttl, || async { Ok::<u32, std::io::Error>(9) }).await;
+//! assert!(matches!(conflict, Err(saga_core::GuardError::Conflict { .. })));
+//! # Ok::<_, saga_core::GuardError<std::io::Error>>(())
+//! # }).unwrap();
+//! ```
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::store::GuardClaim;
+use crate::{Classify, ErrorClass, SagaStore, StoreError};
+
+/// Default time a claim blocks duplicates if its holder dies mid-effect.
+pub const DEFAULT_IN_PROGRESS_TTL: Duration = Duration::from_secs(60);
+
+/// Runs effects at most once per key, on a saga store.
+#[derive(Clone)]
+pub struct IdempotencyGuard {
+    store: Arc<dyn SagaStore>,
+    in_progress_ttl: Duration,
+}
+
+impl std::fmt::Debug for IdempotencyGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyGuard").field("in_progress_ttl", &self.in_progress_ttl).finish()
+    }
+}
+
+/// Why a guarded effect did not produce a result.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GuardError<E> {
+    /// Another caller holds the key and is running the effect now. Transient: retry later.
+    #[error("idempotency key `{key}` is in progress elsewhere; retry once it completes")]
+    InProgress {
+        /// The key.
+        key: String,
+    },
+    /// The key was used for a different request. Permanent.
+    #[error("idempotency key `{key}` was already used with a different request; use a new key")]
+    Conflict {
+        /// The key.
+        key: String,
+    },
+    /// The effect itself failed; the key was released so a retry can run it again.
+    #[error(transparent)]
+    Effect(E),
+    /// The store failed.
+    #[error("idempotency store: {0}")]
+    Store(#[source] StoreError),
+    /// The request fingerprint or the result could not be encoded or decoded.
+    #[error("idempotency key `{key}`: cannot encode or decode the recorded value: {source}")]
+    Encoding {
+        /// The key.
+        key: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl<E: Classify> Classify for GuardError<E> {
+    fn classify(&self) -> ErrorClass {
+        match self {
+            GuardError::InProgress { .. } => ErrorClass::TRANSIENT,
+            GuardError::Conflict { .. } | GuardError::Encoding { .. } => ErrorClass::Permanent,
+            GuardError::Effect(inner) => inner.classify(),
+            GuardError::Store(err) if err.is_transient() => ErrorClass::TRANSIENT,
+            GuardError::Store(_) => ErrorClass::Permanent,
+        }
+    }
+}
+
+impl IdempotencyGuard {
+    /// A guard on `store` with the default in-progress TTL.
+    #[must_use]
+    pub fn new(store: Arc<dyn SagaStore>) -> Self {
+        Self { store, in_progress_ttl: DEFAULT_IN_PROGRESS_TTL }
+    }
+
+    /// How long a claim blocks duplicates if its holder dies before completing.
+    #[must_use]
+    pub fn with_in_progress_ttl(mut self, ttl: Duration) -> Self {
+        self.in_progress_ttl = ttl;
+        self
+    }
+
+    /// Runs `effect` unless `key` already has a result, and records its result for `ttl`.
+    ///
+    /// - key unused (or expired): runs the effect; records the result on success, releases
+    ///   the key on failure;
+    /// - key completed with the same `fingerprint`: returns the recorded result, no run;
+    /// - key in progress elsewhere: [`GuardError::InProgress`] (transient);
+    /// - key used with another fingerprint: [`GuardError::Conflict`] (permanent).
+    ///
+    /// # Errors
+    /// As above, plus [`GuardError::Effect`] and store or encoding failures.
+    pub async fn once<T, E, F, Fut>(
+        &self,
+        key: &str,
+        fingerprint: &impl Serialize,
+        ttl: Duration,
+        effect: F,
+    ) -> Result<T, GuardError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let encoding = |source| GuardError::Encoding { key: key.to_owned(), source };
+        let print = serde_json::to_value(fingerprint).map_err(encoding)?;
+        let print = crate::fingerprint("guard", &print);
+        let claim =
+            self.store.guard_claim(key, &print, self.in_progress_ttl).await.map_err(GuardError::Store)?;
+        let token = match claim {
+            GuardClaim::Claimed { token } => token,
+            GuardClaim::Completed { result } => {
+                metrics::counter!("saga_idempotency_hits_total").increment(1);
+                tracing::debug!(idempotency_key = key, "idempotency hit: returning recorded result");
+                return serde_json::from_str(&result).map_err(encoding);
+            }
+            GuardClaim::InProgress => {
+                metrics::counter!("saga_idempotency_hits_total").increment(1);
+                return Err(GuardError::InProgress { key: key.to_owned() });
+            }
+            GuardClaim::Conflict => return Err(GuardError::Conflict { key: key.to_owned() }),
+        };
+        match effect().await {
+            Ok(value) => {
+                let result = serde_json::to_string(&value).map_err(encoding)?;
+                self.store
+                    .guard_complete(key, &token, &result, ttl)
+                    .await
+                    .map_err(GuardError::Store)?;
+                Ok(value)
+            }
+            Err(err) => {
+                // Best effort: if the release is lost, the claim still lapses after the
+                // in-progress TTL and a retry sees `InProgress` until then.
+                if let Err(release) = self.store.guard_release(key, &token).await {
+                    tracing::warn!(idempotency_key = key, error = %release, "could not release idempotency claim");
+                }
+                Err(GuardError::Effect(err))
+            }
+        }
+    }
+}

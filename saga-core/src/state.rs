@@ -1,0 +1,410 @@
+//! The folded state of a saga: status and journal, derived from its events.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{
+    CompensationReason, EventKind, FailureKind, SagaEvent, SagaId, SagaStatus, StepError, Timestamp,
+};
+
+/// Where one journal entry stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum StepStatus {
+    /// An attempt began and no result is recorded (in flight, or its coordinator died).
+    Started,
+    /// The last attempt failed transiently; the next one is due at `next_retry_at`.
+    Retrying,
+    /// The output is recorded; replays return it.
+    Succeeded,
+    /// Failed for good.
+    Failed,
+}
+
+/// Where the undo of one journal entry stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum CompensationStatus {
+    /// At least one attempt failed transiently; more are due.
+    Retrying,
+    /// Undone.
+    Done,
+    /// Nothing to undo.
+    Skipped,
+}
+
+/// Progress of one entry's compensation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CompensationRecord {
+    /// Where it stands.
+    pub status: CompensationStatus,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// The last error, if an attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<StepError>,
+    /// When the next attempt may start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_at: Option<Timestamp>,
+    /// Why it was skipped, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_because: Option<String>,
+}
+
+/// One journal entry: a step, or a journaled value (`now`, `uuid`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// Position in the journal, from 0.
+    pub position: u32,
+    /// The step's name (or `now`/`uuid` for a journaled value).
+    pub name: String,
+    /// `true` for a journaled value rather than a step.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_value: bool,
+    /// Where it stands.
+    pub status: StepStatus,
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// The forward idempotency key.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub idempotency_key: String,
+    /// The step input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Value>,
+    /// The output (or journaled value), once recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// The last error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<StepError>,
+    /// When the first attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_started_at: Option<Timestamp>,
+    /// When the latest attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Timestamp>,
+    /// When it succeeded or failed for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Timestamp>,
+    /// When the next attempt may start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_at: Option<Timestamp>,
+    /// Undo progress, once compensation has reached this entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation: Option<CompensationRecord>,
+}
+
+/// The folded state of one saga.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SagaState {
+    /// The saga id.
+    pub id: SagaId,
+    /// Registered type name.
+    pub saga_type: String,
+    /// Version of the type's code that started it.
+    pub version: u32,
+    /// Workflow input.
+    pub input: Value,
+    /// The idempotency key it was started with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Lifecycle status.
+    pub status: SagaStatus,
+    /// Step records by position.
+    pub journal: Vec<StepRecord>,
+    /// When it was started.
+    pub created_at: Timestamp,
+    /// When its last event happened.
+    pub updated_at: Timestamp,
+    /// A cancel was requested.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
+    /// Why it is compensating (or was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation_reason: Option<CompensationReason>,
+    /// Workflow output, once completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// Why it failed, once `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<(FailureKind, String)>,
+    /// Last lease holder seen in the history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Last fencing token seen in the history.
+    #[serde(default)]
+    pub fence: u64,
+    /// How many times a coordinator resumed it.
+    #[serde(default)]
+    pub resumes: u32,
+}
+
+/// An event that does not fit the state it is applied to: the history is corrupt or was
+/// written by incompatible code.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("event #{seq} ({event}) cannot apply to saga {saga}: {problem}")]
+pub struct FoldError {
+    /// The saga.
+    pub saga: SagaId,
+    /// The event's position in the history.
+    pub seq: u64,
+    /// The event's type.
+    pub event: &'static str,
+    /// What does not fit.
+    pub problem: String,
+}
+
+impl SagaState {
+    /// The state right after `SagaStarted`.
+    #[must_use]
+    pub fn new(
+        id: SagaId,
+        saga_type: String,
+        version: u32,
+        input: Value,
+        idempotency_key: Option<String>,
+        at: Timestamp,
+    ) -> Self {
+        Self {
+            id,
+            saga_type,
+            version,
+            input,
+            idempotency_key,
+            status: SagaStatus::Running,
+            journal: Vec::new(),
+            created_at: at,
+            updated_at: at,
+            cancel_requested: false,
+            compensation_reason: None,
+            output: None,
+            failure: None,
+            owner: None,
+            fence: 0,
+            resumes: 0,
+        }
+    }
+
+    /// Rebuilds a state from a whole history.
+    ///
+    /// # Errors
+    /// [`FoldError`] when the history does not start with `SagaStarted` or an event does not
+    /// fit the state before it.
+    pub fn fold(id: SagaId, events: &[SagaEvent]) -> Result<Self, FoldError> {
+        let Some(first) = events.first() else {
+            return Err(FoldError {
+                saga: id,
+                seq: 0,
+                event: "none",
+                problem: "the history is empty".into(),
+            });
+        };
+        let EventKind::SagaStarted { saga_type, version, input, idempotency_key } = &first.kind
+        else {
+            return Err(FoldError {
+                saga: id,
+                seq: 0,
+                event: first.kind.name(),
+                problem: "a history must begin with SagaStarted".into(),
+            });
+        };
+        let mut state = SagaState::new(
+            id,
+            saga_type.clone(),
+            *version,
+            input.clone(),
+            idempotency_key.clone(),
+            first.at,
+        );
+        for (seq, event) in events.iter().enumerate().skip(1) {
+            state.apply(seq as u64, event)?;
+        }
+        Ok(state)
+    }
+
+    /// The record at `position`, if the journal reaches it.
+    #[must_use]
+    pub fn record(&self, position: u32) -> Option<&StepRecord> {
+        self.journal.get(position as usize)
+    }
+
+    fn record_mut(
+        &mut self,
+        seq: u64,
+        event: &'static str,
+        position: u32,
+    ) -> Result<&mut StepRecord, FoldError> {
+        let saga = self.id;
+        self.journal.get_mut(position as usize).ok_or_else(|| FoldError {
+            saga,
+            seq,
+            event,
+            problem: format!("no journal entry at position {position}"),
+        })
+    }
+
+    /// Applies one event on top of this state.
+    ///
+    /// # Errors
+    /// [`FoldError`] when the event refers to a journal entry that does not exist, skips a
+    /// position, or arrives after a terminal event.
+    pub fn apply(&mut self, seq: u64, event: &SagaEvent) -> Result<(), FoldError> {
+        let name = event.kind.name();
+        let saga = self.id;
+        let fail = |problem: String| FoldError { saga, seq, event: name, problem };
+        if self.status.is_terminal() && !matches!(event.kind, EventKind::CancelRequested { .. }) {
+            return Err(fail(format!("the saga is already {}", self.status)));
+        }
+        match &event.kind {
+            EventKind::SagaStarted { .. } => {
+                return Err(fail("SagaStarted may only begin a history".into()));
+            }
+            EventKind::LeaseAcquired { owner, fence } => {
+                self.owner = Some(owner.clone());
+                self.fence = *fence;
+            }
+            EventKind::SagaResumed { owner, .. } => {
+                self.owner = Some(owner.clone());
+                self.resumes += 1;
+            }
+            EventKind::StepStarted { position, step, attempt, idempotency_key, input } => {
+                let len = self.journal.len() as u32;
+                if *position == len {
+                    self.journal.push(StepRecord {
+                        position: *position,
+                        name: step.clone(),
+                        is_value: false,
+                        status: StepStatus::Started,
+                        attempts: *attempt,
+                        idempotency_key: idempotency_key.clone(),
+                        input: input.clone(),
+                        output: None,
+                        error: None,
+                        first_started_at: Some(event.at),
+                        started_at: Some(event.at),
+                        finished_at: None,
+                        next_retry_at: None,
+                        compensation: None,
+                    });
+                } else if *position < len {
+                    let record = self.record_mut(seq, name, *position)?;
+                    if record.name != *step {
+                        return Err(fail(format!(
+                            "position {position} holds `{}`, not `{step}`",
+                            record.name
+                        )));
+                    }
+                    record.status = StepStatus::Started;
+                    record.attempts = *attempt;
+                    record.started_at = Some(event.at);
+                    record.next_retry_at = None;
+                    if input.is_some() {
+                        record.input.clone_from(input);
+                    }
+                } else {
+                    return Err(fail(format!("position {position} skips past {len}")));
+                }
+            }
+            EventKind::StepSucceeded { position, output, attempt, .. } => {
+                let record = self.record_mut(seq, name, *position)?;
+                record.status = StepStatus::Succeeded;
+                record.attempts = (*attempt).max(record.attempts);
+                record.output = Some(output.clone());
+                record.finished_at = Some(event.at);
+                record.next_retry_at = None;
+            }
+            EventKind::StepAttemptFailed { position, error, next_retry_at, attempt, .. } => {
+                let record = self.record_mut(seq, name, *position)?;
+                record.status = StepStatus::Retrying;
+                record.attempts = (*attempt).max(record.attempts);
+                record.error = Some(error.clone());
+                record.next_retry_at = Some(*next_retry_at);
+            }
+            EventKind::StepFailed { position, error, attempt, .. } => {
+                let record = self.record_mut(seq, name, *position)?;
+                record.status = StepStatus::Failed;
+                record.attempts = (*attempt).max(record.attempts);
+                record.error = Some(error.clone());
+                record.finished_at = Some(event.at);
+                record.next_retry_at = None;
+            }
+            EventKind::ValueRecorded { position, name: value_name, value } => {
+                if *position != self.journal.len() as u32 {
+                    return Err(fail(format!(
+                        "value at position {position}, but the journal has {} entries",
+                        self.journal.len()
+                    )));
+                }
+                self.journal.push(StepRecord {
+                    position: *position,
+                    name: value_name.clone(),
+                    is_value: true,
+                    status: StepStatus::Succeeded,
+                    attempts: 1,
+                    idempotency_key: String::new(),
+                    input: None,
+                    output: Some(value.clone()),
+                    error: None,
+                    first_started_at: Some(event.at),
+                    started_at: Some(event.at),
+                    finished_at: Some(event.at),
+                    next_retry_at: None,
+                    compensation: None,
+                });
+            }
+            EventKind::CancelRequested { .. } => {
+                self.cancel_requested = true;
+            }
+            EventKind::CompensationStarted { reason } => {
+                self.status = SagaStatus::Compensating;
+                self.compensation_reason = Some(reason.clone());
+            }
+            EventKind::CompensationAttemptFailed { position, error, attempt, next_retry_at, .. } => {
+                let record = self.record_mut(seq, name, *position)?;
+                record.compensation = Some(CompensationRecord {
+                    status: CompensationStatus::Retrying,
+                    attempts: *attempt,
+                    error: Some(error.clone()),
+                    next_retry_at: Some(*next_retry_at),
+                    skipped_because: None,
+                });
+            }
+            EventKind::StepCompensated { position, attempt, .. } => {
+                let record = self.record_mut(seq, name, *position)?;
+                let error = record.compensation.as_ref().and_then(|c| c.error.clone());
+                record.compensation = Some(CompensationRecord {
+                    status: CompensationStatus::Done,
+                    attempts: *attempt,
+                    error,
+                    next_retry_at: None,
+                    skipped_because: None,
+                });
+            }
+            EventKind::CompensationSkipped { position, why, .. } => {
+                let record = self.record_mut(seq, name, *position)?;
+                record.compensation = Some(CompensationRecord {
+                    status: CompensationStatus::Skipped,
+                    attempts: 0,
+                    error: None,
+                    next_retry_at: None,
+                    skipped_because: Some(why.clone()),
+                });
+            }
+            EventKind::SagaCompleted { output } => {
+                self.status = SagaStatus::Completed;
+                self.output = Some(output.clone());
+            }
+            EventKind::SagaCompensated => {
+                self.status = SagaStatus::Compensated;
+            }
+            EventKind::SagaFailed { kind, error } => {
+                self.status = SagaStatus::Failed;
+                self.failure = Some((*kind, error.clone()));
+            }
+        }
+        self.updated_at = self.updated_at.max(event.at);
+        Ok(())
+    }
+}

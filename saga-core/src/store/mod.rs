@@ -1,0 +1,409 @@
+//! The storage contract that every store implements, and the in-memory store.
+//!
+//! A store keeps, per saga: the encoded state (opaque to the store), the append-only event
+//! history (opaque entries), the status (for indexes), a due time, the lease (owner, fencing
+//! token, expiry) and a cancel flag. It also keeps idempotency records for the step guard.
+//! Every write that changes a saga goes through one atomic operation that checks the writer's
+//! fencing token first.
+//!
+//! The store does not decode states or events: the engine owns their encoding, so a store can
+//! be written (and tested with [`conformance`](crate::testkit)) without knowing the engine.
+
+mod memory;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use memory::{DEFAULT_MAX_PAYLOAD, MemoryStore};
+
+use crate::{SagaId, SagaStatus, Timestamp};
+
+/// A saga to create.
+#[derive(Clone, Debug)]
+pub struct NewSaga {
+    /// Its id (derived from the idempotency key when there is one).
+    pub id: SagaId,
+    /// Registered type name.
+    pub saga_type: String,
+    /// The idempotency key, when the caller gave one.
+    pub idempotency_key: Option<String>,
+    /// Fingerprint of (type, version, input): the same key with another fingerprint is a
+    /// conflict.
+    pub fingerprint: String,
+    /// Encoded initial state.
+    pub state: String,
+    /// Encoded initial events (at least `SagaStarted`).
+    pub events: Vec<String>,
+    /// Take the lease at once for this owner (the creating process runs the saga itself).
+    pub claim: Option<ClaimRequest>,
+}
+
+/// Who asks for a lease, and for how long.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRequest {
+    /// The coordinator's owner id.
+    pub owner: String,
+    /// Lease length.
+    pub ttl: Duration,
+}
+
+/// A held lease. Every write carries it; the store rejects writes whose fence is not the
+/// saga's current one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The saga.
+    pub saga_id: SagaId,
+    /// The holder.
+    pub owner: String,
+    /// The fencing token: strictly greater than every earlier token of this saga.
+    pub fence: u64,
+}
+
+/// The result of [`SagaStore::create`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CreateOutcome {
+    /// A new saga was stored; with a lease when one was asked for.
+    Created {
+        /// The lease, if the request asked to claim.
+        lease: Option<Lease>,
+    },
+    /// A saga with this id (idempotency key) and the same fingerprint exists already.
+    Existing {
+        /// Its status.
+        status: SagaStatus,
+    },
+}
+
+/// A stored saga, as the store sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredSaga {
+    /// The saga id.
+    pub id: SagaId,
+    /// Registered type name.
+    pub saga_type: String,
+    /// Status (as of the last commit).
+    pub status: SagaStatus,
+    /// Encoded state.
+    pub state: String,
+    /// Request fingerprint.
+    pub fingerprint: String,
+    /// A cancel was requested.
+    pub cancel_requested: bool,
+    /// The current fencing token (0 before the first claim).
+    pub fence: u64,
+    /// The lease holder and expiry, while one holds it.
+    pub lease: Option<LeaseInfo>,
+    /// When it is next due to run (absent for terminal or quarantined sagas).
+    pub due_at: Option<Timestamp>,
+    /// Set aside with this reason (bad data); no worker claims it.
+    pub quarantined: Option<String>,
+    /// Last write.
+    pub updated_at: Timestamp,
+}
+
+/// Who holds a lease, until when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// The holder.
+    pub owner: String,
+    /// When it lapses.
+    pub expires_at: Timestamp,
+}
+
+/// The result of [`SagaStore::claim`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClaimOutcome {
+    /// The lease is ours.
+    Claimed(Lease),
+    /// Another owner holds an unexpired lease.
+    Busy(LeaseInfo),
+    /// The saga is terminal or quarantined: there is nothing to run.
+    NotRunnable {
+        /// Its status.
+        status: SagaStatus,
+        /// The quarantine reason, if quarantined.
+        quarantined: Option<String>,
+    },
+}
+
+/// When a saga is next due, as part of a commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Schedule {
+    /// The holder keeps running it: the lease is extended by `ttl` from now.
+    Continue {
+        /// Lease length from now.
+        ttl: Duration,
+    },
+    /// Release the lease; due again after this delay (a durable timer).
+    WakeAfter(Duration),
+    /// Terminal: remove it from the due set and release the lease.
+    Finished,
+}
+
+/// One atomic transition of a saga.
+#[derive(Clone, Debug)]
+pub struct Transition {
+    /// Unique id of this transition. A store that already applied a transition with this id
+    /// as the saga's latest one answers success without applying it again, so a commit whose
+    /// reply was lost can be retried without duplicating events.
+    pub commit_id: String,
+    /// Encoded events to append, in order.
+    pub events: Vec<String>,
+    /// Encoded new state.
+    pub state: String,
+    /// The status in `state` (for indexes).
+    pub status: SagaStatus,
+    /// What happens to the lease and the due time.
+    pub schedule: Schedule,
+}
+
+/// What a commit tells the writer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CommitOutcome {
+    /// A cancel is pending: stop running forward steps and compensate.
+    pub cancel_requested: bool,
+}
+
+/// The result of [`SagaStore::request_cancel`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CancelOutcome {
+    /// The flag is set (now or earlier) and the saga will compensate.
+    Requested,
+    /// The saga is already terminal.
+    AlreadyFinished(SagaStatus),
+}
+
+/// The state of an idempotency record, as [`SagaStore::guard_claim`] found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GuardClaim {
+    /// The caller owns the key and must run the effect, then complete or release it.
+    Claimed {
+        /// Proof of ownership for complete/release.
+        token: String,
+    },
+    /// The effect already ran; here is its encoded result.
+    Completed {
+        /// Encoded result.
+        result: String,
+    },
+    /// Another caller is running the effect right now.
+    InProgress,
+    /// The key was used with a different request fingerprint.
+    Conflict,
+}
+
+/// Filters for [`SagaStore::list`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Only this status.
+    pub status: Option<SagaStatus>,
+    /// Only this type.
+    pub saga_type: Option<String>,
+    /// Page size (the store may cap it).
+    pub limit: usize,
+    /// Continue after this id (from the previous page's `next`).
+    pub after: Option<SagaId>,
+}
+
+/// One row of a listing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaSummary {
+    /// The saga id.
+    pub id: SagaId,
+    /// Registered type name.
+    pub saga_type: String,
+    /// Status.
+    pub status: SagaStatus,
+    /// Last write.
+    pub updated_at: Timestamp,
+    /// Quarantine reason, if set aside.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<String>,
+}
+
+/// A page of a listing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListPage {
+    /// The rows, ordered by id.
+    pub sagas: Vec<SagaSummary>,
+    /// Pass as `after` for the next page; `None` at the end.
+    pub next: Option<SagaId>,
+}
+
+/// A failed store operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The writer's fencing token is stale: another coordinator owns the saga now. The writer
+    /// must stop working on it and write nothing more.
+    #[error("saga {saga}: write fenced (lease token {fence} is no longer current, the saga is owned by {current_owner:?} with token {current_fence}); stop working on it")]
+    Fenced {
+        /// The saga.
+        saga: SagaId,
+        /// The stale token.
+        fence: u64,
+        /// The current token.
+        current_fence: u64,
+        /// The current holder, if any.
+        current_owner: Option<String>,
+    },
+    /// No saga with this id.
+    #[error("saga {0} not found")]
+    NotFound(SagaId),
+    /// The idempotency key was already used with different content.
+    #[error("saga {saga}: idempotency key reused with a different request (type, version or input differ); use a new key for a new request")]
+    IdempotencyConflict {
+        /// The saga the key belongs to.
+        saga: SagaId,
+    },
+    /// The saga is terminal (or quarantined) and cannot take this write.
+    #[error("saga {saga} is {status}; it accepts no further transitions")]
+    NotWritable {
+        /// The saga.
+        saga: SagaId,
+        /// Its status.
+        status: SagaStatus,
+    },
+    /// A value is larger than the store accepts.
+    #[error("{what} is {size} bytes, over the store's limit of {limit} bytes; make step inputs and outputs smaller (store references, not documents)")]
+    TooLarge {
+        /// What was too large.
+        what: String,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The stored data is not what the store expects (wrong type, bad field).
+    #[error("saga {saga}: stored data is corrupt: {problem}")]
+    Corrupt {
+        /// The saga (or nil for store-wide data).
+        saga: SagaId,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The store could not be reached or answered with an error; the operation may or may
+    /// not have been applied. Retrying is safe: every operation is idempotent or fenced.
+    #[error("store unavailable: {message}")]
+    Unavailable {
+        /// What happened.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// The request itself is invalid.
+    #[error("invalid store request: {0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    /// `true` when retrying the same operation may succeed.
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Unavailable { .. } => true,
+            StoreError::Fenced { .. }
+            | StoreError::NotFound(_)
+            | StoreError::IdempotencyConflict { .. }
+            | StoreError::NotWritable { .. }
+            | StoreError::TooLarge { .. }
+            | StoreError::Corrupt { .. }
+            | StoreError::Invalid(_) => false,
+        }
+    }
+}
+
+/// The storage contract. Every operation is atomic; every saga write checks the fencing token
+/// inside the same atomic operation.
+///
+/// Implementations: [`MemoryStore`] here, `saga_redis::RedisStore` for Redis. Check a new
+/// implementation with `saga_core::testkit::conformance` (feature `testkit`).
+#[async_trait]
+pub trait SagaStore: Send + Sync + 'static {
+    /// Creates a saga unless one with the same id exists. An existing saga with the same
+    /// fingerprint is returned as [`CreateOutcome::Existing`]; a different fingerprint is
+    /// [`StoreError::IdempotencyConflict`]. A new saga is due at once (or leased to
+    /// `new.claim`'s owner).
+    async fn create(&self, new: NewSaga) -> Result<CreateOutcome, StoreError>;
+
+    /// Loads a saga.
+    async fn load(&self, id: SagaId) -> Result<Option<StoredSaga>, StoreError>;
+
+    /// The whole encoded event history of a saga, oldest first.
+    async fn events(&self, id: SagaId) -> Result<Vec<String>, StoreError>;
+
+    /// Claims one saga for `request.owner`: succeeds when nobody holds an unexpired lease or
+    /// when the holder is the same owner (a restarted process reclaiming its own sagas). The
+    /// fencing token is incremented either way.
+    async fn claim(&self, id: SagaId, request: &ClaimRequest) -> Result<ClaimOutcome, StoreError>;
+
+    /// Claims up to `limit` sagas that are due (durable timer passed, never started, or lease
+    /// expired), oldest due first.
+    async fn claim_due(&self, request: &ClaimRequest, limit: usize)
+    -> Result<Vec<Lease>, StoreError>;
+
+    /// Extends a held lease by `ttl` from now.
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<CommitOutcome, StoreError>;
+
+    /// Gives a lease up; the saga is due again at once.
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// Appends events, replaces the state and applies the schedule, all or nothing, if and
+    /// only if `lease.fence` is the saga's current token and the saga is not terminal.
+    async fn commit(
+        &self,
+        lease: &Lease,
+        transition: Transition,
+    ) -> Result<CommitOutcome, StoreError>;
+
+    /// Sets the saga's cancel flag and appends `event`; a saga that nobody holds becomes due
+    /// at once. Needs no lease: the holder sees the flag in its next commit or renewal.
+    async fn request_cancel(&self, id: SagaId, event: String)
+    -> Result<CancelOutcome, StoreError>;
+
+    /// Sets a saga aside with a reason: it leaves the due set and no worker claims it again
+    /// until an operator acts. Needs no lease, so that a saga whose state cannot be decoded
+    /// can still be quarantined.
+    async fn quarantine(&self, id: SagaId, reason: &str) -> Result<(), StoreError>;
+
+    /// Claims an idempotency key for running an effect. `in_progress_ttl` bounds how long a
+    /// claim blocks others if its holder dies.
+    async fn guard_claim(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        in_progress_ttl: Duration,
+    ) -> Result<GuardClaim, StoreError>;
+
+    /// Records the effect's encoded result under a claimed key, kept for `ttl`. Fails with
+    /// [`StoreError::Fenced`]-like [`StoreError::Invalid`] when `token` no longer owns it.
+    async fn guard_complete(
+        &self,
+        key: &str,
+        token: &str,
+        result: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Gives up a claimed key (the effect failed) so that a retry can claim it.
+    async fn guard_release(&self, key: &str, token: &str) -> Result<(), StoreError>;
+
+    /// Lists sagas, ordered by id, filtered and paged.
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
+
+    /// Counts sagas by status (every status present, zero included).
+    async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>, StoreError>;
+
+    /// Deletes up to `limit` terminal sagas last written more than `older_than` ago, with
+    /// their histories. Returns how many it deleted.
+    async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64, StoreError>;
+}
