@@ -1,1 +1,1 @@
-//! Integration tests of the saga workspace.
+//! Shared support for the workspace integration tests.

@@ -1,0 +1,1 @@
+//! Test support for stores and engines (feature `testkit`).
