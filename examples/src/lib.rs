@@ -1,1 +1,14 @@
-//! placeholder
+//! The VC deal-flow example: a sourcing saga and a deal saga run against simulated services
+//! that inject seeded faults (rate limits with retry-after, timeouts, 503s, permanent
+//! rejections), with a ledger of every effect and compensation so the run can prove that no
+//! effect was applied twice and every compensated saga was fully undone.
+//!
+//! Run it with `cargo run --release -p saga-examples` (see `--help` for flags).
+
+pub mod deal;
+pub mod ledger;
+pub mod report;
+pub mod scenario;
+pub mod services;
+pub mod sourcing;
+pub mod world;

@@ -35,6 +35,26 @@ impl std::fmt::Debug for StepContext {
 }
 
 impl StepContext {
+    /// A context for calling a step function outside an engine (unit tests of a step,
+    /// benchmarks): a fresh saga id, position 0, attempt 1, forward phase, the given
+    /// resources, and a private in-memory store behind [`StepContext::guard`].
+    #[must_use]
+    pub fn standalone(step: &'static str, resources: Resources) -> Self {
+        let saga_id = SagaId::random();
+        Self {
+            saga_id,
+            saga_type: Arc::from("standalone"),
+            step,
+            position: 0,
+            attempt: 1,
+            phase: Phase::Forward,
+            idempotency_key: crate::step_idempotency_key(saga_id, 0, step, Phase::Forward),
+            resources: Arc::new(resources),
+            store: Arc::new(crate::MemoryStore::new()),
+            span: tracing::Span::none(),
+        }
+    }
+
     /// The saga this step belongs to.
     #[must_use]
     pub fn saga_id(&self) -> SagaId {

@@ -48,7 +48,7 @@ impl FromStr for SagaId {
 }
 
 /// Whether a key is for a step's forward action or for its compensation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// The step's action.

@@ -50,6 +50,10 @@ pub mod __private {
         Classify, Compensation, ErrorClass, Jitter, Reconciled, RetryPolicy, Step, StepContext,
     };
     pub use async_trait::async_trait;
+    pub use std::clone::Clone;
+    pub use std::default::Default;
+    pub use std::fmt::Debug;
+    pub use std::marker::Copy;
     pub use std::option::Option;
     pub use std::result::Result;
     pub use std::time::Duration;

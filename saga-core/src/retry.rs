@@ -182,7 +182,7 @@ impl RetryPolicy {
     #[must_use]
     pub fn base_delay(&self, failed_attempt: u32) -> Duration {
         let index = usize::try_from(failed_attempt.max(1) - 1).unwrap_or(usize::MAX);
-        ExponentialBuilder::default()
+        let delay = ExponentialBuilder::default()
             .with_min_delay(self.initial_delay)
             .with_factor(self.multiplier)
             .with_max_delay(self.max_delay)
@@ -191,7 +191,11 @@ impl RetryPolicy {
             .nth(index)
             // The builder is unbounded (`without_max_times`), so the schedule never ends; the
             // cap is the right answer should that ever change.
-            .unwrap_or(self.max_delay)
+            .unwrap_or(self.max_delay);
+        // backon multiplies in f32; whole milliseconds (the unit every record stores) hide
+        // the rounding noise (400.000006 ms).
+        // A float-to-int `as` cast saturates, so no overflow is possible.
+        Duration::from_millis((delay.as_secs_f64() * 1000.0).round() as u64).min(self.max_delay)
     }
 
     /// The delay before retry after `failed_attempt` failed, with this policy's jitter drawn

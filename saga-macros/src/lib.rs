@@ -1,14 +1,185 @@
-//! Procedural macros for saga-core (being written).
+//! Procedural macros for [saga-core]: `#[saga_step]` turns an async fn into a saga step type,
+//! `#[derive(Classify)]` states per error variant whether a failure is worth retrying.
+//!
+//! Use them through saga-core, which re-exports both behind its default `macros` feature:
+//! the generated code names items as `::saga_core::__private::…`, so the `saga-core`
+//! dependency must keep its name (do not rename it in `Cargo.toml`).
+//!
+//! ```ignore
+//! use saga_core::{saga_step, Classify, StepContext};
+//!
+//! #[derive(Debug, thiserror::Error, Classify)]
+//! pub enum CrmError {
+//!     #[error("crm is busy")]
+//!     #[classify(transient)]
+//!     Busy,
+//!     #[error("deal rejected: {0}")]
+//!     #[classify(permanent)]
+//!     Rejected(String),
+//! }
+//!
+//! /// Opens the deal in the CRM.
+//! #[saga_step(compensate = delete_deal, timeout = "10s", retry(max_attempts = 5, initial = "200ms", max = "5s"))]
+//! pub async fn create_deal(ctx: &StepContext, input: NewDeal) -> Result<Deal, CrmError> {
+//!     crm(ctx).create(ctx.idempotency_key(), input).await
+//! }
+//!
+//! async fn delete_deal(ctx: &StepContext, input: NewDeal, deal: Deal) -> Result<(), CrmError> {
+//!     crm(ctx).delete(deal.id).await
+//! }
+//!
+//! // In a workflow: `let deal = saga.run(CreateDeal, new_deal).await?;`
+//! ```
+//!
+//! Mistakes are compile errors that point at the offending tokens: a fn that is not `async`,
+//! an unknown option, a bad duration, a compensation with the wrong signature, a step that
+//! does not say what undoes it, an error variant that does not say whether it is transient.
+//!
+//! [saga-core]: https://docs.rs/saga-core
+
+#![forbid(unsafe_code)]
+
+mod attr;
+mod classify;
+mod expand;
+mod parse;
+
 use proc_macro::TokenStream;
 
-/// Placeholder.
+/// Turns an `async fn(ctx: &StepContext, input: In) -> Result<Out, Err>` into a saga step.
+///
+/// The fn stays as written (it can still be called directly). Next to it the macro defines a
+/// unit struct named in PascalCase after the fn (`create_deal` → `CreateDeal`), with the fn's
+/// visibility and docs, deriving `Clone, Copy, Debug, Default`, that implements
+/// `saga_core::Step` with `Input = In`, `Output = Out`, `Error = Err`. Workflows run it with
+/// `saga.run(CreateDeal, input)`.
+///
+/// The fn must be a free `async fn` without generics, taking exactly the step context by
+/// reference and the input by value, and returning `Result<Out, Err>` spelled out with both
+/// types (an alias such as `Result<Out>` hides the error type from the macro). `In` and `Out`
+/// are recorded in the journal, so they own their data (`'static`, serde-serializable), and
+/// `Err` implements `Classify` and `Display`.
+///
+/// # Options
+///
+/// Every option may be given at most once. Exactly one of `compensate`, `pivot` and
+/// `no_compensation` is required: a step that does not say what undoes it is a compile error.
+///
+/// | option | meaning |
+/// |---|---|
+/// | `compensate = path` | `async fn(ctx: &StepContext, input: In, output: Out) -> Result<(), Err>` undoes a completed step (`Compensation::OnSuccess`). |
+/// | `compensate_on_failure` | with `compensate`: also undo when the forward action failed for good or its outcome is unknown (`Compensation::Always`); the compensation then takes `output: Option<Out>`. |
+/// | `pivot`, `no_compensation` | nothing to undo: the point of no return, or a read-only step (`Compensation::None`). |
+/// | `name = "create_deal"` | the step's stable name in the journal (default: the fn's name). Renaming a step makes running sagas diverge from their journal. |
+/// | `timeout = "10s"` / `timeout = "none"` | per-attempt timeout, a [humantime] duration above zero, or no timeout (default: the trait's, 30 s). |
+/// | `retry(...)` | the forward retry policy, built on `RetryPolicy::default()`. |
+/// | `compensate_retry(...)` | the compensation retry policy, built on the trait's default (10 attempts, up to 30 s apart); only with `compensate`. |
+/// | `reconcile = path` | `async fn(ctx: &StepContext, input: &In) -> Result<Reconciled<Out>, Err>`, asked whether an attempt whose outcome is unknown took effect. |
+///
+/// `retry(...)` and `compensate_retry(...)` take any of these keys, checked at compile time:
+///
+/// | key | value |
+/// |---|---|
+/// | `max_attempts = 5` | total attempts, first included; an integer ≥ 1 (1 = no retry). |
+/// | `initial = "200ms"` | the delay after the first failure. |
+/// | `max = "5s"` | the cap on any delay; not below `initial` (nor below the default initial delay, 100 ms, when `initial` is not given). |
+/// | `multiplier = 2.0` | growth factor between delays, a finite number ≥ 1.0. |
+/// | `jitter = "full"` | `"full"`, `"equal"` or `"none"`. |
+/// | `max_elapsed = "1m"` | stop retrying once this much time has passed since the first attempt. |
+///
+/// # Example
+///
+/// ```ignore
+/// use saga_core::{saga_step, Reconciled, StepContext};
+///
+/// /// Books the committee room.
+/// #[saga_step(
+///     compensate = release_room,
+///     compensate_on_failure,
+///     reconcile = find_booking,
+///     name = "book_room",
+///     timeout = "10s",
+///     retry(max_attempts = 5, initial = "200ms", max = "5s", multiplier = 2.0, jitter = "equal"),
+///     compensate_retry(max_attempts = 20, max_elapsed = "10m"),
+/// )]
+/// pub async fn book_committee_room(ctx: &StepContext, input: Meeting) -> Result<Booking, RoomError> {
+///     rooms(ctx).book(ctx.idempotency_key(), &input).await
+/// }
+///
+/// // `compensate_on_failure`: the booking may exist even though the forward action failed.
+/// async fn release_room(
+///     ctx: &StepContext,
+///     input: Meeting,
+///     booking: Option<Booking>,
+/// ) -> Result<(), RoomError> {
+///     rooms(ctx).release_by_key(ctx.idempotency_key(), booking.map(|b| b.id)).await
+/// }
+///
+/// async fn find_booking(ctx: &StepContext, input: &Meeting) -> Result<Reconciled<Booking>, RoomError> {
+///     Ok(match rooms(ctx).find(ctx.idempotency_key()).await? {
+///         Some(booking) => Reconciled::Applied(booking),
+///         None => Reconciled::NotApplied,
+///     })
+/// }
+///
+/// /// Sends the committee its invitation: nothing to take back once sent.
+/// #[saga_step(pivot)]
+/// pub async fn notify_committee(ctx: &StepContext, input: Booking) -> Result<(), MailError> {
+///     mail(ctx).send(ctx.idempotency_key(), input).await
+/// }
+/// ```
+///
+/// # Errors
+///
+/// Misuse is reported at the offending tokens, and the fn itself is always emitted, so one
+/// mistake does not cascade into errors wherever the fn is called. A compensation or
+/// reconciliation fn with the wrong signature is reported at its path in the attribute.
 #[proc_macro_attribute]
-pub fn saga_step(_args: TokenStream, item: TokenStream) -> TokenStream {
-    item
+pub fn saga_step(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::saga_step(args.into(), &item.into()).into()
 }
 
-/// Placeholder.
+/// Implements `saga_core::Classify` for an error enum or struct from `#[classify(...)]`
+/// attributes.
+///
+/// Every enum variant takes exactly one attribute, so that adding a variant forces a decision
+/// (the generated `match` has no wildcard arm); a struct takes it on the struct itself:
+///
+/// | attribute | class |
+/// |---|---|
+/// | `#[classify(transient)]` | transient, retried under the step's policy. |
+/// | `#[classify(transient(retry_after = field))]` | transient, retried no earlier than the field says. `field` is a field name, or an index for a tuple variant; its type is `Option<std::time::Duration>` (`None`: no hint). |
+/// | `#[classify(permanent)]` | permanent: the step fails at once. |
+/// | `#[classify(delegate)]` | whatever the variant's only field says; that field's type implements `Classify`. |
+///
+/// # Example
+///
+/// ```ignore
+/// use std::time::Duration;
+/// use saga_core::{Classify, HttpStatus};
+///
+/// #[derive(Debug, thiserror::Error, Classify)]
+/// pub enum CrmError {
+///     #[error("crm is busy")]
+///     #[classify(transient)]
+///     Busy,
+///     #[error("rate limited")]
+///     #[classify(transient(retry_after = wait))]
+///     RateLimited { wait: Option<Duration> },
+///     #[error("crm answered {0}")]
+///     #[classify(delegate)]
+///     Http(HttpStatus),
+///     #[error("deal rejected: {0}")]
+///     #[classify(permanent)]
+///     Rejected(String),
+/// }
+///
+/// #[derive(Debug, thiserror::Error, Classify)]
+/// #[error("invalid deal: {0}")]
+/// #[classify(permanent)]
+/// pub struct InvalidDeal(pub String);
+/// ```
 #[proc_macro_derive(Classify, attributes(classify))]
-pub fn derive_classify(_item: TokenStream) -> TokenStream {
-    TokenStream::new()
+pub fn derive_classify(item: TokenStream) -> TokenStream {
+    classify::derive(item.into()).into()
 }

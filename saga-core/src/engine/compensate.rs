@@ -54,9 +54,9 @@ async fn decide(ctx: &mut SagaContext, registered: &Registered, record: &StepRec
     }
     match record.status {
         StepStatus::Succeeded => Undo::Run(record.output.clone()),
-        StepStatus::Failed if mode == Compensation::Always => Undo::Run(None),
-        StepStatus::Failed => Undo::Skip("its forward action failed; nothing to undo".into()),
-        StepStatus::Started | StepStatus::Retrying => {
+        // A failed, in-flight or retrying step may have had its effect anyway (a timeout
+        // after the effect, a crash mid-attempt): ask its reconciliation check.
+        StepStatus::Failed | StepStatus::Started | StepStatus::Retrying => {
             if ctx.unexecuted == Some(record.position) {
                 return Undo::Skip("cancelled before its attempt ran".into());
             }
@@ -76,7 +76,7 @@ async fn decide(ctx: &mut SagaContext, registered: &Registered, record: &StepRec
                 }
                 Ok(Reconciled::Unknown) | Err(_) if mode == Compensation::Always => Undo::Run(None),
                 Ok(Reconciled::Unknown) | Err(_) => Undo::Skip(
-                    "its last attempt's outcome is unknown and it only compensates completed effects \
+                    "it did not complete, and it only compensates completed effects \
                      (declare Compensation::Always or a reconcile check to undo partial effects)"
                         .into(),
                 ),
@@ -132,7 +132,7 @@ async fn undo(
         let seconds = clock.elapsed().as_secs_f64();
         let failure = match outcome {
             Guarded::Done(Ok(())) => {
-                ctx.shared.observe_attempt(&span, &ctx.state, position, name, &key, attempt, seconds, AttemptLog::Compensated);
+                ctx.shared.observe_attempt(&span, &ctx.state, position, name, &key, attempt, seconds, &AttemptLog::Compensated);
                 ctx.commit(
                     vec![EventKind::StepCompensated { position, step: name.to_owned(), attempt }],
                     Schedule::Continue { ttl },
@@ -152,7 +152,7 @@ async fn undo(
         match policy.decide(attempt, failure.class, now.since(first_started), &mut ctx.rng) {
             RetryDecision::RetryAfter(delay) => {
                 let next_retry_at = now.plus(delay);
-                ctx.shared.observe_attempt(&span, &ctx.state, position, name, &key, attempt, seconds, AttemptLog::Retry { error: &failure, delay, next_retry_at });
+                ctx.shared.observe_attempt(&span, &ctx.state, position, name, &key, attempt, seconds, &AttemptLog::Retry { error: &failure, delay, next_retry_at });
                 let inline = delay <= ctx.shared.config.inline_wait_max;
                 let schedule =
                     if inline { Schedule::Continue { ttl } } else { Schedule::WakeAfter(delay) };
@@ -175,7 +175,7 @@ async fn undo(
                 attempt += 1;
             }
             RetryDecision::GiveUp(reason) => {
-                ctx.shared.observe_attempt(&span, &ctx.state, position, name, &key, attempt, seconds, AttemptLog::Failed { error: &failure, reason });
+                ctx.shared.observe_attempt(&span, &ctx.state, position, name, &key, attempt, seconds, &AttemptLog::Failed { error: &failure, reason });
                 let error = format!(
                     "compensation of step {position} `{name}` gave up after attempt {attempt} ({reason}): {}",
                     failure.message

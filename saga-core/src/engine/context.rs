@@ -517,7 +517,7 @@ impl SagaContext {
                         reconciled: false,
                     })
                     .map_err(|halt| self.stop(halt))?;
-                    self.shared.observe_attempt(&span, &self.state, position, S::NAME, &key, attempt, seconds, AttemptLog::Succeeded);
+                    self.shared.observe_attempt(&span, &self.state, position, S::NAME, &key, attempt, seconds, &AttemptLog::Succeeded);
                     self.steps.push(Registered { position, step: erased });
                     return Ok(output);
                 }
@@ -538,7 +538,7 @@ impl SagaContext {
             match policy.decide(attempt, failure.class, now.since(first_started), &mut self.rng) {
                 RetryDecision::RetryAfter(delay) => {
                     let next_retry_at = now.plus(delay);
-                    self.shared.observe_attempt(&span, &self.state, position, S::NAME, &key, attempt, seconds, AttemptLog::Retry { error: &failure, delay, next_retry_at });
+                    self.shared.observe_attempt(&span, &self.state, position, S::NAME, &key, attempt, seconds, &AttemptLog::Retry { error: &failure, delay, next_retry_at });
                     let inline = delay <= self.shared.config.inline_wait_max;
                     let schedule = if inline { Schedule::Continue { ttl } } else { Schedule::WakeAfter(delay) };
                     let committed = self
@@ -565,7 +565,7 @@ impl SagaContext {
                     attempt += 1;
                 }
                 RetryDecision::GiveUp(reason) => {
-                    self.shared.observe_attempt(&span, &self.state, position, S::NAME, &key, attempt, seconds, AttemptLog::Failed { error: &failure, reason });
+                    self.shared.observe_attempt(&span, &self.state, position, S::NAME, &key, attempt, seconds, &AttemptLog::Failed { error: &failure, reason });
                     let error = SagaError::StepFailed {
                         step: S::NAME.to_owned(),
                         position,

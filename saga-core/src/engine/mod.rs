@@ -66,9 +66,54 @@ pub(crate) struct Shared {
     pub(crate) resources: Arc<Resources>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: EngineConfig,
+    /// Sagas this engine is running right now (see [`Shared::local_run`]).
+    pub(crate) local_runs: std::sync::Mutex<std::collections::HashSet<SagaId>>,
+    /// Notified whenever a local run ends.
+    pub(crate) local_run_ended: tokio::sync::Notify,
+}
+
+/// This engine's run of one saga; the saga leaves [`Shared::local_runs`] when it is dropped
+/// (also when the run's task is cancelled).
+pub(crate) struct LocalRun {
+    shared: Arc<Shared>,
+    id: SagaId,
+}
+
+impl Drop for LocalRun {
+    fn drop(&mut self) {
+        self.shared
+            .local_runs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
+        self.shared.local_run_ended.notify_waiters();
+    }
 }
 
 impl Shared {
+    /// Waits until this engine is not running saga `id`, then marks it running until the
+    /// returned guard is dropped. Same-owner reclaim exists for a restarted process; without
+    /// this, a second run of a saga in the process that is running it (a duplicate `execute`
+    /// with the same idempotency key, a `run_to_end` racing a worker) would take the lease
+    /// from the live run and execute its in-flight step a second time, concurrently.
+    pub(crate) async fn local_run(self: &Arc<Self>, id: SagaId) -> LocalRun {
+        loop {
+            let ended = self.local_run_ended.notified();
+            tokio::pin!(ended);
+            // Registered before the check, so an end between the check and the wait is seen.
+            ended.as_mut().enable();
+            let inserted = self
+                .local_runs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(id);
+            if inserted {
+                return LocalRun { shared: Arc::clone(self), id };
+            }
+            ended.await;
+        }
+    }
+
     /// Commits with bounded retries while the store is unavailable. Safe to retry: the
     /// transition carries a commit id that the store applies at most once.
     pub(crate) async fn commit(
@@ -101,12 +146,12 @@ impl Shared {
         key: &str,
         attempt: u32,
         seconds: f64,
-        outcome: AttemptLog<'_>,
+        outcome: &AttemptLog<'_>,
     ) {
         let _entered = span.enter();
         let workflow_id = state.id.to_string();
         metrics::histogram!("saga_step_duration_seconds", "step" => step).record(seconds);
-        match outcome {
+        match *outcome {
             AttemptLog::Succeeded => {
                 metrics::counter!("saga_step_attempts_total", "step" => step, "outcome" => "success").increment(1);
                 tracing::info!(workflow_id, step = position, operation = step, idempotency_key = key, status = "succeeded", attempt, "step attempt succeeded");
@@ -248,6 +293,8 @@ impl EngineBuilder {
                 resources: Arc::new(self.resources),
                 clock: self.clock,
                 config,
+                local_runs: std::sync::Mutex::default(),
+                local_run_ended: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -417,7 +464,7 @@ impl Engine {
         input: &S::Input,
         options: StartOptions,
         claim: Option<ClaimRequest>,
-    ) -> Result<(Started, Option<Lease>), EngineError> {
+    ) -> Result<(Started, Option<(Lease, SagaState)>), EngineError> {
         let input = serde_json::to_value(input).map_err(|source| EngineError::Encoding {
             what: format!("input of saga type `{}`", S::NAME),
             source,
@@ -454,7 +501,7 @@ impl Engine {
             Ok(CreateOutcome::Created { lease }) => {
                 metrics::counter!("saga_started_total", "saga_type" => S::NAME).increment(1);
                 tracing::info!(saga_id = %id, saga_type = S::NAME, "saga started");
-                Ok((Started { id, created: true }, lease))
+                Ok((Started { id, created: true }, lease.map(|lease| (lease, state))))
             }
             Ok(CreateOutcome::Existing { .. }) => {
                 metrics::counter!("saga_idempotency_hits_total").increment(1);
@@ -479,16 +526,26 @@ impl Engine {
         input: &S::Input,
         options: StartOptions,
     ) -> Result<SagaOutcome, EngineError> {
+        // A repeat of a keyed start that this engine is running now waits for that run (a
+        // new saga without a key has a fresh id that nothing else here can be running).
+        let local = match &options.idempotency_key {
+            Some(key) => Some(self.shared.local_run(SagaId::from_idempotency_key(S::NAME, key)).await),
+            None => None,
+        };
         let claim = self.claim_request();
         let (started, lease) = self.create::<S>(input, options, Some(claim)).await?;
-        match lease {
-            Some(lease) => match self.drive(lease).await? {
-                RunOutcome::Finished(outcome) => Ok(outcome),
-                RunOutcome::Suspended(until) => {
-                    self.sleep_until(until).await;
-                    self.run_to_end(started.id).await
-                }
-            },
+        let first = match lease {
+            // The state was just written by this process: no need to read it back.
+            Some((lease, state)) => Some(self.drive_state(lease, state).await?),
+            None => None,
+        };
+        drop(local);
+        match first {
+            Some(RunOutcome::Finished(outcome)) => Ok(outcome),
+            Some(RunOutcome::Suspended(until)) => {
+                self.sleep_until(until).await;
+                self.run_to_end(started.id).await
+            }
             None => self.run_to_end(started.id).await,
         }
     }
@@ -507,7 +564,11 @@ impl Engine {
     /// [`EngineError::Busy`] when another owner holds its lease, [`EngineError::NotFound`],
     /// [`EngineError::Quarantined`], [`EngineError::Interrupted`] (fenced, store failure),
     /// or a store error.
+    ///
+    /// When this engine is already running the saga (a duplicate `execute`, say), waits for
+    /// that run to end first instead of taking the lease from it.
     pub async fn run_once(&self, id: SagaId) -> Result<RunOutcome, EngineError> {
+        let _local = self.shared.local_run(id).await;
         match self.shared.store.claim(id, &self.claim_request()).await? {
             ClaimOutcome::Claimed(lease) => self.drive(lease).await,
             ClaimOutcome::Busy(holder) => {
@@ -549,6 +610,8 @@ impl Engine {
             let engine = self.clone();
             tasks.spawn(async move {
                 let id = lease.saga_id;
+                // Marked as running here so that a `run_once` of it in this process waits.
+                let _local = engine.shared.local_run(id).await;
                 (id, engine.drive(lease).await)
             });
         }
@@ -639,7 +702,14 @@ impl Engine {
     /// must. The lease stays fenced against every other writer throughout.
     async fn drive(&self, lease: Lease) -> Result<RunOutcome, EngineError> {
         let id = lease.saga_id;
-        let stored = self.shared.store.load(id).await?.ok_or(EngineError::NotFound(id))?;
+        let stored = match self.shared.store.load(id).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return Err(EngineError::NotFound(id)),
+            Err(StoreError::Corrupt { problem, .. }) => {
+                return Err(self.quarantine(id, format!("stored saga is corrupt: {problem}")).await);
+            }
+            Err(err) => return Err(err.into()),
+        };
         let mut state: SagaState = match serde_json::from_str(&stored.state) {
             Ok(state) => state,
             Err(err) => {
@@ -647,6 +717,12 @@ impl Engine {
             }
         };
         state.cancel_requested |= stored.cancel_requested;
+        self.drive_state(lease, state).await
+    }
+
+    /// Runs a claimed saga whose current state is known.
+    async fn drive_state(&self, lease: Lease, state: SagaState) -> Result<RunOutcome, EngineError> {
+        let id = lease.saga_id;
         if state.status.is_terminal() {
             return Ok(RunOutcome::Finished(SagaOutcome::from_state(&state)));
         }

@@ -48,7 +48,8 @@ struct Entry {
     due_at: Option<Timestamp>,
     quarantined: Option<String>,
     updated_at: Timestamp,
-    last_commit: String,
+    /// The `commit_id` of the latest applied transition (none before the first commit).
+    last_commit: Option<String>,
 }
 
 #[derive(Debug)]
@@ -208,7 +209,7 @@ impl SagaStore for MemoryStore {
                 due_at: None,
                 quarantined: None,
                 updated_at: now,
-                last_commit: String::new(),
+                last_commit: None,
             },
         );
         let lease = match &new.claim {
@@ -317,12 +318,12 @@ impl SagaStore for MemoryStore {
         let mut inner = self.lock();
         if let Some(entry) = inner.sagas.get(&lease.saga_id)
             && entry.fence == lease.fence
-            && entry.last_commit == transition.commit_id
+            && entry.last_commit.as_ref() == Some(&transition.commit_id)
         {
             return Ok(CommitOutcome { cancel_requested: entry.cancel_requested });
         }
         let entry = inner.writable_entry(lease)?;
-        transition.commit_id.clone_into(&mut entry.last_commit);
+        entry.last_commit = Some(transition.commit_id);
         entry.events.extend(transition.events);
         entry.state = transition.state;
         entry.status = transition.status;
@@ -418,16 +419,19 @@ impl SagaStore for MemoryStore {
         self.check_size("idempotency result", result)?;
         let now = self.clock.now();
         let mut inner = self.lock();
+        // A lapsed claim no longer owns the key, whether or not someone claimed it since
+        // (in Redis the key has expired), so the expiry is checked as well as the token.
         match inner.guards.get_mut(key) {
             Some(record)
-                if matches!(&record.progress, GuardProgress::InProgress { token: t } if t == token) =>
+                if record.expires_at > now
+                    && matches!(&record.progress, GuardProgress::InProgress { token: t } if t == token) =>
             {
                 record.progress = GuardProgress::Done { result: result.to_owned() };
                 record.expires_at = now.plus(ttl);
                 Ok(())
             }
             _ => Err(StoreError::Invalid(format!(
-                "idempotency key {key}: the claim expired and was taken over before the result was recorded"
+                "idempotency key {key}: this claim no longer owns the key (it expired, was released, or was completed) so the result was not recorded"
             ))),
         }
     }

@@ -35,7 +35,8 @@ pub struct NewSaga {
     pub fingerprint: String,
     /// Encoded initial state.
     pub state: String,
-    /// Encoded initial events (at least `SagaStarted`).
+    /// Encoded initial events (at least `SagaStarted`; an empty list is
+    /// [`StoreError::Invalid`]).
     pub events: Vec<String>,
     /// Take the lease at once for this owner (the creating process runs the saga itself).
     pub claim: Option<ClaimRequest>,
@@ -95,13 +96,17 @@ pub struct StoredSaga {
     pub cancel_requested: bool,
     /// The current fencing token (0 before the first claim).
     pub fence: u64,
-    /// The lease holder and expiry, while one holds it.
+    /// The lease holder and expiry, while one holds an unexpired lease (`None` once it
+    /// lapses, even before anyone else claims the saga).
     pub lease: Option<LeaseInfo>,
-    /// When it is next due to run (absent for terminal or quarantined sagas).
+    /// When it is next due to run: for a held saga, when its lease expires; for an unheld one,
+    /// when its timer runs out (now or earlier when it is due at once). Absent for terminal or
+    /// quarantined sagas.
     pub due_at: Option<Timestamp>,
     /// Set aside with this reason (bad data); no worker claims it.
     pub quarantined: Option<String>,
-    /// Last write.
+    /// Last write (create, commit, cancel request or quarantine), in milliseconds since the
+    /// Unix epoch by the store's clock.
     pub updated_at: Timestamp,
 }
 
@@ -131,7 +136,8 @@ pub enum ClaimOutcome {
     },
 }
 
-/// When a saga is next due, as part of a commit.
+/// When a saga is next due, as part of a commit. A terminal status goes with
+/// [`Schedule::Finished`] and only with it; any other pairing is [`StoreError::Invalid`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Schedule {
@@ -151,13 +157,16 @@ pub enum Schedule {
 pub struct Transition {
     /// Unique id of this transition. A store that already applied a transition with this id
     /// as the saga's latest one answers success without applying it again, so a commit whose
-    /// reply was lost can be retried without duplicating events.
+    /// reply was lost can be retried without duplicating events. This holds as long as the
+    /// lease's fence is still current, also when the applied transition released the lease
+    /// (`WakeAfter`) or finished the saga (`Finished`).
     pub commit_id: String,
     /// Encoded events to append, in order.
     pub events: Vec<String>,
     /// Encoded new state.
     pub state: String,
-    /// The status in `state` (for indexes).
+    /// The status in `state` (for indexes). Terminal if and only if `schedule` is
+    /// [`Schedule::Finished`].
     pub status: SagaStatus,
     /// What happens to the lease and the due time.
     pub schedule: Schedule,
@@ -207,7 +216,7 @@ pub struct ListQuery {
     pub status: Option<SagaStatus>,
     /// Only this type.
     pub saga_type: Option<String>,
-    /// Page size (the store may cap it).
+    /// At most this many rows per page (the store may cap it lower).
     pub limit: usize,
     /// Continue after this id (from the previous page's `next`).
     pub after: Option<SagaId>,
@@ -234,7 +243,8 @@ pub struct SagaSummary {
 pub struct ListPage {
     /// The rows, ordered by id.
     pub sagas: Vec<SagaSummary>,
-    /// Pass as `after` for the next page; `None` at the end.
+    /// Pass as `after` for the next page; `None` at the end. A page may hold fewer than
+    /// `limit` rows (even none) while `next` is `Some`: only `None` marks the end.
     pub next: Option<SagaId>,
 }
 
@@ -279,7 +289,7 @@ pub enum StoreError {
         what: String,
         /// Its size.
         size: usize,
-        /// The limit.
+        /// The limit: the largest size the store accepts.
         limit: usize,
     },
     /// The stored data is not what the store expects (wrong type, bad field).
@@ -326,39 +336,59 @@ impl StoreError {
 /// inside the same atomic operation.
 ///
 /// Implementations: [`MemoryStore`] here, `saga_redis::RedisStore` for Redis. Check a new
-/// implementation with `saga_core::testkit::conformance` (feature `testkit`).
+/// implementation with the conformance suite: `saga_core::store_conformance_tests!` (feature
+/// `testkit`; the cases are in `saga_core::testkit::conformance`).
 #[async_trait]
 pub trait SagaStore: Send + Sync + 'static {
     /// Creates a saga unless one with the same id exists. An existing saga with the same
-    /// fingerprint is returned as [`CreateOutcome::Existing`]; a different fingerprint is
-    /// [`StoreError::IdempotencyConflict`]. A new saga is due at once (or leased to
-    /// `new.claim`'s owner).
+    /// fingerprint is returned as [`CreateOutcome::Existing`] and left untouched (no state or
+    /// events written, no lease taken even if `new.claim` asks); a different fingerprint is
+    /// [`StoreError::IdempotencyConflict`]. A new saga is `Running` with fence 0 and due at
+    /// once, or leased to `new.claim`'s owner (fence ≥ 1). No events is
+    /// [`StoreError::Invalid`]; an oversized state or event is [`StoreError::TooLarge`];
+    /// either way nothing is stored.
     async fn create(&self, new: NewSaga) -> Result<CreateOutcome, StoreError>;
 
-    /// Loads a saga.
+    /// Loads a saga; `None` for an unknown (or purged) id.
     async fn load(&self, id: SagaId) -> Result<Option<StoredSaga>, StoreError>;
 
-    /// The whole encoded event history of a saga, oldest first.
+    /// The whole encoded event history of a saga, oldest first, byte for byte as written.
+    /// [`StoreError::NotFound`] for an unknown (or purged) id.
     async fn events(&self, id: SagaId) -> Result<Vec<String>, StoreError>;
 
     /// Claims one saga for `request.owner`: succeeds when nobody holds an unexpired lease or
-    /// when the holder is the same owner (a restarted process reclaiming its own sagas). The
-    /// fencing token is incremented either way.
+    /// when the holder is the same owner (a restarted process reclaiming its own sagas),
+    /// whether or not the saga is due (a timer does not lock it). The fencing token is
+    /// incremented either way. Another owner's unexpired lease is [`ClaimOutcome::Busy`] (and
+    /// changes nothing); a terminal or quarantined saga is [`ClaimOutcome::NotRunnable`]; an
+    /// unknown id is [`StoreError::NotFound`].
     async fn claim(&self, id: SagaId, request: &ClaimRequest) -> Result<ClaimOutcome, StoreError>;
 
-    /// Claims up to `limit` sagas that are due (durable timer passed, never started, or lease
-    /// expired), oldest due first.
+    /// Claims up to `limit` sagas that are due (durable timer passed, never started, released,
+    /// cancel requested, or lease expired), oldest due time first, each with a new fence.
+    /// Never returns a saga with an unexpired lease, a terminal or a quarantined one, nor one
+    /// saga to two concurrent callers.
     async fn claim_due(&self, request: &ClaimRequest, limit: usize)
     -> Result<Vec<Lease>, StoreError>;
 
-    /// Extends a held lease by `ttl` from now.
+    /// Extends a held lease by `ttl` from now, and reports whether a cancel is pending.
+    /// Checked like [`commit`](SagaStore::commit): a stale fence is [`StoreError::Fenced`], a
+    /// terminal or quarantined saga [`StoreError::NotWritable`].
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<CommitOutcome, StoreError>;
 
-    /// Gives a lease up; the saga is due again at once.
+    /// Gives a lease up; the saga is due again at once. Checked like
+    /// [`commit`](SagaStore::commit): [`StoreError::Fenced`], [`StoreError::NotWritable`].
     async fn release(&self, lease: &Lease) -> Result<(), StoreError>;
 
     /// Appends events, replaces the state and applies the schedule, all or nothing, if and
-    /// only if `lease.fence` is the saga's current token and the saga is not terminal.
+    /// only if `lease.fence` is the saga's current token and the saga is not terminal. The
+    /// token is checked even if the lease has expired: an expired lease that nobody has
+    /// claimed since still writes.
+    ///
+    /// Errors, each of which writes nothing: [`StoreError::Fenced`] (stale token),
+    /// [`StoreError::NotWritable`] (terminal or quarantined saga, unless this is a
+    /// retry of the latest applied `commit_id`), [`StoreError::Invalid`] (status and schedule
+    /// do not go together), [`StoreError::TooLarge`], [`StoreError::NotFound`].
     async fn commit(
         &self,
         lease: &Lease,
@@ -366,17 +396,22 @@ pub trait SagaStore: Send + Sync + 'static {
     ) -> Result<CommitOutcome, StoreError>;
 
     /// Sets the saga's cancel flag and appends `event`; a saga that nobody holds becomes due
-    /// at once. Needs no lease: the holder sees the flag in its next commit or renewal.
+    /// at once (a held one keeps its lease). Needs no lease: the holder sees the flag in its
+    /// next commit or renewal. Only the first request appends its event; later ones answer
+    /// [`CancelOutcome::Requested`] and write nothing. A terminal saga answers
+    /// [`CancelOutcome::AlreadyFinished`] and is not touched.
     async fn request_cancel(&self, id: SagaId, event: String)
     -> Result<CancelOutcome, StoreError>;
 
-    /// Sets a saga aside with a reason: it leaves the due set and no worker claims it again
-    /// until an operator acts. Needs no lease, so that a saga whose state cannot be decoded
-    /// can still be quarantined.
+    /// Sets a saga aside with a reason: it leaves the due set, its lease is dropped (the
+    /// former holder's writes are [`StoreError::NotWritable`]) and no worker claims it again
+    /// until an operator acts. Its status and events are kept. Needs no lease, so that a saga
+    /// whose state cannot be decoded can still be quarantined.
     async fn quarantine(&self, id: SagaId, reason: &str) -> Result<(), StoreError>;
 
     /// Claims an idempotency key for running an effect. `in_progress_ttl` bounds how long a
-    /// claim blocks others if its holder dies.
+    /// claim blocks others if its holder dies. A key whose record has expired is free again
+    /// (for any fingerprint).
     async fn guard_claim(
         &self,
         key: &str,
@@ -385,7 +420,9 @@ pub trait SagaStore: Send + Sync + 'static {
     ) -> Result<GuardClaim, StoreError>;
 
     /// Records the effect's encoded result under a claimed key, kept for `ttl`. Fails with
-    /// [`StoreError::Fenced`]-like [`StoreError::Invalid`] when `token` no longer owns it.
+    /// [`StoreError::Invalid`], recording nothing, when `token` does not own the key: a wrong
+    /// token, or a claim that was released, already completed, or has lapsed
+    /// (`in_progress_ttl` passed), whether or not someone else claimed the key since.
     async fn guard_complete(
         &self,
         key: &str,
@@ -394,16 +431,21 @@ pub trait SagaStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
-    /// Gives up a claimed key (the effect failed) so that a retry can claim it.
+    /// Gives up a claimed key (the effect failed) so that a retry can claim it. Does nothing
+    /// (and is no error) when `token` does not own an in-progress claim of the key; a
+    /// completed result is never released.
     async fn guard_release(&self, key: &str, token: &str) -> Result<(), StoreError>;
 
-    /// Lists sagas, ordered by id, filtered and paged.
+    /// Lists sagas, ordered by id, filtered and paged: following `next` from `after = None`
+    /// returns every matching saga exactly once. `after` need not be an existing id.
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
 
     /// Counts sagas by status (every status present, zero included).
     async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>, StoreError>;
 
-    /// Deletes up to `limit` terminal sagas last written more than `older_than` ago, with
-    /// their histories. Returns how many it deleted.
+    /// Deletes up to `limit` terminal sagas last written at least `older_than` ago (so
+    /// `Duration::ZERO` takes every terminal saga), with their histories: afterwards `load`
+    /// answers `None` and `events` [`StoreError::NotFound`]. Never touches a non-terminal
+    /// saga. Returns how many it deleted.
     async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64, StoreError>;
 }

@@ -1,0 +1,157 @@
+//! `deal-flow`: runs the VC deal-flow example and checks the ledger. Exit status 0 only when
+//! no effect was applied twice and every compensated saga was fully undone.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use saga_core::{MemoryStore, SagaStatus, SagaStore};
+use saga_examples::report::{self, SagaReport, Timelines};
+use saga_examples::scenario::{self, Progress, Settings};
+
+/// Sources companies and books deals as sagas against simulated services with injected
+/// faults, then prints every saga's timeline, the totals and the ledger check.
+#[derive(Debug, Parser)]
+#[command(name = "deal-flow", version)]
+struct Cli {
+    /// Companies to source (one sourcing saga each; high scores get a deal saga).
+    #[arg(long, default_value_t = 6)]
+    companies: usize,
+    /// Seed for the company directory and the fault injection.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Probability of a transient fault (503, timeout, 429 with retry-after) per call.
+    #[arg(long, default_value_t = 0.3, value_parser = parse_rate)]
+    fault_rate: f64,
+    /// Force a permanent failure at this step for every saga that reaches it
+    /// (e.g. `update_portfolio`, `notify_committee`, `upsert_deal_record`).
+    #[arg(long)]
+    fail_at: Option<String>,
+    /// Stop the coordinator abruptly after this many applied effects, then restart it and
+    /// resume every unfinished saga from its journal.
+    #[arg(long)]
+    crash_after: Option<u64>,
+    /// Sagas in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Which timelines to print.
+    #[arg(long, value_enum, default_value_t = Timelines::Interesting)]
+    timelines: Timelines,
+    /// Print JSON log lines (one per attempt outcome) on stderr.
+    #[arg(long)]
+    json_logs: bool,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text.parse().map_err(|e| format!("not a number: {e}"))?;
+    if (0.0..=1.0).contains(&rate) { Ok(rate) } else { Err(format!("{rate} is not between 0 and 1")) }
+}
+
+struct Bar(ProgressBar);
+
+impl Progress for Bar {
+    fn company_done(&self) {
+        self.0.inc(1);
+    }
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if json { "info" } else { "off" })
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().with_current_span(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.json_logs);
+    match run(cli).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(err) => {
+            let _ = writeln!(std::io::stderr(), "deal-flow: {err}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
+    let settings = Settings {
+        companies: cli.companies,
+        seed: cli.seed,
+        fault_rate: cli.fault_rate,
+        fail_at: cli.fail_at.clone(),
+        crash_after: cli.crash_after,
+        concurrency: cli.concurrency,
+        owner: "deal-flow-coordinator".into(),
+        search_date: "2025-01-15".into(),
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "VC deal flow: {} companies, seed {}, fault rate {:.0}%{}{} — in-memory store",
+        settings.companies,
+        settings.seed,
+        settings.fault_rate * 100.0,
+        settings.fail_at.as_deref().map(|s| format!(", forced failure at `{s}`")).unwrap_or_default(),
+        settings.crash_after.map(|n| format!(", crash after {n} effects")).unwrap_or_default(),
+    )?;
+    let store: Arc<dyn SagaStore> = Arc::new(MemoryStore::new());
+    let progress: Arc<dyn Progress> = if settings.companies > 20 && !cli.json_logs {
+        let bar = ProgressBar::new(settings.companies as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} companies {elapsed_precise}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Arc::new(Bar(bar))
+    } else {
+        Arc::new(())
+    };
+    let started = std::time::Instant::now();
+    let run = scenario::run(&settings, store, progress).await?;
+    let elapsed = started.elapsed();
+    let mut sagas = Vec::new();
+    for (id, _, _) in scenario::all_sagas(&run.engine).await? {
+        sagas.push(SagaReport { state: run.engine.state(id).await?, events: run.engine.history(id).await? });
+    }
+    sagas.sort_by_key(|s| (s.state.created_at, s.state.saga_type.clone()));
+    write!(out, "{}", report::render_timelines(&sagas, cli.timelines))?;
+    let totals = report::totals(&sagas, &run);
+    let count = |status| totals.by_status.get(&status).copied().unwrap_or_default();
+    writeln!(out, "\nTotals ({:.2}s{})", elapsed.as_secs_f64(), if run.crashed { ", with one crash and restart" } else { "" })?;
+    writeln!(
+        out,
+        "  sagas {} | completed {} | compensated {} | failed {} | attempts {} | retries {} | compensations {} | idempotency hits {} | resumes {}",
+        totals.sagas,
+        count(SagaStatus::Completed),
+        count(SagaStatus::Compensated),
+        count(SagaStatus::Failed),
+        totals.attempts,
+        totals.retries,
+        totals.compensations,
+        totals.idempotency_hits,
+        totals.resumes,
+    )?;
+    let check = report::check_ledger(&sagas, &run);
+    if check.holds() {
+        writeln!(
+            out,
+            "Ledger check: OK — {} effects, each applied exactly once; {} compensations, each once and in reverse order; books match the outcomes",
+            check.effects, check.compensations
+        )?;
+    } else {
+        writeln!(out, "Ledger check: FAILED")?;
+        for problem in &check.problems {
+            writeln!(out, "  - {problem}")?;
+        }
+    }
+    Ok(check.holds())
+}

@@ -1,0 +1,208 @@
+//! The end-of-run summary: timelines, totals and the ledger check.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use saga_core::{EventKind, Phase, SagaEvent, SagaState, SagaStatus, StepStatus, timeline};
+
+use crate::ledger::Entry;
+use crate::scenario::Run;
+
+/// Which timelines to print.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Timelines {
+    /// Every saga.
+    All,
+    /// Sagas that retried, compensated, failed or resumed (at most 8), or all of them when
+    /// there are 12 or fewer.
+    Interesting,
+    /// None.
+    None,
+}
+
+/// Totals over the run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Sagas in the store.
+    pub sagas: usize,
+    /// By status.
+    pub by_status: BTreeMap<SagaStatus, usize>,
+    /// Step attempts started.
+    pub attempts: u64,
+    /// Failed attempts that were retried (forward and compensation).
+    pub retries: u64,
+    /// Compensations applied.
+    pub compensations: u64,
+    /// Duplicate deliveries and repeated calls answered from a recorded result.
+    pub idempotency_hits: u64,
+    /// Resumes from the journal.
+    pub resumes: u64,
+}
+
+/// The ledger check's findings.
+#[derive(Clone, Debug, Default)]
+pub struct LedgerCheck {
+    /// Effects recorded.
+    pub effects: usize,
+    /// Compensations recorded.
+    pub compensations: usize,
+    /// Everything that is wrong; empty when the check holds.
+    pub problems: Vec<String>,
+}
+
+impl LedgerCheck {
+    /// `true` when nothing is wrong.
+    #[must_use]
+    pub fn holds(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// One saga's data for the report.
+pub struct SagaReport {
+    /// Folded state.
+    pub state: SagaState,
+    /// History.
+    pub events: Vec<SagaEvent>,
+}
+
+/// Counts totals over every saga.
+#[must_use]
+pub fn totals(sagas: &[SagaReport], run: &Run) -> Totals {
+    let mut totals = Totals { sagas: sagas.len(), ..Totals::default() };
+    for saga in sagas {
+        *totals.by_status.entry(saga.state.status).or_default() += 1;
+        for event in &saga.events {
+            match &event.kind {
+                EventKind::StepStarted { .. } => totals.attempts += 1,
+                EventKind::StepAttemptFailed { .. } | EventKind::CompensationAttemptFailed { .. } => {
+                    totals.retries += 1;
+                }
+                EventKind::StepCompensated { .. } => totals.compensations += 1,
+                EventKind::SagaResumed { .. } => totals.resumes += 1,
+                _ => {}
+            }
+        }
+    }
+    totals.idempotency_hits = run.duplicate_starts + run.office.world.ledger.duplicates();
+    totals
+}
+
+/// Checks the ledger against the sagas' journals: no effect applied twice, every completed
+/// saga's effects applied once and never undone, every compensated saga fully undone in
+/// reverse order, and the books agree with the outcomes.
+#[must_use]
+pub fn check_ledger(sagas: &[SagaReport], run: &Run) -> LedgerCheck {
+    let entries = run.office.world.ledger.entries();
+    let mut check = LedgerCheck {
+        effects: entries.iter().filter(|e| e.phase == Phase::Forward).count(),
+        compensations: entries.iter().filter(|e| e.phase == Phase::Compensate).count(),
+        problems: Vec::new(),
+    };
+    let mut by_saga: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
+    for entry in &entries {
+        by_saga.entry(entry.saga.as_str()).or_default().push(entry);
+    }
+    let mut applied: BTreeMap<(&str, u32, Phase), usize> = BTreeMap::new();
+    for entry in &entries {
+        *applied.entry((entry.saga.as_str(), entry.position, entry.phase)).or_default() += 1;
+    }
+    for ((saga, position, phase), count) in &applied {
+        if *count > 1 {
+            check.problems.push(format!("saga {saga}: step #{position} {phase:?} applied {count} times"));
+        }
+    }
+    let mut completed_deals = 0;
+    let mut booked_musd = 0.0;
+    for saga in sagas {
+        let id = saga.state.id.to_string();
+        let mine = by_saga.get(id.as_str()).cloned().unwrap_or_default();
+        let forward: Vec<&&Entry> = mine.iter().filter(|e| e.phase == Phase::Forward).collect();
+        let undone: Vec<&&Entry> = mine.iter().filter(|e| e.phase == Phase::Compensate).collect();
+        match saga.state.status {
+            SagaStatus::Completed => {
+                if !undone.is_empty() {
+                    check.problems.push(format!("saga {id} completed but {} compensation(s) ran", undone.len()));
+                }
+                for entry in &forward {
+                    let ok = saga.state.record(entry.position).is_some_and(|r| r.status == StepStatus::Succeeded);
+                    if !ok {
+                        check.problems.push(format!("saga {id}: effect of #{} has no succeeded journal entry", entry.position));
+                    }
+                }
+                if saga.state.saga_type == "deal_flow" {
+                    completed_deals += 1;
+                    booked_musd += saga.state.input["amount_musd"].as_f64().unwrap_or_default();
+                }
+            }
+            SagaStatus::Compensated => {
+                // Every forward effect of a step that has a compensation must be undone once,
+                // newest first. Steps without compensation (notifications, reads) stay.
+                let skipped = |p: u32| {
+                    saga.events.iter().any(|ev| {
+                        matches!(&ev.kind, EventKind::CompensationSkipped { position, .. } if *position == p)
+                    })
+                };
+                let compensable: Vec<u32> =
+                    forward.iter().map(|e| e.position).filter(|p| !skipped(*p)).collect();
+                let undone_positions: Vec<u32> = undone.iter().map(|e| e.position).collect();
+                let mut expected = compensable.clone();
+                expected.reverse();
+                if undone_positions != expected {
+                    check.problems.push(format!(
+                        "saga {id} compensated: effects at {compensable:?} but compensations ran at {undone_positions:?} (expected {expected:?})"
+                    ));
+                }
+            }
+            SagaStatus::Failed => {}
+            SagaStatus::Running | SagaStatus::Compensating => {
+                check.problems.push(format!("saga {id} did not finish ({})", saga.state.status));
+            }
+            _ => check.problems.push(format!("saga {id} has an unexpected status {}", saga.state.status)),
+        }
+    }
+    let crm = run.office.crm_deals();
+    if crm.len() != completed_deals {
+        check.problems.push(format!("CRM holds {} deals but {completed_deals} deal sagas completed", crm.len()));
+    }
+    let total = run.office.portfolio_total();
+    if (total - booked_musd).abs() > 1e-6 {
+        check.problems.push(format!("portfolio holds {total}M but completed deals booked {booked_musd}M"));
+    }
+    check
+}
+
+/// Whether a saga is worth showing in full.
+#[must_use]
+pub fn interesting(saga: &SagaReport) -> bool {
+    saga.state.status != SagaStatus::Completed
+        || saga.events.iter().any(|e| {
+            matches!(e.kind, EventKind::StepAttemptFailed { .. } | EventKind::SagaResumed { .. })
+        })
+}
+
+/// Renders the timelines chosen by `mode`.
+#[must_use]
+pub fn render_timelines(sagas: &[SagaReport], mode: Timelines) -> String {
+    let mut out = String::new();
+    let chosen: Vec<&SagaReport> = match mode {
+        Timelines::None => Vec::new(),
+        Timelines::All => sagas.iter().collect(),
+        Timelines::Interesting if sagas.len() <= 12 => sagas.iter().collect(),
+        Timelines::Interesting => sagas.iter().filter(|s| interesting(s)).take(8).collect(),
+    };
+    for saga in &chosen {
+        let _ = writeln!(
+            out,
+            "\n── {} {} — {} ──",
+            saga.state.saga_type,
+            saga.state.id,
+            saga.state.status.as_str().to_uppercase()
+        );
+        out.push_str(&timeline::render(&saga.events));
+    }
+    if chosen.len() < sagas.len() && mode != Timelines::None {
+        let _ = writeln!(out, "\n({} more saga timelines not shown; use --timelines all)", sagas.len() - chosen.len());
+    }
+    out
+}

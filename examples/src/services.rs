@@ -1,0 +1,287 @@
+//! The simulated back office: company directory, financial-data API (rate-limited), deal
+//! records, CRM, portfolio book, investment committee, partners' inbox and audit trail.
+//! Every mutating call is idempotent by the caller's key: a repeated key gets the recorded
+//! result and changes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use saga_core::{Classify, HttpStatus, MissingResource, Reconciled, StepContext};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::world::{Caller, World};
+
+/// What a simulated service can answer.
+#[derive(Debug, thiserror::Error, Classify)]
+pub enum ServiceError {
+    /// An HTTP error status (429 and 5xx transient, other 4xx permanent).
+    #[error("{0}")]
+    #[classify(delegate)]
+    Http(HttpStatus),
+    /// A business rule refused the request.
+    #[error("rejected: {0}")]
+    #[classify(permanent)]
+    Rejected(String),
+    /// The step could not reach its service.
+    #[error(transparent)]
+    #[classify(delegate)]
+    Missing(#[from] MissingResource),
+    /// The service's recorded result could not be read back.
+    #[error("corrupt service record: {0}")]
+    #[classify(permanent)]
+    Corrupt(String),
+}
+
+/// A company in the directory.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Company {
+    /// Directory id, e.g. `c-003`.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Sector.
+    pub sector: String,
+    /// Under a compliance hold: the audit trail refuses its deals.
+    pub watchlisted: bool,
+    /// Annual recurring revenue, in millions.
+    pub arr_musd: f64,
+    /// Year-on-year growth (0.5 = 50 %).
+    pub growth: f64,
+}
+
+/// The deterministic company directory of a run.
+#[derive(Clone, Debug)]
+pub struct Directory {
+    companies: Vec<Company>,
+}
+
+const NAMES: [&str; 12] = [
+    "Helix Robotics", "Northwind Bio", "Quanta Ledger", "Arbor Health", "Lumen Grid", "Cobalt AI",
+    "Tidewater Labs", "Fathom Data", "Juniper Pay", "Orbital Freight", "Sable Security", "Kite Energy",
+];
+const SECTORS: [&str; 3] = ["fintech", "ai", "climate"];
+
+impl Directory {
+    /// `count` companies drawn from `seed`. Company 2 is always watchlisted with strong
+    /// numbers, so a default run shows a compensated deal.
+    #[must_use]
+    pub fn generate(seed: u64, count: usize) -> Self {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let companies = (0..count)
+            .map(|i| {
+                let watchlisted = i == 2;
+                Company {
+                    id: format!("c-{i:03}"),
+                    name: format!("{} {}", NAMES[i % NAMES.len()], i / NAMES.len() + 1),
+                    sector: SECTORS[i % SECTORS.len()].to_owned(),
+                    watchlisted,
+                    arr_musd: if watchlisted { 42.0 } else { (rng.f64() * 40.0 + 2.0).round() },
+                    growth: if watchlisted { 1.4 } else { (rng.f64() * 1.5 * 100.0).round() / 100.0 },
+                }
+            })
+            .collect();
+        Self { companies }
+    }
+
+    /// Every company.
+    #[must_use]
+    pub fn companies(&self) -> &[Company] {
+        &self.companies
+    }
+
+    /// One company by id.
+    #[must_use]
+    pub fn get(&self, id: &str) -> Option<&Company> {
+        self.companies.iter().find(|c| c.id == id)
+    }
+}
+
+/// The back office's books.
+#[derive(Debug, Default)]
+pub struct Books {
+    /// Sourcing records by content key (company + search date): score and version.
+    pub deal_records: BTreeMap<String, (u32, u32)>,
+    /// CRM deals by deal id: company id and amount.
+    pub crm_deals: BTreeMap<String, (String, f64)>,
+    /// Portfolio: invested amount per company.
+    pub portfolio: BTreeMap<String, f64>,
+    /// Messages to the investment committee (including retractions).
+    pub committee: Vec<String>,
+    /// Messages to partners.
+    pub partners: Vec<String>,
+    /// Audit entries by id: text and whether voided.
+    pub audit: BTreeMap<String, (String, bool)>,
+}
+
+/// A token bucket for the financial-data API.
+#[derive(Debug)]
+struct RateLimiter {
+    capacity: u32,
+    window: Duration,
+    window_start: tokio::time::Instant,
+    used: u32,
+}
+
+/// The simulated services, registered on the engine as one resource.
+#[derive(Clone, Debug)]
+pub struct Backoffice {
+    /// Faults, crash switch and ledger.
+    pub world: World,
+    /// The directory.
+    pub directory: Arc<Directory>,
+    /// The books.
+    pub books: Arc<Mutex<Books>>,
+    limiter: Arc<Mutex<RateLimiter>>,
+}
+
+impl Backoffice {
+    /// A back office over `world` and `directory`, with the data API limited to `per_window`
+    /// calls per 250 ms.
+    #[must_use]
+    pub fn new(world: World, directory: Directory, per_window: u32) -> Self {
+        Self {
+            world,
+            directory: Arc::new(directory),
+            books: Arc::default(),
+            limiter: Arc::new(Mutex::new(RateLimiter {
+                capacity: per_window,
+                window: Duration::from_millis(250),
+                window_start: tokio::time::Instant::now(),
+                used: 0,
+            })),
+        }
+    }
+
+    /// The back office registered on the engine.
+    ///
+    /// # Errors
+    /// [`ServiceError::Missing`] when it was not registered.
+    pub fn of(ctx: &StepContext) -> Result<&Backoffice, ServiceError> {
+        Ok(ctx.resource::<Backoffice>()?)
+    }
+
+    fn books(&self) -> std::sync::MutexGuard<'_, Books> {
+        // See Ledger::lock: writes are single inserts, so the data is consistent.
+        self.books.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A read-only call: latency and faults, no ledger entry.
+    ///
+    /// # Errors
+    /// The injected fault.
+    pub async fn read<T>(&self, ctx: &StepContext, read: impl FnOnce(&Self) -> Result<T, ServiceError>) -> Result<T, ServiceError> {
+        let caller = Caller::of(ctx);
+        if self.world.call(&caller).await? {
+            self.world.lose_response().await;
+        }
+        read(self)
+    }
+
+    /// Charges one call against the data API's rate limit.
+    ///
+    /// # Errors
+    /// 429 with the time until the window resets.
+    pub fn rate_limit(&self) -> Result<(), ServiceError> {
+        let mut limiter = self.limiter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = tokio::time::Instant::now();
+        if now.duration_since(limiter.window_start) >= limiter.window {
+            limiter.window_start = now;
+            limiter.used = 0;
+        }
+        if limiter.used >= limiter.capacity {
+            let wait = limiter.window.saturating_sub(now.duration_since(limiter.window_start));
+            return Err(ServiceError::Http(HttpStatus::new(429).with_retry_after(wait.max(Duration::from_millis(10)))));
+        }
+        limiter.used += 1;
+        Ok(())
+    }
+
+    /// A mutating call, exactly once per idempotency key: faults first; then, unless the key
+    /// was seen before (in which case the recorded result comes back), `apply` runs on the
+    /// books and is recorded in the ledger. The crash switch may stop the process right
+    /// after the effect, before the caller hears of it.
+    ///
+    /// # Errors
+    /// The injected fault, or `apply`'s rejection (which records nothing).
+    pub async fn effect<T: Serialize + DeserializeOwned>(
+        &self,
+        ctx: &StepContext,
+        apply: impl FnOnce(&mut Books) -> Result<(T, String), ServiceError>,
+    ) -> Result<T, ServiceError> {
+        let caller = Caller::of(ctx);
+        let lose_response = self.world.call(&caller).await?;
+        let result = {
+            let mut ledger = self.world.ledger.lock();
+            if let Some(previous) = ledger.replay(&caller.key) {
+                return serde_json::from_value(previous).map_err(|e| ServiceError::Corrupt(e.to_string()));
+            }
+            let (result, summary) = apply(&mut self.books())?;
+            let value = serde_json::to_value(&result).map_err(|e| ServiceError::Corrupt(e.to_string()))?;
+            ledger.record(&caller, summary, value);
+            result
+        };
+        self.world.crash.after_effect().await;
+        if lose_response {
+            self.world.lose_response().await;
+        }
+        Ok(result)
+    }
+
+    /// Whether the effect with the caller's idempotency key was applied, and its result: the
+    /// back office's answer to "did my request with this key go through?".
+    ///
+    /// # Errors
+    /// The injected fault.
+    pub async fn lookup<T: DeserializeOwned>(&self, ctx: &StepContext) -> Result<Reconciled<T>, ServiceError> {
+        let caller = Caller::of(ctx);
+        self.world.crash.gate().await;
+        let recorded = self.world.ledger.lock().peek(&caller.key);
+        match recorded {
+            Some(value) => serde_json::from_value(value)
+                .map(Reconciled::Applied)
+                .map_err(|e| ServiceError::Corrupt(e.to_string())),
+            None => Ok(Reconciled::NotApplied),
+        }
+    }
+
+    /// Sum of the portfolio.
+    #[must_use]
+    pub fn portfolio_total(&self) -> f64 {
+        self.books().portfolio.values().sum()
+    }
+
+    /// A snapshot of the CRM deals.
+    #[must_use]
+    pub fn crm_deals(&self) -> BTreeMap<String, (String, f64)> {
+        self.books().crm_deals.clone()
+    }
+
+    /// A snapshot of the sourcing records.
+    #[must_use]
+    pub fn deal_records(&self) -> BTreeMap<String, (u32, u32)> {
+        self.books().deal_records.clone()
+    }
+
+    /// Counts of messages: committee, partners, live audit entries.
+    #[must_use]
+    pub fn message_counts(&self) -> HashMap<&'static str, usize> {
+        let books = self.books();
+        HashMap::from([
+            ("committee", books.committee.len()),
+            ("partners", books.partners.len()),
+            ("audit_live", books.audit.values().filter(|(_, void)| !void).count()),
+        ])
+    }
+}
+
+/// The reconciliation check of every mutating step: asks the back office whether the effect
+/// with this step's idempotency key was applied.
+///
+/// # Errors
+/// The back office is missing or its record is corrupt.
+pub async fn applied_by_key<I, T: DeserializeOwned>(ctx: &StepContext, input: &I) -> Result<Reconciled<T>, ServiceError> {
+    let _ = input;
+    Backoffice::of(ctx)?.lookup(ctx).await
+}

@@ -1,0 +1,347 @@
+//! Reading a step's types from the signature of the fn under `#[saga_step]`.
+
+use proc_macro2::{Spacing, Span, TokenStream, TokenTree};
+use quote::ToTokens;
+use syn::{
+    Attribute, FnArg, GenericArgument, Ident, ItemFn, PathArguments, ReturnType, Type, TypePath,
+    Visibility,
+};
+
+use crate::attr::Errors;
+
+/// What the step type needs from the fn.
+pub(crate) struct StepFn {
+    pub(crate) ident: Ident,
+    pub(crate) vis: Visibility,
+    pub(crate) docs: Vec<Attribute>,
+    /// `#[cfg(...)]` attributes, copied to the step type so it exists exactly when the fn does.
+    pub(crate) cfgs: Vec<Attribute>,
+    /// The `&StepContext` parameter's type, for spans.
+    pub(crate) ctx_ty: Type,
+    pub(crate) input_ty: Type,
+    pub(crate) output_ty: Type,
+    pub(crate) error_ty: Type,
+}
+
+/// Checks the signature: a free `async fn(ctx: &StepContext, input: In) -> Result<Out, Err>`
+/// with no generics. Every problem found is reported.
+pub(crate) fn step_fn(item: &ItemFn) -> Result<StepFn, syn::Error> {
+    let sig = &item.sig;
+    let mut errors = Errors::default();
+    let shape = "a step is `async fn name(ctx: &StepContext, input: Input) -> Result<Output, \
+                 Error>`";
+
+    if sig.asyncness.is_none() {
+        errors.push(syn::Error::new_spanned(
+            sig.fn_token,
+            format!("`#[saga_step]` needs an `async fn`: add `async` before `fn` ({shape})"),
+        ));
+    }
+    if let Some(constness) = &sig.constness {
+        errors.push(syn::Error::new_spanned(
+            constness,
+            "a step fn cannot be `const`",
+        ));
+    }
+    if let Some(unsafety) = &sig.unsafety {
+        errors.push(syn::Error::new_spanned(
+            unsafety,
+            "a step fn cannot be `unsafe`: the engine calls it with no way to uphold its contract",
+        ));
+    }
+    if let Some(abi) = &sig.abi {
+        errors.push(syn::Error::new_spanned(
+            abi,
+            "a step fn cannot have an `extern` ABI",
+        ));
+    }
+    if !sig.generics.params.is_empty() {
+        errors.push(syn::Error::new_spanned(
+            &sig.generics,
+            "a step fn cannot be generic: the step type has one Input, Output and Error type \
+             (and the context is taken as `&StepContext` with an elided lifetime)",
+        ));
+    } else if let Some(where_clause) = &sig.generics.where_clause {
+        errors.push(syn::Error::new_spanned(
+            where_clause,
+            "a step fn cannot have a `where` clause",
+        ));
+    }
+    if let Some(variadic) = &sig.variadic {
+        errors.push(syn::Error::new_spanned(
+            variadic,
+            "a step fn cannot be variadic",
+        ));
+    }
+
+    let mut typed = Vec::new();
+    for arg in &sig.inputs {
+        match arg {
+            FnArg::Receiver(receiver) => errors.push(syn::Error::new_spanned(
+                receiver,
+                format!(
+                    "a step fn cannot take `self`: write a free fn outside any `impl` block \
+                     ({shape})"
+                ),
+            )),
+            FnArg::Typed(pat) => typed.push(&*pat.ty),
+        }
+    }
+    let mut ctx_ty = None;
+    let mut input_ty = None;
+    if typed.len() == sig.inputs.len() {
+        match typed.as_slice() {
+            [ctx, input] => {
+                ctx_ty = check_ctx(ctx, &mut errors);
+                input_ty = check_owned(input, "input", &mut errors);
+            }
+            _ => errors.push(syn::Error::new(
+                sig.paren_token.span.join(),
+                format!(
+                    "a step fn takes exactly two parameters, the context by reference and the \
+                     input by value (`ctx: &StepContext, input: Input`); this one takes {}",
+                    typed.len()
+                ),
+            )),
+        }
+    }
+
+    let (output_ty, error_ty) = match &sig.output {
+        ReturnType::Default => {
+            errors.push(syn::Error::new(
+                sig.paren_token.span.close(),
+                "a step fn returns `Result<Output, Error>`; this one returns `()`",
+            ));
+            (None, None)
+        }
+        ReturnType::Type(_, ty) => match result_types(ty) {
+            Some((output, error)) => (
+                check_owned(output, "output", &mut errors),
+                check_owned(error, "error", &mut errors),
+            ),
+            None => {
+                errors.push(syn::Error::new_spanned(
+                    ty,
+                    "a step fn returns `Result<Output, Error>`, spelled with both types so that \
+                     the step's Output and Error types can be read from it (an alias such as \
+                     `Result<T>` hides the error type)",
+                ));
+                (None, None)
+            }
+        },
+    };
+
+    if let Some(error) = errors.into_error() {
+        return Err(error);
+    }
+    match (ctx_ty, input_ty, output_ty, error_ty) {
+        (Some(ctx_ty), Some(input_ty), Some(output_ty), Some(error_ty)) => Ok(StepFn {
+            ident: sig.ident.clone(),
+            vis: item.vis.clone(),
+            docs: item
+                .attrs
+                .iter()
+                .filter(|attr| attr.path().is_ident("doc"))
+                .cloned()
+                .collect(),
+            cfgs: item
+                .attrs
+                .iter()
+                .filter(|attr| attr.path().is_ident("cfg"))
+                .cloned()
+                .collect(),
+            ctx_ty,
+            input_ty,
+            output_ty,
+            error_ty,
+        }),
+        // Every `None` above was reported.
+        _ => Err(syn::Error::new_spanned(
+            &sig.ident,
+            "unsupported step fn signature",
+        )),
+    }
+}
+
+/// The context parameter: a shared reference.
+fn check_ctx(ty: &Type, errors: &mut Errors) -> Option<Type> {
+    match ungroup(ty) {
+        Type::Reference(reference) if reference.mutability.is_none() => Some(ty.clone()),
+        Type::Reference(reference) => {
+            errors.push(syn::Error::new_spanned(
+                reference.mutability,
+                "the context parameter is a shared reference: `ctx: &StepContext`",
+            ));
+            None
+        }
+        _ => {
+            errors.push(syn::Error::new_spanned(
+                ty,
+                "the first parameter of a step fn is the context, by reference: `ctx: \
+                 &StepContext`",
+            ));
+            None
+        }
+    }
+}
+
+/// The input, output and error types: owned (they are journaled or cross an `async_trait`
+/// boundary), so no references, borrowed lifetimes or `impl Trait`.
+fn check_owned(ty: &Type, what: &str, errors: &mut Errors) -> Option<Type> {
+    let why = match what {
+        "error" => "the step's Error type must be `'static`",
+        _ => "it is recorded in the journal, so it must own its data (`'static`)",
+    };
+    if let Type::Reference(_) = ungroup(ty) {
+        let by_value = if what == "input" {
+            " and take it by value"
+        } else {
+            ""
+        };
+        errors.push(syn::Error::new_spanned(
+            ty,
+            format!("the step {what} cannot be a reference: {why}; use an owned type{by_value}"),
+        ));
+        return None;
+    }
+    if let Some((span, found)) = forbidden_token(ty.to_token_stream()) {
+        let message = match found {
+            Forbidden::Lifetime(lifetime) => format!(
+                "the step {what} type cannot borrow (`'{lifetime}`): {why}; use an owned type"
+            ),
+            Forbidden::ImplTrait => format!(
+                "the step {what} type cannot be `impl Trait`: the step type names it as an \
+                 associated type; write the concrete type"
+            ),
+        };
+        errors.push(syn::Error::new(span, message));
+        return None;
+    }
+    Some(ty.clone())
+}
+
+enum Forbidden {
+    Lifetime(String),
+    ImplTrait,
+}
+
+/// The first lifetime other than `'static`, or `impl`, in a type's tokens.
+fn forbidden_token(tokens: TokenStream) -> Option<(Span, Forbidden)> {
+    let mut tokens = tokens.into_iter().peekable();
+    while let Some(token) = tokens.next() {
+        match token {
+            TokenTree::Punct(punct)
+                if punct.as_char() == '\'' && punct.spacing() == Spacing::Joint =>
+            {
+                if let Some(TokenTree::Ident(name)) = tokens.peek()
+                    && name != "static"
+                {
+                    return Some((punct.span(), Forbidden::Lifetime(name.to_string())));
+                }
+            }
+            TokenTree::Ident(ident) if ident == "impl" => {
+                return Some((ident.span(), Forbidden::ImplTrait));
+            }
+            TokenTree::Group(group) => {
+                if let Some(found) = forbidden_token(group.stream()) {
+                    return Some(found);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The type inside the invisible groups that `macro_rules!` fragments (`$ty:ty`) leave.
+fn ungroup(mut ty: &Type) -> &Type {
+    while let Type::Group(group) = ty {
+        ty = &group.elem;
+    }
+    ty
+}
+
+/// `T` and `E` of `Result<T, E>` (any path ending in `Result` with two type arguments).
+fn result_types(ty: &Type) -> Option<(&Type, &Type)> {
+    let Type::Path(TypePath { qself: None, path }) = ungroup(ty) else {
+        return None;
+    };
+    let last = path.segments.last()?;
+    if last.ident != "Result" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    let mut types = args.args.iter().map(|arg| match arg {
+        GenericArgument::Type(ty) => Some(ty),
+        _ => None,
+    });
+    match (types.next(), types.next(), types.next()) {
+        (Some(Some(output)), Some(Some(error)), None) => Some((output, error)),
+        _ => None,
+    }
+}
+
+/// `create_deal` → `CreateDeal`, at the fn name's span. `None` when the name has no letter
+/// to start a type name with, or is already the type name (a fn and a unit struct of the same
+/// name would clash).
+pub(crate) fn type_name(ident: &Ident) -> Result<Ident, syn::Error> {
+    let name = ident.to_string();
+    let name = name.strip_prefix("r#").unwrap_or(&name);
+    let pascal: String = name
+        .split('_')
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let mut chars = part.chars();
+            chars.next().map_or_else(String::new, |first| {
+                first.to_uppercase().chain(chars).collect::<String>()
+            })
+        })
+        .collect();
+    if !pascal.starts_with(|c: char| c.is_alphabetic()) {
+        return Err(syn::Error::new_spanned(
+            ident,
+            "cannot derive a step type name from this fn name: start it with a letter, like \
+             `create_deal` (which becomes `CreateDeal`)",
+        ));
+    }
+    if pascal == name {
+        return Err(syn::Error::new_spanned(
+            ident,
+            format!(
+                "the step type would be named `{pascal}` like the fn itself; name the fn in \
+                 snake_case (its PascalCase form names the step type)"
+            ),
+        ));
+    }
+    Ok(Ident::new(&pascal, ident.span()))
+}
+
+/// The span of the whole attribute: where a missing option belongs.
+pub(crate) fn attribute_span() -> Span {
+    Span::call_site()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_names() {
+        let name = |s: &str| type_name(&Ident::new(s, Span::call_site())).map(|i| i.to_string());
+        assert_eq!(name("create_deal").ok().as_deref(), Some("CreateDeal"));
+        assert_eq!(name("http_2_call").ok().as_deref(), Some("Http2Call"));
+        assert_eq!(name("_private_step").ok().as_deref(), Some("PrivateStep"));
+        assert!(name("_1").is_err());
+        assert!(name("Step").is_err());
+    }
+
+    #[test]
+    fn finds_borrowed_types() {
+        let ty: Type = syn::parse_quote!(Vec<std::borrow::Cow<'a, str>>);
+        assert!(forbidden_token(ty.to_token_stream()).is_some());
+        let ty: Type = syn::parse_quote!(std::borrow::Cow<'static, str>);
+        assert!(forbidden_token(ty.to_token_stream()).is_none());
+    }
+}

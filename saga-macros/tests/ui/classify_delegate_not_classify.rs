@@ -1,0 +1,9 @@
+use saga_core::Classify;
+
+#[derive(Debug, Classify)]
+pub enum CrmError {
+    #[classify(delegate)]
+    Io(String),
+}
+
+fn main() {}

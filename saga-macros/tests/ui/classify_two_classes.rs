@@ -1,0 +1,9 @@
+use saga_core::Classify;
+
+#[derive(Debug, Classify)]
+pub enum CrmError {
+    #[classify(transient, permanent)]
+    Busy,
+}
+
+fn main() {}

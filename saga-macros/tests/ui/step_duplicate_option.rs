@@ -1,0 +1,8 @@
+use saga_core::{HttpStatus, StepContext, saga_step};
+
+#[saga_step(pivot, timeout = "1s", timeout = "2s")]
+pub async fn create_deal(_ctx: &StepContext, input: String) -> Result<String, HttpStatus> {
+    Ok(input)
+}
+
+fn main() {}

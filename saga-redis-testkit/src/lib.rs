@@ -1,0 +1,579 @@
+//! Test support for `saga-redis`: throwaway `redis-server` processes and local Redis
+//! Clusters, for tests that need a real server.
+//!
+//! - [`RedisServer::start`] spawns `redis-server` on a free loopback port with its own
+//!   temporary directory (`save ""`, optional AOF with `appendfsync always`, optional
+//!   `requirepass` and ACL users), waits until it answers `PING`, and kills it (by pid) when
+//!   dropped, printing its log when the dropping thread is panicking. [`RedisServer::restart`]
+//!   kills it and starts it again on the same port and directory, so an AOF is reloaded.
+//! - [`RedisCluster::start`] spawns a local Redis Cluster of masters (no replicas) and waits
+//!   until every node reports `cluster_state:ok`.
+//! - [`shared_server`] and [`shared_cluster`] give one server (cluster) per test process,
+//!   shared by all its tests: each test then uses its own key prefix. They honour
+//!   `REDIS_URL` (and `REDIS_CLUSTER_URLS`, comma-separated) to use servers that already run.
+//!
+//! Every spawned server has a watchdog: a `sh` process that holds the read end of a pipe
+//! whose write end only this test process holds. When the test process exits — even without
+//! running destructors, as happens to statics, or when it is killed — the pipe closes and the
+//! watchdog kills that one server by pid and removes its directory. Nothing is left running.
+//!
+//! When `redis-server` is not installed, starting one panics with a message that says how to
+//! install it (`apt-get install redis-server`, or run `scripts/test.sh`, which does).
+//!
+//! ```no_run
+//! use saga_redis_testkit::{RedisServer, ServerConfig};
+//!
+//! let server = RedisServer::start(ServerConfig::new().durable());
+//! let url = server.url();
+//! // ... connect to `url` ...
+//! drop(server); // killed here
+//! ```
+
+#![forbid(unsafe_code)]
+// Test support: reporting a server log, a skipped test or a setup failure on stderr is this
+// crate's job, and a setup failure is a panic with a message (there is no caller to recover).
+#![allow(clippy::print_stderr)]
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::Read as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// How long a server may take to answer `PING` (or a cluster to reach `cluster_state:ok`).
+pub const START_BOUND: Duration = Duration::from_secs(30);
+
+/// Pause between two polls of a starting server.
+const POLL_PAUSE: Duration = Duration::from_millis(20);
+
+/// How many times a start is retried on a new port when the chosen port was taken meanwhile.
+const PORT_ATTEMPTS: usize = 5;
+
+/// Environment variable naming an existing standalone server to use instead of spawning one.
+pub const REDIS_URL_ENV: &str = "REDIS_URL";
+
+/// Environment variable naming existing cluster nodes (comma-separated URLs).
+pub const REDIS_CLUSTER_URLS_ENV: &str = "REDIS_CLUSTER_URLS";
+
+/// How to configure a spawned server.
+#[derive(Clone, Debug, Default)]
+pub struct ServerConfig {
+    durable: bool,
+    password: Option<String>,
+    acl_users: Vec<String>,
+    directives: Vec<String>,
+    cluster: bool,
+}
+
+impl ServerConfig {
+    /// No persistence (`save ""`, AOF off), no password.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// AOF on with `appendfsync always`: every acknowledged write survives a kill.
+    #[must_use]
+    pub fn durable(mut self) -> Self {
+        self.durable = true;
+        self
+    }
+
+    /// `requirepass password` (the `default` user's password).
+    #[must_use]
+    pub fn password(mut self, password: &str) -> Self {
+        self.password = Some(password.to_owned());
+        self
+    }
+
+    /// An ACL user, as the rest of a `user` directive, e.g.
+    /// `"alice on >secret ~* &* +@all"`.
+    #[must_use]
+    pub fn acl_user(mut self, rule: &str) -> Self {
+        self.acl_users.push(rule.to_owned());
+        self
+    }
+
+    /// Any other `redis.conf` line, e.g. `"maxmemory-policy allkeys-lru"`.
+    #[must_use]
+    pub fn directive(mut self, line: &str) -> Self {
+        self.directives.push(line.to_owned());
+        self
+    }
+
+    fn cluster_node(mut self) -> Self {
+        self.cluster = true;
+        self
+    }
+}
+
+/// A `redis-server` process this test process started, on a loopback port, with its own
+/// temporary directory. Killed by pid on drop.
+#[derive(Debug)]
+pub struct RedisServer {
+    config: ServerConfig,
+    port: u16,
+    cluster_port: u16,
+    dir: tempfile::TempDir,
+    process: Option<Process>,
+}
+
+#[derive(Debug)]
+struct Process {
+    server: Child,
+    watchdog: Child,
+    /// Held open for the life of the server; its closing (at exit) fires the watchdog.
+    _lifeline: Option<ChildStdin>,
+}
+
+impl RedisServer {
+    /// Starts a server and waits until it answers `PING`. Panics with a clear message when
+    /// `redis-server` is missing or does not come up within [`START_BOUND`].
+    #[must_use]
+    pub fn start(config: ServerConfig) -> Self {
+        require_binary("redis-server");
+        let dir = tempfile::Builder::new()
+            .prefix("saga-redis-test-")
+            .tempdir()
+            .unwrap_or_else(|err| panic!("cannot create a temporary directory for redis-server: {err}"));
+        let mut server = RedisServer { config, port: 0, cluster_port: 0, dir, process: None };
+        let mut last_failure = String::new();
+        for _ in 0..PORT_ATTEMPTS {
+            server.port = free_port();
+            server.cluster_port = free_port();
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(failure) => last_failure = failure,
+            }
+        }
+        panic!("redis-server did not start after {PORT_ATTEMPTS} attempts: {last_failure}");
+    }
+
+    /// The port it listens on (127.0.0.1).
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>`, without credentials.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A URL with credentials: `redis://user:password@127.0.0.1:<port>` (no user: the
+    /// `default` user).
+    #[must_use]
+    pub fn url_with_credentials(&self, user: Option<&str>, password: &str) -> String {
+        format!("redis://{}:{password}@127.0.0.1:{}", user.unwrap_or(""), self.port)
+    }
+
+    /// The server's pid while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.server.id())
+    }
+
+    /// Its data directory (AOF, cluster config, log).
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything the server logged so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = File::open(self.log_path()) {
+            let _ = file.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Kills the server (SIGKILL, by pid: a crash, not a shutdown) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(process) = self.process.take() {
+            process.stop();
+        }
+    }
+
+    /// Kills the server and starts it again on the same port with the same directory (so an
+    /// AOF is replayed); waits until it answers `PING`.
+    pub fn restart(&mut self) {
+        self.kill();
+        let mut last_failure = String::new();
+        for _ in 0..PORT_ATTEMPTS {
+            match self.spawn() {
+                Ok(()) => return,
+                Err(failure) => last_failure = failure,
+            }
+        }
+        panic!("redis-server did not restart on port {}: {last_failure}", self.port);
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    fn write_config(&self) -> Result<PathBuf, String> {
+        let dir = self.dir.path();
+        let mut conf = String::new();
+        let _ = writeln!(conf, "port {}", self.port);
+        let _ = writeln!(conf, "bind 127.0.0.1");
+        let _ = writeln!(conf, "dir {}", dir.display());
+        let _ = writeln!(conf, "save \"\"");
+        let _ = writeln!(conf, "daemonize no");
+        let _ = writeln!(conf, "logfile \"\"");
+        if self.config.durable {
+            let _ = writeln!(conf, "appendonly yes");
+            let _ = writeln!(conf, "appendfsync always");
+        } else {
+            let _ = writeln!(conf, "appendonly no");
+        }
+        if let Some(password) = &self.config.password {
+            let _ = writeln!(conf, "requirepass {password}");
+        }
+        for user in &self.config.acl_users {
+            let _ = writeln!(conf, "user {user}");
+        }
+        if self.config.cluster {
+            let _ = writeln!(conf, "cluster-enabled yes");
+            let _ = writeln!(conf, "cluster-config-file nodes.conf");
+            let _ = writeln!(conf, "cluster-node-timeout 5000");
+            let _ = writeln!(conf, "cluster-port {}", self.cluster_port);
+        }
+        for line in &self.config.directives {
+            let _ = writeln!(conf, "{line}");
+        }
+        let path = dir.join("redis.conf");
+        std::fs::write(&path, conf).map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Spawns the process and its watchdog and waits for `PING`; on failure everything
+    /// spawned is killed again and the reason returned.
+    fn spawn(&mut self) -> Result<(), String> {
+        let conf = self.write_config()?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(|err| format!("cannot open the server log: {err}"))?;
+        let log_err = log.try_clone().map_err(|err| format!("cannot open the server log: {err}"))?;
+        let server = Command::new(binary("redis-server"))
+            .arg(&conf)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|err| format!("cannot spawn redis-server: {err}"))?;
+        let mut process = Process::guard(server, self.dir.path())?;
+        match self.wait_until_ready(&mut process) {
+            Ok(()) => {
+                self.process = Some(process);
+                Ok(())
+            }
+            Err(failure) => {
+                process.stop();
+                Err(format!("{failure}\n--- redis-server log ---\n{}", self.log()))
+            }
+        }
+    }
+
+    fn wait_until_ready(&self, process: &mut Process) -> Result<(), String> {
+        let deadline = Instant::now() + START_BOUND;
+        let url = match &self.config.password {
+            Some(password) => self.url_with_credentials(None, password),
+            None => self.url(),
+        };
+        loop {
+            if let Ok(Some(status)) = process.server.try_wait() {
+                return Err(format!("redis-server on port {} exited with {status}", self.port));
+            }
+            let Err(last) = ping(&url) else { return Ok(()) };
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "redis-server on port {} did not answer PING within {START_BOUND:?}: {last}",
+                    self.port
+                ));
+            }
+            std::thread::sleep(POLL_PAUSE);
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- log of redis-server on port {} ({}) ---\n{}--- end of log ---",
+                self.port,
+                self.dir.path().display(),
+                self.log()
+            );
+        }
+        self.kill();
+    }
+}
+
+impl Process {
+    /// Starts the watchdog for `server`: `sh` blocks reading a pipe that only this process
+    /// writes to; at EOF (this process exited) it kills the server by pid and removes `dir`.
+    fn guard(mut server: Child, dir: &Path) -> Result<Self, String> {
+        let watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(r#"read _ignored; kill -9 "$1" 2>/dev/null; rm -rf "$2""#)
+            .arg("saga-redis-watchdog")
+            .arg(server.id().to_string())
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        match watchdog {
+            Ok(mut watchdog) => {
+                let lifeline = watchdog.stdin.take();
+                Ok(Process { server, watchdog, _lifeline: lifeline })
+            }
+            Err(err) => {
+                let _ = server.kill();
+                let _ = server.wait();
+                Err(format!("cannot spawn the watchdog shell: {err}"))
+            }
+        }
+    }
+
+    /// Kills the watchdog first (so it does not fire), then the server; reaps both.
+    fn stop(mut self) {
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// A local Redis Cluster of masters without replicas, started by this test process.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `masters` cluster-enabled servers, joins them with
+    /// `redis-cli --cluster create ... --cluster-replicas 0 --cluster-yes`, and waits until
+    /// every node reports `cluster_state:ok`.
+    #[must_use]
+    pub fn start(masters: usize) -> Self {
+        require_binary("redis-cli");
+        let nodes: Vec<RedisServer> =
+            (0..masters).map(|_| RedisServer::start(ServerConfig::new().cluster_node())).collect();
+        let cluster = RedisCluster { nodes };
+        let mut create = Command::new(binary("redis-cli"));
+        create.arg("--cluster").arg("create");
+        for node in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        let output = create
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run redis-cli --cluster create: {err}"));
+        if !output.status.success() {
+            panic!(
+                "redis-cli --cluster create failed ({}):\n{}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let deadline = Instant::now() + START_BOUND;
+        for node in &cluster.nodes {
+            loop {
+                let info = cluster_info(&node.url());
+                if info.as_deref().is_ok_and(|info| {
+                    info.contains("cluster_state:ok")
+                        && info.contains(&format!("cluster_known_nodes:{masters}"))
+                }) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster node on port {} did not reach cluster_state:ok within {START_BOUND:?}: {info:?}",
+                    node.port
+                );
+                std::thread::sleep(POLL_PAUSE);
+            }
+        }
+        cluster
+    }
+
+    /// The nodes' URLs (`redis://127.0.0.1:<port>`).
+    #[must_use]
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The nodes.
+    #[must_use]
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+}
+
+/// Where a shared standalone server is.
+#[derive(Debug)]
+pub enum SharedServer {
+    /// A server this process spawned (killed when the process exits).
+    Spawned(RedisServer),
+    /// A server named by `REDIS_URL`; tests must not restart or kill it.
+    External(String),
+}
+
+impl SharedServer {
+    /// Its URL.
+    #[must_use]
+    pub fn url(&self) -> String {
+        match self {
+            SharedServer::Spawned(server) => server.url(),
+            SharedServer::External(url) => url.clone(),
+        }
+    }
+}
+
+/// The standalone server shared by every test of this process: the one `REDIS_URL` names,
+/// or one spawned on first use.
+pub fn shared_server() -> &'static SharedServer {
+    static SERVER: OnceLock<SharedServer> = OnceLock::new();
+    SERVER.get_or_init(|| match std::env::var(REDIS_URL_ENV) {
+        Ok(url) if !url.is_empty() => SharedServer::External(url),
+        _ => SharedServer::Spawned(RedisServer::start(ServerConfig::new())),
+    })
+}
+
+/// Where a shared cluster is.
+#[derive(Debug)]
+pub enum SharedCluster {
+    /// A 3-master cluster this process spawned.
+    Spawned(RedisCluster),
+    /// Nodes named by `REDIS_CLUSTER_URLS`.
+    External(Vec<String>),
+}
+
+impl SharedCluster {
+    /// Its nodes' URLs.
+    #[must_use]
+    pub fn urls(&self) -> Vec<String> {
+        match self {
+            SharedCluster::Spawned(cluster) => cluster.urls(),
+            SharedCluster::External(urls) => urls.clone(),
+        }
+    }
+}
+
+/// The 3-master cluster shared by every test of this process: the one `REDIS_CLUSTER_URLS`
+/// names, or one spawned on first use. `None` (with the reason printed) when it cannot be had:
+/// `redis-server` is not installed and only `REDIS_URL` is set.
+pub fn shared_cluster() -> Option<&'static SharedCluster> {
+    static CLUSTER: OnceLock<Option<SharedCluster>> = OnceLock::new();
+    CLUSTER
+        .get_or_init(|| {
+            if let Ok(urls) = std::env::var(REDIS_CLUSTER_URLS_ENV) {
+                let urls: Vec<String> =
+                    urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
+                if !urls.is_empty() {
+                    return Some(SharedCluster::External(urls));
+                }
+            }
+            if !binary_available("redis-server") && std::env::var(REDIS_URL_ENV).is_ok() {
+                eprintln!(
+                    "skipping Redis Cluster tests: redis-server is not installed (REDIS_URL is set, but a cluster needs {REDIS_CLUSTER_URLS_ENV} or a local redis-server)"
+                );
+                return None;
+            }
+            Some(SharedCluster::Spawned(RedisCluster::start(3)))
+        })
+        .as_ref()
+}
+
+/// `true` when this process may spawn (and so restart and kill) its own servers: `REDIS_URL`
+/// is not set. Otherwise prints why `test` is skipped and returns `false`.
+#[must_use]
+pub fn can_spawn_servers(test: &str) -> bool {
+    if std::env::var(REDIS_URL_ENV).is_ok_and(|url| !url.is_empty()) {
+        eprintln!(
+            "skipping {test}: REDIS_URL is set, and this test must start, restart or kill its own redis-server"
+        );
+        return false;
+    }
+    true
+}
+
+/// A fresh key prefix for one test: `t<random>` (no braces, so it cannot break hash tags).
+#[must_use]
+pub fn unique_prefix(test: &str) -> String {
+    let clean: String = test.chars().filter(char::is_ascii_alphanumeric).take(24).collect();
+    format!("t-{clean}-{:016x}", random_u64())
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(Instant::now().elapsed().as_nanos());
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
+
+fn ping(url: &str) -> Result<(), String> {
+    let client = redis::Client::open(url).map_err(|err| err.to_string())?;
+    let mut connection =
+        client.get_connection_with_timeout(Duration::from_secs(1)).map_err(|err| err.to_string())?;
+    redis::cmd("PING").query::<String>(&mut connection).map(drop).map_err(|err| err.to_string())
+}
+
+fn cluster_info(url: &str) -> Result<String, String> {
+    let client = redis::Client::open(url).map_err(|err| err.to_string())?;
+    let mut connection =
+        client.get_connection_with_timeout(Duration::from_secs(1)).map_err(|err| err.to_string())?;
+    redis::cmd("CLUSTER").arg("INFO").query::<String>(&mut connection).map_err(|err| err.to_string())
+}
+
+/// A port that was free a moment ago (bound to port 0, then released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .unwrap_or_else(|err| panic!("cannot find a free loopback port: {err}"))
+}
+
+/// The program to run for `name`: `$REDIS_SERVER_BIN` / `$REDIS_CLI_BIN` when set.
+fn binary(name: &str) -> String {
+    let var = match name {
+        "redis-server" => "REDIS_SERVER_BIN",
+        _ => "REDIS_CLI_BIN",
+    };
+    std::env::var(var).unwrap_or_else(|_| name.to_owned())
+}
+
+fn binary_available(name: &str) -> bool {
+    Command::new(binary(name))
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+fn require_binary(name: &str) {
+    if !binary_available(name) {
+        panic!(
+            "`{name}` was not found on PATH: the Redis tests need a real Redis server. Install it with \
+             `apt-get install redis-server redis-tools` (or run `scripts/test.sh`, which installs it), \
+             or point REDIS_URL at a running server."
+        );
+    }
+}

@@ -1,0 +1,16 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+
+mod builder;
+mod check;
+mod connection;
+mod error;
+mod keys;
+mod scripts;
+mod store;
+
+pub use builder::{DEFAULT_PARTITIONS, DEFAULT_PREFIX, MAX_PARTITIONS, RedisStoreBuilder, ReplicaWait};
+pub use check::{ServerFinding, ServerIssue};
+pub use error::ConnectError;
+pub use keys::KeyLayout;
+pub use store::RedisStore;

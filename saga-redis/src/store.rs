@@ -1,0 +1,834 @@
+//! [`RedisStore`]: the [`SagaStore`] implementation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::future::join_all;
+use redis::{ScriptInvocation, Value};
+use saga_core::store::{
+    CancelOutcome, ClaimOutcome, ClaimRequest, CommitOutcome, CreateOutcome, GuardClaim, Lease,
+    LeaseInfo, ListPage, ListQuery, NewSaga, SagaSummary, Schedule, StoredSaga, Transition,
+};
+use saga_core::{SagaId, SagaStatus, SagaStore, StoreError, Timestamp};
+use uuid::Uuid;
+
+use crate::builder::{RedisStoreBuilder, ReplicaWait};
+use crate::check::{ServerFinding, findings_for};
+use crate::connection::Connection;
+use crate::error::{Reply, redis_error, unexpected};
+use crate::keys::KeyLayout;
+use crate::scripts::SCRIPTS;
+
+/// The longest duration sent to a script, in milliseconds (about 3000 years): longer ones are
+/// clamped, so that `now + duration` stays an exact integer in Lua.
+const MAX_DURATION_MS: u64 = 99_999_999_999_999;
+
+/// The largest page a listing returns.
+const MAX_PAGE: usize = 1000;
+
+/// Ids one `list.lua` call examines at most (bounds the script's run time).
+const LIST_BUDGET: usize = 2000;
+
+/// How many rounds `claim_due` makes when candidates were lost to other workers or set aside.
+const CLAIM_ROUNDS: usize = 4;
+
+/// The Redis store. Cheap to clone: clones share one connection.
+///
+/// Build it with [`RedisStore::builder`]; see the [crate docs](crate) for the guarantees,
+/// the key layout and the scripts.
+#[derive(Clone, Debug)]
+pub struct RedisStore {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) conn: Connection,
+    pub(crate) keys: KeyLayout,
+    pub(crate) max_payload: usize,
+    pub(crate) replica_wait: Option<ReplicaWait>,
+    /// The standalone server's address (for findings).
+    pub(crate) node_name: String,
+    pub(crate) findings: Vec<ServerFinding>,
+}
+
+fn ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).min(MAX_DURATION_MS)
+}
+
+fn nil_id() -> SagaId {
+    SagaId(Uuid::nil())
+}
+
+impl RedisStore {
+    /// A builder with the defaults: key prefix `saga`, 16 partitions, 4 MiB payloads, no
+    /// replica wait.
+    pub fn builder() -> RedisStoreBuilder {
+        RedisStoreBuilder::default()
+    }
+
+    /// The key layout (for operators and tests that inspect raw data).
+    #[must_use]
+    pub fn keys(&self) -> &KeyLayout {
+        &self.inner.keys
+    }
+
+    /// The largest state, event or idempotency result this store accepts, in bytes.
+    #[must_use]
+    pub fn max_payload(&self) -> usize {
+        self.inner.max_payload
+    }
+
+    /// What [`check_server`](Self::check_server) found when the store connected.
+    #[must_use]
+    pub fn server_findings(&self) -> &[ServerFinding] {
+        &self.inner.findings
+    }
+
+    /// Reads `appendonly`, `appendfsync` and `maxmemory-policy` with `CONFIG GET` on the
+    /// server (in a cluster: on every primary) and returns what weakens the guarantees: AOF
+    /// off, `appendfsync` other than `always` (`everysec` can lose up to 1 s of acknowledged
+    /// writes on a crash), an eviction policy other than `noeviction`, or settings that could
+    /// not be read (`CONFIG` not permitted). Each finding is also logged with
+    /// `tracing::warn!`. Never fails: the store works without these settings, with weaker
+    /// guarantees.
+    pub async fn check_server(&self) -> Vec<ServerFinding> {
+        let mut conn = self.inner.conn.clone();
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg("appendonly").arg("appendfsync").arg("maxmemory-policy");
+        let replies = conn.on_every_primary(&self.inner.node_name, cmd).await;
+        let mut findings = Vec::new();
+        for (node, reply) in replies {
+            findings.extend(findings_for(&node, reply));
+        }
+        for finding in &findings {
+            tracing::warn!(node = %finding.node, issue = ?finding.issue, "{finding}");
+        }
+        findings
+    }
+
+    fn check_size(&self, what: &str, value: &str) -> Result<(), StoreError> {
+        if value.len() > self.inner.max_payload {
+            return Err(StoreError::TooLarge {
+                what: what.to_owned(),
+                size: value.len(),
+                limit: self.inner.max_payload,
+            });
+        }
+        Ok(())
+    }
+
+    async fn invoke(
+        &self,
+        op: &'static str,
+        saga: Option<SagaId>,
+        invocation: ScriptInvocation<'_>,
+    ) -> Result<(String, Reply), StoreError> {
+        let mut conn = self.inner.conn.clone();
+        let value: Value =
+            invocation.invoke_async(&mut conn).await.map_err(|err| redis_error(op, saga, err))?;
+        Reply::parse(op, value)
+    }
+
+    /// With a replica wait configured: `WAIT` on the node that holds `key`, and fail when
+    /// too few replicas acknowledged.
+    async fn replicate(&self, op: &str, key: &str) -> Result<(), StoreError> {
+        let Some(wait) = self.inner.replica_wait else { return Ok(()) };
+        let mut conn = self.inner.conn.clone();
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(wait.replicas).arg(ms(wait.timeout));
+        let acked = conn.on_node_of(key, cmd).await.map_err(|err| redis_error(op, None, err))?;
+        let acked: u64 = redis::from_redis_value(acked)
+            .map_err(|err| unexpected(op, &format!("WAIT answered {err}")))?;
+        if acked < u64::from(wait.replicas) {
+            return Err(StoreError::Unavailable {
+                message: format!(
+                    "{op}: the write was acknowledged by {acked} of {} replicas within {:?}; it is applied on the primary but may be lost on failover (retrying is safe)",
+                    wait.replicas, wait.timeout
+                ),
+                source: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// The `ZRANGEBYSCORE` head of each partition's due set: (due ms, id, partition).
+    async fn due_candidates(&self, per_partition: usize) -> Result<Vec<(u64, String, u16)>, StoreError> {
+        let keys = &self.inner.keys;
+        let peeks = (0..keys.partitions()).map(|p| {
+            let mut conn = self.inner.conn.clone();
+            let key = keys.due(p);
+            async move {
+                let value: Value = redis::cmd("ZRANGEBYSCORE")
+                    .arg(&key)
+                    .arg("-inf")
+                    .arg("+inf")
+                    .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(per_partition)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|err| redis_error("claim_due", None, err))?;
+                let flat = flatten(value);
+                let mut out = Vec::with_capacity(flat.len() / 2);
+                for pair in flat.chunks_exact(2) {
+                    let score = pair[1].parse::<f64>().map_err(|_| {
+                        unexpected("claim_due", &format!("due score {:?} in {key}", pair[1]))
+                    })?;
+                    // Scores are whole milliseconds; the saturating cast keeps garbage finite.
+                    out.push((score.max(0.0) as u64, pair[0].clone(), p));
+                }
+                Ok::<_, StoreError>(out)
+            }
+        });
+        let mut all = Vec::new();
+        for result in join_all(peeks).await {
+            all.extend(result?);
+        }
+        Ok(all)
+    }
+
+    /// One round of `claim_due`: claims from the oldest `limit` candidates. Returns the
+    /// leases (oldest due first) and whether another round may find more.
+    async fn claim_due_round(
+        &self,
+        request: &ClaimRequest,
+        limit: usize,
+    ) -> Result<(Vec<Lease>, bool), StoreError> {
+        let mut candidates = self.due_candidates(limit).await?;
+        candidates.sort();
+        candidates.truncate(limit);
+        if candidates.is_empty() {
+            return Ok((Vec::new(), false));
+        }
+        let order: HashMap<String, usize> =
+            candidates.iter().enumerate().map(|(i, (_, id, _))| (id.clone(), i)).collect();
+        let mut by_partition: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        for (_, id, p) in &candidates {
+            by_partition.entry(*p).or_default().push(id.clone());
+        }
+        let keys = &self.inner.keys;
+        let ttl = ms(request.ttl);
+        let claims = by_partition.into_iter().map(|(p, ids)| async move {
+            let due = keys.due(p);
+            let mut invocation = SCRIPTS.claim_due.prepare_invoke();
+            invocation
+                .key(&due)
+                .key(keys.quarantine(p))
+                .arg(keys.partition_base(p))
+                .arg(&request.owner)
+                .arg(ttl)
+                .arg(self.inner.max_payload);
+            for id in &ids {
+                invocation.arg(id);
+            }
+            let (code, mut reply) = self.invoke("claim_due", None, invocation).await?;
+            if code != "ok" {
+                return Err(reply.into_error(&code, nil_id(), 0));
+            }
+            let now = reply.uint()?;
+            let mut leases = Vec::new();
+            for _ in 0..reply.count()? {
+                let id = reply.string()?;
+                let fence = reply.uint()?;
+                let saga_id = id.parse().map_err(|_| unexpected("claim_due", &format!("saga id {id:?}")))?;
+                leases.push((id, Lease { saga_id, owner: request.owner.clone(), fence }));
+            }
+            let mut set_aside = 0;
+            for _ in 0..reply.count()? {
+                let id = reply.string()?;
+                let reason = reply.string()?;
+                set_aside += 1;
+                tracing::warn!(saga_id = %id, partition = p, %reason, "quarantined a corrupt saga found by claim_due");
+            }
+            if !leases.is_empty() || set_aside > 0 {
+                self.replicate("claim_due", &due).await?;
+            }
+            Ok::<_, StoreError>((now, ids.len(), leases))
+        });
+        let mut leases = Vec::new();
+        let mut lost = false;
+        let mut now = 0;
+        for result in join_all(claims).await {
+            let (server_now, asked, claimed) = result?;
+            now = now.max(server_now);
+            lost |= claimed.len() < asked;
+            leases.extend(claimed);
+        }
+        leases.sort_by_key(|(id, _)| order.get(id).copied().unwrap_or(usize::MAX));
+        // Another round may help only when candidates that were due got away (claimed by
+        // another worker, set aside, or left over): if the newest candidate was not due yet,
+        // nothing newer is.
+        let all_were_due = candidates.iter().all(|(score, _, _)| *score <= now);
+        Ok((leases.into_iter().map(|(_, lease)| lease).collect(), lost && all_were_due))
+    }
+
+    /// Lists one partition: up to `want` matching rows after `after`, in id order.
+    async fn list_partition(
+        &self,
+        p: u16,
+        query: &ListQuery,
+        want: usize,
+    ) -> Result<Vec<SagaSummary>, StoreError> {
+        let keys = &self.inner.keys;
+        let index = match (&query.status, &query.saga_type) {
+            (Some(status), _) => keys.status(p, *status),
+            (None, Some(saga_type)) => keys.type_index(p, saga_type),
+            (None, None) => keys.ids(p),
+        };
+        let status = query.status.map_or("", SagaStatus::as_str);
+        let saga_type = query.saga_type.as_deref().unwrap_or("");
+        let mut cursor = query.after.map(|id| id.to_string()).unwrap_or_default();
+        let mut rows = Vec::new();
+        loop {
+            let mut invocation = SCRIPTS.list.prepare_invoke();
+            invocation
+                .key(&index)
+                .key(keys.quarantine(p))
+                .arg(keys.partition_base(p))
+                .arg(&cursor)
+                .arg(want - rows.len())
+                .arg(LIST_BUDGET)
+                .arg(status)
+                .arg(saga_type);
+            let (code, mut reply) = self.invoke("list", None, invocation).await?;
+            if code != "ok" {
+                return Err(reply.into_error(&code, nil_id(), 0));
+            }
+            let exhausted = reply.flag()?;
+            let last = reply.string()?;
+            let count = reply.count()?;
+            let mut page = Vec::with_capacity(count);
+            for _ in 0..count {
+                let id_text = reply.string()?;
+                let id: SagaId = id_text
+                    .parse()
+                    .map_err(|_| unexpected("list", &format!("saga id {id_text:?} in {index}")))?;
+                let saga_type = reply.string()?;
+                let status = reply.status(id)?;
+                let updated = reply.string()?;
+                let updated_at = updated.parse().map(Timestamp).map_err(|_| StoreError::Corrupt {
+                    saga: id,
+                    problem: format!("field updated_at is {updated:?}, expected milliseconds"),
+                })?;
+                let reason = reply.string()?;
+                page.push((SagaSummary { id, saga_type, status, updated_at, quarantined: None }, reason));
+            }
+            for (row, reason) in page {
+                let quarantined = reply.flag()?;
+                rows.push(SagaSummary { quarantined: quarantined.then_some(reason), ..row });
+            }
+            if exhausted || rows.len() >= want || last.is_empty() {
+                return Ok(rows);
+            }
+            cursor = last;
+        }
+    }
+}
+
+/// A flat array of strings (RESP2 `WITHSCORES`), or nested pairs (RESP3), as strings.
+fn flatten(value: Value) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(value: Value, out: &mut Vec<String>) {
+        match value {
+            Value::Array(items) | Value::Set(items) => items.into_iter().for_each(|item| walk(item, out)),
+            Value::BulkString(bytes) => out.push(String::from_utf8_lossy(&bytes).into_owned()),
+            Value::SimpleString(text) => out.push(text),
+            Value::Int(n) => out.push(n.to_string()),
+            Value::Double(x) => out.push(x.to_string()),
+            _ => {}
+        }
+    }
+    walk(value, &mut out);
+    out
+}
+
+#[async_trait]
+impl SagaStore for RedisStore {
+    async fn create(&self, new: NewSaga) -> Result<CreateOutcome, StoreError> {
+        self.check_size("saga state", &new.state)?;
+        for event in &new.events {
+            self.check_size("event", event)?;
+        }
+        if new.events.is_empty() {
+            return Err(StoreError::Invalid("a new saga needs at least its SagaStarted event".into()));
+        }
+        let keys = &self.inner.keys;
+        let id = new.id;
+        let p = keys.partition_of(id);
+        let saga_key = keys.saga(id);
+        let mut invocation = SCRIPTS.create.prepare_invoke();
+        invocation
+            .key(&saga_key)
+            .key(keys.events(id))
+            .key(keys.due(p))
+            .key(keys.ids(p))
+            .key(keys.status(p, SagaStatus::Running))
+            .key(keys.type_index(p, &new.saga_type))
+            .arg(id.to_string())
+            .arg(&new.saga_type)
+            .arg(KeyLayout::type_key(&new.saga_type).to_string())
+            .arg(&new.fingerprint)
+            .arg(new.idempotency_key.as_deref().unwrap_or(""))
+            .arg(&new.state)
+            .arg(self.inner.max_payload)
+            .arg(new.claim.as_ref().map_or("", |claim| claim.owner.as_str()))
+            .arg(new.claim.as_ref().map_or(0, |claim| ms(claim.ttl)))
+            .arg(new.events.len());
+        for event in &new.events {
+            invocation.arg(event);
+        }
+        let (code, mut reply) = self.invoke("create", Some(id), invocation).await?;
+        match code.as_str() {
+            "created" => {
+                let fence = reply.uint()?;
+                self.replicate("create", &saga_key).await?;
+                let lease = new.claim.map(|claim| Lease { saga_id: id, owner: claim.owner, fence });
+                Ok(CreateOutcome::Created { lease })
+            }
+            "existing" => Ok(CreateOutcome::Existing { status: reply.status(id)? }),
+            "conflict" => Err(StoreError::IdempotencyConflict { saga: id }),
+            _ => Err(reply.into_error(&code, id, 0)),
+        }
+    }
+
+    async fn load(&self, id: SagaId) -> Result<Option<StoredSaga>, StoreError> {
+        let keys = &self.inner.keys;
+        let p = keys.partition_of(id);
+        let mut invocation = SCRIPTS.load.prepare_invoke();
+        invocation.key(keys.saga(id)).key(keys.due(p)).key(keys.quarantine(p)).arg(id.to_string());
+        let (code, mut reply) = self.invoke("load", Some(id), invocation).await?;
+        match code.as_str() {
+            "ok" => {}
+            "not_found" => return Ok(None),
+            "corrupt" => {
+                let problem = reply.string()?;
+                let quarantined = reply.flag()?;
+                let reason = reply.string()?;
+                let problem = if quarantined {
+                    format!("{problem} (quarantined: {reason})")
+                } else {
+                    problem
+                };
+                return Err(StoreError::Corrupt { saga: id, problem });
+            }
+            _ => return Err(reply.into_error(&code, id, 0)),
+        }
+        let now = reply.uint()?;
+        let due = reply.string()?;
+        let quarantined = reply.flag()?;
+        let reason = reply.string()?;
+        let mut fields: HashMap<String, String> = HashMap::new();
+        let rest = reply.rest()?;
+        for pair in rest.chunks_exact(2) {
+            fields.insert(pair[0].clone(), pair[1].clone());
+        }
+        decode_saga(id, now, &due, quarantined.then_some(reason), fields).map(Some)
+    }
+
+    async fn events(&self, id: SagaId) -> Result<Vec<String>, StoreError> {
+        let keys = &self.inner.keys;
+        let mut invocation = SCRIPTS.events.prepare_invoke();
+        invocation.key(keys.saga(id)).key(keys.events(id));
+        let (code, mut reply) = self.invoke("events", Some(id), invocation).await?;
+        match code.as_str() {
+            "ok" => reply.rest(),
+            _ => Err(reply.into_error(&code, id, 0)),
+        }
+    }
+
+    async fn claim(&self, id: SagaId, request: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        let keys = &self.inner.keys;
+        let p = keys.partition_of(id);
+        let saga_key = keys.saga(id);
+        let mut invocation = SCRIPTS.claim.prepare_invoke();
+        invocation
+            .key(&saga_key)
+            .key(keys.due(p))
+            .key(keys.quarantine(p))
+            .arg(id.to_string())
+            .arg(&request.owner)
+            .arg(ms(request.ttl))
+            .arg(self.inner.max_payload);
+        let (code, mut reply) = self.invoke("claim", Some(id), invocation).await?;
+        match code.as_str() {
+            "claimed" => {
+                let fence = reply.uint()?;
+                self.replicate("claim", &saga_key).await?;
+                Ok(ClaimOutcome::Claimed(Lease { saga_id: id, owner: request.owner.clone(), fence }))
+            }
+            "busy" => {
+                let owner = reply.string()?;
+                let expires_at = Timestamp(reply.uint()?);
+                Ok(ClaimOutcome::Busy(LeaseInfo { owner, expires_at }))
+            }
+            "not_runnable" => {
+                let status = reply.status(id)?;
+                let quarantined = reply.flag()?;
+                let reason = reply.string()?;
+                Ok(ClaimOutcome::NotRunnable { status, quarantined: quarantined.then_some(reason) })
+            }
+            _ => Err(reply.into_error(&code, id, 0)),
+        }
+    }
+
+    async fn claim_due(&self, request: &ClaimRequest, limit: usize) -> Result<Vec<Lease>, StoreError> {
+        let mut leases = Vec::new();
+        for _ in 0..CLAIM_ROUNDS {
+            if leases.len() >= limit {
+                break;
+            }
+            let (claimed, more) = self.claim_due_round(request, limit - leases.len()).await?;
+            leases.extend(claimed);
+            if !more {
+                break;
+            }
+        }
+        Ok(leases)
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<CommitOutcome, StoreError> {
+        let keys = &self.inner.keys;
+        let id = lease.saga_id;
+        let p = keys.partition_of(id);
+        let saga_key = keys.saga(id);
+        let mut invocation = SCRIPTS.renew.prepare_invoke();
+        invocation
+            .key(&saga_key)
+            .key(keys.due(p))
+            .key(keys.quarantine(p))
+            .arg(id.to_string())
+            .arg(&lease.owner)
+            .arg(lease.fence)
+            .arg(ms(ttl))
+            .arg(self.inner.max_payload);
+        let (code, mut reply) = self.invoke("renew", Some(id), invocation).await?;
+        match code.as_str() {
+            "ok" => {
+                let cancel_requested = reply.flag()?;
+                self.replicate("renew", &saga_key).await?;
+                Ok(CommitOutcome { cancel_requested })
+            }
+            _ => Err(reply.into_error(&code, id, lease.fence)),
+        }
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
+        let keys = &self.inner.keys;
+        let id = lease.saga_id;
+        let p = keys.partition_of(id);
+        let saga_key = keys.saga(id);
+        let mut invocation = SCRIPTS.release.prepare_invoke();
+        invocation
+            .key(&saga_key)
+            .key(keys.due(p))
+            .key(keys.quarantine(p))
+            .arg(id.to_string())
+            .arg(lease.fence);
+        let (code, reply) = self.invoke("release", Some(id), invocation).await?;
+        match code.as_str() {
+            "ok" => self.replicate("release", &saga_key).await,
+            _ => Err(reply.into_error(&code, id, lease.fence)),
+        }
+    }
+
+    async fn commit(&self, lease: &Lease, transition: Transition) -> Result<CommitOutcome, StoreError> {
+        self.check_size("saga state", &transition.state)?;
+        for event in &transition.events {
+            self.check_size("event", event)?;
+        }
+        let (schedule, span) = match transition.schedule {
+            Schedule::Continue { ttl } => ("continue", ms(ttl)),
+            Schedule::WakeAfter(delay) => ("wake", ms(delay)),
+            Schedule::Finished => ("finished", 0),
+            other => return Err(StoreError::Invalid(format!("schedule {other:?} is not supported by saga-redis"))),
+        };
+        if transition.status.is_terminal() != (schedule == "finished") {
+            return Err(StoreError::Invalid(format!(
+                "status {} does not go with schedule {:?}",
+                transition.status, transition.schedule
+            )));
+        }
+        let keys = &self.inner.keys;
+        let id = lease.saga_id;
+        let p = keys.partition_of(id);
+        let saga_key = keys.saga(id);
+        let mut invocation = SCRIPTS.commit.prepare_invoke();
+        invocation
+            .key(&saga_key)
+            .key(keys.events(id))
+            .key(keys.due(p))
+            .key(keys.quarantine(p))
+            .key(keys.terminal(p));
+        for status_key in keys.statuses(p) {
+            invocation.key(status_key);
+        }
+        invocation
+            .arg(id.to_string())
+            .arg(&lease.owner)
+            .arg(lease.fence)
+            .arg(&transition.commit_id)
+            .arg(transition.status.as_str())
+            .arg(schedule)
+            .arg(span)
+            .arg(self.inner.max_payload)
+            .arg(&transition.state)
+            .arg(transition.events.len());
+        for event in &transition.events {
+            invocation.arg(event);
+        }
+        let (code, mut reply) = self.invoke("commit", Some(id), invocation).await?;
+        match code.as_str() {
+            "ok" => {
+                let cancel_requested = reply.flag()?;
+                self.replicate("commit", &saga_key).await?;
+                Ok(CommitOutcome { cancel_requested })
+            }
+            _ => Err(reply.into_error(&code, id, lease.fence)),
+        }
+    }
+
+    async fn request_cancel(&self, id: SagaId, event: String) -> Result<CancelOutcome, StoreError> {
+        self.check_size("event", &event)?;
+        let keys = &self.inner.keys;
+        let p = keys.partition_of(id);
+        let saga_key = keys.saga(id);
+        let mut invocation = SCRIPTS.request_cancel.prepare_invoke();
+        invocation
+            .key(&saga_key)
+            .key(keys.events(id))
+            .key(keys.due(p))
+            .key(keys.quarantine(p))
+            .arg(id.to_string())
+            .arg(&event)
+            .arg(self.inner.max_payload);
+        let (code, mut reply) = self.invoke("request_cancel", Some(id), invocation).await?;
+        match code.as_str() {
+            "requested" => {
+                if reply.flag()? {
+                    self.replicate("request_cancel", &saga_key).await?;
+                }
+                Ok(CancelOutcome::Requested)
+            }
+            "finished" => Ok(CancelOutcome::AlreadyFinished(reply.status(id)?)),
+            _ => Err(reply.into_error(&code, id, 0)),
+        }
+    }
+
+    async fn quarantine(&self, id: SagaId, reason: &str) -> Result<(), StoreError> {
+        self.check_size("quarantine reason", reason)?;
+        let keys = &self.inner.keys;
+        let p = keys.partition_of(id);
+        let saga_key = keys.saga(id);
+        let mut invocation = SCRIPTS.quarantine.prepare_invoke();
+        invocation
+            .key(&saga_key)
+            .key(keys.due(p))
+            .key(keys.quarantine(p))
+            .key(keys.terminal(p))
+            .arg(id.to_string())
+            .arg(reason)
+            .arg(self.inner.max_payload);
+        let (code, reply) = self.invoke("quarantine", Some(id), invocation).await?;
+        match code.as_str() {
+            "ok" => self.replicate("quarantine", &saga_key).await,
+            _ => Err(reply.into_error(&code, id, 0)),
+        }
+    }
+
+    async fn guard_claim(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        in_progress_ttl: Duration,
+    ) -> Result<GuardClaim, StoreError> {
+        self.check_size("idempotency key", key)?;
+        self.check_size("fingerprint", fingerprint)?;
+        let guard_key = self.inner.keys.guard(key);
+        let token = Uuid::new_v4().to_string();
+        let mut invocation = SCRIPTS.guard_claim.prepare_invoke();
+        invocation
+            .key(&guard_key)
+            .arg(fingerprint)
+            .arg(&token)
+            .arg(ms(in_progress_ttl))
+            .arg(self.inner.max_payload);
+        let (code, mut reply) = self.invoke("guard_claim", None, invocation).await?;
+        match code.as_str() {
+            "claimed" => {
+                self.replicate("guard_claim", &guard_key).await?;
+                Ok(GuardClaim::Claimed { token })
+            }
+            "completed" => Ok(GuardClaim::Completed { result: reply.string()? }),
+            "in_progress" => Ok(GuardClaim::InProgress),
+            "conflict" => Ok(GuardClaim::Conflict),
+            _ => Err(reply.into_error(&code, nil_id(), 0)),
+        }
+    }
+
+    async fn guard_complete(&self, key: &str, token: &str, result: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.check_size("idempotency result", result)?;
+        let guard_key = self.inner.keys.guard(key);
+        let mut invocation = SCRIPTS.guard_complete.prepare_invoke();
+        invocation
+            .key(&guard_key)
+            .arg(token)
+            .arg(result)
+            .arg(ms(ttl))
+            .arg(self.inner.max_payload);
+        let (code, reply) = self.invoke("guard_complete", None, invocation).await?;
+        match code.as_str() {
+            "ok" => self.replicate("guard_complete", &guard_key).await,
+            "lost" => Err(StoreError::Invalid(format!(
+                "idempotency key {key}: the claim expired and was taken over before the result was recorded"
+            ))),
+            _ => Err(reply.into_error(&code, nil_id(), 0)),
+        }
+    }
+
+    async fn guard_release(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        let guard_key = self.inner.keys.guard(key);
+        let mut invocation = SCRIPTS.guard_release.prepare_invoke();
+        invocation.key(&guard_key).arg(token);
+        let (code, mut reply) = self.invoke("guard_release", None, invocation).await?;
+        match code.as_str() {
+            "ok" => {
+                if reply.flag()? {
+                    self.replicate("guard_release", &guard_key).await?;
+                }
+                Ok(())
+            }
+            _ => Err(reply.into_error(&code, nil_id(), 0)),
+        }
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
+        let limit = query.limit.clamp(1, MAX_PAGE);
+        let want = limit + 1;
+        let partitions = (0..self.inner.keys.partitions()).map(|p| self.list_partition(p, query, want));
+        let mut rows = Vec::new();
+        for result in join_all(partitions).await {
+            rows.extend(result?);
+        }
+        rows.sort_by_key(|row| row.id);
+        let next = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last().map(|row| row.id)
+        } else {
+            None
+        };
+        Ok(ListPage { sagas: rows, next })
+    }
+
+    async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>, StoreError> {
+        let keys = &self.inner.keys;
+        let counts = (0..keys.partitions()).map(|p| {
+            let mut conn = self.inner.conn.clone();
+            async move {
+                let mut pipe = redis::pipe();
+                for key in keys.statuses(p) {
+                    pipe.cmd("ZCARD").arg(key);
+                }
+                pipe.query_async::<Vec<u64>>(&mut conn).await.map_err(|err| redis_error("count_by_status", None, err))
+            }
+        });
+        let mut totals: BTreeMap<SagaStatus, u64> = SagaStatus::ALL.into_iter().map(|s| (s, 0)).collect();
+        for result in join_all(counts).await {
+            for (status, n) in SagaStatus::ALL.into_iter().zip(result?) {
+                *totals.entry(status).or_default() += n;
+            }
+        }
+        Ok(totals)
+    }
+
+    async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64, StoreError> {
+        let keys = &self.inner.keys;
+        let mut deleted: u64 = 0;
+        for p in 0..keys.partitions() {
+            let remaining = u64::try_from(limit).unwrap_or(u64::MAX).saturating_sub(deleted);
+            if remaining == 0 {
+                break;
+            }
+            let terminal = keys.terminal(p);
+            let mut invocation = SCRIPTS.purge.prepare_invoke();
+            invocation.key(&terminal).key(keys.ids(p)).key(keys.due(p)).key(keys.quarantine(p));
+            for status_key in keys.statuses(p) {
+                invocation.key(status_key);
+            }
+            invocation.arg(keys.partition_base(p)).arg(ms(older_than)).arg(remaining);
+            let (code, mut reply) = self.invoke("purge", None, invocation).await?;
+            if code != "ok" {
+                return Err(reply.into_error(&code, nil_id(), 0));
+            }
+            let n = reply.uint()?;
+            if n > 0 {
+                self.replicate("purge", &terminal).await?;
+            }
+            deleted += n;
+        }
+        Ok(deleted)
+    }
+}
+
+/// Builds a [`StoredSaga`] from the fields of its hash; a missing or malformed field is
+/// [`StoreError::Corrupt`] naming it.
+fn decode_saga(
+    id: SagaId,
+    now: u64,
+    due: &str,
+    quarantined: Option<String>,
+    mut fields: HashMap<String, String>,
+) -> Result<StoredSaga, StoreError> {
+    let corrupt = |problem: String| StoreError::Corrupt { saga: id, problem };
+    let mut take = |name: &str| {
+        fields.remove(name).ok_or_else(|| corrupt(format!("field {name} is missing from the saga hash")))
+    };
+    let number = |name: &str, text: &str| {
+        text.parse::<u64>()
+            .map_err(|_| corrupt(format!("field {name} is {text:?}, expected a non-negative integer")))
+    };
+    let saga_type = take("type")?;
+    let status_text = take("status")?;
+    let status: SagaStatus =
+        status_text.parse().map_err(|err| corrupt(format!("field status: {err}")))?;
+    let state = take("state")?;
+    let fingerprint = take("fingerprint")?;
+    let cancel = take("cancel")?;
+    let cancel_requested = match cancel.as_str() {
+        "0" => false,
+        "1" => true,
+        other => return Err(corrupt(format!("field cancel is {other:?}, expected 0 or 1"))),
+    };
+    let fence = number("fence", &take("fence")?)?;
+    let updated_at = Timestamp(number("updated_at", &take("updated_at")?)?);
+    let lease = match (fields.remove("owner"), fields.remove("lease_until")) {
+        (Some(owner), Some(until)) => {
+            let expires_at = number("lease_until", &until)?;
+            (expires_at > now).then_some(LeaseInfo { owner, expires_at: Timestamp(expires_at) })
+        }
+        _ => None,
+    };
+    let due_at = if due.is_empty() {
+        None
+    } else {
+        let score: f64 = due.parse().map_err(|_| corrupt(format!("due time {due:?} is not a number")))?;
+        // Whole milliseconds by construction.
+        Some(Timestamp(score.max(0.0) as u64))
+    };
+    Ok(StoredSaga {
+        id,
+        saga_type,
+        status,
+        state,
+        fingerprint,
+        cancel_requested,
+        fence,
+        lease,
+        due_at,
+        quarantined,
+        updated_at,
+    })
+}
