@@ -88,6 +88,11 @@ impl fmt::Display for ErrorClass {
 }
 
 /// Tells the engine whether an error is transient or permanent.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` does not say whether it is transient or permanent",
+    label = "needs `saga_core::Classify`",
+    note = "derive it with `#[derive(saga_core::Classify)]` and mark each variant `#[classify(transient)]`, `#[classify(permanent)]` or `#[classify(delegate)]`, or implement `Classify` by hand"
+)]
 pub trait Classify {
     /// The class of this error.
     fn classify(&self) -> ErrorClass;

@@ -87,6 +87,13 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The default policy of compensations, which must eventually succeed: 10 attempts,
+    /// 100 ms doubling up to 30 s, full jitter.
+    #[must_use]
+    pub fn compensation_default() -> Self {
+        Self::default().with_max_attempts(10).with_max_delay(Duration::from_secs(30))
+    }
+
     /// A policy that tries once and never retries.
     #[must_use]
     pub fn no_retry() -> Self {
@@ -164,6 +171,24 @@ impl RetryPolicy {
     #[must_use]
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts
+    }
+
+    /// The delay after the first failure.
+    #[must_use]
+    pub fn initial_delay(&self) -> Duration {
+        self.initial_delay
+    }
+
+    /// The growth factor between delays.
+    #[must_use]
+    pub fn multiplier(&self) -> f32 {
+        self.multiplier
+    }
+
+    /// The cap on any single delay.
+    #[must_use]
+    pub fn max_delay(&self) -> Duration {
+        self.max_delay
     }
 
     /// The jitter mode.

@@ -128,9 +128,10 @@ pub trait Step: Send + Sync + 'static {
     }
 
     /// The compensation retry policy. Compensations must eventually succeed, so the default
-    /// tries harder than the forward default: 10 attempts, up to 30 s apart.
+    /// ([`RetryPolicy::compensation_default`]) tries harder than the forward default: 10
+    /// attempts, up to 30 s apart.
     fn compensation_retry_policy(&self) -> RetryPolicy {
-        RetryPolicy::default().with_max_attempts(10).with_max_delay(Duration::from_secs(30))
+        RetryPolicy::compensation_default()
     }
 
     /// The per-attempt timeout (`None`: no timeout). An attempt that runs past it is

@@ -301,7 +301,9 @@ fn parse_retry(
         "jitter",
         "max_elapsed",
     ];
+    let mut any_key = false;
     meta.parse_nested_meta(|inner| {
+        any_key = true;
         let key = path_key(&inner.path);
         if !known.contains(&key.as_str()) {
             let what = format!("`{option}` key");
@@ -347,7 +349,7 @@ fn parse_retry(
         }
         Ok(())
     })?;
-    if seen.is_empty() {
+    if !any_key {
         errors.push(syn::Error::new_spanned(
             &meta.path,
             format!("`{option}()` sets nothing; give at least one of: {RETRY_KEYS}"),

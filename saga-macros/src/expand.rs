@@ -187,11 +187,7 @@ fn step_type(
 
     let compensation_retry_policy = args.compensate_retry.as_ref().map(|retry| {
         // The trait's default compensation policy, with the given keys applied on top.
-        let base = quote! {
-            <#p::RetryPolicy as #p::Default>::default()
-                .with_max_attempts(10)
-                .with_max_delay(#p::Duration::from_secs(30))
-        };
+        let base = quote! { #p::RetryPolicy::compensation_default() };
         let policy = policy_tokens(&base, retry);
         quote! {
             fn compensation_retry_policy(&self) -> #p::RetryPolicy {

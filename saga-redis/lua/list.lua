@@ -7,7 +7,8 @@
 -- Key names: the saga hashes are NOT in KEYS; the script builds them from the partition's
 -- key base (ARGV[1]) and each id. They share the partition's hash tag, so they are in the
 -- same slot as KEYS by construction (Redis Cluster safe); the script checks that KEYS start
--- with that base. Ids whose saga key is not a hash (corrupt) are skipped.
+-- with that base. Ids whose saga is corrupt (key not a hash, type, status or updated_at
+-- missing or malformed) are skipped: one bad saga never breaks a listing.
 --
 -- KEYS[1]  index zset         <prefix>:{pNN}:ids | :status:<status> | :type:<type key>
 -- KEYS[2]  quarantine hash    <prefix>:{pNN}:quarantine
@@ -59,7 +60,7 @@ while count < want and examined < budget do
     local key = base .. 'saga:' .. id
     if key_type(key) == 'hash' then
       local v = redis.call('HMGET', key, 'type', 'status', 'updated_at')
-      if v[1] and v[2] and v[3] and (status_filter == '' or v[2] == status_filter)
+      if v[1] and STATUS_INDEX[v[2]] and is_uint(v[3]) and (status_filter == '' or v[2] == status_filter)
           and (type_filter == '' or v[1] == type_filter) then
         local reason = redis.call('HGET', KEYS[2], id)
         rows[#rows + 1] = id

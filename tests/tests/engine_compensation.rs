@@ -475,3 +475,80 @@ async fn cancel_of_a_suspended_saga_compensates_on_its_next_run() {
     assert_eq!(single_terminal(&history), "SagaCompensated");
     assert_fold_matches(&engine, id).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn cancel_between_attempts_still_undoes_an_always_step() {
+    let h = Harness::new();
+    // Attempt 1 of step 1 times out at 1 s (its effect may be half done); attempt 2 is due
+    // 10 ms later. The cancel lands in between.
+    h.script.forward(1, [Behavior::Timeout, Behavior::Ok]);
+    let plan = Plan::linear(3).with(1, |s| {
+        s.compensation = Compensation::Always;
+        s.timeout = Some(std::time::Duration::from_secs(1));
+    });
+    let engine = h.engine(plan);
+    let id = engine
+        .start::<PlanSaga>(&0, StartOptions::default())
+        .await
+        .unwrap()
+        .id;
+    let runner = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.run_to_end(id).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(1005)).await;
+    assert_eq!(h.ledger.calls_of(1, Phase::Forward).len(), 1);
+    engine.cancel(id, "operator").await.unwrap();
+    let outcome = runner.await.unwrap().unwrap();
+
+    assert_eq!(outcome.status, SagaStatus::Compensated);
+    assert_eq!(
+        h.ledger.calls_of(1, Phase::Forward).len(),
+        1,
+        "attempt 2 never ran"
+    );
+    // Step 1 declares Always and an attempt of it did run: it is undone without output.
+    let undo: Vec<(usize, Option<bool>)> = h
+        .ledger
+        .calls()
+        .iter()
+        .filter(|c| c.phase == Phase::Compensate)
+        .map(|c| (c.step, c.had_output))
+        .collect();
+    assert_eq!(undo, [(1, Some(false)), (0, Some(true))]);
+    assert_fold_matches(&engine, id).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_before_a_step_first_runs_skips_it() {
+    let h = Harness::new();
+    let gate = Gate::new();
+    h.script.forward(0, [Behavior::WaitThenOk(gate.clone())]);
+    let plan = Plan::linear(3).with_all(|s| {
+        s.compensation = Compensation::Always;
+        s.timeout = None;
+    });
+    let engine = h.engine(plan);
+    let id = engine
+        .start::<PlanSaga>(&0, StartOptions::default())
+        .await
+        .unwrap()
+        .id;
+    let runner = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.run_to_end(id).await }
+    });
+    gate.entered.notified().await;
+    engine.cancel(id, "operator").await.unwrap();
+    gate.release.notify_one();
+    let outcome = runner.await.unwrap().unwrap();
+
+    assert_eq!(outcome.status, SagaStatus::Compensated);
+    // Step 1's start was committed together with the cancel, so it never ran: even an
+    // Always step has nothing to undo then.
+    assert!(h.ledger.calls_of(1, Phase::Forward).is_empty());
+    assert!(h.ledger.calls_of(1, Phase::Compensate).is_empty());
+    let history = engine.history(id).await.unwrap();
+    assert_eq!(skipped_positions(&history), [1]);
+    assert_eq!(compensated_positions(&history), [0]);
+}

@@ -76,9 +76,11 @@ pub struct SagaContext {
     pub(crate) mode: Mode,
     pub(crate) rng: fastrand::Rng,
     pub(crate) saga_type: Arc<str>,
-    /// A position whose `StepStarted` was committed but whose attempt never ran because a
-    /// cancel arrived with that very commit.
+    /// A step whose first attempt's `StepStarted` was committed but never ran because a
+    /// cancel arrived with that very commit: it certainly has no effect to undo.
     pub(crate) unexecuted: Option<u32>,
+    /// Commits made under this lease; with the fence it makes each commit id unique.
+    pub(crate) commits: u64,
 }
 
 impl std::fmt::Debug for SagaContext {
@@ -328,12 +330,14 @@ impl SagaContext {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|err| encode("events", err))?;
         let transition = Transition {
-            commit_id: uuid::Uuid::new_v4().to_string(),
+            // Unique per saga: the fence is unique per claim, the counter per commit under it.
+            commit_id: format!("{}.{}", self.lease.fence, self.commits),
             events,
             state,
             status: self.state.status,
             schedule,
         };
+        self.commits += 1;
         match self.shared.commit(&self.lease, transition).await {
             Ok(outcome) => {
                 self.pending.clear();
@@ -373,6 +377,19 @@ impl SagaContext {
         phase: Phase,
         span: tracing::Span,
     ) -> StepContext {
+        let key = step_idempotency_key(self.state.id, position, step, phase);
+        self.step_context_with_key(step, position, attempt, phase, span, key)
+    }
+
+    pub(crate) fn step_context_with_key(
+        &self,
+        step: &'static str,
+        position: u32,
+        attempt: u32,
+        phase: Phase,
+        span: tracing::Span,
+        idempotency_key: String,
+    ) -> StepContext {
         StepContext {
             saga_id: self.state.id,
             saga_type: Arc::clone(&self.saga_type),
@@ -380,7 +397,7 @@ impl SagaContext {
             position,
             attempt,
             phase,
-            idempotency_key: step_idempotency_key(self.state.id, position, step, phase),
+            idempotency_key,
             resources: Arc::clone(&self.shared.resources),
             store: Arc::clone(&self.shared.store),
             span,
@@ -459,7 +476,12 @@ impl SagaContext {
                 .await;
             match started {
                 Ok(outcome) if outcome.cancel_requested => {
-                    self.unexecuted = Some(position);
+                    // Only a step that never ran is known to have no effect: an earlier
+                    // attempt (failed, timed out, or cut off by a crash) may have left one,
+                    // which the compensation phase must then judge like any unfinished step.
+                    if fresh && attempt == 1 {
+                        self.unexecuted = Some(position);
+                    }
                     self.steps.push(Registered { position, step: erased });
                     return Err(self.stop(Halt::Cancelled));
                 }
@@ -473,7 +495,14 @@ impl SagaContext {
                 attempt,
                 idempotency_key = %key
             );
-            let ctx = self.step_context(S::NAME, position, attempt, Phase::Forward, span.clone());
+            let ctx = self.step_context_with_key(
+                S::NAME,
+                position,
+                attempt,
+                Phase::Forward,
+                span.clone(),
+                key.clone(),
+            );
             let owned_input = match input.take() {
                 Some(value) => value,
                 None => match serde_json::from_value(input_value.clone()) {

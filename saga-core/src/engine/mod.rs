@@ -757,6 +757,7 @@ impl Engine {
             steps: Vec::new(),
             rng: fastrand::Rng::new(),
             unexecuted: None,
+            commits: 0,
         };
         let owner = ctx.lease.owner.clone();
         let fence = ctx.lease.fence;

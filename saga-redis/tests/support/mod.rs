@@ -1,0 +1,87 @@
+//! Helpers shared by the Redis store's integration tests.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use saga_core::store::{ClaimRequest, NewSaga, Schedule, Transition};
+use saga_core::{SagaId, SagaStatus};
+use saga_redis::{RedisStore, RedisStoreBuilder};
+use saga_redis_testkit::unique_prefix;
+
+/// A lease that does not run out during a test.
+pub const LONG: Duration = Duration::from_secs(3600);
+
+/// A builder for `url` with a fresh key prefix.
+pub fn builder(url: &str, test: &str) -> RedisStoreBuilder {
+    RedisStore::builder().url(url).key_prefix(unique_prefix(test))
+}
+
+/// Connects a store to `url` with a fresh key prefix.
+pub async fn store(url: &str, test: &str) -> RedisStore {
+    builder(url, test).connect().await.unwrap_or_else(|err| panic!("cannot connect to {url}: {err}"))
+}
+
+/// A second store on the same data (same prefix), with its own connection.
+pub async fn same_data(url: &str, of: &RedisStore) -> RedisStore {
+    RedisStore::builder()
+        .url(url)
+        .key_prefix(of.keys().prefix())
+        .partitions(of.keys().partitions())
+        .connect()
+        .await
+        .unwrap_or_else(|err| panic!("cannot connect to {url}: {err}"))
+}
+
+/// A plain connection for poking at raw data.
+pub async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap_or_else(|err| panic!("bad url {url}: {err}"))
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|err| panic!("cannot connect to {url}: {err}"))
+}
+
+/// A claim for `owner`.
+pub fn owner(name: &str, ttl: Duration) -> ClaimRequest {
+    ClaimRequest { owner: name.to_owned(), ttl }
+}
+
+/// An opaque encoded event.
+pub fn event(label: &str) -> String {
+    format!(r#"{{"event":"{label}"}}"#)
+}
+
+/// An opaque encoded state.
+pub fn state(n: u32) -> String {
+    format!(r#"{{"n":{n}}}"#)
+}
+
+/// A new running saga with this id.
+pub fn new_saga(id: SagaId) -> NewSaga {
+    NewSaga {
+        id,
+        saga_type: "redis test".to_owned(),
+        idempotency_key: None,
+        fingerprint: "fp".to_owned(),
+        state: state(0),
+        events: vec![event("started")],
+        claim: None,
+    }
+}
+
+/// A step that keeps the lease.
+pub fn step(commit_id: &str, label: &str, n: u32) -> Transition {
+    Transition {
+        commit_id: commit_id.to_owned(),
+        events: vec![event(label)],
+        state: state(n),
+        status: SagaStatus::Running,
+        schedule: Schedule::Continue { ttl: LONG },
+    }
+}
+
+/// `count` fresh ids that all fall in partition `p` of `store`.
+pub fn ids_in_partition(store: &RedisStore, p: u16, count: usize) -> Vec<SagaId> {
+    std::iter::repeat_with(SagaId::random).filter(|id| store.keys().partition_of(*id) == p).take(count).collect()
+}
