@@ -56,10 +56,10 @@ pub async fn create_deal(ctx: &StepContext, request: DealRequest) -> Result<Deal
     let office = Backoffice::of(ctx)?;
     let deal_id = format!("deal-{}", &ctx.idempotency_key()[..8]);
     office
-        .effect(ctx, |books| {
+        .effect(ctx, move |books| {
             books.crm_deals.insert(deal_id.clone(), (request.company_id.clone(), request.amount_musd));
             let summary = format!("CRM deal {deal_id} for {}", request.company_name);
-            Ok((Deal { deal_id: deal_id.clone(), request: request.clone() }, summary))
+            Ok((Deal { deal_id, request }, summary))
         })
         .await
 }
@@ -68,7 +68,7 @@ pub async fn create_deal(ctx: &StepContext, request: DealRequest) -> Result<Deal
 pub async fn delete_deal(ctx: &StepContext, request: DealRequest, deal: Deal) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
-        .effect(ctx, |books| {
+        .effect(ctx, move |books| {
             books.crm_deals.remove(&deal.deal_id);
             Ok(((), format!("CRM deal {} for {} deleted", deal.deal_id, request.company_name)))
         })
@@ -80,7 +80,7 @@ pub async fn delete_deal(ctx: &StepContext, request: DealRequest, deal: Deal) ->
 pub async fn update_portfolio(ctx: &StepContext, deal: Deal) -> Result<PortfolioChange, ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
-        .effect(ctx, |books| {
+        .effect(ctx, move |books| {
             let entry = books.portfolio.entry(deal.request.company_id.clone()).or_default();
             let before = *entry;
             *entry += deal.request.amount_musd;
@@ -94,7 +94,7 @@ pub async fn update_portfolio(ctx: &StepContext, deal: Deal) -> Result<Portfolio
 pub async fn revert_portfolio(ctx: &StepContext, deal: Deal, change: PortfolioChange) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
-        .effect(ctx, |books| {
+        .effect(ctx, move |books| {
             let entry = books.portfolio.entry(deal.request.company_id.clone()).or_default();
             *entry -= change.after_musd - change.before_musd;
             if entry.abs() < 1e-9 {
@@ -110,7 +110,7 @@ pub async fn revert_portfolio(ctx: &StepContext, deal: Deal, change: PortfolioCh
 pub async fn notify_committee(ctx: &StepContext, deal: Deal) -> Result<usize, ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
-        .effect(ctx, |books| {
+        .effect(ctx, move |books| {
             let text = format!("IC: new deal {} — {} ({}M)", deal.deal_id, deal.request.company_name, deal.request.amount_musd);
             books.committee.push(text.clone());
             Ok((books.committee.len() - 1, text))
@@ -122,7 +122,7 @@ pub async fn notify_committee(ctx: &StepContext, deal: Deal) -> Result<usize, Se
 pub async fn send_retraction(ctx: &StepContext, deal: Deal, message: usize) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
-        .effect(ctx, |books| {
+        .effect(ctx, move |books| {
             let text = format!("IC: RETRACTED notice #{message} for deal {}", deal.deal_id);
             books.committee.push(text.clone());
             Ok(((), text))
@@ -135,7 +135,7 @@ pub async fn send_retraction(ctx: &StepContext, deal: Deal, message: usize) -> R
 pub async fn write_audit_entry(ctx: &StepContext, deal: Deal) -> Result<String, ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
-        .effect(ctx, |books| {
+        .effect(ctx, move |books| {
             if deal.request.watchlisted {
                 return Err(ServiceError::Rejected(format!(
                     "compliance hold on {}: audit trail refuses the deal",
@@ -153,7 +153,7 @@ pub async fn write_audit_entry(ctx: &StepContext, deal: Deal) -> Result<String, 
 pub async fn void_audit_entry(ctx: &StepContext, deal: Deal, audit_id: String) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
-        .effect(ctx, |books| {
+        .effect(ctx, move |books| {
             if let Some(entry) = books.audit.get_mut(&audit_id) {
                 entry.1 = true;
             }

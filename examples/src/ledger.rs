@@ -1,18 +1,26 @@
 //! The ledger of every effect and compensation the simulated services applied, keyed by
-//! idempotency key. The services consult it to answer a repeated key with the recorded
-//! result (as Stripe-style APIs do), and the final check reads it to prove that no effect was
-//! applied twice and that every compensated saga was fully undone.
+//! idempotency key, and the store that keeps it together with the back office's books. The
+//! services consult the ledger to answer a repeated key with the recorded result (as
+//! Stripe-style APIs do), and the final check reads it to prove that no effect was applied
+//! twice and that every compensated saga was fully undone.
+//!
+//! The books and the ledger change together in one atomic transaction
+//! ([`OfficeStore::transact`]), in memory or — with `--redis-url` — in Redis, so that they
+//! survive a `kill -9` of the example.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
+use async_trait::async_trait;
 use saga_core::Phase;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::services::ServiceError;
 use crate::world::Caller;
 
 /// One applied effect or compensation.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Entry {
     /// Global order of application.
     pub seq: u64,
@@ -30,65 +38,31 @@ pub struct Entry {
     pub summary: String,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    entries: Vec<Entry>,
-    results: HashMap<String, Value>,
-    duplicates: u64,
-}
-
-/// The shared ledger. Cloning gives another handle to the same ledger.
-#[derive(Clone, Debug, Default)]
+/// The ledger's data.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Ledger {
-    inner: Arc<Mutex<Inner>>,
-}
-
-/// A locked ledger, for applying an effect atomically with its record.
-pub struct LedgerGuard<'a> {
-    inner: MutexGuard<'a, Inner>,
+    /// Every entry, in order of application.
+    pub entries: Vec<Entry>,
+    /// The recorded result of each idempotency key.
+    pub results: HashMap<String, Value>,
+    /// Calls that repeated a key and got the recorded result back.
+    pub duplicates: u64,
 }
 
 impl Ledger {
-    /// Locks the ledger.
-    pub fn lock(&self) -> LedgerGuard<'_> {
-        // Poisoning only follows a panic in a service closure, which the example treats as a
-        // bug; the data is still consistent because every write is a single push or insert.
-        LedgerGuard { inner: self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner) }
-    }
-
-    /// Every entry, in order of application.
-    #[must_use]
-    pub fn entries(&self) -> Vec<Entry> {
-        self.lock().inner.entries.clone()
-    }
-
-    /// How many calls repeated an idempotency key and got the recorded result back.
-    #[must_use]
-    pub fn duplicates(&self) -> u64 {
-        self.lock().inner.duplicates
-    }
-}
-
-impl LedgerGuard<'_> {
     /// The recorded result of `key`, counting the lookup as a suppressed duplicate.
     pub fn replay(&mut self, key: &str) -> Option<Value> {
-        let found = self.inner.results.get(key).cloned();
+        let found = self.results.get(key).cloned();
         if found.is_some() {
-            self.inner.duplicates += 1;
+            self.duplicates += 1;
         }
         found
     }
 
-    /// The recorded result of `key`, without counting a duplicate.
-    #[must_use]
-    pub fn peek(&self, key: &str) -> Option<Value> {
-        self.inner.results.get(key).cloned()
-    }
-
     /// Records an applied effect and its result.
     pub fn record(&mut self, caller: &Caller, summary: String, result: Value) {
-        let seq = self.inner.entries.len() as u64;
-        self.inner.entries.push(Entry {
+        let seq = self.entries.len() as u64;
+        self.entries.push(Entry {
             seq,
             saga: caller.saga.clone(),
             position: caller.position,
@@ -97,6 +71,65 @@ impl LedgerGuard<'_> {
             key: caller.key.clone(),
             summary,
         });
-        self.inner.results.insert(caller.key.clone(), result);
+        self.results.insert(caller.key.clone(), result);
+    }
+}
+
+/// The back office's books.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Books {
+    /// Sourcing records by content key (company + search date): score and version.
+    pub deal_records: BTreeMap<String, (u32, u32)>,
+    /// CRM deals by deal id: company id and amount.
+    pub crm_deals: BTreeMap<String, (String, f64)>,
+    /// Portfolio: invested amount per company.
+    pub portfolio: BTreeMap<String, f64>,
+    /// Messages to the investment committee (including retractions).
+    pub committee: Vec<String>,
+    /// Messages to partners.
+    pub partners: Vec<String>,
+    /// Audit entries by id: text and whether voided.
+    pub audit: BTreeMap<String, (String, bool)>,
+}
+
+/// Everything the back office keeps: books and ledger.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct OfficeState {
+    /// The books.
+    pub books: Books,
+    /// The ledger.
+    pub ledger: Ledger,
+}
+
+/// A change to the office state, applied atomically. A change that fails must fail before it
+/// mutates anything (every change in this example checks first, then writes).
+pub type Transaction = Box<dyn FnOnce(&mut OfficeState) -> Result<Value, ServiceError> + Send>;
+
+/// Where the office state lives.
+#[async_trait]
+pub trait OfficeStore: Send + Sync + std::fmt::Debug {
+    /// Applies `change` atomically and returns its result. A failed change writes nothing.
+    async fn transact(&self, change: Transaction) -> Result<Value, ServiceError>;
+
+    /// A copy of the whole state.
+    async fn snapshot(&self) -> Result<OfficeState, ServiceError>;
+}
+
+/// The office state in process memory.
+#[derive(Debug, Default)]
+pub struct MemoryOffice {
+    state: Mutex<OfficeState>,
+}
+
+#[async_trait]
+impl OfficeStore for MemoryOffice {
+    async fn transact(&self, change: Transaction) -> Result<Value, ServiceError> {
+        // Poisoning only follows a panic inside a change, which the example treats as a bug.
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        change(&mut state)
+    }
+
+    async fn snapshot(&self) -> Result<OfficeState, ServiceError> {
+        Ok(self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use saga_core::{MemoryStore, SagaStatus, SagaStore};
+use saga_examples::ledger::{MemoryOffice, OfficeStore};
 use saga_examples::report::{self, SagaReport, Timelines};
 use saga_examples::scenario::{self, Progress, Settings};
 
@@ -116,7 +117,8 @@ async fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
         Arc::new(())
     };
     let started = std::time::Instant::now();
-    let run = scenario::run(&settings, store, progress).await?;
+    let office_state: Arc<dyn OfficeStore> = Arc::new(MemoryOffice::default());
+    let run = scenario::run(&settings, store, Arc::clone(&office_state), progress).await?;
     let elapsed = started.elapsed();
     let mut sagas = Vec::new();
     for (id, _, _) in scenario::all_sagas(&run.engine).await? {
@@ -124,7 +126,8 @@ async fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
     }
     sagas.sort_by_key(|s| (s.state.created_at, s.state.saga_type.clone()));
     write!(out, "{}", report::render_timelines(&sagas, cli.timelines))?;
-    let totals = report::totals(&sagas, &run);
+    let office = office_state.snapshot().await?;
+    let totals = report::totals(&sagas, &run, &office);
     let count = |status| totals.by_status.get(&status).copied().unwrap_or_default();
     writeln!(out, "\nTotals ({:.2}s{})", elapsed.as_secs_f64(), if run.crashed { ", with one crash and restart" } else { "" })?;
     writeln!(
@@ -140,7 +143,7 @@ async fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
         totals.idempotency_hits,
         totals.resumes,
     )?;
-    let check = report::check_ledger(&sagas, &run);
+    let check = report::check_ledger(&sagas, &office);
     if check.holds() {
         writeln!(
             out,

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use saga_core::{EventKind, Phase, SagaEvent, SagaState, SagaStatus, StepStatus, timeline};
 
-use crate::ledger::Entry;
+use crate::ledger::{Entry, OfficeState};
 use crate::scenario::Run;
 
 /// Which timelines to print.
@@ -68,7 +68,7 @@ pub struct SagaReport {
 
 /// Counts totals over every saga.
 #[must_use]
-pub fn totals(sagas: &[SagaReport], run: &Run) -> Totals {
+pub fn totals(sagas: &[SagaReport], run: &Run, office: &OfficeState) -> Totals {
     let mut totals = Totals { sagas: sagas.len(), ..Totals::default() };
     for saga in sagas {
         *totals.by_status.entry(saga.state.status).or_default() += 1;
@@ -84,7 +84,7 @@ pub fn totals(sagas: &[SagaReport], run: &Run) -> Totals {
             }
         }
     }
-    totals.idempotency_hits = run.duplicate_starts + run.office.world.ledger.duplicates();
+    totals.idempotency_hits = run.duplicate_starts + office.ledger.duplicates;
     totals
 }
 
@@ -92,19 +92,19 @@ pub fn totals(sagas: &[SagaReport], run: &Run) -> Totals {
 /// saga's effects applied once and never undone, every compensated saga fully undone in
 /// reverse order, and the books agree with the outcomes.
 #[must_use]
-pub fn check_ledger(sagas: &[SagaReport], run: &Run) -> LedgerCheck {
-    let entries = run.office.world.ledger.entries();
+pub fn check_ledger(sagas: &[SagaReport], office: &OfficeState) -> LedgerCheck {
+    let entries = &office.ledger.entries;
     let mut check = LedgerCheck {
         effects: entries.iter().filter(|e| e.phase == Phase::Forward).count(),
         compensations: entries.iter().filter(|e| e.phase == Phase::Compensate).count(),
         problems: Vec::new(),
     };
     let mut by_saga: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
-    for entry in &entries {
+    for entry in entries {
         by_saga.entry(entry.saga.as_str()).or_default().push(entry);
     }
     let mut applied: BTreeMap<(&str, u32, Phase), usize> = BTreeMap::new();
-    for entry in &entries {
+    for entry in entries {
         *applied.entry((entry.saga.as_str(), entry.position, entry.phase)).or_default() += 1;
     }
     for ((saga, position, phase), count) in &applied {
@@ -161,11 +161,11 @@ pub fn check_ledger(sagas: &[SagaReport], run: &Run) -> LedgerCheck {
             _ => check.problems.push(format!("saga {id} has an unexpected status {}", saga.state.status)),
         }
     }
-    let crm = run.office.crm_deals();
+    let crm = &office.books.crm_deals;
     if crm.len() != completed_deals {
         check.problems.push(format!("CRM holds {} deals but {completed_deals} deal sagas completed", crm.len()));
     }
-    let total = run.office.portfolio_total();
+    let total: f64 = office.books.portfolio.values().sum();
     if (total - booked_musd).abs() > 1e-6 {
         check.problems.push(format!("portfolio holds {total}M but completed deals booked {booked_musd}M"));
     }

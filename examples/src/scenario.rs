@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::deal::{DealFlow, DealRequest};
+use crate::ledger::OfficeStore;
 use crate::services::{Backoffice, Company, Directory};
 use crate::sourcing::{Sourcing, SourcingOutcome, SourcingRequest};
 use crate::world::{Faults, World};
@@ -72,14 +73,19 @@ fn build_engine(store: &Arc<dyn SagaStore>, office: &Backoffice, owner: &str) ->
 ///
 /// # Errors
 /// An engine error that is not about one saga (the store failed).
-pub async fn run(settings: &Settings, store: Arc<dyn SagaStore>, progress: Arc<dyn Progress>) -> Result<Run, EngineError> {
+pub async fn run(
+    settings: &Settings,
+    store: Arc<dyn SagaStore>,
+    office_state: Arc<dyn OfficeStore>,
+    progress: Arc<dyn Progress>,
+) -> Result<Run, EngineError> {
     let world = World::new(Faults {
         seed: settings.seed,
         rate: settings.fault_rate,
         fail_at: settings.fail_at.clone(),
     });
     let directory = Directory::generate(settings.seed, settings.companies);
-    let office = Backoffice::new(world, directory, 4);
+    let office = Backoffice::new(world, directory, office_state, 4);
     let mut engine = build_engine(&store, &office, &settings.owner)?;
     let mut duplicate_starts = 0;
     let mut crashed = false;

@@ -3,14 +3,15 @@
 //! Every mutating call is idempotent by the caller's key: a repeated key gets the recorded
 //! result and changes nothing.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use saga_core::{Classify, HttpStatus, MissingResource, Reconciled, StepContext};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
+use crate::ledger::{Books, OfficeStore};
 use crate::world::{Caller, World};
 
 /// What a simulated service can answer.
@@ -98,23 +99,6 @@ impl Directory {
     }
 }
 
-/// The back office's books.
-#[derive(Debug, Default)]
-pub struct Books {
-    /// Sourcing records by content key (company + search date): score and version.
-    pub deal_records: BTreeMap<String, (u32, u32)>,
-    /// CRM deals by deal id: company id and amount.
-    pub crm_deals: BTreeMap<String, (String, f64)>,
-    /// Portfolio: invested amount per company.
-    pub portfolio: BTreeMap<String, f64>,
-    /// Messages to the investment committee (including retractions).
-    pub committee: Vec<String>,
-    /// Messages to partners.
-    pub partners: Vec<String>,
-    /// Audit entries by id: text and whether voided.
-    pub audit: BTreeMap<String, (String, bool)>,
-}
-
 /// A token bucket for the financial-data API.
 #[derive(Debug)]
 struct RateLimiter {
@@ -131,8 +115,8 @@ pub struct Backoffice {
     pub world: World,
     /// The directory.
     pub directory: Arc<Directory>,
-    /// The books.
-    pub books: Arc<Mutex<Books>>,
+    /// Books and ledger.
+    pub state: Arc<dyn OfficeStore>,
     limiter: Arc<Mutex<RateLimiter>>,
 }
 
@@ -140,11 +124,11 @@ impl Backoffice {
     /// A back office over `world` and `directory`, with the data API limited to `per_window`
     /// calls per 250 ms.
     #[must_use]
-    pub fn new(world: World, directory: Directory, per_window: u32) -> Self {
+    pub fn new(world: World, directory: Directory, state: Arc<dyn OfficeStore>, per_window: u32) -> Self {
         Self {
             world,
             directory: Arc::new(directory),
-            books: Arc::default(),
+            state,
             limiter: Arc::new(Mutex::new(RateLimiter {
                 capacity: per_window,
                 window: Duration::from_millis(250),
@@ -160,11 +144,6 @@ impl Backoffice {
     /// [`ServiceError::Missing`] when it was not registered.
     pub fn of(ctx: &StepContext) -> Result<&Backoffice, ServiceError> {
         Ok(ctx.resource::<Backoffice>()?)
-    }
-
-    fn books(&self) -> std::sync::MutexGuard<'_, Books> {
-        // See Ledger::lock: writes are single inserts, so the data is consistent.
-        self.books.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A read-only call: latency and faults, no ledger entry.
@@ -208,20 +187,24 @@ impl Backoffice {
     pub async fn effect<T: Serialize + DeserializeOwned>(
         &self,
         ctx: &StepContext,
-        apply: impl FnOnce(&mut Books) -> Result<(T, String), ServiceError>,
+        apply: impl FnOnce(&mut Books) -> Result<(T, String), ServiceError> + Send + 'static,
     ) -> Result<T, ServiceError> {
         let caller = Caller::of(ctx);
         let lose_response = self.world.call(&caller).await?;
-        let result = {
-            let mut ledger = self.world.ledger.lock();
-            if let Some(previous) = ledger.replay(&caller.key) {
-                return serde_json::from_value(previous).map_err(|e| ServiceError::Corrupt(e.to_string()));
-            }
-            let (result, summary) = apply(&mut self.books())?;
-            let value = serde_json::to_value(&result).map_err(|e| ServiceError::Corrupt(e.to_string()))?;
-            ledger.record(&caller, summary, value);
-            result
-        };
+        let recorder = caller.clone();
+        let value = self
+            .state
+            .transact(Box::new(move |state| {
+                if let Some(previous) = state.ledger.replay(&recorder.key) {
+                    return Ok(previous);
+                }
+                let (result, summary) = apply(&mut state.books)?;
+                let value = serde_json::to_value(&result).map_err(|e| ServiceError::Corrupt(e.to_string()))?;
+                state.ledger.record(&recorder, summary, value.clone());
+                Ok(value)
+            }))
+            .await?;
+        let result = serde_json::from_value(value).map_err(|e| ServiceError::Corrupt(e.to_string()))?;
         self.world.crash.after_effect().await;
         if lose_response {
             self.world.lose_response().await;
@@ -237,42 +220,17 @@ impl Backoffice {
     pub async fn lookup<T: DeserializeOwned>(&self, ctx: &StepContext) -> Result<Reconciled<T>, ServiceError> {
         let caller = Caller::of(ctx);
         self.world.crash.gate().await;
-        let recorded = self.world.ledger.lock().peek(&caller.key);
+        let key = caller.key.clone();
+        let recorded = self
+            .state
+            .transact(Box::new(move |state| Ok(state.ledger.results.get(&key).cloned().unwrap_or(Value::Null))))
+            .await?;
         match recorded {
-            Some(value) => serde_json::from_value(value)
+            Value::Null => Ok(Reconciled::NotApplied),
+            value => serde_json::from_value(value)
                 .map(Reconciled::Applied)
                 .map_err(|e| ServiceError::Corrupt(e.to_string())),
-            None => Ok(Reconciled::NotApplied),
         }
-    }
-
-    /// Sum of the portfolio.
-    #[must_use]
-    pub fn portfolio_total(&self) -> f64 {
-        self.books().portfolio.values().sum()
-    }
-
-    /// A snapshot of the CRM deals.
-    #[must_use]
-    pub fn crm_deals(&self) -> BTreeMap<String, (String, f64)> {
-        self.books().crm_deals.clone()
-    }
-
-    /// A snapshot of the sourcing records.
-    #[must_use]
-    pub fn deal_records(&self) -> BTreeMap<String, (u32, u32)> {
-        self.books().deal_records.clone()
-    }
-
-    /// Counts of messages: committee, partners, live audit entries.
-    #[must_use]
-    pub fn message_counts(&self) -> HashMap<&'static str, usize> {
-        let books = self.books();
-        HashMap::from([
-            ("committee", books.committee.len()),
-            ("partners", books.partners.len()),
-            ("audit_live", books.audit.values().filter(|(_, void)| !void).count()),
-        ])
     }
 }
 

@@ -103,12 +103,12 @@ pub async fn upsert_deal_record(ctx: &StepContext, scored: Scored) -> Result<Rec
     let office = Backoffice::of(ctx)?;
     let record_key = content_key(&["deal-record", &scored.company.id, &scored.search_date]);
     office
-        .effect(ctx, |books| {
+        .effect(ctx, move |books| {
             let previous = books.deal_records.get(&record_key).copied();
             let version = previous.map_or(1, |(_, v)| v + 1);
             books.deal_records.insert(record_key.clone(), (scored.score, version));
             let summary = format!("deal record {} score {} (v{version})", scored.company.id, scored.score);
-            Ok((RecordWrite { record_key: record_key.clone(), previous }, summary))
+            Ok((RecordWrite { record_key, previous }, summary))
         })
         .await
 }
@@ -117,7 +117,7 @@ pub async fn upsert_deal_record(ctx: &StepContext, scored: Scored) -> Result<Rec
 pub async fn restore_deal_record(ctx: &StepContext, scored: Scored, write: RecordWrite) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
-        .effect(ctx, |books| {
+        .effect(ctx, move |books| {
             match write.previous {
                 Some(previous) => books.deal_records.insert(write.record_key.clone(), previous),
                 None => books.deal_records.remove(&write.record_key),
@@ -133,7 +133,7 @@ pub async fn restore_deal_record(ctx: &StepContext, scored: Scored, write: Recor
 pub async fn notify_partners(ctx: &StepContext, scored: Scored) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
-        .effect(ctx, |books| {
+        .effect(ctx, move |books| {
             let text = format!("{} scored {} — worth a look", scored.company.name, scored.score);
             books.partners.push(text.clone());
             Ok(((), text))

@@ -1,5 +1,4 @@
-//! What every simulated service shares: seeded fault injection, the crash switch and the
-//! ledger.
+//! What every simulated service shares: seeded fault injection and the crash switch.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -8,7 +7,6 @@ use std::time::Duration;
 use saga_core::{HttpStatus, Phase, StepContext};
 use tokio::sync::Notify;
 
-use crate::ledger::Ledger;
 use crate::services::ServiceError;
 
 /// A fault to inject into one call.
@@ -124,8 +122,6 @@ pub struct World {
     pub faults: Arc<Faults>,
     /// The crash switch.
     pub crash: Arc<CrashSwitch>,
-    /// Every effect and compensation.
-    pub ledger: Ledger,
     /// Simulated latency range of a call, in milliseconds.
     pub latency_ms: (u64, u64),
 }
@@ -163,13 +159,12 @@ impl Caller {
 }
 
 impl World {
-    /// A world with the given faults and an empty ledger.
+    /// A world with the given faults.
     #[must_use]
     pub fn new(faults: Faults) -> Self {
         Self {
             faults: Arc::new(faults),
             crash: Arc::new(CrashSwitch::default()),
-            ledger: Ledger::default(),
             latency_ms: (1, 4),
         }
     }
