@@ -49,7 +49,6 @@ pub struct DealOutcome {
     pub audit_id: String,
 }
 
-
 /// Creates the deal in the CRM (idempotent by the step's key: the deal id derives from it).
 #[saga_step(compensate = delete_deal, reconcile = applied_by_key, timeout = "250ms", retry(max_attempts = 5, initial = "20ms", max = "400ms"))]
 pub async fn create_deal(ctx: &StepContext, request: DealRequest) -> Result<Deal, ServiceError> {
@@ -57,7 +56,10 @@ pub async fn create_deal(ctx: &StepContext, request: DealRequest) -> Result<Deal
     let deal_id = format!("deal-{}", &ctx.idempotency_key()[..8]);
     office
         .effect(ctx, move |books| {
-            books.crm_deals.insert(deal_id.clone(), (request.company_id.clone(), request.amount_musd));
+            books.crm_deals.insert(
+                deal_id.clone(),
+                (request.company_id.clone(), request.amount_musd),
+            );
             let summary = format!("CRM deal {deal_id} for {}", request.company_name);
             Ok((Deal { deal_id, request }, summary))
         })
@@ -65,42 +67,77 @@ pub async fn create_deal(ctx: &StepContext, request: DealRequest) -> Result<Deal
 }
 
 /// Deletes the deal from the CRM.
-pub async fn delete_deal(ctx: &StepContext, request: DealRequest, deal: Deal) -> Result<(), ServiceError> {
+pub async fn delete_deal(
+    ctx: &StepContext,
+    request: DealRequest,
+    deal: Deal,
+) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
         .effect(ctx, move |books| {
             books.crm_deals.remove(&deal.deal_id);
-            Ok(((), format!("CRM deal {} for {} deleted", deal.deal_id, request.company_name)))
+            Ok((
+                (),
+                format!(
+                    "CRM deal {} for {} deleted",
+                    deal.deal_id, request.company_name
+                ),
+            ))
         })
         .await
 }
 
 /// Adds the deal to the portfolio book.
 #[saga_step(compensate = revert_portfolio, reconcile = applied_by_key, timeout = "250ms", retry(max_attempts = 5, initial = "20ms", max = "400ms"))]
-pub async fn update_portfolio(ctx: &StepContext, deal: Deal) -> Result<PortfolioChange, ServiceError> {
+pub async fn update_portfolio(
+    ctx: &StepContext,
+    deal: Deal,
+) -> Result<PortfolioChange, ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
         .effect(ctx, move |books| {
-            let entry = books.portfolio.entry(deal.request.company_id.clone()).or_default();
+            let entry = books
+                .portfolio
+                .entry(deal.request.company_id.clone())
+                .or_default();
             let before = *entry;
             *entry += deal.request.amount_musd;
-            let change = PortfolioChange { before_musd: before, after_musd: *entry };
-            Ok((change, format!("portfolio {} +{}M", deal.request.company_name, deal.request.amount_musd)))
+            let change = PortfolioChange {
+                before_musd: before,
+                after_musd: *entry,
+            };
+            Ok((
+                change,
+                format!(
+                    "portfolio {} +{}M",
+                    deal.request.company_name, deal.request.amount_musd
+                ),
+            ))
         })
         .await
 }
 
 /// Takes the deal back out of the portfolio book.
-pub async fn revert_portfolio(ctx: &StepContext, deal: Deal, change: PortfolioChange) -> Result<(), ServiceError> {
+pub async fn revert_portfolio(
+    ctx: &StepContext,
+    deal: Deal,
+    change: PortfolioChange,
+) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
         .effect(ctx, move |books| {
-            let entry = books.portfolio.entry(deal.request.company_id.clone()).or_default();
+            let entry = books
+                .portfolio
+                .entry(deal.request.company_id.clone())
+                .or_default();
             *entry -= change.after_musd - change.before_musd;
             if entry.abs() < 1e-9 {
                 books.portfolio.remove(&deal.request.company_id);
             }
-            Ok(((), format!("portfolio {} reverted", deal.request.company_name)))
+            Ok((
+                (),
+                format!("portfolio {} reverted", deal.request.company_name),
+            ))
         })
         .await
 }
@@ -111,7 +148,10 @@ pub async fn notify_committee(ctx: &StepContext, deal: Deal) -> Result<usize, Se
     let office = Backoffice::of(ctx)?;
     office
         .effect(ctx, move |books| {
-            let text = format!("IC: new deal {} — {} ({}M)", deal.deal_id, deal.request.company_name, deal.request.amount_musd);
+            let text = format!(
+                "IC: new deal {} — {} ({}M)",
+                deal.deal_id, deal.request.company_name, deal.request.amount_musd
+            );
             books.committee.push(text.clone());
             Ok((books.committee.len() - 1, text))
         })
@@ -119,7 +159,11 @@ pub async fn notify_committee(ctx: &StepContext, deal: Deal) -> Result<usize, Se
 }
 
 /// Sends the committee a retraction of the notice.
-pub async fn send_retraction(ctx: &StepContext, deal: Deal, message: usize) -> Result<(), ServiceError> {
+pub async fn send_retraction(
+    ctx: &StepContext,
+    deal: Deal,
+    message: usize,
+) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
         .effect(ctx, move |books| {
@@ -143,21 +187,34 @@ pub async fn write_audit_entry(ctx: &StepContext, deal: Deal) -> Result<String, 
                 )));
             }
             let audit_id = format!("audit-{}", books.audit.len() + 1);
-            books.audit.insert(audit_id.clone(), (format!("deal {} booked", deal.deal_id), false));
-            Ok((audit_id.clone(), format!("audit entry {audit_id} for deal {}", deal.deal_id)))
+            books.audit.insert(
+                audit_id.clone(),
+                (format!("deal {} booked", deal.deal_id), false),
+            );
+            Ok((
+                audit_id.clone(),
+                format!("audit entry {audit_id} for deal {}", deal.deal_id),
+            ))
         })
         .await
 }
 
 /// Marks the audit entry void (audit trails are never deleted).
-pub async fn void_audit_entry(ctx: &StepContext, deal: Deal, audit_id: String) -> Result<(), ServiceError> {
+pub async fn void_audit_entry(
+    ctx: &StepContext,
+    deal: Deal,
+    audit_id: String,
+) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
         .effect(ctx, move |books| {
             if let Some(entry) = books.audit.get_mut(&audit_id) {
                 entry.1 = true;
             }
-            Ok(((), format!("audit entry {audit_id} for deal {} voided", deal.deal_id)))
+            Ok((
+                (),
+                format!("audit entry {audit_id} for deal {} voided", deal.deal_id),
+            ))
         })
         .await
 }
@@ -172,11 +229,18 @@ impl Saga for DealFlow {
     type Output = DealOutcome;
     const NAME: &'static str = "deal_flow";
 
-    async fn run(&self, saga: &mut SagaContext, request: DealRequest) -> Result<DealOutcome, SagaError> {
+    async fn run(
+        &self,
+        saga: &mut SagaContext,
+        request: DealRequest,
+    ) -> Result<DealOutcome, SagaError> {
         let deal = saga.run(CreateDeal, request).await?;
         saga.run(UpdatePortfolio, deal.clone()).await?;
         saga.run(NotifyCommittee, deal.clone()).await?;
         let audit_id = saga.run(WriteAuditEntry, deal.clone()).await?;
-        Ok(DealOutcome { deal_id: deal.deal_id, audit_id })
+        Ok(DealOutcome {
+            deal_id: deal.deal_id,
+            audit_id,
+        })
     }
 }

@@ -101,15 +101,21 @@ pub struct OfficeState {
     pub ledger: Ledger,
 }
 
-/// A change to the office state, applied atomically. A change that fails must fail before it
-/// mutates anything (every change in this example checks first, then writes).
-pub type Transaction = Box<dyn FnOnce(&mut OfficeState) -> Result<Value, ServiceError> + Send>;
+/// A change to the books: returns the effect's result and a summary for the ledger. A change
+/// that fails must fail before it mutates anything (every change in this example checks
+/// first, then writes).
+pub type BookChange = Box<dyn FnOnce(&mut Books) -> Result<(Value, String), ServiceError> + Send>;
 
-/// Where the office state lives.
+/// Where the office state lives. Each effect is applied exactly once per idempotency key,
+/// atomically with its ledger entry.
 #[async_trait]
 pub trait OfficeStore: Send + Sync + std::fmt::Debug {
-    /// Applies `change` atomically and returns its result. A failed change writes nothing.
-    async fn transact(&self, change: Transaction) -> Result<Value, ServiceError>;
+    /// Applies `change` unless `caller.key` already has a recorded result, in which case that
+    /// result comes back (counted as a duplicate) and nothing changes.
+    async fn apply_once(&self, caller: &Caller, change: BookChange) -> Result<Value, ServiceError>;
+
+    /// The recorded result of `key`, if its effect was applied (not counted as a duplicate).
+    async fn recorded(&self, key: &str) -> Result<Option<Value>, ServiceError>;
 
     /// A copy of the whole state.
     async fn snapshot(&self) -> Result<OfficeState, ServiceError>;
@@ -121,15 +127,32 @@ pub struct MemoryOffice {
     state: Mutex<OfficeState>,
 }
 
+impl MemoryOffice {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OfficeState> {
+        // Poisoning only follows a panic inside a change, which the example treats as a bug.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 #[async_trait]
 impl OfficeStore for MemoryOffice {
-    async fn transact(&self, change: Transaction) -> Result<Value, ServiceError> {
-        // Poisoning only follows a panic inside a change, which the example treats as a bug.
-        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        change(&mut state)
+    async fn apply_once(&self, caller: &Caller, change: BookChange) -> Result<Value, ServiceError> {
+        let mut state = self.lock();
+        if let Some(previous) = state.ledger.replay(&caller.key) {
+            return Ok(previous);
+        }
+        let (result, summary) = change(&mut state.books)?;
+        state.ledger.record(caller, summary, result.clone());
+        Ok(result)
+    }
+
+    async fn recorded(&self, key: &str) -> Result<Option<Value>, ServiceError> {
+        Ok(self.lock().ledger.results.get(key).cloned())
     }
 
     async fn snapshot(&self) -> Result<OfficeState, ServiceError> {
-        Ok(self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+        Ok(self.lock().clone())
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod deal;
 pub mod ledger;
+pub mod redis_office;
 pub mod report;
 pub mod scenario;
 pub mod services;

@@ -9,8 +9,10 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use saga_core::{MemoryStore, SagaStatus, SagaStore};
 use saga_examples::ledger::{MemoryOffice, OfficeStore};
+use saga_examples::redis_office::RedisOffice;
 use saga_examples::report::{self, SagaReport, Timelines};
 use saga_examples::scenario::{self, Progress, Settings};
+use saga_redis::RedisStore;
 
 /// Sources companies and books deals as sagas against simulated services with injected
 /// faults, then prints every saga's timeline, the totals and the ledger check.
@@ -43,11 +45,22 @@ struct Cli {
     /// Print JSON log lines (one per attempt outcome) on stderr.
     #[arg(long)]
     json_logs: bool,
+    /// Keep sagas, books and ledger in Redis at this URL instead of in memory, so that a
+    /// killed run can be resumed by running the same command again.
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
+    /// Key prefix in Redis (`--redis-url` mode).
+    #[arg(long, default_value = "dealflow")]
+    key_prefix: String,
 }
 
 fn parse_rate(text: &str) -> Result<f64, String> {
     let rate: f64 = text.parse().map_err(|e| format!("not a number: {e}"))?;
-    if (0.0..=1.0).contains(&rate) { Ok(rate) } else { Err(format!("{rate} is not between 0 and 1")) }
+    if (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!("{rate} is not between 0 and 1"))
+    }
 }
 
 struct Bar(ProgressBar);
@@ -59,10 +72,11 @@ impl Progress for Bar {
 }
 
 fn init_logs(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(if json { "info" } else { "off" })
-    });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if json { "info" } else { "off" }));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().with_current_span(true).init();
     } else {
@@ -98,14 +112,40 @@ async fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "VC deal flow: {} companies, seed {}, fault rate {:.0}%{}{} — in-memory store",
+        "VC deal flow: {} companies, seed {}, fault rate {:.0}%{}{} — {}",
         settings.companies,
         settings.seed,
         settings.fault_rate * 100.0,
-        settings.fail_at.as_deref().map(|s| format!(", forced failure at `{s}`")).unwrap_or_default(),
-        settings.crash_after.map(|n| format!(", crash after {n} effects")).unwrap_or_default(),
+        settings
+            .fail_at
+            .as_deref()
+            .map(|s| format!(", forced failure at `{s}`"))
+            .unwrap_or_default(),
+        settings
+            .crash_after
+            .map(|n| format!(", crash after {n} effects"))
+            .unwrap_or_default(),
+        cli.redis_url.as_deref().map_or_else(
+            || "in-memory store".to_owned(),
+            |url| format!("Redis at {}", redacted(url))
+        ),
     )?;
-    let store: Arc<dyn SagaStore> = Arc::new(MemoryStore::new());
+    out.flush()?;
+    let (store, office_state): (Arc<dyn SagaStore>, Arc<dyn OfficeStore>) = match &cli.redis_url {
+        None => (
+            Arc::new(MemoryStore::new()),
+            Arc::new(MemoryOffice::default()),
+        ),
+        Some(url) => {
+            let store = RedisStore::builder()
+                .url(url.clone())
+                .key_prefix(cli.key_prefix.clone())
+                .connect()
+                .await?;
+            let office = RedisOffice::connect(url, &cli.key_prefix).await?;
+            (Arc::new(store), Arc::new(office))
+        }
+    };
     let progress: Arc<dyn Progress> = if settings.companies > 20 && !cli.json_logs {
         let bar = ProgressBar::new(settings.companies as u64);
         bar.set_style(
@@ -117,19 +157,30 @@ async fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
         Arc::new(())
     };
     let started = std::time::Instant::now();
-    let office_state: Arc<dyn OfficeStore> = Arc::new(MemoryOffice::default());
     let run = scenario::run(&settings, store, Arc::clone(&office_state), progress).await?;
     let elapsed = started.elapsed();
     let mut sagas = Vec::new();
     for (id, _, _) in scenario::all_sagas(&run.engine).await? {
-        sagas.push(SagaReport { state: run.engine.state(id).await?, events: run.engine.history(id).await? });
+        sagas.push(SagaReport {
+            state: run.engine.state(id).await?,
+            events: run.engine.history(id).await?,
+        });
     }
     sagas.sort_by_key(|s| (s.state.created_at, s.state.saga_type.clone()));
     write!(out, "{}", report::render_timelines(&sagas, cli.timelines))?;
     let office = office_state.snapshot().await?;
     let totals = report::totals(&sagas, &run, &office);
     let count = |status| totals.by_status.get(&status).copied().unwrap_or_default();
-    writeln!(out, "\nTotals ({:.2}s{})", elapsed.as_secs_f64(), if run.crashed { ", with one crash and restart" } else { "" })?;
+    writeln!(
+        out,
+        "\nTotals ({:.2}s{})",
+        elapsed.as_secs_f64(),
+        if run.crashed {
+            ", with one crash and restart"
+        } else {
+            ""
+        }
+    )?;
     writeln!(
         out,
         "  sagas {} | completed {} | compensated {} | failed {} | attempts {} | retries {} | compensations {} | idempotency hits {} | resumes {}",
@@ -157,4 +208,14 @@ async fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
         }
     }
     Ok(check.holds())
+}
+
+/// The URL without its password, for printing.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
 }

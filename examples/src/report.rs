@@ -69,13 +69,17 @@ pub struct SagaReport {
 /// Counts totals over every saga.
 #[must_use]
 pub fn totals(sagas: &[SagaReport], run: &Run, office: &OfficeState) -> Totals {
-    let mut totals = Totals { sagas: sagas.len(), ..Totals::default() };
+    let mut totals = Totals {
+        sagas: sagas.len(),
+        ..Totals::default()
+    };
     for saga in sagas {
         *totals.by_status.entry(saga.state.status).or_default() += 1;
         for event in &saga.events {
             match &event.kind {
                 EventKind::StepStarted { .. } => totals.attempts += 1,
-                EventKind::StepAttemptFailed { .. } | EventKind::CompensationAttemptFailed { .. } => {
+                EventKind::StepAttemptFailed { .. }
+                | EventKind::CompensationAttemptFailed { .. } => {
                     totals.retries += 1;
                 }
                 EventKind::StepCompensated { .. } => totals.compensations += 1,
@@ -96,7 +100,10 @@ pub fn check_ledger(sagas: &[SagaReport], office: &OfficeState) -> LedgerCheck {
     let entries = &office.ledger.entries;
     let mut check = LedgerCheck {
         effects: entries.iter().filter(|e| e.phase == Phase::Forward).count(),
-        compensations: entries.iter().filter(|e| e.phase == Phase::Compensate).count(),
+        compensations: entries
+            .iter()
+            .filter(|e| e.phase == Phase::Compensate)
+            .count(),
         problems: Vec::new(),
     };
     let mut by_saga: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
@@ -105,11 +112,15 @@ pub fn check_ledger(sagas: &[SagaReport], office: &OfficeState) -> LedgerCheck {
     }
     let mut applied: BTreeMap<(&str, u32, Phase), usize> = BTreeMap::new();
     for entry in entries {
-        *applied.entry((entry.saga.as_str(), entry.position, entry.phase)).or_default() += 1;
+        *applied
+            .entry((entry.saga.as_str(), entry.position, entry.phase))
+            .or_default() += 1;
     }
     for ((saga, position, phase), count) in &applied {
         if *count > 1 {
-            check.problems.push(format!("saga {saga}: step #{position} {phase:?} applied {count} times"));
+            check.problems.push(format!(
+                "saga {saga}: step #{position} {phase:?} applied {count} times"
+            ));
         }
     }
     let mut completed_deals = 0;
@@ -118,16 +129,28 @@ pub fn check_ledger(sagas: &[SagaReport], office: &OfficeState) -> LedgerCheck {
         let id = saga.state.id.to_string();
         let mine = by_saga.get(id.as_str()).cloned().unwrap_or_default();
         let forward: Vec<&&Entry> = mine.iter().filter(|e| e.phase == Phase::Forward).collect();
-        let undone: Vec<&&Entry> = mine.iter().filter(|e| e.phase == Phase::Compensate).collect();
+        let undone: Vec<&&Entry> = mine
+            .iter()
+            .filter(|e| e.phase == Phase::Compensate)
+            .collect();
         match saga.state.status {
             SagaStatus::Completed => {
                 if !undone.is_empty() {
-                    check.problems.push(format!("saga {id} completed but {} compensation(s) ran", undone.len()));
+                    check.problems.push(format!(
+                        "saga {id} completed but {} compensation(s) ran",
+                        undone.len()
+                    ));
                 }
                 for entry in &forward {
-                    let ok = saga.state.record(entry.position).is_some_and(|r| r.status == StepStatus::Succeeded);
+                    let ok = saga
+                        .state
+                        .record(entry.position)
+                        .is_some_and(|r| r.status == StepStatus::Succeeded);
                     if !ok {
-                        check.problems.push(format!("saga {id}: effect of #{} has no succeeded journal entry", entry.position));
+                        check.problems.push(format!(
+                            "saga {id}: effect of #{} has no succeeded journal entry",
+                            entry.position
+                        ));
                     }
                 }
                 if saga.state.saga_type == "deal_flow" {
@@ -143,8 +166,11 @@ pub fn check_ledger(sagas: &[SagaReport], office: &OfficeState) -> LedgerCheck {
                         matches!(&ev.kind, EventKind::CompensationSkipped { position, .. } if *position == p)
                     })
                 };
-                let compensable: Vec<u32> =
-                    forward.iter().map(|e| e.position).filter(|p| !skipped(*p)).collect();
+                let compensable: Vec<u32> = forward
+                    .iter()
+                    .map(|e| e.position)
+                    .filter(|p| !skipped(*p))
+                    .collect();
                 let undone_positions: Vec<u32> = undone.iter().map(|e| e.position).collect();
                 let mut expected = compensable.clone();
                 expected.reverse();
@@ -156,18 +182,28 @@ pub fn check_ledger(sagas: &[SagaReport], office: &OfficeState) -> LedgerCheck {
             }
             SagaStatus::Failed => {}
             SagaStatus::Running | SagaStatus::Compensating => {
-                check.problems.push(format!("saga {id} did not finish ({})", saga.state.status));
+                check
+                    .problems
+                    .push(format!("saga {id} did not finish ({})", saga.state.status));
             }
-            _ => check.problems.push(format!("saga {id} has an unexpected status {}", saga.state.status)),
+            _ => check.problems.push(format!(
+                "saga {id} has an unexpected status {}",
+                saga.state.status
+            )),
         }
     }
     let crm = &office.books.crm_deals;
     if crm.len() != completed_deals {
-        check.problems.push(format!("CRM holds {} deals but {completed_deals} deal sagas completed", crm.len()));
+        check.problems.push(format!(
+            "CRM holds {} deals but {completed_deals} deal sagas completed",
+            crm.len()
+        ));
     }
     let total: f64 = office.books.portfolio.values().sum();
     if (total - booked_musd).abs() > 1e-6 {
-        check.problems.push(format!("portfolio holds {total}M but completed deals booked {booked_musd}M"));
+        check.problems.push(format!(
+            "portfolio holds {total}M but completed deals booked {booked_musd}M"
+        ));
     }
     check
 }
@@ -177,7 +213,10 @@ pub fn check_ledger(sagas: &[SagaReport], office: &OfficeState) -> LedgerCheck {
 pub fn interesting(saga: &SagaReport) -> bool {
     saga.state.status != SagaStatus::Completed
         || saga.events.iter().any(|e| {
-            matches!(e.kind, EventKind::StepAttemptFailed { .. } | EventKind::SagaResumed { .. })
+            matches!(
+                e.kind,
+                EventKind::StepAttemptFailed { .. } | EventKind::SagaResumed { .. }
+            )
         })
 }
 
@@ -202,7 +241,11 @@ pub fn render_timelines(sagas: &[SagaReport], mode: Timelines) -> String {
         out.push_str(&timeline::render(&saga.events));
     }
     if chosen.len() < sagas.len() && mode != Timelines::None {
-        let _ = writeln!(out, "\n({} more saga timelines not shown; use --timelines all)", sagas.len() - chosen.len());
+        let _ = writeln!(
+            out,
+            "\n({} more saga timelines not shown; use --timelines all)",
+            sagas.len() - chosen.len()
+        );
     }
     out
 }

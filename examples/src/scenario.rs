@@ -58,7 +58,11 @@ impl Progress for () {
     fn company_done(&self) {}
 }
 
-fn build_engine(store: &Arc<dyn SagaStore>, office: &Backoffice, owner: &str) -> Result<Engine, EngineError> {
+fn build_engine(
+    store: &Arc<dyn SagaStore>,
+    office: &Backoffice,
+    owner: &str,
+) -> Result<Engine, EngineError> {
     Engine::builder_shared(Arc::clone(store))
         .register(Sourcing)
         .register(DealFlow)
@@ -85,7 +89,7 @@ pub async fn run(
         fail_at: settings.fail_at.clone(),
     });
     let directory = Directory::generate(settings.seed, settings.companies);
-    let office = Backoffice::new(world, directory, office_state, 4);
+    let office = Backoffice::new(world, directory, office_state, 20);
     let mut engine = build_engine(&store, &office, &settings.owner)?;
     let mut duplicate_starts = 0;
     let mut crashed = false;
@@ -94,7 +98,8 @@ pub async fn run(
     }
     let mut pending: Vec<Company> = office.directory.companies().to_vec();
     loop {
-        let (finished, dups, tripped) = run_pipelines(&engine, &office, settings, &pending, &progress).await?;
+        let (finished, dups, tripped) =
+            run_pipelines(&engine, &office, settings, &pending, &progress).await?;
         duplicate_starts += dups;
         if !tripped {
             break;
@@ -105,9 +110,17 @@ pub async fn run(
         // store. The restarted coordinator keeps its owner id, so it reclaims them at once.
         office.world.crash.reset();
         engine = build_engine(&store, &office, &settings.owner)?;
-        tracing::warn!(remaining = pending.len(), "coordinator restarted after a simulated crash; resuming");
+        tracing::warn!(
+            remaining = pending.len(),
+            "coordinator restarted after a simulated crash; resuming"
+        );
     }
-    Ok(Run { engine, office, duplicate_starts, crashed })
+    Ok(Run {
+        engine,
+        office,
+        duplicate_starts,
+        crashed,
+    })
 }
 
 /// Runs the pipeline of every company; returns the ids that finished, the duplicate starts,
@@ -165,7 +178,12 @@ async fn run_pipelines(
 
 /// Sources one company and, on a high score, books the deal. Every start is idempotent, so
 /// after a restart the same calls find the existing sagas and resume them.
-async fn pipeline(engine: &Engine, company: &Company, date: &str, duplicate: bool) -> Result<u64, EngineError> {
+async fn pipeline(
+    engine: &Engine,
+    company: &Company,
+    date: &str,
+    duplicate: bool,
+) -> Result<u64, EngineError> {
     let mut duplicates = 0;
     let request = SourcingRequest {
         company_id: company.id.clone(),
@@ -178,7 +196,9 @@ async fn pipeline(engine: &Engine, company: &Company, date: &str, duplicate: boo
         duplicates += 1;
     }
     let sourced = engine.run_to_end(started.id).await?;
-    let Some(outcome) = sourced.output::<SourcingOutcome>()? else { return Ok(duplicates) };
+    let Some(outcome) = sourced.output::<SourcingOutcome>()? else {
+        return Ok(duplicates);
+    };
     if !outcome.high {
         return Ok(duplicates);
     }
@@ -204,10 +224,17 @@ async fn pipeline(engine: &Engine, company: &Company, date: &str, duplicate: boo
 /// A store error.
 pub async fn all_sagas(engine: &Engine) -> Result<Vec<(SagaId, SagaStatus, String)>, EngineError> {
     let mut out = Vec::new();
-    let mut query = saga_core::store::ListQuery { limit: 500, ..Default::default() };
+    let mut query = saga_core::store::ListQuery {
+        limit: 500,
+        ..Default::default()
+    };
     loop {
         let page = engine.store().list(&query).await?;
-        out.extend(page.sagas.iter().map(|s| (s.id, s.status, s.saga_type.clone())));
+        out.extend(
+            page.sagas
+                .iter()
+                .map(|s| (s.id, s.status, s.saga_type.clone())),
+        );
         match page.next {
             Some(next) => query.after = Some(next),
             None => return Ok(out),

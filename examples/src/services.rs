@@ -29,6 +29,10 @@ pub enum ServiceError {
     #[error(transparent)]
     #[classify(delegate)]
     Missing(#[from] MissingResource),
+    /// The back office's own storage (Redis, in `--redis-url` mode) is unreachable.
+    #[error("back office storage unavailable: {0}")]
+    #[classify(transient)]
+    Unavailable(String),
     /// The service's recorded result could not be read back.
     #[error("corrupt service record: {0}")]
     #[classify(permanent)]
@@ -59,8 +63,18 @@ pub struct Directory {
 }
 
 const NAMES: [&str; 12] = [
-    "Helix Robotics", "Northwind Bio", "Quanta Ledger", "Arbor Health", "Lumen Grid", "Cobalt AI",
-    "Tidewater Labs", "Fathom Data", "Juniper Pay", "Orbital Freight", "Sable Security", "Kite Energy",
+    "Helix Robotics",
+    "Northwind Bio",
+    "Quanta Ledger",
+    "Arbor Health",
+    "Lumen Grid",
+    "Cobalt AI",
+    "Tidewater Labs",
+    "Fathom Data",
+    "Juniper Pay",
+    "Orbital Freight",
+    "Sable Security",
+    "Kite Energy",
 ];
 const SECTORS: [&str; 3] = ["fintech", "ai", "climate"];
 
@@ -78,8 +92,16 @@ impl Directory {
                     name: format!("{} {}", NAMES[i % NAMES.len()], i / NAMES.len() + 1),
                     sector: SECTORS[i % SECTORS.len()].to_owned(),
                     watchlisted,
-                    arr_musd: if watchlisted { 42.0 } else { (rng.f64() * 40.0 + 2.0).round() },
-                    growth: if watchlisted { 1.4 } else { (rng.f64() * 1.5 * 100.0).round() / 100.0 },
+                    arr_musd: if watchlisted {
+                        42.0
+                    } else {
+                        (rng.f64() * 40.0 + 2.0).round()
+                    },
+                    growth: if watchlisted {
+                        1.4
+                    } else {
+                        (rng.f64() * 1.5 * 100.0).round() / 100.0
+                    },
                 }
             })
             .collect();
@@ -124,7 +146,12 @@ impl Backoffice {
     /// A back office over `world` and `directory`, with the data API limited to `per_window`
     /// calls per 250 ms.
     #[must_use]
-    pub fn new(world: World, directory: Directory, state: Arc<dyn OfficeStore>, per_window: u32) -> Self {
+    pub fn new(
+        world: World,
+        directory: Directory,
+        state: Arc<dyn OfficeStore>,
+        per_window: u32,
+    ) -> Self {
         Self {
             world,
             directory: Arc::new(directory),
@@ -150,7 +177,11 @@ impl Backoffice {
     ///
     /// # Errors
     /// The injected fault.
-    pub async fn read<T>(&self, ctx: &StepContext, read: impl FnOnce(&Self) -> Result<T, ServiceError>) -> Result<T, ServiceError> {
+    pub async fn read<T>(
+        &self,
+        ctx: &StepContext,
+        read: impl FnOnce(&Self) -> Result<T, ServiceError>,
+    ) -> Result<T, ServiceError> {
         let caller = Caller::of(ctx);
         if self.world.call(&caller).await? {
             self.world.lose_response().await;
@@ -163,15 +194,26 @@ impl Backoffice {
     /// # Errors
     /// 429 with the time until the window resets.
     pub fn rate_limit(&self) -> Result<(), ServiceError> {
-        let mut limiter = self.limiter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut limiter = self
+            .limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = tokio::time::Instant::now();
         if now.duration_since(limiter.window_start) >= limiter.window {
             limiter.window_start = now;
             limiter.used = 0;
         }
         if limiter.used >= limiter.capacity {
-            let wait = limiter.window.saturating_sub(now.duration_since(limiter.window_start));
-            return Err(ServiceError::Http(HttpStatus::new(429).with_retry_after(wait.max(Duration::from_millis(10)))));
+            let left = limiter
+                .window
+                .saturating_sub(now.duration_since(limiter.window_start));
+            // Retry-After is whole milliseconds, rounded up so that a retry is never early.
+            let wait = Duration::from_millis(
+                u64::try_from(left.as_micros().div_ceil(1000)).unwrap_or(u64::MAX),
+            );
+            return Err(ServiceError::Http(
+                HttpStatus::new(429).with_retry_after(wait.max(Duration::from_millis(10))),
+            ));
         }
         limiter.used += 1;
         Ok(())
@@ -191,20 +233,20 @@ impl Backoffice {
     ) -> Result<T, ServiceError> {
         let caller = Caller::of(ctx);
         let lose_response = self.world.call(&caller).await?;
-        let recorder = caller.clone();
         let value = self
             .state
-            .transact(Box::new(move |state| {
-                if let Some(previous) = state.ledger.replay(&recorder.key) {
-                    return Ok(previous);
-                }
-                let (result, summary) = apply(&mut state.books)?;
-                let value = serde_json::to_value(&result).map_err(|e| ServiceError::Corrupt(e.to_string()))?;
-                state.ledger.record(&recorder, summary, value.clone());
-                Ok(value)
-            }))
+            .apply_once(
+                &caller,
+                Box::new(move |books| {
+                    let (result, summary) = apply(books)?;
+                    let value = serde_json::to_value(&result)
+                        .map_err(|e| ServiceError::Corrupt(e.to_string()))?;
+                    Ok((value, summary))
+                }),
+            )
             .await?;
-        let result = serde_json::from_value(value).map_err(|e| ServiceError::Corrupt(e.to_string()))?;
+        let result =
+            serde_json::from_value(value).map_err(|e| ServiceError::Corrupt(e.to_string()))?;
         self.world.crash.after_effect().await;
         if lose_response {
             self.world.lose_response().await;
@@ -217,14 +259,17 @@ impl Backoffice {
     ///
     /// # Errors
     /// The injected fault.
-    pub async fn lookup<T: DeserializeOwned>(&self, ctx: &StepContext) -> Result<Reconciled<T>, ServiceError> {
+    pub async fn lookup<T: DeserializeOwned>(
+        &self,
+        ctx: &StepContext,
+    ) -> Result<Reconciled<T>, ServiceError> {
         let caller = Caller::of(ctx);
         self.world.crash.gate().await;
-        let key = caller.key.clone();
         let recorded = self
             .state
-            .transact(Box::new(move |state| Ok(state.ledger.results.get(&key).cloned().unwrap_or(Value::Null))))
-            .await?;
+            .recorded(&caller.key)
+            .await?
+            .unwrap_or(Value::Null);
         match recorded {
             Value::Null => Ok(Reconciled::NotApplied),
             value => serde_json::from_value(value)
@@ -239,7 +284,10 @@ impl Backoffice {
 ///
 /// # Errors
 /// The back office is missing or its record is corrupt.
-pub async fn applied_by_key<I, T: DeserializeOwned>(ctx: &StepContext, input: &I) -> Result<Reconciled<T>, ServiceError> {
+pub async fn applied_by_key<I, T: DeserializeOwned>(
+    ctx: &StepContext,
+    input: &I,
+) -> Result<Reconciled<T>, ServiceError> {
     let _ = input;
     Backoffice::of(ctx)?.lookup(ctx).await
 }

@@ -63,8 +63,15 @@ pub struct SourcingOutcome {
 }
 
 /// Looks the company up and checks it against the criteria (read-only).
-#[saga_step(no_compensation, timeout = "250ms", retry(max_attempts = 5, initial = "20ms", max = "400ms"))]
-pub async fn search_companies(ctx: &StepContext, request: SourcingRequest) -> Result<Option<Company>, ServiceError> {
+#[saga_step(
+    no_compensation,
+    timeout = "250ms",
+    retry(max_attempts = 5, initial = "20ms", max = "400ms")
+)]
+pub async fn search_companies(
+    ctx: &StepContext,
+    request: SourcingRequest,
+) -> Result<Option<Company>, ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
         .read(ctx, |office| {
@@ -78,48 +85,87 @@ pub async fn search_companies(ctx: &StepContext, request: SourcingRequest) -> Re
 }
 
 /// Pulls financials from the rate-limited data API (read-only; 429s carry a retry-after).
-#[saga_step(no_compensation, timeout = "250ms", retry(max_attempts = 8, initial = "25ms", max = "500ms"))]
-pub async fn pull_financials(ctx: &StepContext, company: Company) -> Result<Financials, ServiceError> {
+#[saga_step(
+    no_compensation,
+    timeout = "250ms",
+    retry(max_attempts = 10, initial = "25ms", max = "1s")
+)]
+pub async fn pull_financials(
+    ctx: &StepContext,
+    company: Company,
+) -> Result<Financials, ServiceError> {
     let office = Backoffice::of(ctx)?;
     office.rate_limit()?;
     office
-        .read(ctx, |_| Ok(Financials { arr_musd: company.arr_musd, growth: company.growth }))
+        .read(ctx, |_| {
+            Ok(Financials {
+                arr_musd: company.arr_musd,
+                growth: company.growth,
+            })
+        })
         .await
 }
 
 /// Scores a company from its financials (pure computation).
 #[saga_step(no_compensation, timeout = "100ms", retry(max_attempts = 2))]
-pub async fn score_company(ctx: &StepContext, input: (Company, Financials, String)) -> Result<Scored, ServiceError> {
+pub async fn score_company(
+    ctx: &StepContext,
+    input: (Company, Financials, String),
+) -> Result<Scored, ServiceError> {
     let _ = ctx;
     let (company, financials, search_date) = input;
     let raw = financials.arr_musd.min(40.0) + financials.growth.min(1.5) * 40.0;
     let score = raw.round().clamp(0.0, 100.0) as u32;
-    Ok(Scored { company, score, search_date })
+    Ok(Scored {
+        company,
+        score,
+        search_date,
+    })
 }
 
 /// Creates or updates the deal record keyed by company id + search date.
 #[saga_step(compensate = restore_deal_record, reconcile = applied_by_key, timeout = "250ms", retry(max_attempts = 5, initial = "20ms", max = "400ms"))]
-pub async fn upsert_deal_record(ctx: &StepContext, scored: Scored) -> Result<RecordWrite, ServiceError> {
+pub async fn upsert_deal_record(
+    ctx: &StepContext,
+    scored: Scored,
+) -> Result<RecordWrite, ServiceError> {
     let office = Backoffice::of(ctx)?;
     let record_key = content_key(&["deal-record", &scored.company.id, &scored.search_date]);
     office
         .effect(ctx, move |books| {
             let previous = books.deal_records.get(&record_key).copied();
             let version = previous.map_or(1, |(_, v)| v + 1);
-            books.deal_records.insert(record_key.clone(), (scored.score, version));
-            let summary = format!("deal record {} score {} (v{version})", scored.company.id, scored.score);
-            Ok((RecordWrite { record_key, previous }, summary))
+            books
+                .deal_records
+                .insert(record_key.clone(), (scored.score, version));
+            let summary = format!(
+                "deal record {} score {} (v{version})",
+                scored.company.id, scored.score
+            );
+            Ok((
+                RecordWrite {
+                    record_key,
+                    previous,
+                },
+                summary,
+            ))
         })
         .await
 }
 
 /// Undoes a deal record write: restores the previous version or removes a new record.
-pub async fn restore_deal_record(ctx: &StepContext, scored: Scored, write: RecordWrite) -> Result<(), ServiceError> {
+pub async fn restore_deal_record(
+    ctx: &StepContext,
+    scored: Scored,
+    write: RecordWrite,
+) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
         .effect(ctx, move |books| {
             match write.previous {
-                Some(previous) => books.deal_records.insert(write.record_key.clone(), previous),
+                Some(previous) => books
+                    .deal_records
+                    .insert(write.record_key.clone(), previous),
                 None => books.deal_records.remove(&write.record_key),
             };
             Ok(((), format!("deal record {} restored", scored.company.id)))
@@ -129,12 +175,19 @@ pub async fn restore_deal_record(ctx: &StepContext, scored: Scored, write: Recor
 
 /// Tells the partners about a high score. A sent message cannot be unsent; the step is the
 /// saga's last, so nothing after it can fail.
-#[saga_step(no_compensation, timeout = "250ms", retry(max_attempts = 6, initial = "20ms", max = "400ms"))]
+#[saga_step(
+    no_compensation,
+    timeout = "250ms",
+    retry(max_attempts = 6, initial = "20ms", max = "400ms")
+)]
 pub async fn notify_partners(ctx: &StepContext, scored: Scored) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
     office
         .effect(ctx, move |books| {
-            let text = format!("{} scored {} — worth a look", scored.company.name, scored.score);
+            let text = format!(
+                "{} scored {} — worth a look",
+                scored.company.name, scored.score
+            );
             books.partners.push(text.clone());
             Ok(((), text))
         })
@@ -151,18 +204,32 @@ impl Saga for Sourcing {
     type Output = SourcingOutcome;
     const NAME: &'static str = "sourcing";
 
-    async fn run(&self, saga: &mut SagaContext, request: SourcingRequest) -> Result<SourcingOutcome, SagaError> {
+    async fn run(
+        &self,
+        saga: &mut SagaContext,
+        request: SourcingRequest,
+    ) -> Result<SourcingOutcome, SagaError> {
         let search_date = request.search_date.clone();
         let Some(company) = saga.run(SearchCompanies, request).await? else {
-            return Ok(SourcingOutcome { company: None, score: 0, high: false });
+            return Ok(SourcingOutcome {
+                company: None,
+                score: 0,
+                high: false,
+            });
         };
         let financials = saga.run(PullFinancials, company.clone()).await?;
-        let scored = saga.run(ScoreCompany, (company.clone(), financials, search_date)).await?;
+        let scored = saga
+            .run(ScoreCompany, (company.clone(), financials, search_date))
+            .await?;
         saga.run(UpsertDealRecord, scored.clone()).await?;
         let high = scored.score >= HIGH_SCORE;
         if high {
             saga.run(NotifyPartners, scored.clone()).await?;
         }
-        Ok(SourcingOutcome { company: Some(company), score: scored.score, high })
+        Ok(SourcingOutcome {
+            company: Some(company),
+            score: scored.score,
+            high,
+        })
     }
 }

@@ -1,7 +1,7 @@
 //! What every simulated service shares: seeded fault injection and the crash switch.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use saga_core::{HttpStatus, Phase, StepContext};
@@ -38,7 +38,11 @@ impl Faults {
     #[must_use]
     pub fn decide(&self, operation: &str, key: &str, attempt: u32) -> Fault {
         let mut hash = self.seed ^ 0x9e37_79b9_7f4a_7c15;
-        for byte in operation.bytes().chain(key.bytes()).chain(attempt.to_le_bytes()) {
+        for byte in operation
+            .bytes()
+            .chain(key.bytes())
+            .chain(attempt.to_le_bytes())
+        {
             hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
         }
         let mut rng = fastrand::Rng::with_seed(hash);
@@ -67,7 +71,8 @@ pub struct CrashSwitch {
 impl CrashSwitch {
     /// Arms the switch to trip after `effects` applied effects.
     pub fn arm(&self, effects: u64) {
-        self.remaining.store(i64::try_from(effects).unwrap_or(i64::MAX), Ordering::SeqCst);
+        self.remaining
+            .store(i64::try_from(effects).unwrap_or(i64::MAX), Ordering::SeqCst);
         self.armed.store(true, Ordering::SeqCst);
     }
 
@@ -179,18 +184,23 @@ impl World {
         self.crash.gate().await;
         let (low, high) = self.latency_ms;
         tokio::time::sleep(Duration::from_millis(fastrand::u64(low..=high))).await;
-        if caller.phase == Phase::Forward && self.faults.fail_at.as_deref() == Some(caller.step.as_str()) {
+        if caller.phase == Phase::Forward
+            && self.faults.fail_at.as_deref() == Some(caller.step.as_str())
+        {
             return Err(ServiceError::Rejected(format!(
                 "forced permanent failure at `{}` (--fail-at)",
                 caller.step
             )));
         }
-        match self.faults.decide(&caller.step, &caller.key, caller.attempt) {
+        match self
+            .faults
+            .decide(&caller.step, &caller.key, caller.attempt)
+        {
             Fault::None => Ok(false),
             Fault::Unavailable => Err(ServiceError::Http(HttpStatus::new(503))),
-            Fault::RateLimited(after) => {
-                Err(ServiceError::Http(HttpStatus::new(429).with_retry_after(after)))
-            }
+            Fault::RateLimited(after) => Err(ServiceError::Http(
+                HttpStatus::new(429).with_retry_after(after),
+            )),
             Fault::Timeout => Ok(true),
         }
     }

@@ -51,7 +51,11 @@ fn default_run_shows_retries_and_a_compensation_and_passes_the_ledger_check() {
         .filter(|line| line.contains("undone (compensation"))
         .map(|line| line.split_whitespace().nth(2).unwrap_or_default())
         .collect();
-    assert_eq!(undone, ["notify_committee", "update_portfolio", "create_deal"], "{stdout}");
+    assert_eq!(
+        undone,
+        ["notify_committee", "update_portfolio", "create_deal"],
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -75,8 +79,16 @@ fn a_forced_permanent_failure_compensates_every_deal() {
 
 #[test]
 fn many_companies_under_heavy_faults_still_pass_the_ledger_check() {
-    let (ok, stdout) =
-        run(&["--companies", "120", "--fault-rate", "0.5", "--seed", "11", "--timelines", "none"]);
+    let (ok, stdout) = run(&[
+        "--companies",
+        "120",
+        "--fault-rate",
+        "0.5",
+        "--seed",
+        "11",
+        "--timelines",
+        "none",
+    ]);
     assert!(ok, "heavy run failed:\n{stdout}");
     assert!(stdout.contains("Ledger check: OK"), "{stdout}");
 }

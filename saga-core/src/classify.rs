@@ -53,7 +53,9 @@ impl ErrorClass {
     /// Transient, to be retried no earlier than `after`.
     #[must_use]
     pub fn retry_after(after: Duration) -> Self {
-        ErrorClass::Transient { retry_after: Some(after) }
+        ErrorClass::Transient {
+            retry_after: Some(after),
+        }
     }
 
     /// `true` for [`ErrorClass::Transient`].
@@ -79,8 +81,14 @@ impl fmt::Display for ErrorClass {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ErrorClass::Transient { retry_after: None } => f.write_str("transient"),
-            ErrorClass::Transient { retry_after: Some(after) } => {
-                write!(f, "transient (retry after {})", humantime::format_duration(*after))
+            ErrorClass::Transient {
+                retry_after: Some(after),
+            } => {
+                write!(
+                    f,
+                    "transient (retry after {})",
+                    humantime::format_duration(*after)
+                )
             }
             ErrorClass::Permanent => f.write_str("permanent"),
         }
@@ -135,7 +143,10 @@ impl HttpStatus {
     /// A status code with no retry-after.
     #[must_use]
     pub fn new(code: u16) -> Self {
-        Self { code, retry_after: None }
+        Self {
+            code,
+            retry_after: None,
+        }
     }
 
     /// The same status with the server's `Retry-After`.
@@ -161,12 +172,12 @@ impl std::error::Error for HttpStatus {}
 impl Classify for HttpStatus {
     fn classify(&self) -> ErrorClass {
         match self.code {
-            408 | 425 | 429 | 500..=599 => ErrorClass::Transient { retry_after: self.retry_after },
+            408 | 425 | 429 | 500..=599 => ErrorClass::Transient {
+                retry_after: self.retry_after,
+            },
             // Informational, success and redirect codes are not errors a client can fix by
             // waiting; treating them as permanent surfaces the caller's mistake at once.
-            0..=407 | 409..=424 | 426..=428 | 430..=499 | 600..=u16::MAX => {
-                ErrorClass::Permanent
-            }
+            0..=407 | 409..=424 | 426..=428 | 430..=499 | 600..=u16::MAX => ErrorClass::Permanent,
         }
     }
 }

@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the Unix epoch.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
 
@@ -66,7 +68,10 @@ impl TokioClock {
             // A system clock set before 1970 is a misconfiguration; starting at the epoch
             // keeps every duration computation correct.
             .unwrap_or(0);
-        Self { anchor_wall: Timestamp(wall), anchor_instant: tokio::time::Instant::now() }
+        Self {
+            anchor_wall: Timestamp(wall),
+            anchor_instant: tokio::time::Instant::now(),
+        }
     }
 }
 

@@ -64,7 +64,12 @@ pub enum CompensationReason {
 impl std::fmt::Display for CompensationReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CompensationReason::StepFailed { position, step, reason, error } => {
+            CompensationReason::StepFailed {
+                position,
+                step,
+                reason,
+                error,
+            } => {
                 write!(f, "step {position} `{step}` failed ({reason}): {error}")
             }
             CompensationReason::Aborted { message } => write!(f, "workflow aborted: {message}"),

@@ -45,7 +45,9 @@ pub struct IdempotencyGuard {
 
 impl std::fmt::Debug for IdempotencyGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdempotencyGuard").field("in_progress_ttl", &self.in_progress_ttl).finish()
+        f.debug_struct("IdempotencyGuard")
+            .field("in_progress_ttl", &self.in_progress_ttl)
+            .finish()
     }
 }
 
@@ -98,7 +100,10 @@ impl IdempotencyGuard {
     /// A guard on `store` with the default in-progress TTL.
     #[must_use]
     pub fn new(store: Arc<dyn SagaStore>) -> Self {
-        Self { store, in_progress_ttl: DEFAULT_IN_PROGRESS_TTL }
+        Self {
+            store,
+            in_progress_ttl: DEFAULT_IN_PROGRESS_TTL,
+        }
     }
 
     /// How long a claim blocks duplicates if its holder dies before completing.
@@ -130,23 +135,38 @@ impl IdempotencyGuard {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let encoding = |source| GuardError::Encoding { key: key.to_owned(), source };
+        let encoding = |source| GuardError::Encoding {
+            key: key.to_owned(),
+            source,
+        };
         let print = serde_json::to_value(fingerprint).map_err(encoding)?;
         let print = crate::fingerprint("guard", &print);
-        let claim =
-            self.store.guard_claim(key, &print, self.in_progress_ttl).await.map_err(GuardError::Store)?;
+        let claim = self
+            .store
+            .guard_claim(key, &print, self.in_progress_ttl)
+            .await
+            .map_err(GuardError::Store)?;
         let token = match claim {
             GuardClaim::Claimed { token } => token,
             GuardClaim::Completed { result } => {
                 metrics::counter!("saga_idempotency_hits_total").increment(1);
-                tracing::debug!(idempotency_key = key, "idempotency hit: returning recorded result");
+                tracing::debug!(
+                    idempotency_key = key,
+                    "idempotency hit: returning recorded result"
+                );
                 return serde_json::from_str(&result).map_err(encoding);
             }
             GuardClaim::InProgress => {
                 metrics::counter!("saga_idempotency_hits_total").increment(1);
-                return Err(GuardError::InProgress { key: key.to_owned() });
+                return Err(GuardError::InProgress {
+                    key: key.to_owned(),
+                });
             }
-            GuardClaim::Conflict => return Err(GuardError::Conflict { key: key.to_owned() }),
+            GuardClaim::Conflict => {
+                return Err(GuardError::Conflict {
+                    key: key.to_owned(),
+                });
+            }
         };
         match effect().await {
             Ok(value) => {

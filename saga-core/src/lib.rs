@@ -32,7 +32,9 @@ pub use guard::{DEFAULT_IN_PROGRESS_TTL, GuardError, IdempotencyGuard};
 pub use ids::{Phase, SagaId, content_key, fingerprint, step_idempotency_key};
 pub use resources::{MissingResource, Resources};
 pub use retry::{GiveUpReason, Jitter, RetryDecision, RetryPolicy, RetryPolicyError};
-pub use state::{CompensationRecord, CompensationStatus, FoldError, SagaState, StepRecord, StepStatus};
+pub use state::{
+    CompensationRecord, CompensationStatus, FoldError, SagaState, StepRecord, StepStatus,
+};
 pub use status::{SagaStatus, UnknownStatus};
 pub use step::{Compensation, Reconciled, Step};
 pub use store::{MemoryStore, SagaStore, StoreError};

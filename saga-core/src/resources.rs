@@ -15,7 +15,9 @@ pub struct Resources {
 
 impl std::fmt::Debug for Resources {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Resources").field("count", &self.by_type.len()).finish()
+        f.debug_struct("Resources")
+            .field("count", &self.by_type.len())
+            .finish()
     }
 }
 
@@ -33,7 +35,9 @@ impl Resources {
         self.by_type
             .get(&TypeId::of::<T>())
             .and_then(|value| value.downcast_ref::<T>())
-            .ok_or(MissingResource { type_name: type_name::<T>() })
+            .ok_or(MissingResource {
+                type_name: type_name::<T>(),
+            })
     }
 }
 

@@ -91,13 +91,18 @@ impl RetryPolicy {
     /// 100 ms doubling up to 30 s, full jitter.
     #[must_use]
     pub fn compensation_default() -> Self {
-        Self::default().with_max_attempts(10).with_max_delay(Duration::from_secs(30))
+        Self::default()
+            .with_max_attempts(10)
+            .with_max_delay(Duration::from_secs(30))
     }
 
     /// A policy that tries once and never retries.
     #[must_use]
     pub fn no_retry() -> Self {
-        Self { max_attempts: 1, ..Self::default() }
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
     }
 
     /// Builds a policy from every setting at once, checking that they make sense.
@@ -119,9 +124,19 @@ impl RetryPolicy {
             return Err(RetryPolicyError::BadMultiplier(multiplier));
         }
         if max_delay < initial_delay {
-            return Err(RetryPolicyError::CapBelowInitial { initial: initial_delay, max: max_delay });
+            return Err(RetryPolicyError::CapBelowInitial {
+                initial: initial_delay,
+                max: max_delay,
+            });
         }
-        Ok(Self { max_attempts, initial_delay, multiplier, max_delay, jitter, max_elapsed })
+        Ok(Self {
+            max_attempts,
+            initial_delay,
+            multiplier,
+            max_delay,
+            jitter,
+            max_elapsed,
+        })
     }
 
     /// Total attempts, the first one included (at least 1).
@@ -142,7 +157,11 @@ impl RetryPolicy {
     /// The growth factor between delays (values below 1 or not finite are treated as 1).
     #[must_use]
     pub fn with_multiplier(mut self, multiplier: f32) -> Self {
-        self.multiplier = if multiplier.is_finite() { multiplier.max(1.0) } else { 1.0 };
+        self.multiplier = if multiplier.is_finite() {
+            multiplier.max(1.0)
+        } else {
+            1.0
+        };
         self
     }
 
@@ -256,7 +275,8 @@ impl RetryPolicy {
             return RetryDecision::GiveUp(GiveUpReason::AttemptsExhausted);
         }
         let computed = self.delay(failed_attempt, rng);
-        // A server's retry-after is a floor: retrying earlier would just be refused again.
+        // A server's retry-after replaces the computed delay: it knows when it will accept
+        // the call again, and retrying earlier would just be refused.
         let delay = match class.retry_after_hint() {
             Some(after) => after,
             None => computed,
@@ -291,6 +311,9 @@ pub enum GiveUpReason {
     AttemptsExhausted,
     /// The next retry would pass the policy's elapsed-time limit.
     ElapsedExhausted,
+    /// An attempt was interrupted (its coordinator stopped mid-attempt) more often than the
+    /// engine's `max_interruptions`.
+    InterruptedTooOften,
 }
 
 impl std::fmt::Display for GiveUpReason {
@@ -299,6 +322,7 @@ impl std::fmt::Display for GiveUpReason {
             GiveUpReason::Permanent => "permanent error",
             GiveUpReason::AttemptsExhausted => "retries exhausted",
             GiveUpReason::ElapsedExhausted => "retry time limit reached",
+            GiveUpReason::InterruptedTooOften => "interrupted too often",
         })
     }
 }
@@ -327,10 +351,16 @@ mod tests {
 
     #[test]
     fn retry_after_overrides_computed_delay() {
-        let policy = RetryPolicy::default().with_max_attempts(3).with_jitter(Jitter::None);
+        let policy = RetryPolicy::default()
+            .with_max_attempts(3)
+            .with_jitter(Jitter::None);
         let mut rng = fastrand::Rng::with_seed(1);
-        let decision =
-            policy.decide(1, ErrorClass::retry_after(Duration::from_secs(7)), Duration::ZERO, &mut rng);
+        let decision = policy.decide(
+            1,
+            ErrorClass::retry_after(Duration::from_secs(7)),
+            Duration::ZERO,
+            &mut rng,
+        );
         assert_eq!(decision, RetryDecision::RetryAfter(Duration::from_secs(7)));
     }
 

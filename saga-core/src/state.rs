@@ -67,6 +67,10 @@ pub struct StepRecord {
     pub status: StepStatus,
     /// Attempts started so far.
     pub attempts: u32,
+    /// Times the current attempt was started again because its coordinator stopped while
+    /// running it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub interruptions: u32,
     /// The forward idempotency key.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub idempotency_key: String,
@@ -201,7 +205,12 @@ impl SagaState {
                 problem: "the history is empty".into(),
             });
         };
-        let EventKind::SagaStarted { saga_type, version, input, idempotency_key } = &first.kind
+        let EventKind::SagaStarted {
+            saga_type,
+            version,
+            input,
+            idempotency_key,
+        } = &first.kind
         else {
             return Err(FoldError {
                 saga: id,
@@ -237,12 +246,14 @@ impl SagaState {
         position: u32,
     ) -> Result<&mut StepRecord, FoldError> {
         let saga = self.id;
-        self.journal.get_mut(position as usize).ok_or_else(|| FoldError {
-            saga,
-            seq,
-            event,
-            problem: format!("no journal entry at position {position}"),
-        })
+        self.journal
+            .get_mut(position as usize)
+            .ok_or_else(|| FoldError {
+                saga,
+                seq,
+                event,
+                problem: format!("no journal entry at position {position}"),
+            })
     }
 
     /// Applies one event on top of this state.
@@ -253,7 +264,12 @@ impl SagaState {
     pub fn apply(&mut self, seq: u64, event: &SagaEvent) -> Result<(), FoldError> {
         let name = event.kind.name();
         let saga = self.id;
-        let fail = |problem: String| FoldError { saga, seq, event: name, problem };
+        let fail = |problem: String| FoldError {
+            saga,
+            seq,
+            event: name,
+            problem,
+        };
         if self.status.is_terminal() && !matches!(event.kind, EventKind::CancelRequested { .. }) {
             return Err(fail(format!("the saga is already {}", self.status)));
         }
@@ -269,7 +285,13 @@ impl SagaState {
                 self.owner = Some(owner.clone());
                 self.resumes += 1;
             }
-            EventKind::StepStarted { position, step, attempt, idempotency_key, input } => {
+            EventKind::StepStarted {
+                position,
+                step,
+                attempt,
+                idempotency_key,
+                input,
+            } => {
                 let len = self.journal.len() as u32;
                 if *position == len {
                     self.journal.push(StepRecord {
@@ -278,6 +300,7 @@ impl SagaState {
                         is_value: false,
                         status: StepStatus::Started,
                         attempts: *attempt,
+                        interruptions: 0,
                         idempotency_key: idempotency_key.clone(),
                         input: input.clone(),
                         output: None,
@@ -296,6 +319,11 @@ impl SagaState {
                             record.name
                         )));
                     }
+                    if record.status == StepStatus::Started && *attempt == record.attempts {
+                        record.interruptions += 1;
+                    } else {
+                        record.interruptions = 0;
+                    }
                     record.status = StepStatus::Started;
                     record.attempts = *attempt;
                     record.started_at = Some(event.at);
@@ -307,7 +335,12 @@ impl SagaState {
                     return Err(fail(format!("position {position} skips past {len}")));
                 }
             }
-            EventKind::StepSucceeded { position, output, attempt, .. } => {
+            EventKind::StepSucceeded {
+                position,
+                output,
+                attempt,
+                ..
+            } => {
                 let record = self.record_mut(seq, name, *position)?;
                 record.status = StepStatus::Succeeded;
                 record.attempts = (*attempt).max(record.attempts);
@@ -315,14 +348,25 @@ impl SagaState {
                 record.finished_at = Some(event.at);
                 record.next_retry_at = None;
             }
-            EventKind::StepAttemptFailed { position, error, next_retry_at, attempt, .. } => {
+            EventKind::StepAttemptFailed {
+                position,
+                error,
+                next_retry_at,
+                attempt,
+                ..
+            } => {
                 let record = self.record_mut(seq, name, *position)?;
                 record.status = StepStatus::Retrying;
                 record.attempts = (*attempt).max(record.attempts);
                 record.error = Some(error.clone());
                 record.next_retry_at = Some(*next_retry_at);
             }
-            EventKind::StepFailed { position, error, attempt, .. } => {
+            EventKind::StepFailed {
+                position,
+                error,
+                attempt,
+                ..
+            } => {
                 let record = self.record_mut(seq, name, *position)?;
                 record.status = StepStatus::Failed;
                 record.attempts = (*attempt).max(record.attempts);
@@ -330,7 +374,11 @@ impl SagaState {
                 record.finished_at = Some(event.at);
                 record.next_retry_at = None;
             }
-            EventKind::ValueRecorded { position, name: value_name, value } => {
+            EventKind::ValueRecorded {
+                position,
+                name: value_name,
+                value,
+            } => {
                 if *position != self.journal.len() as u32 {
                     return Err(fail(format!(
                         "value at position {position}, but the journal has {} entries",
@@ -343,6 +391,7 @@ impl SagaState {
                     is_value: true,
                     status: StepStatus::Succeeded,
                     attempts: 1,
+                    interruptions: 0,
                     idempotency_key: String::new(),
                     input: None,
                     output: Some(value.clone()),
@@ -361,7 +410,13 @@ impl SagaState {
                 self.status = SagaStatus::Compensating;
                 self.compensation_reason = Some(reason.clone());
             }
-            EventKind::CompensationAttemptFailed { position, error, attempt, next_retry_at, .. } => {
+            EventKind::CompensationAttemptFailed {
+                position,
+                error,
+                attempt,
+                next_retry_at,
+                ..
+            } => {
                 let record = self.record_mut(seq, name, *position)?;
                 record.compensation = Some(CompensationRecord {
                     status: CompensationStatus::Retrying,
@@ -371,7 +426,9 @@ impl SagaState {
                     skipped_because: None,
                 });
             }
-            EventKind::StepCompensated { position, attempt, .. } => {
+            EventKind::StepCompensated {
+                position, attempt, ..
+            } => {
                 let record = self.record_mut(seq, name, *position)?;
                 let error = record.compensation.as_ref().and_then(|c| c.error.clone());
                 record.compensation = Some(CompensationRecord {
@@ -407,4 +464,10 @@ impl SagaState {
         self.updated_at = self.updated_at.max(event.at);
         Ok(())
     }
+}
+
+// serde's `skip_serializing_if` passes a reference.
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }

@@ -64,7 +64,9 @@ impl fmt::Display for SagaStatus {
 
 /// A status name that is not one of [`SagaStatus::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown saga status `{0}`; expected one of running, compensating, completed, compensated, failed")]
+#[error(
+    "unknown saga status `{0}`; expected one of running, compensating, completed, compensated, failed"
+)]
 pub struct UnknownStatus(pub String);
 
 impl FromStr for SagaStatus {

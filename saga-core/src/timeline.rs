@@ -40,27 +40,60 @@ pub fn render(events: &[SagaEvent]) -> String {
 #[must_use]
 pub fn describe(kind: &EventKind) -> String {
     match kind {
-        EventKind::SagaStarted { saga_type, version, idempotency_key, .. } => match idempotency_key {
+        EventKind::SagaStarted {
+            saga_type,
+            version,
+            idempotency_key,
+            ..
+        } => match idempotency_key {
             Some(key) => format!("started {saga_type} v{version} (idempotency key `{key}`)"),
             None => format!("started {saga_type} v{version}"),
         },
         EventKind::LeaseAcquired { owner, fence } => {
             format!("lease taken by {owner} (fencing token {fence})")
         }
-        EventKind::SagaResumed { owner, status, completed_steps } => format!(
+        EventKind::SagaResumed {
+            owner,
+            status,
+            completed_steps,
+        } => format!(
             "resumed by {owner} while {status}; {completed_steps} completed step(s) replayed from the journal"
         ),
-        EventKind::StepStarted { position, step, attempt, .. } => {
+        EventKind::StepStarted {
+            position,
+            step,
+            attempt,
+            ..
+        } => {
             format!("{} attempt {attempt} started", step_label(*position, step))
         }
-        EventKind::StepSucceeded { position, step, attempt, reconciled, .. } => {
+        EventKind::StepSucceeded {
+            position,
+            step,
+            attempt,
+            reconciled,
+            ..
+        } => {
             if *reconciled {
-                format!("{} found applied by its reconciliation check (not re-run)", step_label(*position, step))
+                format!(
+                    "{} found applied by its reconciliation check (not re-run)",
+                    step_label(*position, step)
+                )
             } else {
-                format!("{} succeeded on attempt {attempt}", step_label(*position, step))
+                format!(
+                    "{} succeeded on attempt {attempt}",
+                    step_label(*position, step)
+                )
             }
         }
-        EventKind::StepAttemptFailed { position, step, attempt, error, backoff_seconds, .. } => {
+        EventKind::StepAttemptFailed {
+            position,
+            step,
+            attempt,
+            error,
+            backoff_seconds,
+            ..
+        } => {
             format!(
                 "{} attempt {attempt} failed: {}; retry in {}",
                 step_label(*position, step),
@@ -68,17 +101,34 @@ pub fn describe(kind: &EventKind) -> String {
                 format_seconds(*backoff_seconds)
             )
         }
-        EventKind::StepFailed { position, step, attempt, error, reason } => format!(
+        EventKind::StepFailed {
+            position,
+            step,
+            attempt,
+            error,
+            reason,
+        } => format!(
             "{} FAILED on attempt {attempt} ({reason}): {}",
             step_label(*position, step),
             describe_error(error)
         ),
-        EventKind::ValueRecorded { position, name, value } => {
+        EventKind::ValueRecorded {
+            position,
+            name,
+            value,
+        } => {
             format!("#{position} journaled {name}() = {value}")
         }
         EventKind::CancelRequested { reason } => format!("cancel requested: {reason}"),
         EventKind::CompensationStarted { reason } => format!("COMPENSATING: {reason}"),
-        EventKind::CompensationAttemptFailed { position, step, attempt, error, backoff_seconds, .. } => {
+        EventKind::CompensationAttemptFailed {
+            position,
+            step,
+            attempt,
+            error,
+            backoff_seconds,
+            ..
+        } => {
             format!(
                 "{} undo attempt {attempt} failed: {}; retry in {}",
                 step_label(*position, step),
@@ -86,10 +136,21 @@ pub fn describe(kind: &EventKind) -> String {
                 format_seconds(*backoff_seconds)
             )
         }
-        EventKind::StepCompensated { position, step, attempt } => {
-            format!("{} undone (compensation attempt {attempt})", step_label(*position, step))
+        EventKind::StepCompensated {
+            position,
+            step,
+            attempt,
+        } => {
+            format!(
+                "{} undone (compensation attempt {attempt})",
+                step_label(*position, step)
+            )
         }
-        EventKind::CompensationSkipped { position, step, why } => {
+        EventKind::CompensationSkipped {
+            position,
+            step,
+            why,
+        } => {
             format!("{} not undone: {why}", step_label(*position, step))
         }
         EventKind::SagaCompleted { .. } => "COMPLETED".to_owned(),
@@ -111,10 +172,18 @@ fn describe_error(error: &StepError) -> String {
 }
 
 fn format_seconds(seconds: f64) -> String {
-    if seconds < 1.0 { format!("{:.0}ms", seconds * 1000.0) } else { format!("{seconds:.2}s") }
+    if seconds < 1.0 {
+        format!("{:.0}ms", seconds * 1000.0)
+    } else {
+        format!("{seconds:.2}s")
+    }
 }
 
 fn format_offset(offset: Duration) -> String {
     let ms = offset.as_millis();
-    if ms < 10_000 { format!("+{ms}ms") } else { format!("+{:.1}s", offset.as_secs_f64()) }
+    if ms < 10_000 {
+        format!("+{ms}ms")
+    } else {
+        format!("+{:.1}s", offset.as_secs_f64())
+    }
 }

@@ -19,6 +19,7 @@
 //!
 //! When `redis-server` is not installed, starting one panics with a message that says how to
 //! install it (`apt-get install redis-server`, or run `scripts/test.sh`, which does).
+//! `REDIS_SERVER_BIN` and `REDIS_CLI_BIN` name other binaries to run.
 //!
 //! ```no_run
 //! use saga_redis_testkit::{RedisServer, ServerConfig};
@@ -66,6 +67,7 @@ pub struct ServerConfig {
     acl_users: Vec<String>,
     directives: Vec<String>,
     cluster: bool,
+    tls: bool,
 }
 
 impl ServerConfig {
@@ -104,6 +106,15 @@ impl ServerConfig {
         self
     }
 
+    /// Also listen for TLS on a second port ([`RedisServer::tls_url`]), with a certificate for
+    /// `127.0.0.1` signed by a throwaway CA ([`RedisServer::tls_ca_pem`]); generated with the
+    /// `openssl` command, which must be installed (see [`openssl_available`]).
+    #[must_use]
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
     fn cluster_node(mut self) -> Self {
         self.cluster = true;
         self
@@ -117,6 +128,7 @@ pub struct RedisServer {
     config: ServerConfig,
     port: u16,
     cluster_port: u16,
+    tls_port: u16,
     dir: tempfile::TempDir,
     process: Option<Process>,
 }
@@ -138,12 +150,27 @@ impl RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("saga-redis-test-")
             .tempdir()
-            .unwrap_or_else(|err| panic!("cannot create a temporary directory for redis-server: {err}"));
-        let mut server = RedisServer { config, port: 0, cluster_port: 0, dir, process: None };
+            .unwrap_or_else(|err| {
+                panic!("cannot create a temporary directory for redis-server: {err}")
+            });
+        if config.tls {
+            generate_certificates(dir.path()).unwrap_or_else(|err| {
+                panic!("cannot make TLS certificates for redis-server: {err}")
+            });
+        }
+        let mut server = RedisServer {
+            config,
+            port: 0,
+            cluster_port: 0,
+            tls_port: 0,
+            dir,
+            process: None,
+        };
         let mut last_failure = String::new();
         for _ in 0..PORT_ATTEMPTS {
             server.port = free_port();
             server.cluster_port = free_port();
+            server.tls_port = free_port();
             match server.spawn() {
                 Ok(()) => return server,
                 Err(failure) => last_failure = failure,
@@ -168,7 +195,29 @@ impl RedisServer {
     /// `default` user).
     #[must_use]
     pub fn url_with_credentials(&self, user: Option<&str>, password: &str) -> String {
-        format!("redis://{}:{password}@127.0.0.1:{}", user.unwrap_or(""), self.port)
+        format!(
+            "redis://{}:{password}@127.0.0.1:{}",
+            user.unwrap_or(""),
+            self.port
+        )
+    }
+
+    /// With [`ServerConfig::tls`]: `rediss://127.0.0.1:<tls port>`.
+    #[must_use]
+    pub fn tls_url(&self) -> Option<String> {
+        self.config
+            .tls
+            .then(|| format!("rediss://127.0.0.1:{}", self.tls_port))
+    }
+
+    /// With [`ServerConfig::tls`]: the PEM certificate of the CA that signed the server's
+    /// certificate (clients must trust it).
+    #[must_use]
+    pub fn tls_ca_pem(&self) -> Option<Vec<u8>> {
+        if !self.config.tls {
+            return None;
+        }
+        std::fs::read(self.dir.path().join("ca.crt")).ok()
     }
 
     /// The server's pid while it runs.
@@ -211,7 +260,10 @@ impl RedisServer {
                 Err(failure) => last_failure = failure,
             }
         }
-        panic!("redis-server did not restart on port {}: {last_failure}", self.port);
+        panic!(
+            "redis-server did not restart on port {}: {last_failure}",
+            self.port
+        );
     }
 
     fn log_path(&self) -> PathBuf {
@@ -245,11 +297,19 @@ impl RedisServer {
             let _ = writeln!(conf, "cluster-node-timeout 5000");
             let _ = writeln!(conf, "cluster-port {}", self.cluster_port);
         }
+        if self.config.tls {
+            let _ = writeln!(conf, "tls-port {}", self.tls_port);
+            let _ = writeln!(conf, "tls-cert-file {}", dir.join("server.crt").display());
+            let _ = writeln!(conf, "tls-key-file {}", dir.join("server.key").display());
+            let _ = writeln!(conf, "tls-ca-cert-file {}", dir.join("ca.crt").display());
+            let _ = writeln!(conf, "tls-auth-clients no");
+        }
         for line in &self.config.directives {
             let _ = writeln!(conf, "{line}");
         }
         let path = dir.join("redis.conf");
-        std::fs::write(&path, conf).map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+        std::fs::write(&path, conf)
+            .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
         Ok(path)
     }
 
@@ -262,7 +322,9 @@ impl RedisServer {
             .append(true)
             .open(self.log_path())
             .map_err(|err| format!("cannot open the server log: {err}"))?;
-        let log_err = log.try_clone().map_err(|err| format!("cannot open the server log: {err}"))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|err| format!("cannot open the server log: {err}"))?;
         let server = Command::new(binary("redis-server"))
             .arg(&conf)
             .current_dir(self.dir.path())
@@ -279,22 +341,42 @@ impl RedisServer {
             }
             Err(failure) => {
                 process.stop();
-                Err(format!("{failure}\n--- redis-server log ---\n{}", self.log()))
+                Err(format!(
+                    "{failure}\n--- redis-server log ---\n{}",
+                    self.log()
+                ))
             }
         }
     }
 
     fn wait_until_ready(&self, process: &mut Process) -> Result<(), String> {
         let deadline = Instant::now() + START_BOUND;
-        let url = match &self.config.password {
+        // The default user (with `requirepass` if set), then every ACL user with a password.
+        let mut urls = vec![match &self.config.password {
             Some(password) => self.url_with_credentials(None, password),
             None => self.url(),
-        };
+        }];
+        for rule in &self.config.acl_users {
+            let mut words = rule.split_whitespace();
+            let user = words.next().unwrap_or_default();
+            if let Some(password) = words.find_map(|word| word.strip_prefix('>')) {
+                urls.push(self.url_with_credentials(Some(user), password));
+            }
+        }
         loop {
             if let Ok(Some(status)) = process.server.try_wait() {
-                return Err(format!("redis-server on port {} exited with {status}", self.port));
+                return Err(format!(
+                    "redis-server on port {} exited with {status}",
+                    self.port
+                ));
             }
-            let Err(last) = ping(&url) else { return Ok(()) };
+            let mut last = String::new();
+            for url in &urls {
+                match ping(url) {
+                    Ok(()) => return Ok(()),
+                    Err(err) => last = err,
+                }
+            }
             if Instant::now() >= deadline {
                 return Err(format!(
                     "redis-server on port {} did not answer PING within {START_BOUND:?}: {last}",
@@ -337,7 +419,11 @@ impl Process {
         match watchdog {
             Ok(mut watchdog) => {
                 let lifeline = watchdog.stdin.take();
-                Ok(Process { server, watchdog, _lifeline: lifeline })
+                Ok(Process {
+                    server,
+                    watchdog,
+                    _lifeline: lifeline,
+                })
             }
             Err(err) => {
                 let _ = server.kill();
@@ -369,8 +455,9 @@ impl RedisCluster {
     #[must_use]
     pub fn start(masters: usize) -> Self {
         require_binary("redis-cli");
-        let nodes: Vec<RedisServer> =
-            (0..masters).map(|_| RedisServer::start(ServerConfig::new().cluster_node())).collect();
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| RedisServer::start(ServerConfig::new().cluster_node()))
+            .collect();
         let cluster = RedisCluster { nodes };
         let mut create = Command::new(binary("redis-cli"));
         create.arg("--cluster").arg("create");
@@ -515,30 +602,142 @@ pub fn can_spawn_servers(test: &str) -> bool {
 /// A fresh key prefix for one test: `t<random>` (no braces, so it cannot break hash tags).
 #[must_use]
 pub fn unique_prefix(test: &str) -> String {
-    let clean: String = test.chars().filter(char::is_ascii_alphanumeric).take(24).collect();
+    let clean: String = test
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(24)
+        .collect();
     format!("t-{clean}-{:016x}", random_u64())
 }
 
+/// Random enough for key prefixes: std's randomly keyed hasher over a process-wide counter
+/// and the pid.
 fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(Instant::now().elapsed().as_nanos());
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     hasher.write_u32(std::process::id());
     hasher.finish()
 }
 
+/// `true` when the `openssl` command is there (needed by [`ServerConfig::tls`]). Otherwise
+/// prints why `test` is skipped.
+#[must_use]
+pub fn openssl_available(test: &str) -> bool {
+    let found = Command::new("openssl")
+        .arg("version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !found {
+        eprintln!(
+            "skipping {test}: the `openssl` command is not installed (apt-get install openssl)"
+        );
+    }
+    found
+}
+
+/// A CA and a server certificate for 127.0.0.1 and localhost signed by it, in `dir`
+/// (`ca.crt`, `server.crt`, `server.key`), valid for a day.
+fn generate_certificates(dir: &Path) -> Result<(), String> {
+    let extensions = "subjectAltName=IP:127.0.0.1,DNS:localhost\n\
+                      basicConstraints=CA:FALSE\n\
+                      keyUsage=digitalSignature,keyEncipherment\n\
+                      extendedKeyUsage=serverAuth\n";
+    std::fs::write(dir.join("server.ext"), extensions)
+        .map_err(|err| format!("cannot write server.ext: {err}"))?;
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=saga-redis test CA",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "server.ext",
+        ],
+    ];
+    for args in steps {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|err| format!("cannot run openssl: {err}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "openssl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn ping(url: &str) -> Result<(), String> {
     let client = redis::Client::open(url).map_err(|err| err.to_string())?;
-    let mut connection =
-        client.get_connection_with_timeout(Duration::from_secs(1)).map_err(|err| err.to_string())?;
-    redis::cmd("PING").query::<String>(&mut connection).map(drop).map_err(|err| err.to_string())
+    let mut connection = client
+        .get_connection_with_timeout(Duration::from_secs(1))
+        .map_err(|err| err.to_string())?;
+    redis::cmd("PING")
+        .query::<String>(&mut connection)
+        .map(drop)
+        .map_err(|err| err.to_string())
 }
 
 fn cluster_info(url: &str) -> Result<String, String> {
     let client = redis::Client::open(url).map_err(|err| err.to_string())?;
-    let mut connection =
-        client.get_connection_with_timeout(Duration::from_secs(1)).map_err(|err| err.to_string())?;
-    redis::cmd("CLUSTER").arg("INFO").query::<String>(&mut connection).map_err(|err| err.to_string())
+    let mut connection = client
+        .get_connection_with_timeout(Duration::from_secs(1))
+        .map_err(|err| err.to_string())?;
+    redis::cmd("CLUSTER")
+        .arg("INFO")
+        .query::<String>(&mut connection)
+        .map_err(|err| err.to_string())
 }
 
 /// A port that was free a moment ago (bound to port 0, then released).

@@ -53,6 +53,8 @@ pub struct RedisStoreBuilder {
     connection_timeout: Duration,
     response_timeout: Duration,
     reconnect_retries: usize,
+    #[cfg(feature = "tls")]
+    tls_root_certificate: Option<Vec<u8>>,
 }
 
 impl Default for RedisStoreBuilder {
@@ -66,6 +68,8 @@ impl Default for RedisStoreBuilder {
             connection_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(10),
             reconnect_retries: 6,
+            #[cfg(feature = "tls")]
+            tls_root_certificate: None,
         }
     }
 }
@@ -141,17 +145,46 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// For `rediss://` URLs: trust this CA certificate (PEM) instead of the system's root
+    /// certificates — for a private CA, as managed Redis services and test servers use.
+    #[cfg(feature = "tls")]
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root_certificate = Some(pem.into());
+        self
+    }
+
+    /// A standalone client for `url`, with the configured root certificate for TLS.
+    fn client(&self, url: &str) -> Result<Client, ConnectError> {
+        let bad_url = |source| ConnectError::Url {
+            url: redact(url),
+            source,
+        };
+        #[cfg(feature = "tls")]
+        if let Some(pem) = &self.tls_root_certificate {
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            };
+            return Client::build_with_tls(url, certificates).map_err(bad_url);
+        }
+        Client::open(url).map_err(bad_url)
+    }
+
     fn validate(&self) -> Result<Target, ConnectError> {
-        let target = self
-            .target
-            .clone()
-            .ok_or_else(|| ConnectError::Config("no Redis URL: call .url(..) or .cluster(..)".into()))?;
+        let target = self.target.clone().ok_or_else(|| {
+            ConnectError::Config("no Redis URL: call .url(..) or .cluster(..)".into())
+        })?;
         if let Target::Cluster(nodes) = &target
             && nodes.is_empty()
         {
-            return Err(ConnectError::Config("a cluster needs at least one node URL".into()));
+            return Err(ConnectError::Config(
+                "a cluster needs at least one node URL".into(),
+            ));
         }
-        if self.prefix.is_empty() || self.prefix.contains(['{', '}']) || self.prefix.chars().any(char::is_whitespace) {
+        if self.prefix.is_empty()
+            || self.prefix.contains(['{', '}'])
+            || self.prefix.chars().any(char::is_whitespace)
+        {
             return Err(ConnectError::Config(format!(
                 "key prefix {:?} must be non-empty, without braces or whitespace",
                 self.prefix
@@ -164,7 +197,9 @@ impl RedisStoreBuilder {
             )));
         }
         if self.max_payload == 0 {
-            return Err(ConnectError::Config("max payload must be at least 1 byte".into()));
+            return Err(ConnectError::Config(
+                "max payload must be at least 1 byte".into(),
+            ));
         }
         Ok(target)
     }
@@ -179,13 +214,14 @@ impl RedisStoreBuilder {
     /// or a partition count that differs from the one recorded for the key prefix.
     pub async fn connect(self) -> Result<RedisStore, ConnectError> {
         let target = self.validate()?;
-        let response_timeout =
-            self.response_timeout + self.replica_wait.map_or(Duration::ZERO, |wait| wait.timeout);
+        let response_timeout = self.response_timeout
+            + self
+                .replica_wait
+                .map_or(Duration::ZERO, |wait| wait.timeout);
         let (connection, node_name) = match &target {
             Target::Standalone(url) => {
                 ensure_tls_provider(std::slice::from_ref(url))?;
-                let client = Client::open(url.as_str())
-                    .map_err(|source| ConnectError::Url { url: redact(url), source })?;
+                let client = self.client(url)?;
                 let node = client.get_connection_info().addr().to_string();
                 // One plain connection first, so that wrong credentials or a dead server give
                 // a clear error at once instead of the manager's reconnect retries.
@@ -215,20 +251,37 @@ impl RedisStoreBuilder {
                 ensure_tls_provider(nodes)?;
                 let mut infos = Vec::with_capacity(nodes.len());
                 for url in nodes {
-                    infos.push(
-                        url.as_str()
-                            .into_connection_info()
-                            .map_err(|source| ConnectError::Url { url: redact(url), source })?,
-                    );
+                    infos.push(url.as_str().into_connection_info().map_err(|source| {
+                        ConnectError::Url {
+                            url: redact(url),
+                            source,
+                        }
+                    })?);
                 }
-                let node = nodes.iter().map(|url| redact(url)).collect::<Vec<_>>().join(", ");
-                let client = ClusterClientBuilder::new(infos)
+                let node = nodes
+                    .iter()
+                    .map(|url| redact(url))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let cluster = ClusterClientBuilder::new(infos)
                     .connection_timeout(self.connection_timeout)
-                    .response_timeout(response_timeout)
-                    .build()
-                    .map_err(|source| ConnectError::Url { url: node.clone(), source })?;
-                let mut connection =
-                    client.get_async_connection().await.map_err(|source| connect_error(&node, source))?;
+                    .response_timeout(response_timeout);
+                #[cfg(feature = "tls")]
+                let cluster = match &self.tls_root_certificate {
+                    Some(pem) => cluster.certs(redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem.clone()),
+                    }),
+                    None => cluster,
+                };
+                let client = cluster.build().map_err(|source| ConnectError::Url {
+                    url: node.clone(),
+                    source,
+                })?;
+                let mut connection = client
+                    .get_async_connection()
+                    .await
+                    .map_err(|source| connect_error(&node, source))?;
                 redis::cmd("PING")
                     .query_async::<()>(&mut connection)
                     .await
@@ -237,7 +290,7 @@ impl RedisStoreBuilder {
             }
         };
         let keys = KeyLayout::new(self.prefix.clone(), self.partitions);
-        check_meta(&connection, &keys).await?;
+        check_meta(&connection, &keys, &node_name).await?;
         let mut store = RedisStore {
             inner: Arc::new(Inner {
                 conn: connection,
@@ -258,14 +311,24 @@ impl RedisStoreBuilder {
 
 fn connect_error(node: &str, source: redis::RedisError) -> ConnectError {
     if is_auth_error(&source) {
-        ConnectError::Auth { node: node.to_owned(), source }
+        ConnectError::Auth {
+            node: node.to_owned(),
+            source,
+        }
     } else {
-        ConnectError::Unreachable { node: node.to_owned(), source }
+        ConnectError::Unreachable {
+            node: node.to_owned(),
+            source,
+        }
     }
 }
 
 /// Records the partition count and layout version on first use; refuses a mismatch.
-async fn check_meta(connection: &Connection, keys: &KeyLayout) -> Result<(), ConnectError> {
+async fn check_meta(
+    connection: &Connection,
+    keys: &KeyLayout,
+    node: &str,
+) -> Result<(), ConnectError> {
     let mut conn = connection.clone();
     let meta = keys.meta();
     let value: redis::Value = SCRIPTS
@@ -277,7 +340,10 @@ async fn check_meta(connection: &Connection, keys: &KeyLayout) -> Result<(), Con
         .await
         .map_err(|err| {
             if is_auth_error(&err) {
-                ConnectError::Auth { node: meta.clone(), source: err }
+                ConnectError::Auth {
+                    node: node.to_owned(),
+                    source: err,
+                }
             } else {
                 ConnectError::Store(redis_error("meta", None, err))
             }

@@ -72,18 +72,35 @@ impl fmt::Display for ServerFinding {
 }
 
 /// The findings for one node's `CONFIG GET appendonly appendfsync maxmemory-policy` reply.
-pub(crate) fn findings_for(node: &str, reply: Result<Value, redis::RedisError>) -> Vec<ServerFinding> {
-    let finding = |issue| ServerFinding { node: node.to_owned(), issue };
-    let settings = match reply.and_then(|value| redis::from_redis_value::<HashMap<String, String>>(value).map_err(Into::into)) {
+pub(crate) fn findings_for(
+    node: &str,
+    reply: Result<Value, redis::RedisError>,
+) -> Vec<ServerFinding> {
+    let finding = |issue| ServerFinding {
+        node: node.to_owned(),
+        issue,
+    };
+    let settings = match reply.and_then(|value| {
+        redis::from_redis_value::<HashMap<String, String>>(value).map_err(Into::into)
+    }) {
         Ok(settings) => settings,
-        Err(err) => return vec![finding(ServerIssue::Unverifiable { reason: err.to_string() })],
+        Err(err) => {
+            return vec![finding(ServerIssue::Unverifiable {
+                reason: err.to_string(),
+            })];
+        }
     };
     let get = |name: &str| settings.get(name).map(String::as_str);
-    let (Some(appendonly), Some(appendfsync), Some(policy)) =
-        (get("appendonly"), get("appendfsync"), get("maxmemory-policy"))
-    else {
+    let (Some(appendonly), Some(appendfsync), Some(policy)) = (
+        get("appendonly"),
+        get("appendfsync"),
+        get("maxmemory-policy"),
+    ) else {
         return vec![finding(ServerIssue::Unverifiable {
-            reason: format!("CONFIG GET answered only {:?}", settings.keys().collect::<Vec<_>>()),
+            reason: format!(
+                "CONFIG GET answered only {:?}",
+                settings.keys().collect::<Vec<_>>()
+            ),
         })];
     };
     let mut findings = Vec::new();
@@ -91,10 +108,14 @@ pub(crate) fn findings_for(node: &str, reply: Result<Value, redis::RedisError>) 
         findings.push(finding(ServerIssue::AofDisabled));
     }
     if appendfsync != "always" {
-        findings.push(finding(ServerIssue::FsyncNotAlways { appendfsync: appendfsync.to_owned() }));
+        findings.push(finding(ServerIssue::FsyncNotAlways {
+            appendfsync: appendfsync.to_owned(),
+        }));
     }
     if policy != "noeviction" {
-        findings.push(finding(ServerIssue::EvictionPolicy { policy: policy.to_owned() }));
+        findings.push(finding(ServerIssue::EvictionPolicy {
+            policy: policy.to_owned(),
+        }));
     }
     findings
 }

@@ -63,8 +63,11 @@ impl Connection {
             Connection::Standalone(c) => cmd.query_async(c).await,
             Connection::Cluster(c) => {
                 let route = Route::with_key(key.as_bytes(), SlotAddr::Master);
-                c.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)))
-                    .await
+                c.route_command(
+                    cmd,
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                )
+                .await
             }
         }
     }
@@ -76,7 +79,9 @@ impl Connection {
         cmd: Cmd,
     ) -> Vec<(String, Result<Value, RedisError>)> {
         match self {
-            Connection::Standalone(c) => vec![(standalone_name.to_owned(), cmd.query_async(c).await)],
+            Connection::Standalone(c) => {
+                vec![(standalone_name.to_owned(), cmd.query_async(c).await)]
+            }
             Connection::Cluster(c) => {
                 let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
                 match c.route_command(cmd, routing).await {
@@ -84,7 +89,9 @@ impl Connection {
                         .into_iter()
                         .map(|(node, reply)| {
                             let node = match node {
-                                Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                                Value::BulkString(bytes) => {
+                                    String::from_utf8_lossy(&bytes).into_owned()
+                                }
                                 Value::SimpleString(text) => text,
                                 other => format!("{other:?}"),
                             };

@@ -93,11 +93,16 @@ pub(crate) fn redis_error(op: &str, saga: Option<SagaId>, err: RedisError) -> St
         ErrorKind::Server(ServerErrorKind::NoPerm) => {
             "; the Redis user lacks a permission the store needs (EVALSHA, SCRIPT LOAD, and the keys under the prefix)"
         }
-        ErrorKind::Server(ServerErrorKind::BusyLoading) => "; the server is loading its data, retry shortly",
+        ErrorKind::Server(ServerErrorKind::BusyLoading) => {
+            "; the server is loading its data, retry shortly"
+        }
         _ if is_auth_error(&err) => "; check the user and password in the URL",
         _ => "",
     };
-    StoreError::Unavailable { message: format!("{op}: {err}{hint}"), source: Some(Box::new(err)) }
+    StoreError::Unavailable {
+        message: format!("{op}: {err}{hint}"),
+        source: Some(Box::new(err)),
+    }
 }
 
 /// A script reply: an array whose first element names the outcome.
@@ -110,9 +115,15 @@ impl Reply {
     /// Splits a script's reply into its outcome code and the rest.
     pub(crate) fn parse(op: &'static str, value: Value) -> Result<(String, Reply), StoreError> {
         let Value::Array(items) = value else {
-            return Err(unexpected(op, &format!("a reply that is not an array: {value:?}")));
+            return Err(unexpected(
+                op,
+                &format!("a reply that is not an array: {value:?}"),
+            ));
         };
-        let mut reply = Reply { op, items: items.into_iter() };
+        let mut reply = Reply {
+            op,
+            items: items.into_iter(),
+        };
         let code = reply.string()?;
         Ok((code, reply))
     }
@@ -124,7 +135,10 @@ impl Reply {
                 .map_err(|err| unexpected(self.op, &format!("a reply that is not UTF-8: {err}"))),
             Some(Value::SimpleString(text)) => Ok(text),
             Some(Value::Int(n)) => Ok(n.to_string()),
-            other => Err(unexpected(self.op, &format!("{other:?} where text was expected"))),
+            other => Err(unexpected(
+                self.op,
+                &format!("{other:?} where text was expected"),
+            )),
         }
     }
 
@@ -137,8 +151,13 @@ impl Reply {
             Some(Value::BulkString(bytes)) => std::str::from_utf8(&bytes)
                 .ok()
                 .and_then(|text| text.parse().ok())
-                .ok_or_else(|| unexpected(self.op, &format!("{bytes:?} where a number was expected"))),
-            other => Err(unexpected(self.op, &format!("{other:?} where a number was expected"))),
+                .ok_or_else(|| {
+                    unexpected(self.op, &format!("{bytes:?} where a number was expected"))
+                }),
+            other => Err(unexpected(
+                self.op,
+                &format!("{other:?} where a number was expected"),
+            )),
         }
     }
 
@@ -151,7 +170,10 @@ impl Reply {
     /// The next element as a saga status name.
     pub(crate) fn status(&mut self, saga: SagaId) -> Result<SagaStatus, StoreError> {
         let text = self.string()?;
-        text.parse().map_err(|err| StoreError::Corrupt { saga, problem: format!("{err}") })
+        text.parse().map_err(|err| StoreError::Corrupt {
+            saga,
+            problem: format!("{err}"),
+        })
     }
 
     /// The next element as a flag (0 or 1).
@@ -183,14 +205,18 @@ impl Reply {
                     current_owner: (!owner.is_empty()).then_some(owner),
                 })
             }),
-            "not_writable" => self.status(saga).map(|status| StoreError::NotWritable { saga, status }),
+            "not_writable" => self
+                .status(saga)
+                .map(|status| StoreError::NotWritable { saga, status }),
             "too_large" => (|| {
                 let what = self.string()?;
                 let size = self.count()?;
                 let limit = self.count()?;
                 Ok(StoreError::TooLarge { what, size, limit })
             })(),
-            "corrupt" => self.string().map(|problem| StoreError::Corrupt { saga, problem }),
+            "corrupt" => self
+                .string()
+                .map(|problem| StoreError::Corrupt { saga, problem }),
             "invalid" => self.string().map(StoreError::Invalid),
             other => Err(unexpected(self.op, &format!("outcome {other:?}"))),
         };
@@ -202,15 +228,21 @@ impl Reply {
 /// way.
 pub(crate) fn unexpected(op: &str, what: &str) -> StoreError {
     StoreError::Unavailable {
-        message: format!("{op}: unexpected reply from Redis: {what} (is another version of saga-redis's scripts loaded?)"),
+        message: format!(
+            "{op}: unexpected reply from Redis: {what} (is another version of saga-redis's scripts loaded?)"
+        ),
         source: None,
     }
 }
 
 /// `url` with its password (if any) replaced by `***`, for messages.
 pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let Some((credentials, host)) = rest.rsplit_once('@') else { return url.to_owned() };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
     match credentials.split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
         None => format!("{scheme}://{credentials}@{host}"),
@@ -223,8 +255,14 @@ mod tests {
 
     #[test]
     fn redact_hides_passwords_only() {
-        assert_eq!(redact("redis://:secret@localhost:6379"), "redis://:***@localhost:6379");
-        assert_eq!(redact("rediss://alice:pw@h:1/0"), "rediss://alice:***@h:1/0");
+        assert_eq!(
+            redact("redis://:secret@localhost:6379"),
+            "redis://:***@localhost:6379"
+        );
+        assert_eq!(
+            redact("rediss://alice:pw@h:1/0"),
+            "rediss://alice:***@h:1/0"
+        );
         assert_eq!(redact("redis://localhost:6379"), "redis://localhost:6379");
     }
 }

@@ -105,7 +105,11 @@ impl KeyLayout {
     /// replaced by [`type_key`](Self::type_key).
     #[must_use]
     pub fn type_index(&self, p: u16, saga_type: &str) -> String {
-        format!("{}type:{}", self.partition_base(p), Self::type_key(saga_type))
+        format!(
+            "{}type:{}",
+            self.partition_base(p),
+            Self::type_key(saga_type)
+        )
     }
 
     /// The partition's finished sagas, scored by their last write (for purge).
@@ -125,7 +129,10 @@ impl KeyLayout {
     #[must_use]
     pub fn guard(&self, key: &str) -> String {
         let hashed = Uuid::new_v5(&KEY_NAMESPACE, format!("guard\0{key}").as_bytes());
-        format!("{}guard:{hashed}", self.partition_base(self.partition_of_uuid(hashed)))
+        format!(
+            "{}guard:{hashed}",
+            self.partition_base(self.partition_of_uuid(hashed))
+        )
     }
 
     /// The UUID v5 that stands for a saga type name in key names.
@@ -156,7 +163,10 @@ mod tests {
             layout.terminal(p),
             layout.quarantine(p),
         ] {
-            assert!(key.starts_with(&format!("saga:{tag}:")), "{key} must start with the partition base");
+            assert!(
+                key.starts_with(&format!("saga:{tag}:")),
+                "{key} must start with the partition base"
+            );
         }
     }
 
@@ -165,7 +175,11 @@ mod tests {
         let layout = KeyLayout::new("saga".into(), 16);
         let key = layout.guard("charge:{company-123}");
         assert!(!key.contains("company"), "{key}");
-        assert_eq!(key.matches('{').count(), 1, "only the partition tag has braces: {key}");
+        assert_eq!(
+            key.matches('{').count(),
+            1,
+            "only the partition tag has braces: {key}"
+        );
         let index = layout.type_index(3, "deal {flow}");
         assert!(!index.contains("deal"), "{index}");
     }

@@ -9,7 +9,9 @@ mod keys;
 mod scripts;
 mod store;
 
-pub use builder::{DEFAULT_PARTITIONS, DEFAULT_PREFIX, MAX_PARTITIONS, RedisStoreBuilder, ReplicaWait};
+pub use builder::{
+    DEFAULT_PARTITIONS, DEFAULT_PREFIX, MAX_PARTITIONS, RedisStoreBuilder, ReplicaWait,
+};
 pub use check::{ServerFinding, ServerIssue};
 pub use error::ConnectError;
 pub use keys::KeyLayout;

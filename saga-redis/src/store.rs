@@ -55,7 +55,9 @@ pub(crate) struct Inner {
 }
 
 fn ms(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).min(MAX_DURATION_MS)
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .min(MAX_DURATION_MS)
 }
 
 fn nil_id() -> SagaId {
@@ -97,7 +99,10 @@ impl RedisStore {
     pub async fn check_server(&self) -> Vec<ServerFinding> {
         let mut conn = self.inner.conn.clone();
         let mut cmd = redis::cmd("CONFIG");
-        cmd.arg("GET").arg("appendonly").arg("appendfsync").arg("maxmemory-policy");
+        cmd.arg("GET")
+            .arg("appendonly")
+            .arg("appendfsync")
+            .arg("maxmemory-policy");
         let replies = conn.on_every_primary(&self.inner.node_name, cmd).await;
         let mut findings = Vec::new();
         for (node, reply) in replies {
@@ -127,19 +132,26 @@ impl RedisStore {
         invocation: ScriptInvocation<'_>,
     ) -> Result<(String, Reply), StoreError> {
         let mut conn = self.inner.conn.clone();
-        let value: Value =
-            invocation.invoke_async(&mut conn).await.map_err(|err| redis_error(op, saga, err))?;
+        let value: Value = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|err| redis_error(op, saga, err))?;
         Reply::parse(op, value)
     }
 
     /// With a replica wait configured: `WAIT` on the node that holds `key`, and fail when
     /// too few replicas acknowledged.
     async fn replicate(&self, op: &str, key: &str) -> Result<(), StoreError> {
-        let Some(wait) = self.inner.replica_wait else { return Ok(()) };
+        let Some(wait) = self.inner.replica_wait else {
+            return Ok(());
+        };
         let mut conn = self.inner.conn.clone();
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(wait.replicas).arg(ms(wait.timeout));
-        let acked = conn.on_node_of(key, cmd).await.map_err(|err| redis_error(op, None, err))?;
+        let acked = conn
+            .on_node_of(key, cmd)
+            .await
+            .map_err(|err| redis_error(op, None, err))?;
         let acked: u64 = redis::from_redis_value(acked)
             .map_err(|err| unexpected(op, &format!("WAIT answered {err}")))?;
         if acked < u64::from(wait.replicas) {
@@ -155,7 +167,10 @@ impl RedisStore {
     }
 
     /// The `ZRANGEBYSCORE` head of each partition's due set: (due ms, id, partition).
-    async fn due_candidates(&self, per_partition: usize) -> Result<Vec<(u64, String, u16)>, StoreError> {
+    async fn due_candidates(
+        &self,
+        per_partition: usize,
+    ) -> Result<Vec<(u64, String, u16)>, StoreError> {
         let keys = &self.inner.keys;
         let peeks = (0..keys.partitions()).map(|p| {
             let mut conn = self.inner.conn.clone();
@@ -204,8 +219,11 @@ impl RedisStore {
         if candidates.is_empty() {
             return Ok((Vec::new(), false));
         }
-        let order: HashMap<String, usize> =
-            candidates.iter().enumerate().map(|(i, (_, id, _))| (id.clone(), i)).collect();
+        let order: HashMap<String, usize> = candidates
+            .iter()
+            .enumerate()
+            .map(|(i, (_, id, _))| (id.clone(), i))
+            .collect();
         let mut by_partition: BTreeMap<u16, Vec<String>> = BTreeMap::new();
         for (_, id, p) in &candidates {
             by_partition.entry(*p).or_default().push(id.clone());
@@ -263,7 +281,10 @@ impl RedisStore {
         // another worker, set aside, or left over): if the newest candidate was not due yet,
         // nothing newer is.
         let all_were_due = candidates.iter().all(|(score, _, _)| *score <= now);
-        Ok((leases.into_iter().map(|(_, lease)| lease).collect(), lost && all_were_due))
+        Ok((
+            leases.into_iter().map(|(_, lease)| lease).collect(),
+            lost && all_were_due,
+        ))
     }
 
     /// Lists one partition: up to `want` matching rows after `after`, in id order.
@@ -310,16 +331,34 @@ impl RedisStore {
                 let saga_type = reply.string()?;
                 let status = reply.status(id)?;
                 let updated = reply.string()?;
-                let updated_at = updated.parse().map(Timestamp).map_err(|_| StoreError::Corrupt {
-                    saga: id,
-                    problem: format!("field updated_at is {updated:?}, expected milliseconds"),
-                })?;
+                let updated_at =
+                    updated
+                        .parse()
+                        .map(Timestamp)
+                        .map_err(|_| StoreError::Corrupt {
+                            saga: id,
+                            problem: format!(
+                                "field updated_at is {updated:?}, expected milliseconds"
+                            ),
+                        })?;
                 let reason = reply.string()?;
-                page.push((SagaSummary { id, saga_type, status, updated_at, quarantined: None }, reason));
+                page.push((
+                    SagaSummary {
+                        id,
+                        saga_type,
+                        status,
+                        updated_at,
+                        quarantined: None,
+                    },
+                    reason,
+                ));
             }
             for (row, reason) in page {
                 let quarantined = reply.flag()?;
-                rows.push(SagaSummary { quarantined: quarantined.then_some(reason), ..row });
+                rows.push(SagaSummary {
+                    quarantined: quarantined.then_some(reason),
+                    ..row
+                });
             }
             if exhausted || rows.len() >= want || last.is_empty() {
                 return Ok(rows);
@@ -334,7 +373,11 @@ fn flatten(value: Value) -> Vec<String> {
     let mut out = Vec::new();
     fn walk(value: Value, out: &mut Vec<String>) {
         match value {
-            Value::Array(items) | Value::Set(items) => items.into_iter().for_each(|item| walk(item, out)),
+            Value::Array(items) | Value::Set(items) => {
+                for item in items {
+                    walk(item, out);
+                }
+            }
             Value::BulkString(bytes) => out.push(String::from_utf8_lossy(&bytes).into_owned()),
             Value::SimpleString(text) => out.push(text),
             Value::Int(n) => out.push(n.to_string()),
@@ -354,7 +397,9 @@ impl SagaStore for RedisStore {
             self.check_size("event", event)?;
         }
         if new.events.is_empty() {
-            return Err(StoreError::Invalid("a new saga needs at least its SagaStarted event".into()));
+            return Err(StoreError::Invalid(
+                "a new saga needs at least its SagaStarted event".into(),
+            ));
         }
         let keys = &self.inner.keys;
         let id = new.id;
@@ -386,10 +431,16 @@ impl SagaStore for RedisStore {
             "created" => {
                 let fence = reply.uint()?;
                 self.replicate("create", &saga_key).await?;
-                let lease = new.claim.map(|claim| Lease { saga_id: id, owner: claim.owner, fence });
+                let lease = new.claim.map(|claim| Lease {
+                    saga_id: id,
+                    owner: claim.owner,
+                    fence,
+                });
                 Ok(CreateOutcome::Created { lease })
             }
-            "existing" => Ok(CreateOutcome::Existing { status: reply.status(id)? }),
+            "existing" => Ok(CreateOutcome::Existing {
+                status: reply.status(id)?,
+            }),
             "conflict" => Err(StoreError::IdempotencyConflict { saga: id }),
             _ => Err(reply.into_error(&code, id, 0)),
         }
@@ -399,7 +450,11 @@ impl SagaStore for RedisStore {
         let keys = &self.inner.keys;
         let p = keys.partition_of(id);
         let mut invocation = SCRIPTS.load.prepare_invoke();
-        invocation.key(keys.saga(id)).key(keys.due(p)).key(keys.quarantine(p)).arg(id.to_string());
+        invocation
+            .key(keys.saga(id))
+            .key(keys.due(p))
+            .key(keys.quarantine(p))
+            .arg(id.to_string());
         let (code, mut reply) = self.invoke("load", Some(id), invocation).await?;
         match code.as_str() {
             "ok" => {}
@@ -458,7 +513,11 @@ impl SagaStore for RedisStore {
             "claimed" => {
                 let fence = reply.uint()?;
                 self.replicate("claim", &saga_key).await?;
-                Ok(ClaimOutcome::Claimed(Lease { saga_id: id, owner: request.owner.clone(), fence }))
+                Ok(ClaimOutcome::Claimed(Lease {
+                    saga_id: id,
+                    owner: request.owner.clone(),
+                    fence,
+                }))
             }
             "busy" => {
                 let owner = reply.string()?;
@@ -469,13 +528,20 @@ impl SagaStore for RedisStore {
                 let status = reply.status(id)?;
                 let quarantined = reply.flag()?;
                 let reason = reply.string()?;
-                Ok(ClaimOutcome::NotRunnable { status, quarantined: quarantined.then_some(reason) })
+                Ok(ClaimOutcome::NotRunnable {
+                    status,
+                    quarantined: quarantined.then_some(reason),
+                })
             }
             _ => Err(reply.into_error(&code, id, 0)),
         }
     }
 
-    async fn claim_due(&self, request: &ClaimRequest, limit: usize) -> Result<Vec<Lease>, StoreError> {
+    async fn claim_due(
+        &self,
+        request: &ClaimRequest,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
         let mut leases = Vec::new();
         for _ in 0..CLAIM_ROUNDS {
             if leases.len() >= limit {
@@ -535,7 +601,11 @@ impl SagaStore for RedisStore {
         }
     }
 
-    async fn commit(&self, lease: &Lease, transition: Transition) -> Result<CommitOutcome, StoreError> {
+    async fn commit(
+        &self,
+        lease: &Lease,
+        transition: Transition,
+    ) -> Result<CommitOutcome, StoreError> {
         self.check_size("saga state", &transition.state)?;
         for event in &transition.events {
             self.check_size("event", event)?;
@@ -544,7 +614,11 @@ impl SagaStore for RedisStore {
             Schedule::Continue { ttl } => ("continue", ms(ttl)),
             Schedule::WakeAfter(delay) => ("wake", ms(delay)),
             Schedule::Finished => ("finished", 0),
-            other => return Err(StoreError::Invalid(format!("schedule {other:?} is not supported by saga-redis"))),
+            other => {
+                return Err(StoreError::Invalid(format!(
+                    "schedule {other:?} is not supported by saga-redis"
+                )));
+            }
         };
         if transition.status.is_terminal() != (schedule == "finished") {
             return Err(StoreError::Invalid(format!(
@@ -662,14 +736,22 @@ impl SagaStore for RedisStore {
                 self.replicate("guard_claim", &guard_key).await?;
                 Ok(GuardClaim::Claimed { token })
             }
-            "completed" => Ok(GuardClaim::Completed { result: reply.string()? }),
+            "completed" => Ok(GuardClaim::Completed {
+                result: reply.string()?,
+            }),
             "in_progress" => Ok(GuardClaim::InProgress),
             "conflict" => Ok(GuardClaim::Conflict),
             _ => Err(reply.into_error(&code, nil_id(), 0)),
         }
     }
 
-    async fn guard_complete(&self, key: &str, token: &str, result: &str, ttl: Duration) -> Result<(), StoreError> {
+    async fn guard_complete(
+        &self,
+        key: &str,
+        token: &str,
+        result: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         self.check_size("idempotency result", result)?;
         let guard_key = self.inner.keys.guard(key);
         let mut invocation = SCRIPTS.guard_complete.prepare_invoke();
@@ -708,7 +790,8 @@ impl SagaStore for RedisStore {
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
         let limit = query.limit.clamp(1, MAX_PAGE);
         let want = limit + 1;
-        let partitions = (0..self.inner.keys.partitions()).map(|p| self.list_partition(p, query, want));
+        let partitions =
+            (0..self.inner.keys.partitions()).map(|p| self.list_partition(p, query, want));
         let mut rows = Vec::new();
         for result in join_all(partitions).await {
             rows.extend(result?);
@@ -732,10 +815,13 @@ impl SagaStore for RedisStore {
                 for key in keys.statuses(p) {
                     pipe.cmd("ZCARD").arg(key);
                 }
-                pipe.query_async::<Vec<u64>>(&mut conn).await.map_err(|err| redis_error("count_by_status", None, err))
+                pipe.query_async::<Vec<u64>>(&mut conn)
+                    .await
+                    .map_err(|err| redis_error("count_by_status", None, err))
             }
         });
-        let mut totals: BTreeMap<SagaStatus, u64> = SagaStatus::ALL.into_iter().map(|s| (s, 0)).collect();
+        let mut totals: BTreeMap<SagaStatus, u64> =
+            SagaStatus::ALL.into_iter().map(|s| (s, 0)).collect();
         for result in join_all(counts).await {
             for (status, n) in SagaStatus::ALL.into_iter().zip(result?) {
                 *totals.entry(status).or_default() += n;
@@ -748,17 +834,26 @@ impl SagaStore for RedisStore {
         let keys = &self.inner.keys;
         let mut deleted: u64 = 0;
         for p in 0..keys.partitions() {
-            let remaining = u64::try_from(limit).unwrap_or(u64::MAX).saturating_sub(deleted);
+            let remaining = u64::try_from(limit)
+                .unwrap_or(u64::MAX)
+                .saturating_sub(deleted);
             if remaining == 0 {
                 break;
             }
             let terminal = keys.terminal(p);
             let mut invocation = SCRIPTS.purge.prepare_invoke();
-            invocation.key(&terminal).key(keys.ids(p)).key(keys.due(p)).key(keys.quarantine(p));
+            invocation
+                .key(&terminal)
+                .key(keys.ids(p))
+                .key(keys.due(p))
+                .key(keys.quarantine(p));
             for status_key in keys.statuses(p) {
                 invocation.key(status_key);
             }
-            invocation.arg(keys.partition_base(p)).arg(ms(older_than)).arg(remaining);
+            invocation
+                .arg(keys.partition_base(p))
+                .arg(ms(older_than))
+                .arg(remaining);
             let (code, mut reply) = self.invoke("purge", None, invocation).await?;
             if code != "ok" {
                 return Err(reply.into_error(&code, nil_id(), 0));
@@ -784,37 +879,52 @@ fn decode_saga(
 ) -> Result<StoredSaga, StoreError> {
     let corrupt = |problem: String| StoreError::Corrupt { saga: id, problem };
     let mut take = |name: &str| {
-        fields.remove(name).ok_or_else(|| corrupt(format!("field {name} is missing from the saga hash")))
+        fields
+            .remove(name)
+            .ok_or_else(|| corrupt(format!("field {name} is missing from the saga hash")))
     };
     let number = |name: &str, text: &str| {
-        text.parse::<u64>()
-            .map_err(|_| corrupt(format!("field {name} is {text:?}, expected a non-negative integer")))
+        text.parse::<u64>().map_err(|_| {
+            corrupt(format!(
+                "field {name} is {text:?}, expected a non-negative integer"
+            ))
+        })
     };
     let saga_type = take("type")?;
     let status_text = take("status")?;
-    let status: SagaStatus =
-        status_text.parse().map_err(|err| corrupt(format!("field status: {err}")))?;
+    let status: SagaStatus = status_text
+        .parse()
+        .map_err(|err| corrupt(format!("field status: {err}")))?;
     let state = take("state")?;
     let fingerprint = take("fingerprint")?;
     let cancel = take("cancel")?;
     let cancel_requested = match cancel.as_str() {
         "0" => false,
         "1" => true,
-        other => return Err(corrupt(format!("field cancel is {other:?}, expected 0 or 1"))),
+        other => {
+            return Err(corrupt(format!(
+                "field cancel is {other:?}, expected 0 or 1"
+            )));
+        }
     };
     let fence = number("fence", &take("fence")?)?;
     let updated_at = Timestamp(number("updated_at", &take("updated_at")?)?);
     let lease = match (fields.remove("owner"), fields.remove("lease_until")) {
         (Some(owner), Some(until)) => {
             let expires_at = number("lease_until", &until)?;
-            (expires_at > now).then_some(LeaseInfo { owner, expires_at: Timestamp(expires_at) })
+            (expires_at > now).then_some(LeaseInfo {
+                owner,
+                expires_at: Timestamp(expires_at),
+            })
         }
         _ => None,
     };
     let due_at = if due.is_empty() {
         None
     } else {
-        let score: f64 = due.parse().map_err(|_| corrupt(format!("due time {due:?} is not a number")))?;
+        let score: f64 = due
+            .parse()
+            .map_err(|_| corrupt(format!("due time {due:?} is not a number")))?;
         // Whole milliseconds by construction.
         Some(Timestamp(score.max(0.0) as u64))
     };

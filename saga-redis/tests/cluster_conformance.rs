@@ -12,14 +12,19 @@ use saga_redis_testkit::{shared_cluster, shared_server, unique_prefix};
 const MAX_PAYLOAD: usize = 256 * 1024;
 
 async fn fresh_store() -> Arc<RedisStore> {
-    let builder = RedisStore::builder().key_prefix(unique_prefix("cluster")).max_payload(MAX_PAYLOAD);
+    let builder = RedisStore::builder()
+        .key_prefix(unique_prefix("cluster"))
+        .max_payload(MAX_PAYLOAD);
     let builder = match shared_cluster() {
         Some(cluster) => builder.cluster(cluster.urls()),
         // Only when no cluster can be had (printed by `shared_cluster`): the suite still
         // runs, against the standalone server, so the test names stay the same.
         None => builder.url(shared_server().url()),
     };
-    let store = builder.connect().await.unwrap_or_else(|err| panic!("cannot connect to the test cluster: {err}"));
+    let store = builder
+        .connect()
+        .await
+        .unwrap_or_else(|err| panic!("cannot connect to the test cluster: {err}"));
     Arc::new(store)
 }
 

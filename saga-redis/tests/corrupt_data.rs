@@ -17,7 +17,11 @@ use support::{LONG, builder, event, ids_in_partition, new_saga, owner, raw};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_due_quarantines_corrupt_sagas_and_claims_the_rest() {
     let url = shared_server().url();
-    let store = builder(&url, "corrupt").partitions(4).connect().await.unwrap();
+    let store = builder(&url, "corrupt")
+        .partitions(4)
+        .connect()
+        .await
+        .unwrap();
     let mut conn = raw(&url).await;
     // Everything in partition 2: the bad sagas share the due set with the good ones.
     let ids = ids_in_partition(&store, 2, 7);
@@ -28,81 +32,171 @@ async fn claim_due_quarantines_corrupt_sagas_and_claims_the_rest() {
     let saga_key = |id: SagaId| store.keys().saga(id);
     let _: () = conn.del(saga_key(wrong_type)).await.unwrap();
     let _: () = conn.set(saga_key(wrong_type), "not a hash").await.unwrap();
-    let _: () = conn.hset(saga_key(bad_fence), "fence", "seven").await.unwrap();
-    let _: () = conn.hset(saga_key(bad_status), "status", "exploded").await.unwrap();
-    let _: () = conn.zadd(store.keys().due(2), "not-a-saga-id", 0).await.unwrap();
+    let _: () = conn
+        .hset(saga_key(bad_fence), "fence", "seven")
+        .await
+        .unwrap();
+    let _: () = conn
+        .hset(saga_key(bad_status), "status", "exploded")
+        .await
+        .unwrap();
+    let _: () = conn
+        .zadd(store.keys().due(2), "not-a-saga-id", 0)
+        .await
+        .unwrap();
 
     let leases = store.claim_due(&owner("worker", LONG), 100).await.unwrap();
     let claimed: HashSet<SagaId> = leases.iter().map(|l| l.saga_id).collect();
     let want: HashSet<SagaId> = good.iter().copied().collect();
-    assert_eq!(claimed, want, "every good saga of the partition is claimed, no bad one");
+    assert_eq!(
+        claimed, want,
+        "every good saga of the partition is claimed, no bad one"
+    );
 
     let reasons: std::collections::HashMap<String, String> =
         conn.hgetall(store.keys().quarantine(2)).await.unwrap();
     let reason = |id: SagaId| reasons.get(&id.to_string()).cloned().unwrap_or_default();
-    assert!(reason(wrong_type).contains("has type string, expected hash"), "reason: {:?}", reason(wrong_type));
-    assert!(reason(bad_fence).contains("field fence"), "reason: {:?}", reason(bad_fence));
-    assert!(reason(bad_status).contains("field status"), "reason: {:?}", reason(bad_status));
-    assert!(reasons.get("not-a-saga-id").is_some_and(|r| r.contains("not a saga id")), "{reasons:?}");
+    assert!(
+        reason(wrong_type).contains("has type string, expected hash"),
+        "reason: {:?}",
+        reason(wrong_type)
+    );
+    assert!(
+        reason(bad_fence).contains("field fence"),
+        "reason: {:?}",
+        reason(bad_fence)
+    );
+    assert!(
+        reason(bad_status).contains("field status"),
+        "reason: {:?}",
+        reason(bad_status)
+    );
+    assert!(
+        reasons
+            .get("not-a-saga-id")
+            .is_some_and(|r| r.contains("not a saga id")),
+        "{reasons:?}"
+    );
     let due: Vec<String> = conn.zrange(store.keys().due(2), 0, -1).await.unwrap();
     for bad in [wrong_type, bad_fence, bad_status] {
-        assert!(!due.contains(&bad.to_string()), "quarantined saga {bad} left the due set");
+        assert!(
+            !due.contains(&bad.to_string()),
+            "quarantined saga {bad} left the due set"
+        );
     }
 
     // Set aside for good: the next round finds nothing, and says so without an error.
-    let again = store.claim_due(&owner("worker-2", LONG), 100).await.unwrap();
+    let again = store
+        .claim_due(&owner("worker-2", LONG), 100)
+        .await
+        .unwrap();
     assert!(again.is_empty(), "nothing is due any more, got {again:?}");
 
     // Each bad saga reports a clear Corrupt error, naming it and the problem.
-    for (bad, words) in [(wrong_type, "has type string"), (bad_fence, "fence"), (bad_status, "status")] {
+    for (bad, words) in [
+        (wrong_type, "has type string"),
+        (bad_fence, "fence"),
+        (bad_status, "status"),
+    ] {
         match store.load(bad).await {
             Err(err @ StoreError::Corrupt { saga, .. }) => {
                 assert_eq!(saga, bad);
                 let message = err.to_string();
-                assert!(message.contains("corrupt") && message.contains(words), "unclear error: {message}");
+                assert!(
+                    message.contains("corrupt") && message.contains(words),
+                    "unclear error: {message}"
+                );
             }
             other => panic!("load of corrupt saga {bad} must be Corrupt, got {other:?}"),
         }
-        assert!(matches!(store.claim(bad, &owner("x", LONG)).await, Err(StoreError::Corrupt { .. })));
+        assert!(matches!(
+            store.claim(bad, &owner("x", LONG)).await,
+            Err(StoreError::Corrupt { .. })
+        ));
     }
     let shown = store.load(wrong_type).await.unwrap_err().to_string();
-    assert!(shown.contains("quarantined"), "load names the quarantine: {shown}");
+    assert!(
+        shown.contains("quarantined"),
+        "load names the quarantine: {shown}"
+    );
     // The history of a saga whose hash is gone is still readable (the audit trail).
-    assert_eq!(store.events(wrong_type).await.unwrap(), vec![event("started")]);
+    assert_eq!(
+        store.events(wrong_type).await.unwrap(),
+        vec![event("started")]
+    );
     // An operator can still quarantine (again) with a new reason, whatever the key's type.
-    store.quarantine(wrong_type, "inspected by an operator").await.unwrap();
+    store
+        .quarantine(wrong_type, "inspected by an operator")
+        .await
+        .unwrap();
 
     // Listing and counting go on around the bad ones.
-    let page = store.list(&ListQuery { limit: 100, ..ListQuery::default() }).await.unwrap();
+    let page = store
+        .list(&ListQuery {
+            limit: 100,
+            ..ListQuery::default()
+        })
+        .await
+        .unwrap();
     let listed: HashSet<SagaId> = page.sagas.iter().map(|s| s.id).collect();
     assert!(want.is_subset(&listed), "good sagas are listed");
-    assert!(!listed.contains(&wrong_type), "a saga key of the wrong type cannot be summarised");
-    assert!(!listed.contains(&bad_status), "a saga with an unknown status cannot be summarised");
-    assert!(listed.contains(&bad_fence), "a corrupt field a summary does not show does not hide the saga");
+    assert!(
+        !listed.contains(&wrong_type),
+        "a saga key of the wrong type cannot be summarised"
+    );
+    assert!(
+        !listed.contains(&bad_status),
+        "a saga with an unknown status cannot be summarised"
+    );
+    assert!(
+        listed.contains(&bad_fence),
+        "a corrupt field a summary does not show does not hide the saga"
+    );
     let counts = store.count_by_status().await.unwrap();
-    assert_eq!(counts[&SagaStatus::Running], 7, "the indexes still count every saga: {counts:?}");
+    assert_eq!(
+        counts[&SagaStatus::Running],
+        7,
+        "the indexes still count every saga: {counts:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_index_key_of_the_wrong_type_fails_clearly_and_writes_nothing() {
     let url = shared_server().url();
-    let store = builder(&url, "badindex").partitions(2).connect().await.unwrap();
+    let store = builder(&url, "badindex")
+        .partitions(2)
+        .connect()
+        .await
+        .unwrap();
     let mut conn = raw(&url).await;
-    let [victim] = ids_in_partition(&store, 0, 1)[..] else { unreachable!() };
-    let [bystander] = ids_in_partition(&store, 1, 1)[..] else { unreachable!() };
+    let [victim] = ids_in_partition(&store, 0, 1)[..] else {
+        unreachable!()
+    };
+    let [bystander] = ids_in_partition(&store, 1, 1)[..] else {
+        unreachable!()
+    };
     let _: () = conn.set(store.keys().due(0), "oops").await.unwrap();
 
     match store.create(new_saga(victim)).await {
         Err(StoreError::Corrupt { problem, .. }) => {
-            assert!(problem.contains("due") && problem.contains("expected zset"), "{problem}");
+            assert!(
+                problem.contains("due") && problem.contains("expected zset"),
+                "{problem}"
+            );
         }
         other => panic!("create over a due key of the wrong type must be Corrupt, got {other:?}"),
     }
     let exists: bool = conn.exists(store.keys().saga(victim)).await.unwrap();
     assert!(!exists, "a refused create writes nothing");
-    assert!(matches!(store.claim_due(&owner("w", LONG), 10).await, Err(StoreError::Corrupt { .. })));
+    assert!(matches!(
+        store.claim_due(&owner("w", LONG), 10).await,
+        Err(StoreError::Corrupt { .. })
+    ));
 
     // The other partition works.
     store.create(new_saga(bystander)).await.unwrap();
-    assert!(matches!(store.claim(bystander, &owner("w", LONG)).await.unwrap(), ClaimOutcome::Claimed(_)));
+    assert!(matches!(
+        store.claim(bystander, &owner("w", LONG)).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
 }

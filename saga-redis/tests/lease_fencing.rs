@@ -21,26 +21,52 @@ enum Race {
     /// Claimed and committed.
     Won(Lease),
     /// Found the other holding the lease; its write with the token it knew was fenced.
-    Lost { current_fence: u64, current_owner: Option<String> },
+    Lost {
+        current_fence: u64,
+        current_owner: Option<String>,
+    },
 }
 
-async fn race(store: Arc<dyn SagaStore>, barrier: Arc<Barrier>, id: SagaId, name: &'static str) -> Race {
+async fn race(
+    store: Arc<dyn SagaStore>,
+    barrier: Arc<Barrier>,
+    id: SagaId,
+    name: &'static str,
+) -> Race {
     barrier.wait().await;
     match store.claim(id, &owner(name, LONG)).await.unwrap() {
         ClaimOutcome::Claimed(lease) => {
-            store.commit(&lease, step(&format!("{name}-commit"), name, 1)).await.unwrap();
+            store
+                .commit(&lease, step(&format!("{name}-commit"), name, 1))
+                .await
+                .unwrap();
             Race::Won(lease)
         }
         ClaimOutcome::Busy(holder) => {
             assert_ne!(holder.owner, name, "Busy must name the other owner");
             // A coordinator that lost the race but writes anyway, with the token it last
             // knew (the saga had none yet): fenced, and nothing lands.
-            let stale = Lease { saga_id: id, owner: name.to_owned(), fence: 0 };
-            match store.commit(&stale, step(&format!("{name}-commit"), name, 2)).await {
-                Err(StoreError::Fenced { fence: 0, current_fence, current_owner, .. }) => {
-                    Race::Lost { current_fence, current_owner }
+            let stale = Lease {
+                saga_id: id,
+                owner: name.to_owned(),
+                fence: 0,
+            };
+            match store
+                .commit(&stale, step(&format!("{name}-commit"), name, 2))
+                .await
+            {
+                Err(StoreError::Fenced {
+                    fence: 0,
+                    current_fence,
+                    current_owner,
+                    ..
+                }) => Race::Lost {
+                    current_fence,
+                    current_owner,
+                },
+                other => {
+                    panic!("{name}: a commit with a stale fence must be Fenced, got {other:?}")
                 }
-                other => panic!("{name}: a commit with a stale fence must be Fenced, got {other:?}"),
             }
         }
         other => panic!("{name}: a claim of a running saga must be Claimed or Busy, got {other:?}"),
@@ -57,7 +83,10 @@ async fn two_owners_race_to_claim_and_commit_100_times() {
     let mut wins = [0_u32; 2];
     for round in 0..100 {
         let id = SagaId::random();
-        assert!(matches!(a.create(new_saga(id)).await.unwrap(), CreateOutcome::Created { .. }));
+        assert!(matches!(
+            a.create(new_saga(id)).await.unwrap(),
+            CreateOutcome::Created { .. }
+        ));
         let barrier = Arc::new(Barrier::new(2));
         let (ra, rb) = tokio::join!(
             tokio::spawn(race(Arc::clone(&a), Arc::clone(&barrier), id, "owner-a")),
@@ -65,18 +94,37 @@ async fn two_owners_race_to_claim_and_commit_100_times() {
         );
         let (ra, rb) = (ra.unwrap(), rb.unwrap());
         let (winner, loser) = match (&ra, &rb) {
-            (Race::Won(lease), Race::Lost { current_fence, current_owner }) => {
+            (
+                Race::Won(lease),
+                Race::Lost {
+                    current_fence,
+                    current_owner,
+                },
+            ) => {
                 wins[0] += 1;
                 (lease, (current_fence, current_owner))
             }
-            (Race::Lost { current_fence, current_owner }, Race::Won(lease)) => {
+            (
+                Race::Lost {
+                    current_fence,
+                    current_owner,
+                },
+                Race::Won(lease),
+            ) => {
                 wins[1] += 1;
                 (lease, (current_fence, current_owner))
             }
             other => panic!("round {round}: exactly one owner must win, got {other:?}"),
         };
-        assert_eq!(*loser.0, winner.fence, "round {round}: Fenced names the winner's token");
-        assert_eq!(loser.1.as_deref(), Some(winner.owner.as_str()), "round {round}: Fenced names the winner");
+        assert_eq!(
+            *loser.0, winner.fence,
+            "round {round}: Fenced names the winner's token"
+        );
+        assert_eq!(
+            loser.1.as_deref(),
+            Some(winner.owner.as_str()),
+            "round {round}: Fenced names the winner"
+        );
         let events = a.events(id).await.unwrap();
         assert_eq!(
             events,
@@ -84,8 +132,15 @@ async fn two_owners_race_to_claim_and_commit_100_times() {
             "round {round}: only the winner's event is stored"
         );
         let saga = a.load(id).await.unwrap().unwrap();
-        assert_eq!(saga.state, state(1), "round {round}: the winner's state is stored");
-        assert_eq!(saga.fence, winner.fence, "round {round}: the winner's fence is current");
+        assert_eq!(
+            saga.state,
+            state(1),
+            "round {round}: the winner's state is stored"
+        );
+        assert_eq!(
+            saga.fence, winner.fence,
+            "round {round}: the winner's fence is current"
+        );
     }
     assert_eq!(wins[0] + wins[1], 100);
 }
@@ -97,47 +152,83 @@ async fn a_holder_whose_lease_expired_is_fenced_and_writes_nothing() {
     let other_store = same_data(&url, &slow_store).await;
     let id = SagaId::random();
     slow_store.create(new_saga(id)).await.unwrap();
-    let slow = match slow_store.claim(id, &owner("slow", Duration::from_millis(300))).await.unwrap() {
+    let slow = match slow_store
+        .claim(id, &owner("slow", Duration::from_millis(300)))
+        .await
+        .unwrap()
+    {
         ClaimOutcome::Claimed(lease) => lease,
         other => panic!("the first claim must succeed, got {other:?}"),
     };
-    slow_store.commit(&slow, step("slow-1", "slow-step-1", 1)).await.unwrap();
+    slow_store
+        .commit(&slow, step("slow-1", "slow-step-1", 1))
+        .await
+        .unwrap();
     // `slow_store`'s commit gave it a one-hour lease; shorten it again by renewing briefly.
-    slow_store.renew(&slow, Duration::from_millis(300)).await.unwrap();
+    slow_store
+        .renew(&slow, Duration::from_millis(300))
+        .await
+        .unwrap();
 
     // The slow holder "pauses"; the other owner takes over once the lease runs out.
-    let taken = wait_for("the slow holder's lease to run out", WAIT_BOUND, async || {
-        match other_store.claim(id, &owner("other", LONG)).await.unwrap() {
+    let taken = wait_for(
+        "the slow holder's lease to run out",
+        WAIT_BOUND,
+        async || match other_store.claim(id, &owner("other", LONG)).await.unwrap() {
             ClaimOutcome::Claimed(lease) => Some(lease),
             ClaimOutcome::Busy(holder) => {
                 assert_eq!(holder.owner, "slow");
                 None
             }
             other => panic!("claim must be Claimed or Busy, got {other:?}"),
-        }
-    })
+        },
+    )
     .await;
     assert!(taken.fence > slow.fence, "the takeover raises the fence");
     let before = other_store.load(id).await.unwrap().unwrap();
     let before_events = other_store.events(id).await.unwrap();
 
     // The slow holder wakes up and tries to go on: every write is fenced.
-    let late = slow_store.commit(&slow, step("slow-2", "slow-step-2", 2)).await;
+    let late = slow_store
+        .commit(&slow, step("slow-2", "slow-step-2", 2))
+        .await;
     match late {
-        Err(StoreError::Fenced { fence, current_fence, current_owner, .. }) => {
+        Err(StoreError::Fenced {
+            fence,
+            current_fence,
+            current_owner,
+            ..
+        }) => {
             assert_eq!(fence, slow.fence);
             assert_eq!(current_fence, taken.fence);
             assert_eq!(current_owner.as_deref(), Some("other"));
         }
         other => panic!("the late holder's commit must be Fenced, got {other:?}"),
     }
-    assert!(matches!(slow_store.renew(&slow, LONG).await, Err(StoreError::Fenced { .. })));
-    assert!(matches!(slow_store.release(&slow).await, Err(StoreError::Fenced { .. })));
-    assert_eq!(other_store.load(id).await.unwrap().unwrap(), before, "nothing the late holder sent is visible");
-    assert_eq!(other_store.events(id).await.unwrap(), before_events, "no event of the late holder is stored");
+    assert!(matches!(
+        slow_store.renew(&slow, LONG).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert!(matches!(
+        slow_store.release(&slow).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert_eq!(
+        other_store.load(id).await.unwrap().unwrap(),
+        before,
+        "nothing the late holder sent is visible"
+    );
+    assert_eq!(
+        other_store.events(id).await.unwrap(),
+        before_events,
+        "no event of the late holder is stored"
+    );
     assert!(!before_events.contains(&event("slow-step-2")));
 
-    other_store.commit(&taken, step("other-1", "other-step", 3)).await.unwrap();
+    other_store
+        .commit(&taken, step("other-1", "other-step", 3))
+        .await
+        .unwrap();
     let after = other_store.load(id).await.unwrap().unwrap();
     assert_eq!(after.state, state(3));
     assert_eq!(after.lease.map(|l| l.owner).as_deref(), Some("other"));

@@ -16,12 +16,19 @@ use support::new_saga;
 const BOUND: Duration = Duration::from_secs(20);
 
 async fn connect(url: &str) -> Result<RedisStore, ConnectError> {
-    let attempt = RedisStore::builder().url(url).key_prefix(unique_prefix("auth")).connect();
-    tokio::time::timeout(BOUND, attempt).await.unwrap_or_else(|_| panic!("connect to {url} hung for {BOUND:?}"))
+    let attempt = RedisStore::builder()
+        .url(url)
+        .key_prefix(unique_prefix("auth"))
+        .connect();
+    tokio::time::timeout(BOUND, attempt)
+        .await
+        .unwrap_or_else(|_| panic!("connect to {url} hung for {BOUND:?}"))
 }
 
 async fn works(url: &str) {
-    let store = connect(url).await.unwrap_or_else(|err| panic!("connect with the right credentials failed: {err}"));
+    let store = connect(url)
+        .await
+        .unwrap_or_else(|err| panic!("connect with the right credentials failed: {err}"));
     let id = SagaId::random();
     store.create(new_saga(id)).await.unwrap();
     assert!(store.load(id).await.unwrap().is_some());
@@ -31,9 +38,18 @@ fn assert_refused(result: Result<RedisStore, ConnectError>, password: &str) {
     match result {
         Err(err @ ConnectError::Auth { .. }) => {
             let message = err.to_string();
-            assert!(message.contains("refused the credentials"), "unclear message: {message}");
-            assert!(!message.contains(password) || password.is_empty(), "the message must not show the password: {message}");
-            assert!(std::error::Error::source(&err).is_some(), "the Redis error is kept as the source");
+            assert!(
+                message.contains("refused the credentials"),
+                "unclear message: {message}"
+            );
+            assert!(
+                !message.contains(password) || password.is_empty(),
+                "the message must not show the password: {message}"
+            );
+            assert!(
+                std::error::Error::source(&err).is_some(),
+                "the Redis error is kept as the source"
+            );
         }
         Err(other) => panic!("wrong credentials must be ConnectError::Auth, got {other}"),
         Ok(_) => panic!("wrong credentials must not connect"),
@@ -47,7 +63,10 @@ async fn requirepass_right_password_works_wrong_or_missing_is_refused() {
     }
     let server = RedisServer::start(ServerConfig::new().password("pa55-word"));
     works(&server.url_with_credentials(None, "pa55-word")).await;
-    assert_refused(connect(&server.url_with_credentials(None, "wrong-password")).await, "wrong-password");
+    assert_refused(
+        connect(&server.url_with_credentials(None, "wrong-password")).await,
+        "wrong-password",
+    );
     assert_refused(connect(&server.url()).await, "");
 }
 
@@ -57,9 +76,17 @@ async fn acl_user_right_password_works_wrong_one_is_refused() {
         return;
     }
     let server = RedisServer::start(
-        ServerConfig::new().acl_user("saga on >alice-secret ~* &* +@all").acl_user("default off"),
+        ServerConfig::new()
+            .acl_user("saga on >alice-secret ~* &* +@all")
+            .acl_user("default off"),
     );
     works(&server.url_with_credentials(Some("saga"), "alice-secret")).await;
-    assert_refused(connect(&server.url_with_credentials(Some("saga"), "not-alice")).await, "not-alice");
-    assert_refused(connect(&server.url_with_credentials(Some("nobody"), "alice-secret")).await, "alice-secret");
+    assert_refused(
+        connect(&server.url_with_credentials(Some("saga"), "not-alice")).await,
+        "not-alice",
+    );
+    assert_refused(
+        connect(&server.url_with_credentials(Some("nobody"), "alice-secret")).await,
+        "alice-secret",
+    );
 }

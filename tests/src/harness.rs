@@ -104,7 +104,7 @@ pub fn count(history: &[SagaEvent], name: &str) -> usize {
 
 /// The events of type `name`, in order.
 #[must_use]
-pub fn step_events<'a>(history: &'a [SagaEvent], name: &str) -> Vec<&'a SagaEvent> {
+pub fn events_named<'a>(history: &'a [SagaEvent], name: &str) -> Vec<&'a SagaEvent> {
     history.iter().filter(|e| e.kind.name() == name).collect()
 }
 

@@ -23,7 +23,8 @@ pub struct Call {
     pub attempt: u32,
     /// 0-based count of earlier invocations of this saga's step and phase.
     pub invocation: usize,
-    /// What the script made it do ([`Behavior::name`](crate::Behavior::name)).
+    /// What the script made it do ([`Behavior::name`](crate::Behavior::name)), or
+    /// `deduplicated` (see [`Script::dedupe_by_key`](crate::Script::dedupe_by_key)).
     pub behavior: &'static str,
     /// For a compensation: whether it was given the forward output.
     pub had_output: Option<bool>,

@@ -11,7 +11,7 @@
 //!   idempotency key and phase, so a test can assert "this effect was applied exactly once";
 //! - [`Scripted`] is the step type (one type per journal slot, with its compensation mode as
 //!   a const parameter) and [`PlanSaga`] the workflow that runs a [`Plan`] of them in order;
-//! - [`CrashingStore`] wraps a store and makes it fail every call from the n-th commit on,
+//! - [`CrashingStore`] wraps a store, lets n commits through and fails every call after,
 //!   which is what a coordinator sees when its process (or its store) dies at that point;
 //! - [`Harness`] ties a shared paused-time clock, a store, a script and a ledger together and
 //!   builds engines on them, so that a second engine can resume what the first one left.
@@ -31,8 +31,8 @@ mod steps;
 
 pub use crash::CrashingStore;
 pub use harness::{
-    Harness, OWNER, assert_fold_matches, compensated_positions, count, kinds, single_terminal,
-    skipped_positions, started_attempts, step_events,
+    Harness, OWNER, assert_fold_matches, compensated_positions, count, events_named, kinds,
+    single_terminal, skipped_positions, started_attempts,
 };
 pub use ledger::{Call, Effect, Ledger};
 pub use script::{Behavior, Gate, Script};

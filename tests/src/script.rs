@@ -71,6 +71,7 @@ impl Behavior {
 struct Inner {
     plans: HashMap<(usize, Phase), Vec<Behavior>>,
     reconciles: HashSet<usize>,
+    dedupe: bool,
 }
 
 /// The script all [`Scripted`](crate::Scripted) steps follow. Cheap to clone: clones share
@@ -123,6 +124,20 @@ impl Script {
     pub fn reconcile_from_ledger(&self, step: usize) -> &Self {
         self.inner.lock().unwrap().reconciles.insert(step);
         self
+    }
+
+    /// Makes every step behave like a call to a system that honours idempotency keys: an
+    /// invocation whose key already has an applied effect (in the same phase) succeeds with
+    /// the recorded result, whatever the script says, and applies nothing.
+    pub fn dedupe_by_key(&self) -> &Self {
+        self.inner.lock().unwrap().dedupe = true;
+        self
+    }
+
+    /// Whether [`Script::dedupe_by_key`] is on.
+    #[must_use]
+    pub fn dedupes(&self) -> bool {
+        self.inner.lock().unwrap().dedupe
     }
 
     /// Whether step `step` reconciles from the ledger.

@@ -234,6 +234,7 @@ async fn act(
     let script = ctx.resource::<Script>()?;
     let ledger = ctx.resource::<Ledger>()?;
     let invocation = ledger.invocations(ctx.saga_id(), step, phase);
+    let deduplicated = script.dedupes() && ledger.effect_count(phase, ctx.idempotency_key()) > 0;
     let behavior = script.behavior(step, phase, invocation);
     ledger.record_call(Call {
         saga: ctx.saga_id(),
@@ -243,7 +244,11 @@ async fn act(
         key: ctx.idempotency_key().to_owned(),
         attempt: ctx.attempt(),
         invocation,
-        behavior: behavior.name(),
+        behavior: if deduplicated {
+            "deduplicated"
+        } else {
+            behavior.name()
+        },
         had_output,
         at: tokio::time::Instant::now(),
     });
@@ -262,6 +267,9 @@ async fn act(
             output: (phase == Phase::Forward).then(|| output.clone()),
         });
     };
+    if deduplicated {
+        return Ok(output);
+    }
     match behavior {
         Behavior::Ok => {
             apply();

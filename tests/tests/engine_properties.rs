@@ -4,13 +4,18 @@
 // Tests: a failed unwrap is a failed test, with the error in the message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
-use saga_core::{Compensation, FailureKind, Phase, SagaStatus, StartOptions};
+use saga_core::{
+    Compensation, CompensationStatus, EngineError, FailureKind, Phase, Saga, SagaId, SagaStatus,
+    StartOptions, StepStatus,
+};
 use saga_tests::{
-    Behavior, Harness, Plan, PlanSaga, assert_fold_matches, fast_policy, single_terminal,
+    Behavior, CrashingStore, Harness, Plan, PlanSaga, assert_fold_matches, fast_policy,
+    single_terminal,
 };
 
 /// One attempt's scripted outcome.
@@ -109,28 +114,56 @@ fn model_status(cases: &[StepCase]) -> SagaStatus {
     SagaStatus::Compensated
 }
 
-fn check_case(cases: &[StepCase]) -> Result<(), TestCaseError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// A current-thread runtime on paused time: backoffs and timeouts take no real time.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
-        .unwrap();
-    runtime.block_on(async {
+        .unwrap()
+}
+
+/// Scripts the harness for `cases` and returns the matching plan.
+fn setup(h: &Harness, cases: &[StepCase]) -> Plan {
+    let mut plan = Plan::linear(cases.len());
+    for (i, case) in cases.iter().enumerate() {
+        h.script
+            .forward(i, case.forward.iter().map(|a| a.behavior()));
+        h.script
+            .compensate(i, case.compensate.iter().map(|a| a.behavior()));
+        plan = plan.with(i, |spec| {
+            spec.compensation = case.compensation;
+            spec.policy = fast_policy(case.max_attempts);
+            spec.compensation_policy = fast_policy(case.compensation_max_attempts);
+            spec.timeout = Some(Duration::from_secs(1));
+        });
+    }
+    plan
+}
+
+/// The undo order the engine owes when the steps in `forward_effects` completed and the
+/// next one failed: the failed step first if it declares Always (it may be half done), then
+/// every completed step that has a compensation, newest first.
+fn expected_undo(cases: &[StepCase], forward_effects: &[usize]) -> Vec<usize> {
+    let failed = forward_effects.len();
+    let mut expected = Vec::new();
+    if cases[failed].compensation == Compensation::Always {
+        expected.push(failed);
+    }
+    expected.extend(
+        forward_effects
+            .iter()
+            .rev()
+            .copied()
+            .filter(|&i| cases[i].compensation != Compensation::None),
+    );
+    expected
+}
+
+fn check_case(cases: &[StepCase]) -> Result<(), TestCaseError> {
+    paused_runtime().block_on(async {
         let h = Harness::new();
-        let mut plan = Plan::linear(cases.len());
-        for (i, case) in cases.iter().enumerate() {
-            h.script
-                .forward(i, case.forward.iter().map(|a| a.behavior()));
-            h.script
-                .compensate(i, case.compensate.iter().map(|a| a.behavior()));
-            plan = plan.with(i, |spec| {
-                spec.compensation = case.compensation;
-                spec.policy = fast_policy(case.max_attempts);
-                spec.compensation_policy = fast_policy(case.compensation_max_attempts);
-                spec.timeout = Some(Duration::from_secs(1));
-            });
-        }
-        let engine = h.engine(plan);
+        let engine = h.engine(setup(&h, cases));
         let outcome = engine
             .execute::<PlanSaga>(&0, StartOptions::default())
             .await
@@ -182,20 +215,8 @@ fn check_case(cases: &[StepCase]) -> Result<(), TestCaseError> {
             SagaStatus::Compensated => {
                 // Every completed step that has a compensation is undone exactly once, newest
                 // first; a step that never completed is undone only if it declares Always.
-                let failed = forward_effects.len();
-                prop_assert!(failed < cases.len());
-                let mut expected: Vec<usize> = Vec::new();
-                if cases[failed].compensation == Compensation::Always {
-                    expected.push(failed);
-                }
-                expected.extend(
-                    forward_effects
-                        .iter()
-                        .rev()
-                        .copied()
-                        .filter(|&i| cases[i].compensation != Compensation::None),
-                );
-                prop_assert_eq!(&undo_effects, &expected);
+                prop_assert!(forward_effects.len() < cases.len());
+                prop_assert_eq!(&undo_effects, &expected_undo(cases, &forward_effects));
                 for (i, case) in cases.iter().enumerate() {
                     let undo = h.ledger.calls_of(i, Phase::Compensate);
                     if !forward_effects.contains(&i) && case.compensation != Compensation::Always {
@@ -248,5 +269,159 @@ proptest! {
     #[test]
     fn random_outcome_scripts_keep_the_guarantees(cases in proptest::collection::vec(step_case(), 1..=5)) {
         check_case(&cases)?;
+    }
+}
+
+/// Whether some compensation gave up: its last attempt failed permanently, or it was the
+/// last attempt its policy allows and did not succeed.
+fn some_compensation_gave_up(h: &Harness, cases: &[StepCase]) -> bool {
+    cases.iter().enumerate().any(|(i, case)| {
+        h.ledger
+            .calls_of(i, Phase::Compensate)
+            .last()
+            .is_some_and(|last| {
+                last.behavior == "permanent"
+                    || (last.attempt == case.compensation_max_attempts
+                        && !matches!(last.behavior, "ok" | "deduplicated"))
+            })
+    })
+}
+
+/// Runs `cases` on a store that crashes after a fraction `crash_point` of its commits, resumes with a fresh
+/// engine of the same owner, and checks the guarantees on the result. The steps call a
+/// system that honours idempotency keys (a re-run of an applied effect gets its result).
+fn check_crash_case(cases: &[StepCase], crash_point: f64) -> Result<(), TestCaseError> {
+    paused_runtime().block_on(async {
+        // A first run without a crash counts the commits; the crash falls on one of them.
+        let probe = Harness::new();
+        probe.script.dedupe_by_key();
+        let counting = Arc::new(CrashingStore::healthy(probe.store.clone()));
+        let engine = probe
+            .builder_on(counting.clone(), setup(&probe, cases))
+            .build()
+            .unwrap();
+        engine
+            .execute::<PlanSaga>(&0, StartOptions::key("p"))
+            .await
+            .unwrap();
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let crash_after = (crash_point * counting.commits() as f64) as usize;
+
+        let h = Harness::new();
+        h.script.dedupe_by_key();
+        let plan = setup(&h, cases);
+        let crashing = Arc::new(CrashingStore::after_commits(h.store.clone(), crash_after));
+        let first = h
+            .builder_on(crashing.clone(), plan.clone())
+            .build()
+            .unwrap();
+        let id = SagaId::from_idempotency_key(PlanSaga::NAME, "p");
+        let result = first.execute::<PlanSaga>(&0, StartOptions::key("p")).await;
+        if crashing.crashed() {
+            prop_assert!(
+                matches!(result, Err(EngineError::Interrupted { .. })),
+                "{:?}",
+                result
+            );
+        } else {
+            prop_assert!(result.unwrap().status.is_terminal());
+        }
+        drop(first);
+        let engine = h.engine(plan);
+        let at_crash = engine.state(id).await.unwrap();
+        let calls_before = h.ledger.calls().len();
+
+        let outcome = engine.run_to_end(id).await.unwrap();
+
+        prop_assert!(outcome.status.is_terminal());
+        let history = engine.history(id).await.unwrap();
+        let _ = single_terminal(&history);
+        assert_fold_matches(&engine, id).await;
+        // What was recorded before the crash is replayed, never run again.
+        for call in &h.ledger.calls()[calls_before..] {
+            let recorded = at_crash
+                .record(call.position)
+                .is_some_and(|r| match call.phase {
+                    Phase::Forward => r.status == StepStatus::Succeeded,
+                    Phase::Compensate => r.compensation.as_ref().is_some_and(|c| {
+                        matches!(
+                            c.status,
+                            CompensationStatus::Done | CompensationStatus::Skipped
+                        )
+                    }),
+                });
+            prop_assert!(!recorded, "{:?} ran again after the crash", call);
+        }
+        // One key per step and phase, no attempt numbered past its policy, effects once.
+        for (i, case) in cases.iter().enumerate() {
+            for (phase, max) in [
+                (Phase::Forward, case.max_attempts),
+                (Phase::Compensate, case.compensation_max_attempts),
+            ] {
+                let calls = h.ledger.calls_of(i, phase);
+                prop_assert!(calls.iter().all(|c| c.key == calls[0].key));
+                prop_assert!(calls.iter().all(|c| c.attempt <= max), "{:?}", calls);
+                // A crash never resets the schedule: attempt numbers only go up.
+                prop_assert!(
+                    calls.windows(2).all(|w| w[0].attempt <= w[1].attempt),
+                    "{:?}",
+                    calls
+                );
+                prop_assert!(h.ledger.effects_of(i, phase).len() <= 1);
+            }
+        }
+        let forward_effects: Vec<usize> = h
+            .ledger
+            .effects_in(Phase::Forward)
+            .iter()
+            .map(|e| e.step)
+            .collect();
+        let undo_effects: Vec<usize> = h
+            .ledger
+            .effects_in(Phase::Compensate)
+            .iter()
+            .map(|e| e.step)
+            .collect();
+        match outcome.status {
+            SagaStatus::Completed => {
+                let all: Vec<usize> = (0..cases.len()).collect();
+                prop_assert_eq!(&forward_effects, &all);
+                prop_assert!(undo_effects.is_empty());
+            }
+            SagaStatus::Compensated => {
+                prop_assert!(forward_effects.len() < cases.len());
+                prop_assert_eq!(&undo_effects, &expected_undo(cases, &forward_effects));
+            }
+            SagaStatus::Failed => {
+                prop_assert_eq!(
+                    outcome.failure.as_ref().map(|f| f.0),
+                    Some(FailureKind::CompensationFailed)
+                );
+                prop_assert!(some_compensation_gave_up(&h, cases));
+            }
+            other => prop_assert!(false, "not terminal: {other}"),
+        }
+        Ok(())
+    })
+}
+
+proptest! {
+    #![proptest_config(Config {
+        cases: 96,
+        rng_seed: RngSeed::Fixed(0x0c4a_5b17),
+        failure_persistence: None,
+        ..Config::default()
+    })]
+
+    #[test]
+    fn a_crash_at_any_commit_keeps_the_guarantees(
+        cases in proptest::collection::vec(step_case(), 1..=5),
+        crash_point in 0.0f64..1.0,
+    ) {
+        check_crash_case(&cases, crash_point)?;
     }
 }

@@ -797,3 +797,57 @@ async fn a_cut_off_coordinator_is_fenced_when_it_comes_back() {
     );
     assert_eq!(calls[0].key, calls[1].key, "with the same key");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_that_keeps_killing_its_coordinator_fails_after_max_interruptions() {
+    let h = Harness::new();
+    let gate = Gate::new();
+    h.script
+        .forward(1, vec![Behavior::ApplyThenHang(gate.clone()); 3]);
+    let plan = Plan::linear(3);
+    let key = "crash-loop".to_owned();
+    let id = SagaId::from_idempotency_key(PlanSaga::NAME, &key);
+    for run in 0..3 {
+        let engine = h
+            .builder(plan.clone())
+            .max_interruptions(2)
+            .build()
+            .unwrap();
+        let task = tokio::spawn({
+            let key = key.clone();
+            async move { engine.execute::<PlanSaga>(&0, StartOptions::key(key)).await }
+        });
+        gate.entered.notified().await;
+        task.abort();
+        assert!(
+            task.await.unwrap_err().is_cancelled(),
+            "run {run} must hang in step 1"
+        );
+    }
+    let engine = h.builder(plan).max_interruptions(2).build().unwrap();
+    let outcome = engine.run_to_end(id).await.unwrap();
+    assert_eq!(outcome.status, SagaStatus::Compensated);
+    let state = engine.state(id).await.unwrap();
+    let record = state.record(1).unwrap();
+    assert_eq!(record.status, StepStatus::Failed);
+    assert_eq!(
+        record.attempts, 1,
+        "interrupted re-runs keep the attempt number"
+    );
+    assert_eq!(record.interruptions, 2);
+    assert_eq!(
+        h.ledger.calls_of(1, Phase::Forward).len(),
+        3,
+        "the step ran three times, then the engine gave up instead of a fourth run"
+    );
+    let history = engine.history(id).await.unwrap();
+    assert!(history.iter().any(|e| matches!(
+        &e.kind,
+        EventKind::StepFailed {
+            position: 1,
+            reason: saga_core::GiveUpReason::InterruptedTooOften,
+            ..
+        }
+    )));
+    assert_fold_matches(&engine, id).await;
+}

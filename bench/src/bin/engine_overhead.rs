@@ -30,14 +30,20 @@ async fn direct(ctx: &StepContext, input: u64) -> u64 {
 }
 
 fn engine() -> Engine {
-    match Engine::builder(MemoryStore::new()).register(FourSteps).build() {
+    match Engine::builder(MemoryStore::new())
+        .register(FourSteps)
+        .build()
+    {
         Ok(engine) => engine,
         Err(err) => panic!("engine configuration: {err}"),
     }
 }
 
 async fn run_saga(engine: &Engine, input: u64) {
-    if let Err(err) = engine.execute::<FourSteps>(&input, StartOptions::default()).await {
+    if let Err(err) = engine
+        .execute::<FourSteps>(&input, StartOptions::default())
+        .await
+    {
         panic!("saga failed: {err}");
     }
 }
@@ -49,7 +55,9 @@ struct Measure {
 }
 
 fn single_threaded(sagas: u64) -> Measure {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let rt = rt.unwrap_or_else(|err| panic!("runtime: {err}"));
     rt.block_on(async {
         let ctx = StepContext::standalone("bench", Resources::default());
@@ -76,12 +84,19 @@ fn single_threaded(sagas: u64) -> Measure {
             }
         })
         .await;
-        Measure { direct: direct_time, engine: engine_time, latencies }
+        Measure {
+            direct: direct_time,
+            engine: engine_time,
+            latencies,
+        }
     })
 }
 
 fn concurrent(sagas: u64, in_flight: u64) -> Measure {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build();
     let rt = rt.unwrap_or_else(|err| panic!("runtime: {err}"));
     rt.block_on(async {
         let per_task = sagas / in_flight.max(1);
@@ -112,14 +127,25 @@ fn concurrent(sagas: u64, in_flight: u64) -> Measure {
                         run_saga(&engine, t * per_task + i).await;
                         mine.push(started.elapsed());
                     }
-                    latencies.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(mine);
+                    latencies
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .extend(mine);
                 });
             }
             while tasks.join_next().await.is_some() {}
         })
         .await;
-        let latencies = std::mem::take(&mut *latencies.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        Measure { direct: direct_time, engine: engine_time, latencies }
+        let latencies = std::mem::take(
+            &mut *latencies
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        Measure {
+            direct: direct_time,
+            engine: engine_time,
+            latencies,
+        }
     })
 }
 
@@ -143,14 +169,38 @@ fn report(name: &str, sagas: u64, m: Measure, out: &mut impl std::io::Write) -> 
 fn main() {
     let args = Args::parse();
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "4-step saga on MemoryStore vs the same 4 async fns called directly");
+    let _ = writeln!(
+        out,
+        "4-step saga on MemoryStore vs the same 4 async fns called directly"
+    );
     let _ = writeln!(
         out,
         "{:<16} {:>8} {:>14} {:>14} {:>14} {:>12} {:>10} {:>10}",
-        "mode", "sagas", "direct µs/step", "engine µs/step", "overhead µs", "sagas/s", "p50 µs", "p99 µs"
+        "mode",
+        "sagas",
+        "direct µs/step",
+        "engine µs/step",
+        "overhead µs",
+        "sagas/s",
+        "p50 µs",
+        "p99 µs"
     );
-    let single = report("single-threaded", args.sagas, single_threaded(args.sagas), &mut out);
+    let single = report(
+        "single-threaded",
+        args.sagas,
+        single_threaded(args.sagas),
+        &mut out,
+    );
     let name = format!("{}-in-flight", args.in_flight);
-    let many = report(&name, args.sagas, concurrent(args.sagas, args.in_flight), &mut out);
-    let _ = writeln!(out, "{}", serde_json::json!({ "engine_overhead": [single, many] }));
+    let many = report(
+        &name,
+        args.sagas,
+        concurrent(args.sagas, args.in_flight),
+        &mut out,
+    );
+    let _ = writeln!(
+        out,
+        "{}",
+        serde_json::json!({ "engine_overhead": [single, many] })
+    );
 }

@@ -15,6 +15,8 @@ use super::guarded::{Guarded, run_guarded};
 enum Undo {
     Run(Option<Value>),
     Skip(String),
+    /// The lease was lost while asking the reconciliation check.
+    Lost(String),
 }
 
 /// Runs the compensations still owed, newest first. Returns the terminal status reached
@@ -26,11 +28,15 @@ pub(crate) async fn compensate(ctx: &mut SagaContext) -> Result<SagaStatus, Halt
             continue;
         };
         if record.compensation.as_ref().is_some_and(|c| {
-            matches!(c.status, CompensationStatus::Done | CompensationStatus::Skipped)
+            matches!(
+                c.status,
+                CompensationStatus::Done | CompensationStatus::Skipped
+            )
         }) {
             continue;
         }
         match decide(ctx, registered, &record).await {
+            Undo::Lost(reason) => return Err(Halt::Interrupted(reason)),
             Undo::Skip(why) => ctx.record(EventKind::CompensationSkipped {
                 position: record.position,
                 step: record.name.clone(),
@@ -43,7 +49,8 @@ pub(crate) async fn compensate(ctx: &mut SagaContext) -> Result<SagaStatus, Halt
             }
         }
     }
-    ctx.commit(vec![EventKind::SagaCompensated], Schedule::Finished).await?;
+    ctx.commit(vec![EventKind::SagaCompensated], Schedule::Finished)
+        .await?;
     Ok(SagaStatus::Compensated)
 }
 
@@ -60,7 +67,11 @@ async fn decide(ctx: &mut SagaContext, registered: &Registered, record: &StepRec
             if ctx.unexecuted == Some(record.position) {
                 return Undo::Skip("cancelled before its attempt ran".into());
             }
-            let span = tracing::info_span!("reconcile", step = registered.step.name(), position = record.position);
+            let span = tracing::info_span!(
+                "reconcile",
+                step = registered.step.name(),
+                position = record.position
+            );
             let step_ctx = ctx.step_context(
                 registered.step.name(),
                 record.position,
@@ -69,7 +80,27 @@ async fn decide(ctx: &mut SagaContext, registered: &Registered, record: &StepRec
                 span.clone(),
             );
             let input = record.input.clone().unwrap_or(Value::Null);
-            match registered.step.reconcile(&step_ctx, &input).instrument(span).await {
+            let checked = run_guarded(
+                &*ctx.shared.store,
+                &ctx.lease,
+                ctx.shared.config.lease_ttl,
+                registered.step.timeout(),
+                registered
+                    .step
+                    .reconcile(&step_ctx, &input)
+                    .instrument(span),
+            )
+            .await;
+            let checked = match checked {
+                Guarded::Done(result) => result,
+                Guarded::TimedOut(limit) => Err(StepError {
+                    message: StepTimeout(limit).to_string(),
+                    class: ErrorClass::TRANSIENT,
+                    timeout: true,
+                }),
+                Guarded::Lost(err) => return Undo::Lost(err.to_string()),
+            };
+            match checked {
                 Ok(Reconciled::Applied(output)) => Undo::Run(Some(output)),
                 Ok(Reconciled::NotApplied) => {
                     Undo::Skip("reconciliation found its effect was not applied".into())
@@ -102,7 +133,8 @@ async fn undo(
     if let Some(at) = previous.and_then(|c| c.next_retry_at) {
         let remaining = at.since(ctx.shared.clock.now());
         if remaining > ctx.shared.config.inline_wait_max {
-            ctx.commit(Vec::new(), Schedule::WakeAfter(remaining)).await?;
+            ctx.commit(Vec::new(), Schedule::WakeAfter(remaining))
+                .await?;
             return Err(Halt::Suspended(at));
         }
         tokio::time::sleep(remaining).await;
@@ -126,15 +158,31 @@ async fn undo(
             &ctx.lease,
             ttl,
             registered.step.timeout(),
-            registered.step.compensate(&step_ctx, &input, output.as_ref()).instrument(span.clone()),
+            registered
+                .step
+                .compensate(&step_ctx, &input, output.as_ref())
+                .instrument(span.clone()),
         )
         .await;
         let seconds = clock.elapsed().as_secs_f64();
         let failure = match outcome {
             Guarded::Done(Ok(())) => {
-                ctx.shared.observe_attempt(&span, &ctx.state, position, name, &key, attempt, seconds, &AttemptLog::Compensated);
+                ctx.shared.observe_attempt(
+                    &span,
+                    &ctx.state,
+                    position,
+                    name,
+                    &key,
+                    attempt,
+                    seconds,
+                    &AttemptLog::Compensated,
+                );
                 ctx.commit(
-                    vec![EventKind::StepCompensated { position, step: name.to_owned(), attempt }],
+                    vec![EventKind::StepCompensated {
+                        position,
+                        step: name.to_owned(),
+                        attempt,
+                    }],
                     Schedule::Continue { ttl },
                 )
                 .await?;
@@ -149,13 +197,34 @@ async fn undo(
             Guarded::Lost(err) => return Err(Halt::Interrupted(err.to_string())),
         };
         let now = ctx.shared.clock.now();
-        match policy.decide(attempt, failure.class, now.since(first_started), &mut ctx.rng) {
+        match policy.decide(
+            attempt,
+            failure.class,
+            now.since(first_started),
+            &mut ctx.rng,
+        ) {
             RetryDecision::RetryAfter(delay) => {
                 let next_retry_at = now.plus(delay);
-                ctx.shared.observe_attempt(&span, &ctx.state, position, name, &key, attempt, seconds, &AttemptLog::Retry { error: &failure, delay, next_retry_at });
+                ctx.shared.observe_attempt(
+                    &span,
+                    &ctx.state,
+                    position,
+                    name,
+                    &key,
+                    attempt,
+                    seconds,
+                    &AttemptLog::Retry {
+                        error: &failure,
+                        delay,
+                        next_retry_at,
+                    },
+                );
                 let inline = delay <= ctx.shared.config.inline_wait_max;
-                let schedule =
-                    if inline { Schedule::Continue { ttl } } else { Schedule::WakeAfter(delay) };
+                let schedule = if inline {
+                    Schedule::Continue { ttl }
+                } else {
+                    Schedule::WakeAfter(delay)
+                };
                 ctx.commit(
                     vec![EventKind::CompensationAttemptFailed {
                         position,
@@ -175,7 +244,19 @@ async fn undo(
                 attempt += 1;
             }
             RetryDecision::GiveUp(reason) => {
-                ctx.shared.observe_attempt(&span, &ctx.state, position, name, &key, attempt, seconds, &AttemptLog::Failed { error: &failure, reason });
+                ctx.shared.observe_attempt(
+                    &span,
+                    &ctx.state,
+                    position,
+                    name,
+                    &key,
+                    attempt,
+                    seconds,
+                    &AttemptLog::Failed {
+                        error: &failure,
+                        reason,
+                    },
+                );
                 let error = format!(
                     "compensation of step {position} `{name}` gave up after attempt {attempt} ({reason}): {}",
                     failure.message
@@ -190,7 +271,10 @@ async fn undo(
                             backoff_seconds: 0.0,
                             next_retry_at: now,
                         },
-                        EventKind::SagaFailed { kind: FailureKind::CompensationFailed, error },
+                        EventKind::SagaFailed {
+                            kind: FailureKind::CompensationFailed,
+                            error,
+                        },
                     ],
                     Schedule::Finished,
                 )

@@ -41,9 +41,10 @@ impl Halt {
             Halt::Cancelled => SagaError::Cancelled("cancel requested".into()),
             Halt::Suspended(until) => SagaError::Suspended { until: *until },
             Halt::Interrupted(reason) => SagaError::Interrupted(reason.clone()),
-            Halt::NonDeterministic { position, message } => {
-                SagaError::NonDeterministic { position: *position, message: message.clone() }
-            }
+            Halt::NonDeterministic { position, message } => SagaError::NonDeterministic {
+                position: *position,
+                message: message.clone(),
+            },
             Halt::BadData(message) => SagaError::BadData(message.clone()),
             Halt::Collected => SagaError::Interrupted("replaying for compensation".into()),
         }
@@ -97,8 +98,15 @@ impl std::fmt::Debug for SagaContext {
 /// What the journal holds at a position, as far as `run` is concerned.
 enum Slot {
     Fresh,
-    Replay { output: Value },
-    InFlight { attempts: u32, ambiguous: bool, next_retry_at: Option<Timestamp> },
+    Replay {
+        output: Value,
+    },
+    InFlight {
+        attempts: u32,
+        ambiguous: bool,
+        interruptions: u32,
+        next_retry_at: Option<Timestamp>,
+    },
     Failed,
 }
 
@@ -169,7 +177,7 @@ impl SagaContext {
             (Mode::Forward, Slot::Fresh) => {
                 self.execute(&step, erased, position, Some(input), input_value, 1, true).await
             }
-            (Mode::Forward, Slot::InFlight { attempts, ambiguous, next_retry_at }) => {
+            (Mode::Forward, Slot::InFlight { attempts, ambiguous, interruptions, next_retry_at }) => {
                 if self.state.cancel_requested {
                     self.steps.push(Registered { position, step: erased });
                     return Err(self.stop(Halt::Cancelled));
@@ -180,6 +188,21 @@ impl SagaContext {
                     {
                         self.steps.push(Registered { position, step: erased });
                         return Ok(output);
+                    }
+                    // A step whose attempts keep taking their coordinator down (a crash, an
+                    // OOM kill) would otherwise be re-run forever under the same number.
+                    let limit = self.shared.config.max_interruptions;
+                    if interruptions >= limit {
+                        let failure = StepError {
+                            message: format!(
+                                "attempt {attempts} was interrupted {} times (its coordinator stopped mid-attempt); giving up after max_interruptions = {limit}",
+                                interruptions + 1
+                            ),
+                            class: ErrorClass::Permanent,
+                            timeout: false,
+                        };
+                        let reason = crate::GiveUpReason::InterruptedTooOften;
+                        return Err(self.give_up(position, S::NAME, erased, attempts, failure, reason).await);
                     }
                     // Unknown outcome: run the same attempt again with the same key.
                     self.execute(&step, erased, position, Some(input), input_value, attempts.max(1), false)
@@ -216,7 +239,8 @@ impl SagaContext {
     /// # Errors
     /// As [`SagaContext::run`].
     pub fn uuid(&mut self) -> Result<uuid::Uuid, SagaError> {
-        let value = self.journaled_value("uuid", |_| Value::String(uuid::Uuid::new_v4().to_string()))?;
+        let value =
+            self.journaled_value("uuid", |_| Value::String(uuid::Uuid::new_v4().to_string()))?;
         serde_json::from_value(value).map_err(|err| {
             self.stop(Halt::NonDeterministic {
                 position: self.position - 1,
@@ -279,7 +303,10 @@ impl SagaContext {
                 ),
             });
         }
-        if !is_value && let Some(recorded) = &record.input && recorded != input {
+        if !is_value
+            && let Some(recorded) = &record.input
+            && recorded != input
+        {
             return Err(Halt::NonDeterministic {
                 position,
                 message: format!(
@@ -288,24 +315,34 @@ impl SagaContext {
             });
         }
         Ok(match record.status {
-            StepStatus::Succeeded => {
-                Slot::Replay { output: record.output.clone().unwrap_or(Value::Null) }
-            }
+            StepStatus::Succeeded => Slot::Replay {
+                output: record.output.clone().unwrap_or(Value::Null),
+            },
             StepStatus::Failed => Slot::Failed,
-            StepStatus::Started => {
-                Slot::InFlight { attempts: record.attempts, ambiguous: true, next_retry_at: None }
-            }
+            StepStatus::Started => Slot::InFlight {
+                attempts: record.attempts,
+                ambiguous: true,
+                interruptions: record.interruptions,
+                next_retry_at: None,
+            },
             StepStatus::Retrying => Slot::InFlight {
                 attempts: record.attempts,
                 ambiguous: false,
+                interruptions: record.interruptions,
                 next_retry_at: record.next_retry_at,
             },
         })
     }
 
     pub(crate) fn record(&mut self, kind: EventKind) -> Result<(), Halt> {
-        let event = SagaEvent { seq: 0, at: self.shared.clock.now(), kind };
-        self.state.apply(0, &event).map_err(|err| Halt::BadData(err.to_string()))?;
+        let event = SagaEvent {
+            seq: 0,
+            at: self.shared.clock.now(),
+            kind,
+        };
+        self.state
+            .apply(0, &event)
+            .map_err(|err| Halt::BadData(err.to_string()))?;
         self.pending.push(event);
         Ok(())
     }
@@ -362,7 +399,10 @@ impl SagaContext {
             tokio::time::sleep(remaining).await;
             return Ok(());
         }
-        let halt = match self.commit(Vec::new(), Schedule::WakeAfter(remaining)).await {
+        let halt = match self
+            .commit(Vec::new(), Schedule::WakeAfter(remaining))
+            .await
+        {
             Ok(_) => Halt::Suspended(at),
             Err(halt) => halt,
         };
@@ -413,7 +453,25 @@ impl SagaContext {
     ) -> Result<Option<S::Output>, SagaError> {
         let span = tracing::info_span!("reconcile", step = S::NAME, position, attempt);
         let ctx = self.step_context(S::NAME, position, attempt, Phase::Forward, span.clone());
-        match step.reconcile(&ctx, input).instrument(span).await {
+        let ttl = self.shared.config.lease_ttl;
+        let checked = run_guarded(
+            &*self.shared.store,
+            &self.lease,
+            ttl,
+            step.timeout(),
+            step.reconcile(&ctx, input).instrument(span),
+        )
+        .await;
+        let checked = match checked {
+            Guarded::Done(result) => result.map_err(|err| step_error(&err)),
+            Guarded::TimedOut(limit) => Err(StepError {
+                message: StepTimeout(limit).to_string(),
+                class: ErrorClass::TRANSIENT,
+                timeout: true,
+            }),
+            Guarded::Lost(err) => return Err(self.stop(Halt::Interrupted(err.to_string()))),
+        };
+        match checked {
             Ok(crate::Reconciled::Applied(output)) => {
                 let value = serde_json::to_value(&output).map_err(|err| {
                     self.stop(Halt::BadData(format!(
@@ -429,12 +487,16 @@ impl SagaContext {
                     reconciled: true,
                 })
                 .map_err(|halt| self.stop(halt))?;
-                tracing::info!(step = S::NAME, position, "reconciliation found the effect applied; not re-running");
+                tracing::info!(
+                    step = S::NAME,
+                    position,
+                    "reconciliation found the effect applied; not re-running"
+                );
                 Ok(Some(output))
             }
             Ok(crate::Reconciled::NotApplied | crate::Reconciled::Unknown) => Ok(None),
             Err(err) => {
-                tracing::warn!(step = S::NAME, position, error = %err, "reconciliation check failed; re-running the attempt");
+                tracing::warn!(step = S::NAME, position, error = %err.message, "reconciliation check failed; re-running the attempt");
                 Ok(None)
             }
         }
@@ -458,7 +520,10 @@ impl SagaContext {
         let mut record_input = fresh.then_some(input_value.clone());
         loop {
             if self.state.cancel_requested {
-                self.steps.push(Registered { position, step: erased });
+                self.steps.push(Registered {
+                    position,
+                    step: erased,
+                });
                 return Err(self.stop(Halt::Cancelled));
             }
             let key = step_idempotency_key(self.state.id, position, S::NAME, Phase::Forward);
@@ -482,7 +547,10 @@ impl SagaContext {
                     if fresh && attempt == 1 {
                         self.unexecuted = Some(position);
                     }
-                    self.steps.push(Registered { position, step: erased });
+                    self.steps.push(Registered {
+                        position,
+                        step: erased,
+                    });
                     return Err(self.stop(Halt::Cancelled));
                 }
                 Ok(_) => {}
@@ -546,8 +614,20 @@ impl SagaContext {
                         reconciled: false,
                     })
                     .map_err(|halt| self.stop(halt))?;
-                    self.shared.observe_attempt(&span, &self.state, position, S::NAME, &key, attempt, seconds, &AttemptLog::Succeeded);
-                    self.steps.push(Registered { position, step: erased });
+                    self.shared.observe_attempt(
+                        &span,
+                        &self.state,
+                        position,
+                        S::NAME,
+                        &key,
+                        attempt,
+                        seconds,
+                        &AttemptLog::Succeeded,
+                    );
+                    self.steps.push(Registered {
+                        position,
+                        step: erased,
+                    });
                     return Ok(output);
                 }
                 Guarded::Done(Err(err)) => step_error(&err),
@@ -564,12 +644,34 @@ impl SagaContext {
                 .record(position)
                 .and_then(|r| r.first_started_at)
                 .unwrap_or(now);
-            match policy.decide(attempt, failure.class, now.since(first_started), &mut self.rng) {
+            match policy.decide(
+                attempt,
+                failure.class,
+                now.since(first_started),
+                &mut self.rng,
+            ) {
                 RetryDecision::RetryAfter(delay) => {
                     let next_retry_at = now.plus(delay);
-                    self.shared.observe_attempt(&span, &self.state, position, S::NAME, &key, attempt, seconds, &AttemptLog::Retry { error: &failure, delay, next_retry_at });
+                    self.shared.observe_attempt(
+                        &span,
+                        &self.state,
+                        position,
+                        S::NAME,
+                        &key,
+                        attempt,
+                        seconds,
+                        &AttemptLog::Retry {
+                            error: &failure,
+                            delay,
+                            next_retry_at,
+                        },
+                    );
                     let inline = delay <= self.shared.config.inline_wait_max;
-                    let schedule = if inline { Schedule::Continue { ttl } } else { Schedule::WakeAfter(delay) };
+                    let schedule = if inline {
+                        Schedule::Continue { ttl }
+                    } else {
+                        Schedule::WakeAfter(delay)
+                    };
                     let committed = self
                         .commit(
                             vec![EventKind::StepAttemptFailed {
@@ -587,57 +689,98 @@ impl SagaContext {
                         return Err(self.stop(halt));
                     }
                     if !inline {
-                        self.steps.push(Registered { position, step: erased });
+                        self.steps.push(Registered {
+                            position,
+                            step: erased,
+                        });
                         return Err(self.stop(Halt::Suspended(next_retry_at)));
                     }
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
                 RetryDecision::GiveUp(reason) => {
-                    self.shared.observe_attempt(&span, &self.state, position, S::NAME, &key, attempt, seconds, &AttemptLog::Failed { error: &failure, reason });
-                    let error = SagaError::StepFailed {
-                        step: S::NAME.to_owned(),
+                    self.shared.observe_attempt(
+                        &span,
+                        &self.state,
                         position,
-                        reason,
-                        error: failure.message.clone(),
-                    };
-                    let cause = CompensationReason::StepFailed {
-                        position,
-                        step: S::NAME.to_owned(),
-                        reason,
-                        error: failure.message.clone(),
-                    };
-                    self.steps.push(Registered { position, step: erased });
-                    let committed = self
-                        .commit(
-                            vec![
-                                EventKind::StepFailed {
-                                    position,
-                                    step: S::NAME.to_owned(),
-                                    attempt,
-                                    error: failure,
-                                    reason,
-                                },
-                                EventKind::CompensationStarted { reason: cause },
-                            ],
-                            Schedule::Continue { ttl },
-                        )
-                        .await;
-                    let halt = match committed {
-                        Ok(_) => Halt::StepFailed(error),
-                        Err(halt) => halt,
-                    };
-                    return Err(self.stop(halt));
+                        S::NAME,
+                        &key,
+                        attempt,
+                        seconds,
+                        &AttemptLog::Failed {
+                            error: &failure,
+                            reason,
+                        },
+                    );
+                    return Err(self
+                        .give_up(position, S::NAME, erased, attempt, failure, reason)
+                        .await);
                 }
             }
         }
+    }
+
+    /// Records that a step failed for good and that compensation starts, in one commit.
+    async fn give_up(
+        &mut self,
+        position: u32,
+        step: &'static str,
+        erased: Arc<dyn ErasedStep>,
+        attempt: u32,
+        failure: StepError,
+        reason: crate::GiveUpReason,
+    ) -> SagaError {
+        let error = SagaError::StepFailed {
+            step: step.to_owned(),
+            position,
+            reason,
+            error: failure.message.clone(),
+        };
+        let cause = CompensationReason::StepFailed {
+            position,
+            step: step.to_owned(),
+            reason,
+            error: failure.message.clone(),
+        };
+        self.steps.push(Registered {
+            position,
+            step: erased,
+        });
+        let ttl = self.shared.config.lease_ttl;
+        let committed = self
+            .commit(
+                vec![
+                    EventKind::StepFailed {
+                        position,
+                        step: step.to_owned(),
+                        attempt,
+                        error: failure,
+                        reason,
+                    },
+                    EventKind::CompensationStarted { reason: cause },
+                ],
+                Schedule::Continue { ttl },
+            )
+            .await;
+        let halt = match committed {
+            Ok(_) => Halt::StepFailed(error),
+            Err(halt) => halt,
+        };
+        self.stop(halt)
     }
 }
 
 /// One attempt outcome, for the structured log line and metrics.
 pub(crate) enum AttemptLog<'a> {
     Succeeded,
-    Retry { error: &'a StepError, delay: Duration, next_retry_at: Timestamp },
-    Failed { error: &'a StepError, reason: crate::GiveUpReason },
+    Retry {
+        error: &'a StepError,
+        delay: Duration,
+        next_retry_at: Timestamp,
+    },
+    Failed {
+        error: &'a StepError,
+        reason: crate::GiveUpReason,
+    },
     Compensated,
 }

@@ -29,8 +29,11 @@ pub trait Saga: Send + Sync + 'static {
     const VERSION: u32 = 1;
 
     /// The workflow.
-    async fn run(&self, saga: &mut SagaContext, input: Self::Input)
-    -> Result<Self::Output, SagaError>;
+    async fn run(
+        &self,
+        saga: &mut SagaContext,
+        input: Self::Input,
+    ) -> Result<Self::Output, SagaError>;
 }
 
 #[async_trait]
@@ -83,7 +86,11 @@ pub(crate) trait ErasedStep: Send + Sync {
 pub(crate) struct TypedStep<S>(pub(crate) Arc<S>);
 
 pub(crate) fn step_error<E: Classify + std::fmt::Display>(err: &E) -> StepError {
-    StepError { message: err.to_string(), class: err.classify(), timeout: false }
+    StepError {
+        message: err.to_string(),
+        class: err.classify(),
+        timeout: false,
+    }
 }
 
 fn decode_error(what: &str, step: &str, err: &serde_json::Error) -> StepError {
@@ -127,7 +134,10 @@ impl<S: Step> ErasedStep for TypedStep<S> {
             ),
             None => None,
         };
-        self.0.compensate(ctx, input, output).await.map_err(|err| step_error(&err))
+        self.0
+            .compensate(ctx, input, output)
+            .await
+            .map_err(|err| step_error(&err))
     }
 
     async fn reconcile(
@@ -137,7 +147,12 @@ impl<S: Step> ErasedStep for TypedStep<S> {
     ) -> Result<Reconciled<Value>, StepError> {
         let input: S::Input = serde_json::from_value(input.clone())
             .map_err(|err| decode_error("input", S::NAME, &err))?;
-        match self.0.reconcile(ctx, &input).await.map_err(|err| step_error(&err))? {
+        match self
+            .0
+            .reconcile(ctx, &input)
+            .await
+            .map_err(|err| step_error(&err))?
+        {
             Reconciled::Applied(output) => serde_json::to_value(output)
                 .map(Reconciled::Applied)
                 .map_err(|err| decode_error("output", S::NAME, &err)),

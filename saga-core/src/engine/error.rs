@@ -74,7 +74,9 @@ pub enum EngineError {
     #[error("saga {0} not found")]
     NotFound(SagaId),
     /// Another coordinator holds the saga's lease.
-    #[error("saga {saga} is being run by `{owner}` (lease until {until}); wait for it or let the lease expire")]
+    #[error(
+        "saga {saga} is being run by `{owner}` (lease until {until}); wait for it or let the lease expire"
+    )]
     Busy {
         /// The saga.
         saga: SagaId,
@@ -84,7 +86,9 @@ pub enum EngineError {
         until: Timestamp,
     },
     /// The idempotency key was used before with another input.
-    #[error("idempotency key `{key}` already started saga {saga} with a different input; use a new key for a new request")]
+    #[error(
+        "idempotency key `{key}` already started saga {saga} with a different input; use a new key for a new request"
+    )]
     IdempotencyConflict {
         /// The existing saga.
         saga: SagaId,

@@ -44,6 +44,10 @@ pub struct EngineConfig {
     pub inline_wait_max: Duration,
     /// How store writes are retried when the store is briefly unavailable.
     pub store_retry: RetryPolicy,
+    /// How many times one attempt may be started again after its coordinator stopped in the
+    /// middle of it before the step fails for good (a step that crashes its process every
+    /// time would otherwise be re-run forever).
+    pub max_interruptions: u32,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +60,7 @@ impl Default for EngineConfig {
                 .with_max_attempts(8)
                 .with_initial_delay(Duration::from_millis(50))
                 .with_max_delay(Duration::from_secs(2)),
+            max_interruptions: 5,
         }
     }
 }
@@ -108,7 +113,10 @@ impl Shared {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .insert(id);
             if inserted {
-                return LocalRun { shared: Arc::clone(self), id };
+                return LocalRun {
+                    shared: Arc::clone(self),
+                    id,
+                };
             }
             ended.await;
         }
@@ -125,7 +133,10 @@ impl Shared {
         let mut rng = fastrand::Rng::new();
         loop {
             match self.store.commit(lease, transition.clone()).await {
-                Err(err) if err.is_transient() && failed + 1 < self.config.store_retry.max_attempts() => {
+                Err(err)
+                    if err.is_transient()
+                        && failed + 1 < self.config.store_retry.max_attempts() =>
+                {
                     failed += 1;
                     let delay = self.config.store_retry.delay(failed, &mut rng);
                     tracing::warn!(saga_id = %lease.saga_id, error = %err, retry_in = ?delay, "store commit failed; retrying");
@@ -154,14 +165,35 @@ impl Shared {
         match *outcome {
             AttemptLog::Succeeded => {
                 metrics::counter!("saga_step_attempts_total", "step" => step, "outcome" => "success").increment(1);
-                tracing::info!(workflow_id, step = position, operation = step, idempotency_key = key, status = "succeeded", attempt, "step attempt succeeded");
+                tracing::info!(
+                    workflow_id,
+                    step = position,
+                    operation = step,
+                    idempotency_key = key,
+                    status = "succeeded",
+                    attempt,
+                    "step attempt succeeded"
+                );
             }
             AttemptLog::Compensated => {
                 metrics::counter!("saga_step_attempts_total", "step" => step, "outcome" => "compensated").increment(1);
-                tracing::info!(workflow_id, step = position, operation = step, idempotency_key = key, status = "compensated", attempt, "compensation succeeded");
+                tracing::info!(
+                    workflow_id,
+                    step = position,
+                    operation = step,
+                    idempotency_key = key,
+                    status = "compensated",
+                    attempt,
+                    "compensation succeeded"
+                );
             }
-            AttemptLog::Retry { error, delay, next_retry_at } => {
-                metrics::counter!("saga_step_attempts_total", "step" => step, "outcome" => "retry").increment(1);
+            AttemptLog::Retry {
+                error,
+                delay,
+                next_retry_at,
+            } => {
+                metrics::counter!("saga_step_attempts_total", "step" => step, "outcome" => "retry")
+                    .increment(1);
                 tracing::warn!(
                     workflow_id,
                     step = position,
@@ -257,6 +289,14 @@ impl EngineBuilder {
         self
     }
 
+    /// Sets how often one attempt may be interrupted by its coordinator stopping before the
+    /// step fails for good (default 5).
+    #[must_use]
+    pub fn max_interruptions(mut self, limit: u32) -> Self {
+        self.config.max_interruptions = limit;
+        self
+    }
+
     /// Uses `clock` for event timestamps and retry times (tests).
     #[must_use]
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
@@ -312,7 +352,9 @@ impl StartOptions {
     /// Options with an idempotency key.
     #[must_use]
     pub fn key(key: impl Into<String>) -> Self {
-        Self { idempotency_key: Some(key.into()) }
+        Self {
+            idempotency_key: Some(key.into()),
+        }
     }
 }
 
@@ -360,7 +402,10 @@ impl SagaOutcome {
             .clone()
             .map(serde_json::from_value)
             .transpose()
-            .map_err(|source| EngineError::Encoding { what: format!("output of saga {}", self.id), source })
+            .map_err(|source| EngineError::Encoding {
+                what: format!("output of saga {}", self.id),
+                source,
+            })
     }
 }
 
@@ -456,7 +501,9 @@ impl Engine {
         input: &S::Input,
         options: StartOptions,
     ) -> Result<Started, EngineError> {
-        self.create::<S>(input, options, None).await.map(|(started, _)| started)
+        self.create::<S>(input, options, None)
+            .await
+            .map(|(started, _)| started)
     }
 
     async fn create<S: Saga>(
@@ -476,7 +523,14 @@ impl Engine {
         };
         let print = fingerprint("start", &serde_json::json!([S::NAME, S::VERSION, input]));
         let now = self.shared.clock.now();
-        let state = SagaState::new(id, S::NAME.to_owned(), S::VERSION, input.clone(), key.clone(), now);
+        let state = SagaState::new(
+            id,
+            S::NAME.to_owned(),
+            S::VERSION,
+            input.clone(),
+            key.clone(),
+            now,
+        );
         let started = SagaEvent {
             seq: 0,
             at: now,
@@ -487,7 +541,10 @@ impl Engine {
                 idempotency_key: key.clone(),
             },
         };
-        let encode = |what: &str, source| EngineError::Encoding { what: what.to_owned(), source };
+        let encode = |what: &str, source| EngineError::Encoding {
+            what: what.to_owned(),
+            source,
+        };
         let new = NewSaga {
             id,
             saga_type: S::NAME.to_owned(),
@@ -501,23 +558,29 @@ impl Engine {
             Ok(CreateOutcome::Created { lease }) => {
                 metrics::counter!("saga_started_total", "saga_type" => S::NAME).increment(1);
                 tracing::info!(saga_id = %id, saga_type = S::NAME, "saga started");
-                Ok((Started { id, created: true }, lease.map(|lease| (lease, state))))
+                Ok((
+                    Started { id, created: true },
+                    lease.map(|lease| (lease, state)),
+                ))
             }
             Ok(CreateOutcome::Existing { .. }) => {
                 metrics::counter!("saga_idempotency_hits_total").increment(1);
                 tracing::info!(saga_id = %id, saga_type = S::NAME, "idempotent start: saga exists");
                 Ok((Started { id, created: false }, None))
             }
-            Err(StoreError::IdempotencyConflict { saga }) => Err(EngineError::IdempotencyConflict {
-                saga,
-                key: key.unwrap_or_default(),
-            }),
+            Err(StoreError::IdempotencyConflict { saga }) => {
+                Err(EngineError::IdempotencyConflict {
+                    saga,
+                    key: key.unwrap_or_default(),
+                })
+            }
             Err(err) => Err(err.into()),
         }
     }
 
-    /// Starts a saga of type `S` and runs it to its end in this process (an idempotent
-    /// repeat runs or waits for the existing one instead).
+    /// Starts a saga of type `S` and runs it to its end in this process. An idempotent repeat
+    /// runs the existing saga to its end instead (waiting for a run of it in this process);
+    /// if another coordinator holds it, the call fails with [`EngineError::Busy`].
     ///
     /// # Errors
     /// As [`Engine::start`] and [`Engine::run_to_end`].
@@ -529,7 +592,11 @@ impl Engine {
         // A repeat of a keyed start that this engine is running now waits for that run (a
         // new saga without a key has a fresh id that nothing else here can be running).
         let local = match &options.idempotency_key {
-            Some(key) => Some(self.shared.local_run(SagaId::from_idempotency_key(S::NAME, key)).await),
+            Some(key) => Some(
+                self.shared
+                    .local_run(SagaId::from_idempotency_key(S::NAME, key))
+                    .await,
+            ),
             None => None,
         };
         let claim = self.claim_request();
@@ -551,7 +618,10 @@ impl Engine {
     }
 
     fn claim_request(&self) -> ClaimRequest {
-        ClaimRequest { owner: self.shared.config.owner.clone(), ttl: self.shared.config.lease_ttl }
+        ClaimRequest {
+            owner: self.shared.config.owner.clone(),
+            ttl: self.shared.config.lease_ttl,
+        }
     }
 
     async fn sleep_until(&self, until: Timestamp) {
@@ -571,12 +641,15 @@ impl Engine {
         let _local = self.shared.local_run(id).await;
         match self.shared.store.claim(id, &self.claim_request()).await? {
             ClaimOutcome::Claimed(lease) => self.drive(lease).await,
-            ClaimOutcome::Busy(holder) => {
-                Err(EngineError::Busy { saga: id, owner: holder.owner, until: holder.expires_at })
-            }
-            ClaimOutcome::NotRunnable { quarantined: Some(reason), .. } => {
-                Err(EngineError::Quarantined { saga: id, reason })
-            }
+            ClaimOutcome::Busy(holder) => Err(EngineError::Busy {
+                saga: id,
+                owner: holder.owner,
+                until: holder.expires_at,
+            }),
+            ClaimOutcome::NotRunnable {
+                quarantined: Some(reason),
+                ..
+            } => Err(EngineError::Quarantined { saga: id, reason }),
             ClaimOutcome::NotRunnable { .. } => Ok(RunOutcome::Finished(self.outcome(id).await?)),
         }
     }
@@ -604,7 +677,11 @@ impl Engine {
         &self,
         limit: usize,
     ) -> Result<Vec<(SagaId, Result<RunOutcome, EngineError>)>, EngineError> {
-        let leases = self.shared.store.claim_due(&self.claim_request(), limit).await?;
+        let leases = self
+            .shared
+            .store
+            .claim_due(&self.claim_request(), limit)
+            .await?;
         let mut tasks = tokio::task::JoinSet::new();
         for lease in leases {
             let engine = self.clone();
@@ -634,10 +711,14 @@ impl Engine {
         let event = SagaEvent {
             seq: 0,
             at: self.shared.clock.now(),
-            kind: EventKind::CancelRequested { reason: reason.to_owned() },
+            kind: EventKind::CancelRequested {
+                reason: reason.to_owned(),
+            },
         };
-        let encoded = serde_json::to_string(&event)
-            .map_err(|source| EngineError::Encoding { what: "cancel event".into(), source })?;
+        let encoded = serde_json::to_string(&event).map_err(|source| EngineError::Encoding {
+            what: "cancel event".into(),
+            source,
+        })?;
         match self.shared.store.request_cancel(id, encoded).await {
             Ok(outcome) => Ok(outcome),
             Err(StoreError::NotFound(id)) => Err(EngineError::NotFound(id)),
@@ -651,10 +732,17 @@ impl Engine {
     /// [`EngineError::NotFound`], or [`EngineError::Encoding`] when the stored state does not
     /// decode.
     pub async fn state(&self, id: SagaId) -> Result<SagaState, EngineError> {
-        let stored = self.shared.store.load(id).await?.ok_or(EngineError::NotFound(id))?;
-        let mut state: SagaState = serde_json::from_str(&stored.state).map_err(|source| {
-            EngineError::Encoding { what: format!("stored state of saga {id}"), source }
-        })?;
+        let stored = self
+            .shared
+            .store
+            .load(id)
+            .await?
+            .ok_or(EngineError::NotFound(id))?;
+        let mut state: SagaState =
+            serde_json::from_str(&stored.state).map_err(|source| EngineError::Encoding {
+                what: format!("stored state of saga {id}"),
+                source,
+            })?;
         state.cancel_requested |= stored.cancel_requested;
         Ok(state)
     }
@@ -680,9 +768,11 @@ impl Engine {
         raw.iter()
             .enumerate()
             .map(|(seq, text)| {
-                let mut event: SagaEvent = serde_json::from_str(text).map_err(|source| {
-                    EngineError::Encoding { what: format!("event #{seq} of saga {id}"), source }
-                })?;
+                let mut event: SagaEvent =
+                    serde_json::from_str(text).map_err(|source| EngineError::Encoding {
+                        what: format!("event #{seq} of saga {id}"),
+                        source,
+                    })?;
                 event.seq = seq as u64;
                 Ok(event)
             })
@@ -706,14 +796,18 @@ impl Engine {
             Ok(Some(stored)) => stored,
             Ok(None) => return Err(EngineError::NotFound(id)),
             Err(StoreError::Corrupt { problem, .. }) => {
-                return Err(self.quarantine(id, format!("stored saga is corrupt: {problem}")).await);
+                return Err(self
+                    .quarantine(id, format!("stored saga is corrupt: {problem}"))
+                    .await);
             }
             Err(err) => return Err(err.into()),
         };
         let mut state: SagaState = match serde_json::from_str(&stored.state) {
             Ok(state) => state,
             Err(err) => {
-                return Err(self.quarantine(id, format!("stored state does not decode: {err}")).await);
+                return Err(self
+                    .quarantine(id, format!("stored state does not decode: {err}"))
+                    .await);
             }
         };
         state.cancel_requested |= stored.cancel_requested;
@@ -729,7 +823,10 @@ impl Engine {
         let Some(saga) = self.shared.registry.get(state.saga_type.as_str()).cloned() else {
             let mut known: Vec<&str> = self.shared.registry.keys().copied().collect();
             known.sort_unstable();
-            let reason = format!("unknown saga type `{}` (this coordinator runs {known:?})", state.saga_type);
+            let reason = format!(
+                "unknown saga type `{}` (this coordinator runs {known:?})",
+                state.saga_type
+            );
             return Err(self.quarantine(id, reason).await);
         };
         let span = tracing::info_span!("saga", saga_id = %id, saga_type = %state.saga_type);
@@ -748,7 +845,11 @@ impl Engine {
         let mut ctx = SagaContext {
             shared: Arc::clone(&self.shared),
             saga_type: Arc::from(saga.name()),
-            mode: if state.status == SagaStatus::Compensating { Mode::Collect } else { Mode::Forward },
+            mode: if state.status == SagaStatus::Compensating {
+                Mode::Collect
+            } else {
+                Mode::Forward
+            },
             lease,
             state,
             pending: Vec::new(),
@@ -762,7 +863,11 @@ impl Engine {
         let owner = ctx.lease.owner.clone();
         let fence = ctx.lease.fence;
         let fold = |halt: Halt| halt;
-        ctx.record(EventKind::LeaseAcquired { owner: owner.clone(), fence }).map_err(|h| halt_error(id, fold(h)))?;
+        ctx.record(EventKind::LeaseAcquired {
+            owner: owner.clone(),
+            fence,
+        })
+        .map_err(|h| halt_error(id, fold(h)))?;
         if let Some(reason) = resumed_from {
             metrics::counter!("saga_resumed_total", "reason" => reason).increment(1);
             tracing::info!(status = %ctx.state.status, reason, "resuming saga from its journal");
@@ -770,11 +875,15 @@ impl Engine {
                 .state
                 .journal
                 .iter()
-                .filter(|r| r.status == StepStatus::Succeeded)
+                .filter(|r| !r.is_value && r.status == StepStatus::Succeeded)
                 .count() as u32;
             let status = ctx.state.status;
-            ctx.record(EventKind::SagaResumed { owner, status, completed_steps })
-                .map_err(|h| halt_error(id, h))?;
+            ctx.record(EventKind::SagaResumed {
+                owner,
+                status,
+                completed_steps,
+            })
+            .map_err(|h| halt_error(id, h))?;
         }
         let result = saga.run_erased(&mut ctx, input).await;
         let compensating = match (ctx.mode, ctx.halt.take(), result) {
@@ -786,28 +895,38 @@ impl Engine {
                         ctx.position
                     );
                     let position = ctx.position;
-                    return self.fail_nondeterministic(&mut ctx, position, message).await;
+                    return self
+                        .fail_nondeterministic(&mut ctx, position, message)
+                        .await;
                 }
-                ctx.commit(vec![EventKind::SagaCompleted { output }], Schedule::Finished)
-                    .await
-                    .map_err(|h| halt_error(id, h))?;
+                ctx.commit(
+                    vec![EventKind::SagaCompleted { output }],
+                    Schedule::Finished,
+                )
+                .await
+                .map_err(|h| halt_error(id, h))?;
                 false
             }
             (Mode::Forward, None, Err(err)) => {
-                let reason = CompensationReason::Aborted { message: err.to_string() };
+                let reason = CompensationReason::Aborted {
+                    message: err.to_string(),
+                };
                 self.start_compensation(&mut ctx, reason).await?;
                 true
             }
             (Mode::Forward, Some(Halt::Cancelled), _) => {
                 let reason = self.cancel_reason(id).await;
-                self.start_compensation(&mut ctx, CompensationReason::Cancelled { reason }).await?;
+                self.start_compensation(&mut ctx, CompensationReason::Cancelled { reason })
+                    .await?;
                 true
             }
             (_, Some(Halt::StepFailed(_)), _) => true,
             (Mode::Collect, None | Some(Halt::Collected | Halt::Cancelled), _) => true,
             (_, Some(Halt::Suspended(until)), _) => return Ok(RunOutcome::Suspended(until)),
             (_, Some(Halt::NonDeterministic { position, message }), _) => {
-                return self.fail_nondeterministic(&mut ctx, position, message).await;
+                return self
+                    .fail_nondeterministic(&mut ctx, position, message)
+                    .await;
             }
             (_, Some(halt @ (Halt::Interrupted(_) | Halt::BadData(_) | Halt::Collected)), _) => {
                 return Err(self.halted(id, halt).await);
@@ -821,9 +940,14 @@ impl Engine {
             }
         }
         let outcome = SagaOutcome::from_state(&ctx.state);
-        let seconds = ctx.state.updated_at.since(ctx.state.created_at).as_secs_f64();
+        let seconds = ctx
+            .state
+            .updated_at
+            .since(ctx.state.created_at)
+            .as_secs_f64();
         metrics::counter!("saga_finished_total", "status" => outcome.status.as_str()).increment(1);
-        metrics::histogram!("saga_duration_seconds", "status" => outcome.status.as_str()).record(seconds);
+        metrics::histogram!("saga_duration_seconds", "status" => outcome.status.as_str())
+            .record(seconds);
         tracing::info!(status = %outcome.status, "saga finished");
         Ok(RunOutcome::Finished(outcome))
     }
@@ -835,7 +959,13 @@ impl Engine {
     ) -> Result<(), EngineError> {
         tracing::warn!(%reason, "compensating");
         let ttl = self.shared.config.lease_ttl;
-        match ctx.commit(vec![EventKind::CompensationStarted { reason }], Schedule::Continue { ttl }).await {
+        match ctx
+            .commit(
+                vec![EventKind::CompensationStarted { reason }],
+                Schedule::Continue { ttl },
+            )
+            .await
+        {
             Ok(_) => Ok(()),
             Err(halt) => Err(self.halted(ctx.lease.saga_id, halt).await),
         }
@@ -861,9 +991,11 @@ impl Engine {
     ) -> Result<RunOutcome, EngineError> {
         let error = format!("non-deterministic workflow at journal position {position}: {message}");
         tracing::error!(%error, "saga failed");
-        ctx.pending.retain(|event| !matches!(event.kind, EventKind::StepSucceeded { .. } | EventKind::ValueRecorded { .. }));
         ctx.commit(
-            vec![EventKind::SagaFailed { kind: FailureKind::NonDeterministic, error }],
+            vec![EventKind::SagaFailed {
+                kind: FailureKind::NonDeterministic,
+                error,
+            }],
             Schedule::Finished,
         )
         .await
@@ -893,7 +1025,9 @@ fn resumed_from(state: &SagaState) -> Option<&'static str> {
     state.owner.as_ref()?;
     let waiting = state.journal.last().is_some_and(|r| {
         r.status == StepStatus::Retrying
-            || r.compensation.as_ref().is_some_and(|c| c.next_retry_at.is_some())
+            || r.compensation
+                .as_ref()
+                .is_some_and(|c| c.next_retry_at.is_some())
     });
     Some(if waiting { "timer" } else { "recovery" })
 }

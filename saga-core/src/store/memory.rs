@@ -81,7 +81,11 @@ impl MemoryStore {
     /// An empty store that reads time from `clock`.
     #[must_use]
     pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
-        Self { inner: Arc::default(), clock, max_payload: DEFAULT_MAX_PAYLOAD }
+        Self {
+            inner: Arc::default(),
+            clock,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
     }
 
     /// Caps the size of any one encoded state or event.
@@ -94,7 +98,9 @@ impl MemoryStore {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock can only come from a bug in this file; the data is
         // still consistent at every await-free step, so recovering the guard is sound.
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn check_size(&self, what: &str, value: &str) -> Result<(), StoreError> {
@@ -125,7 +131,9 @@ impl MemoryStore {
 
 impl Inner {
     fn set_due(&mut self, id: SagaId, due: Option<Timestamp>) {
-        let Some(entry) = self.sagas.get_mut(&id) else { return };
+        let Some(entry) = self.sagas.get_mut(&id) else {
+            return;
+        };
         if let Some(old) = entry.due_at.take() {
             self.due.remove(&(old, id));
         }
@@ -140,17 +148,27 @@ impl Inner {
         let fence = match self.sagas.get_mut(&id) {
             Some(entry) => {
                 entry.fence += 1;
-                entry.lease = Some(LeaseInfo { owner: request.owner.clone(), expires_at });
+                entry.lease = Some(LeaseInfo {
+                    owner: request.owner.clone(),
+                    expires_at,
+                });
                 entry.fence
             }
             None => 0,
         };
         self.set_due(id, Some(expires_at));
-        Lease { saga_id: id, owner: request.owner.clone(), fence }
+        Lease {
+            saga_id: id,
+            owner: request.owner.clone(),
+            fence,
+        }
     }
 
     fn writable_entry(&mut self, lease: &Lease) -> Result<&mut Entry, StoreError> {
-        let entry = self.sagas.get_mut(&lease.saga_id).ok_or(StoreError::NotFound(lease.saga_id))?;
+        let entry = self
+            .sagas
+            .get_mut(&lease.saga_id)
+            .ok_or(StoreError::NotFound(lease.saga_id))?;
         if entry.fence != lease.fence {
             return Err(StoreError::Fenced {
                 saga: lease.saga_id,
@@ -160,7 +178,10 @@ impl Inner {
             });
         }
         if entry.status.is_terminal() || entry.quarantined.is_some() {
-            return Err(StoreError::NotWritable { saga: lease.saga_id, status: entry.status });
+            return Err(StoreError::NotWritable {
+                saga: lease.saga_id,
+                status: entry.status,
+            });
         }
         Ok(entry)
     }
@@ -185,7 +206,9 @@ impl SagaStore for MemoryStore {
             self.check_size("event", event)?;
         }
         if new.events.is_empty() {
-            return Err(StoreError::Invalid("a new saga needs at least its SagaStarted event".into()));
+            return Err(StoreError::Invalid(
+                "a new saga needs at least its SagaStarted event".into(),
+            ));
         }
         let now = self.clock.now();
         let mut inner = self.lock();
@@ -193,7 +216,9 @@ impl SagaStore for MemoryStore {
             if existing.fingerprint != new.fingerprint {
                 return Err(StoreError::IdempotencyConflict { saga: new.id });
             }
-            return Ok(CreateOutcome::Existing { status: existing.status });
+            return Ok(CreateOutcome::Existing {
+                status: existing.status,
+            });
         }
         inner.sagas.insert(
             new.id,
@@ -242,7 +267,11 @@ impl SagaStore for MemoryStore {
 
     async fn events(&self, id: SagaId) -> Result<Vec<String>, StoreError> {
         let inner = self.lock();
-        inner.sagas.get(&id).map(|entry| entry.events.clone()).ok_or(StoreError::NotFound(id))
+        inner
+            .sagas
+            .get(&id)
+            .map(|entry| entry.events.clone())
+            .ok_or(StoreError::NotFound(id))
     }
 
     async fn claim(&self, id: SagaId, request: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
@@ -275,7 +304,10 @@ impl SagaStore for MemoryStore {
             .map(|(_, id)| *id)
             .take(limit)
             .collect();
-        Ok(due.into_iter().map(|id| inner.take_lease(id, request, now)).collect())
+        Ok(due
+            .into_iter()
+            .map(|id| inner.take_lease(id, request, now))
+            .collect())
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<CommitOutcome, StoreError> {
@@ -283,8 +315,13 @@ impl SagaStore for MemoryStore {
         let mut inner = self.lock();
         let entry = inner.writable_entry(lease)?;
         let expires_at = now.plus(ttl);
-        entry.lease = Some(LeaseInfo { owner: lease.owner.clone(), expires_at });
-        let outcome = CommitOutcome { cancel_requested: entry.cancel_requested };
+        entry.lease = Some(LeaseInfo {
+            owner: lease.owner.clone(),
+            expires_at,
+        });
+        let outcome = CommitOutcome {
+            cancel_requested: entry.cancel_requested,
+        };
         inner.set_due(lease.saga_id, Some(expires_at));
         Ok(outcome)
     }
@@ -320,7 +357,9 @@ impl SagaStore for MemoryStore {
             && entry.fence == lease.fence
             && entry.last_commit.as_ref() == Some(&transition.commit_id)
         {
-            return Ok(CommitOutcome { cancel_requested: entry.cancel_requested });
+            return Ok(CommitOutcome {
+                cancel_requested: entry.cancel_requested,
+            });
         }
         let entry = inner.writable_entry(lease)?;
         entry.last_commit = Some(transition.commit_id);
@@ -328,11 +367,16 @@ impl SagaStore for MemoryStore {
         entry.state = transition.state;
         entry.status = transition.status;
         entry.updated_at = now;
-        let outcome = CommitOutcome { cancel_requested: entry.cancel_requested };
+        let outcome = CommitOutcome {
+            cancel_requested: entry.cancel_requested,
+        };
         let due = match transition.schedule {
             Schedule::Continue { ttl } => {
                 let expires_at = now.plus(ttl);
-                entry.lease = Some(LeaseInfo { owner: lease.owner.clone(), expires_at });
+                entry.lease = Some(LeaseInfo {
+                    owner: lease.owner.clone(),
+                    expires_at,
+                });
                 Some(expires_at)
             }
             Schedule::WakeAfter(delay) => {
@@ -362,7 +406,10 @@ impl SagaStore for MemoryStore {
         entry.cancel_requested = true;
         entry.events.push(event);
         entry.updated_at = now;
-        let held = entry.lease.as_ref().is_some_and(|lease| lease.expires_at > now);
+        let held = entry
+            .lease
+            .as_ref()
+            .is_some_and(|lease| lease.expires_at > now);
         if !held && entry.quarantined.is_none() {
             inner.set_due(id, Some(now));
         }
@@ -394,7 +441,9 @@ impl SagaStore for MemoryStore {
             }
             return Ok(match &record.progress {
                 GuardProgress::InProgress { .. } => GuardClaim::InProgress,
-                GuardProgress::Done { result } => GuardClaim::Completed { result: result.clone() },
+                GuardProgress::Done { result } => GuardClaim::Completed {
+                    result: result.clone(),
+                },
             });
         }
         let token = new_token();
@@ -403,7 +452,9 @@ impl SagaStore for MemoryStore {
             GuardRecord {
                 fingerprint: fingerprint.to_owned(),
                 expires_at: now.plus(in_progress_ttl),
-                progress: GuardProgress::InProgress { token: token.clone() },
+                progress: GuardProgress::InProgress {
+                    token: token.clone(),
+                },
             },
         );
         Ok(GuardClaim::Claimed { token })
@@ -426,7 +477,9 @@ impl SagaStore for MemoryStore {
                 if record.expires_at > now
                     && matches!(&record.progress, GuardProgress::InProgress { token: t } if t == token) =>
             {
-                record.progress = GuardProgress::Done { result: result.to_owned() };
+                record.progress = GuardProgress::Done {
+                    result: result.to_owned(),
+                };
                 record.expires_at = now.plus(ttl);
                 Ok(())
             }
@@ -438,11 +491,9 @@ impl SagaStore for MemoryStore {
 
     async fn guard_release(&self, key: &str, token: &str) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        if inner
-            .guards
-            .get(key)
-            .is_some_and(|r| matches!(&r.progress, GuardProgress::InProgress { token: t } if t == token))
-        {
+        if inner.guards.get(key).is_some_and(
+            |r| matches!(&r.progress, GuardProgress::InProgress { token: t } if t == token),
+        ) {
             inner.guards.remove(key);
         }
         Ok(())
@@ -459,7 +510,10 @@ impl SagaStore for MemoryStore {
         let mut next = None;
         for (id, entry) in inner.sagas.range((start, std::ops::Bound::Unbounded)) {
             if query.status.is_some_and(|s| s != entry.status)
-                || query.saga_type.as_ref().is_some_and(|t| *t != entry.saga_type)
+                || query
+                    .saga_type
+                    .as_ref()
+                    .is_some_and(|t| *t != entry.saga_type)
             {
                 continue;
             }
@@ -480,7 +534,8 @@ impl SagaStore for MemoryStore {
 
     async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>, StoreError> {
         let inner = self.lock();
-        let mut counts: BTreeMap<SagaStatus, u64> = SagaStatus::ALL.into_iter().map(|s| (s, 0)).collect();
+        let mut counts: BTreeMap<SagaStatus, u64> =
+            SagaStatus::ALL.into_iter().map(|s| (s, 0)).collect();
         for entry in inner.sagas.values() {
             *counts.entry(entry.status).or_default() += 1;
         }

@@ -254,7 +254,9 @@ pub struct ListPage {
 pub enum StoreError {
     /// The writer's fencing token is stale: another coordinator owns the saga now. The writer
     /// must stop working on it and write nothing more.
-    #[error("saga {saga}: write fenced (lease token {fence} is no longer current, the saga is owned by {current_owner:?} with token {current_fence}); stop working on it")]
+    #[error(
+        "saga {saga}: write fenced (lease token {fence} is no longer current, the saga is owned by {current_owner:?} with token {current_fence}); stop working on it"
+    )]
     Fenced {
         /// The saga.
         saga: SagaId,
@@ -269,7 +271,9 @@ pub enum StoreError {
     #[error("saga {0} not found")]
     NotFound(SagaId),
     /// The idempotency key was already used with different content.
-    #[error("saga {saga}: idempotency key reused with a different request (type, version or input differ); use a new key for a new request")]
+    #[error(
+        "saga {saga}: idempotency key reused with a different request (type, version or input differ); use a new key for a new request"
+    )]
     IdempotencyConflict {
         /// The saga the key belongs to.
         saga: SagaId,
@@ -283,7 +287,9 @@ pub enum StoreError {
         status: SagaStatus,
     },
     /// A value is larger than the store accepts.
-    #[error("{what} is {size} bytes, over the store's limit of {limit} bytes; make step inputs and outputs smaller (store references, not documents)")]
+    #[error(
+        "{what} is {size} bytes, over the store's limit of {limit} bytes; make step inputs and outputs smaller (store references, not documents)"
+    )]
     TooLarge {
         /// What was too large.
         what: String,
@@ -368,8 +374,11 @@ pub trait SagaStore: Send + Sync + 'static {
     /// cancel requested, or lease expired), oldest due time first, each with a new fence.
     /// Never returns a saga with an unexpired lease, a terminal or a quarantined one, nor one
     /// saga to two concurrent callers.
-    async fn claim_due(&self, request: &ClaimRequest, limit: usize)
-    -> Result<Vec<Lease>, StoreError>;
+    async fn claim_due(
+        &self,
+        request: &ClaimRequest,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError>;
 
     /// Extends a held lease by `ttl` from now, and reports whether a cancel is pending.
     /// Checked like [`commit`](SagaStore::commit): a stale fence is [`StoreError::Fenced`], a
@@ -400,8 +409,7 @@ pub trait SagaStore: Send + Sync + 'static {
     /// next commit or renewal. Only the first request appends its event; later ones answer
     /// [`CancelOutcome::Requested`] and write nothing. A terminal saga answers
     /// [`CancelOutcome::AlreadyFinished`] and is not touched.
-    async fn request_cancel(&self, id: SagaId, event: String)
-    -> Result<CancelOutcome, StoreError>;
+    async fn request_cancel(&self, id: SagaId, event: String) -> Result<CancelOutcome, StoreError>;
 
     /// Sets a saga aside with a reason: it leaves the due set, its lease is dropped (the
     /// former holder's writes are [`StoreError::NotWritable`]) and no worker claims it again

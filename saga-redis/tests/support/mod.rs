@@ -14,12 +14,17 @@ pub const LONG: Duration = Duration::from_secs(3600);
 
 /// A builder for `url` with a fresh key prefix.
 pub fn builder(url: &str, test: &str) -> RedisStoreBuilder {
-    RedisStore::builder().url(url).key_prefix(unique_prefix(test))
+    RedisStore::builder()
+        .url(url)
+        .key_prefix(unique_prefix(test))
 }
 
 /// Connects a store to `url` with a fresh key prefix.
 pub async fn store(url: &str, test: &str) -> RedisStore {
-    builder(url, test).connect().await.unwrap_or_else(|err| panic!("cannot connect to {url}: {err}"))
+    builder(url, test)
+        .connect()
+        .await
+        .unwrap_or_else(|err| panic!("cannot connect to {url}: {err}"))
 }
 
 /// A second store on the same data (same prefix), with its own connection.
@@ -44,7 +49,10 @@ pub async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
 
 /// A claim for `owner`.
 pub fn owner(name: &str, ttl: Duration) -> ClaimRequest {
-    ClaimRequest { owner: name.to_owned(), ttl }
+    ClaimRequest {
+        owner: name.to_owned(),
+        ttl,
+    }
 }
 
 /// An opaque encoded event.
@@ -83,5 +91,8 @@ pub fn step(commit_id: &str, label: &str, n: u32) -> Transition {
 
 /// `count` fresh ids that all fall in partition `p` of `store`.
 pub fn ids_in_partition(store: &RedisStore, p: u16, count: usize) -> Vec<SagaId> {
-    std::iter::repeat_with(SagaId::random).filter(|id| store.keys().partition_of(*id) == p).take(count).collect()
+    std::iter::repeat_with(SagaId::random)
+        .filter(|id| store.keys().partition_of(*id) == p)
+        .take(count)
+        .collect()
 }
