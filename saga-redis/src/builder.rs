@@ -8,6 +8,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo};
 use saga_core::store::DEFAULT_MAX_PAYLOAD;
 
+use crate::check::check_server;
 use crate::connection::Connection;
 use crate::error::{ConnectError, Reply, is_auth_error, redact, redis_error};
 use crate::keys::{KeyLayout, LAYOUT_VERSION};
@@ -291,21 +292,17 @@ impl RedisStoreBuilder {
         };
         let keys = KeyLayout::new(self.prefix.clone(), self.partitions);
         check_meta(&connection, &keys, &node_name).await?;
-        let mut store = RedisStore {
+        let findings = check_server(&connection, &node_name).await;
+        Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn: connection,
                 keys,
                 max_payload: self.max_payload,
                 replica_wait: self.replica_wait,
                 node_name,
-                findings: Vec::new(),
+                findings,
             }),
-        };
-        let findings = store.check_server().await;
-        if let Some(inner) = Arc::get_mut(&mut store.inner) {
-            inner.findings = findings;
-        }
-        Ok(store)
+        })
     }
 }
 

@@ -5,6 +5,8 @@ use std::fmt;
 
 use redis::Value;
 
+use crate::connection::Connection;
+
 /// One setting of one Redis node that weakens the store's guarantees, or a node whose
 /// settings could not be read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,11 +73,27 @@ impl fmt::Display for ServerFinding {
     }
 }
 
+/// Runs `CONFIG GET appendonly appendfsync maxmemory-policy` on every primary reachable
+/// through `connection` (`node_name` names a standalone server) and logs each finding.
+pub(crate) async fn check_server(connection: &Connection, node_name: &str) -> Vec<ServerFinding> {
+    let mut conn = connection.clone();
+    let mut cmd = redis::cmd("CONFIG");
+    cmd.arg("GET")
+        .arg("appendonly")
+        .arg("appendfsync")
+        .arg("maxmemory-policy");
+    let mut findings = Vec::new();
+    for (node, reply) in conn.on_every_primary(node_name, cmd).await {
+        findings.extend(findings_for(&node, reply));
+    }
+    for finding in &findings {
+        tracing::warn!(node = %finding.node, issue = ?finding.issue, "{finding}");
+    }
+    findings
+}
+
 /// The findings for one node's `CONFIG GET appendonly appendfsync maxmemory-policy` reply.
-pub(crate) fn findings_for(
-    node: &str,
-    reply: Result<Value, redis::RedisError>,
-) -> Vec<ServerFinding> {
+fn findings_for(node: &str, reply: Result<Value, redis::RedisError>) -> Vec<ServerFinding> {
     let finding = |issue| ServerFinding {
         node: node.to_owned(),
         issue,

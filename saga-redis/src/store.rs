@@ -15,7 +15,7 @@ use saga_core::{SagaId, SagaStatus, SagaStore, StoreError, Timestamp};
 use uuid::Uuid;
 
 use crate::builder::{RedisStoreBuilder, ReplicaWait};
-use crate::check::{ServerFinding, findings_for};
+use crate::check::{ServerFinding, check_server};
 use crate::connection::Connection;
 use crate::error::{Reply, redis_error, unexpected};
 use crate::keys::KeyLayout;
@@ -97,21 +97,7 @@ impl RedisStore {
     /// `tracing::warn!`. Never fails: the store works without these settings, with weaker
     /// guarantees.
     pub async fn check_server(&self) -> Vec<ServerFinding> {
-        let mut conn = self.inner.conn.clone();
-        let mut cmd = redis::cmd("CONFIG");
-        cmd.arg("GET")
-            .arg("appendonly")
-            .arg("appendfsync")
-            .arg("maxmemory-policy");
-        let replies = conn.on_every_primary(&self.inner.node_name, cmd).await;
-        let mut findings = Vec::new();
-        for (node, reply) in replies {
-            findings.extend(findings_for(&node, reply));
-        }
-        for finding in &findings {
-            tracing::warn!(node = %finding.node, issue = ?finding.issue, "{finding}");
-        }
-        findings
+        check_server(&self.inner.conn, &self.inner.node_name).await
     }
 
     fn check_size(&self, what: &str, value: &str) -> Result<(), StoreError> {
