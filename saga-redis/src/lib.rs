@@ -3,6 +3,7 @@
 
 mod builder;
 mod check;
+mod classify;
 mod connection;
 mod error;
 mod keys;
@@ -13,6 +14,7 @@ pub use builder::{
     DEFAULT_PARTITIONS, DEFAULT_PREFIX, MAX_PARTITIONS, RedisStoreBuilder, ReplicaWait,
 };
 pub use check::{ServerFinding, ServerIssue};
+pub use classify::{RedisFailure, classify_redis_error};
 pub use error::ConnectError;
 pub use keys::KeyLayout;
 pub use store::RedisStore;
