@@ -89,6 +89,8 @@ pub enum FailureKind {
     NonDeterministic,
     /// The stored saga could not be decoded or its type is not registered.
     BadData,
+    /// An operator abandoned it: it was stopped without (further) compensation.
+    Abandoned,
 }
 
 /// What happened to a saga. Field names follow the structured log record of the design brief.
@@ -241,6 +243,21 @@ pub enum EventKind {
     },
     /// Terminal: every completed step was undone.
     SagaCompensated,
+    /// An operator asked for a `Failed` (or quarantined) saga to be tried again: it resumes
+    /// where it stopped (compensation, with fresh attempt budgets for the compensations that
+    /// gave up; or forward, after a non-determinism failure whose code was fixed).
+    SagaRetried {
+        /// Who asked, and why.
+        reason: String,
+        /// The status it resumes in.
+        status: SagaStatus,
+    },
+    /// Terminal (`Failed`, kind `Abandoned`): an operator stopped the saga without
+    /// compensating what remains.
+    SagaAbandoned {
+        /// Who asked, and why.
+        reason: String,
+    },
     /// Terminal: stuck, needs an operator.
     SagaFailed {
         /// What went wrong.
@@ -271,6 +288,8 @@ impl EventKind {
             EventKind::SagaCompleted { .. } => "SagaCompleted",
             EventKind::SagaCompensated => "SagaCompensated",
             EventKind::SagaFailed { .. } => "SagaFailed",
+            EventKind::SagaRetried { .. } => "SagaRetried",
+            EventKind::SagaAbandoned { .. } => "SagaAbandoned",
         }
     }
 }

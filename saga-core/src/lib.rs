@@ -5,6 +5,7 @@
 mod classify;
 mod clock;
 mod context;
+mod coordinator;
 mod engine;
 mod event;
 mod guard;
@@ -23,6 +24,7 @@ pub mod timeline;
 pub use classify::{Classify, ErrorClass, HttpStatus, StepTimeout};
 pub use clock::{Clock, Timestamp, TokioClock};
 pub use context::StepContext;
+pub use coordinator::{Coordinator, CoordinatorReport};
 pub use engine::{
     Engine, EngineBuilder, EngineConfig, EngineError, RunOutcome, Saga, SagaContext, SagaError,
     SagaOutcome, StartOptions, Started,

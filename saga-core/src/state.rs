@@ -270,7 +270,14 @@ impl SagaState {
             event: name,
             problem,
         };
-        if self.status.is_terminal() && !matches!(event.kind, EventKind::CancelRequested { .. }) {
+        if self.status.is_terminal()
+            && !matches!(
+                event.kind,
+                EventKind::CancelRequested { .. }
+                    | EventKind::SagaRetried { .. }
+                    | EventKind::SagaAbandoned { .. }
+            )
+        {
             return Err(fail(format!("the saga is already {}", self.status)));
         }
         match &event.kind {
@@ -459,6 +466,26 @@ impl SagaState {
             EventKind::SagaFailed { kind, error } => {
                 self.status = SagaStatus::Failed;
                 self.failure = Some((*kind, error.clone()));
+            }
+            EventKind::SagaRetried { status, .. } => {
+                if !matches!(status, SagaStatus::Running | SagaStatus::Compensating) {
+                    return Err(fail(format!("a saga cannot be retried into {status}")));
+                }
+                self.status = *status;
+                self.failure = None;
+                // Compensations that gave up get a fresh budget.
+                for record in &mut self.journal {
+                    if let Some(undo) = &mut record.compensation
+                        && undo.status == CompensationStatus::Retrying
+                    {
+                        undo.attempts = 0;
+                        undo.next_retry_at = None;
+                    }
+                }
+            }
+            EventKind::SagaAbandoned { reason } => {
+                self.status = SagaStatus::Failed;
+                self.failure = Some((FailureKind::Abandoned, reason.clone()));
             }
         }
         self.updated_at = self.updated_at.max(event.at);

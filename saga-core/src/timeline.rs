@@ -156,6 +156,12 @@ pub fn describe(kind: &EventKind) -> String {
         EventKind::SagaCompleted { .. } => "COMPLETED".to_owned(),
         EventKind::SagaCompensated => "COMPENSATED: every completed step undone".to_owned(),
         EventKind::SagaFailed { kind, error } => format!("FAILED ({kind:?}): {error}"),
+        EventKind::SagaRetried { reason, status } => {
+            format!("RETRIED by an operator ({reason}); resumes {status}")
+        }
+        EventKind::SagaAbandoned { reason } => {
+            format!("ABANDONED by an operator without compensating: {reason}")
+        }
     }
 }
 

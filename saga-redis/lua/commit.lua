@@ -12,6 +12,9 @@
 -- 'finished' drops the lease, removes the saga from the due set and enters it in the
 -- terminal index (scored by this write's time, for purge).
 --
+-- Wake-ups: a 'finished' commit PUBLISHes 'finished <id>', a 'wake' commit with a zero delay
+-- 'due <id>', on the prefix's wake channel (<prefix>:wake); other commits publish nothing.
+--
 -- KEYS[1]  saga hash          <prefix>:{pNN}:saga:<id>
 -- KEYS[2]  events list        <prefix>:{pNN}:events:<id>
 -- KEYS[3]  due zset           <prefix>:{pNN}:due
@@ -110,5 +113,10 @@ else
   redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
   redis.call('ZREM', KEYS[3], id)
   redis.call('ZADD', KEYS[5], int(now), id)
+end
+if schedule == 'finished' then
+  publish_wake(KEYS[1], 'finished', id)
+elseif schedule == 'wake' and span == 0 then
+  publish_wake(KEYS[1], 'due', id)
 end
 return { 'ok', tonumber(f.cancel), 1 }

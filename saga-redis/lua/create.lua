@@ -19,6 +19,8 @@
 -- ARGV[9]  claim lease ttl, ms
 -- ARGV[10] event count n (>= 1), then ARGV[11 .. 10+n] the encoded events
 --
+-- A created saga PUBLISHes 'created <id>' on the prefix's wake channel (<prefix>:wake).
+--
 -- Returns {'created', fence, now}     fence 1 when claimed (the lease expires at now + ttl),
 --                                     0 otherwise (due at once)
 --       | {'existing', status}        same id, same fingerprint
@@ -105,4 +107,5 @@ redis.call('ZADD', KEYS[3], int(due), id)
 redis.call('ZADD', KEYS[4], 0, id)
 redis.call('ZADD', KEYS[5], 0, id)
 redis.call('ZADD', KEYS[6], 0, id)
+publish_wake(KEYS[1], 'created', id)
 return { 'created', fence, now }

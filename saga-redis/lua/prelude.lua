@@ -142,3 +142,16 @@ end
 local function status_key(keys, first, status)
   return keys[first + STATUS_INDEX[status] - 1]
 end
+
+-- Tells the prefix's subscribers that work may be waiting: PUBLISHes '<what> <id>' on
+-- '<prefix>:wake', the prefix being what precedes the partition tag in `saga_key`
+-- ('<prefix>:{pNN}:saga:<id>'; a prefix never contains braces). PUBLISH takes no key, so it
+-- is cluster-safe, and a cluster delivers it to subscribers on every node. Call it last:
+-- it is a write of the script (the message is fire-and-forget; a script that fails before
+-- it publishes nothing).
+local function publish_wake(saga_key, what, id)
+  local cut = string.find(saga_key, ':{p', 1, true)
+  if cut then
+    redis.call('PUBLISH', string.sub(saga_key, 1, cut - 1) .. ':wake', what .. ' ' .. id)
+  end
+end

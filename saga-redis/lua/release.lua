@@ -1,4 +1,5 @@
 -- release.lua: gives a held lease up; the saga is due again at once. Fenced like a commit.
+-- PUBLISHes 'released <id>' on the prefix's wake channel (<prefix>:wake).
 --
 -- KEYS[1]  saga hash          <prefix>:{pNN}:saga:<id>
 -- KEYS[2]  due zset           <prefix>:{pNN}:due
@@ -29,4 +30,5 @@ end
 -- Validated; write.
 redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
 redis.call('ZADD', KEYS[2], int(now_ms()), id)
+publish_wake(KEYS[1], 'released', id)
 return { 'ok' }

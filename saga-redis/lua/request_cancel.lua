@@ -1,6 +1,7 @@
 -- request_cancel.lua: sets a saga's cancel flag and appends the cancel event, once. Needs no
 -- lease: the holder sees the flag in its next commit or renewal. A saga nobody holds (and
--- that is not quarantined) becomes due at once, so a worker picks it up to compensate.
+-- that is not quarantined) becomes due at once, so a worker picks it up to compensate. The
+-- first request PUBLISHes 'cancel <id>' on the prefix's wake channel (<prefix>:wake).
 --
 -- KEYS[1]  saga hash          <prefix>:{pNN}:saga:<id>
 -- KEYS[2]  events list        <prefix>:{pNN}:events:<id>
@@ -52,4 +53,5 @@ local held = f.owner and f.lease_until > now
 if not held and redis.call('HEXISTS', KEYS[4], id) == 0 then
   redis.call('ZADD', KEYS[3], int(now), id)
 end
+publish_wake(KEYS[1], 'cancel', id)
 return { 'requested', 1 }

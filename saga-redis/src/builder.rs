@@ -14,6 +14,7 @@ use crate::error::{ConnectError, Reply, is_auth_error, redact, redis_error};
 use crate::keys::{KeyLayout, LAYOUT_VERSION};
 use crate::scripts::SCRIPTS;
 use crate::store::{Inner, RedisStore};
+use crate::wake::Wakeups;
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "saga";
@@ -219,7 +220,7 @@ impl RedisStoreBuilder {
             + self
                 .replica_wait
                 .map_or(Duration::ZERO, |wait| wait.timeout);
-        let (connection, node_name) = match &target {
+        let (connection, node_name, pubsub_clients) = match &target {
             Target::Standalone(url) => {
                 ensure_tls_provider(std::slice::from_ref(url))?;
                 let client = self.client(url)?;
@@ -243,10 +244,11 @@ impl RedisStoreBuilder {
                     .set_response_timeout(Some(response_timeout))
                     .set_number_of_retries(self.reconnect_retries)
                     .set_max_delay(Duration::from_secs(2));
+                let pubsub = client.clone();
                 let manager = ConnectionManager::new_with_config(client, config)
                     .await
                     .map_err(|source| connect_error(&node, source))?;
-                (Connection::Standalone(manager), node)
+                (Connection::Standalone(manager), node, vec![pubsub])
             }
             Target::Cluster(nodes) => {
                 ensure_tls_provider(nodes)?;
@@ -287,12 +289,19 @@ impl RedisStoreBuilder {
                     .query_async::<()>(&mut connection)
                     .await
                     .map_err(|source| connect_error(&node, source))?;
-                (Connection::Cluster(connection), node)
+                // Wake-ups subscribe on one node (a cluster delivers PUBLISH to every node):
+                // a client per seed node, tried in turn.
+                let pubsub = nodes
+                    .iter()
+                    .map(|url| self.client(url))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (Connection::Cluster(connection), node, pubsub)
             }
         };
         let keys = KeyLayout::new(self.prefix.clone(), self.partitions);
         check_meta(&connection, &keys, &node_name).await?;
         let findings = check_server(&connection, &node_name).await;
+        let wake = Wakeups::new(pubsub_clients, keys.wake_channel(), self.connection_timeout);
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn: connection,
@@ -301,6 +310,7 @@ impl RedisStoreBuilder {
                 replica_wait: self.replica_wait,
                 node_name,
                 findings,
+                wake,
             }),
         })
     }

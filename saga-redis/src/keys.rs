@@ -60,6 +60,14 @@ impl KeyLayout {
         format!("{}:{{p{p:02}}}:", self.prefix)
     }
 
+    /// The pub/sub channel on which the scripts announce that work may be waiting (a saga
+    /// created, released, cancelled, finished, made due at once or reopened by an operator):
+    /// `<prefix>:wake`. A channel, not a key: it belongs to no slot.
+    #[must_use]
+    pub fn wake_channel(&self) -> String {
+        format!("{}:wake", self.prefix)
+    }
+
     /// The meta hash (partition count, layout version). Not in any partition.
     #[must_use]
     pub fn meta(&self) -> String {

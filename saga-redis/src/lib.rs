@@ -9,6 +9,7 @@ mod error;
 mod keys;
 mod scripts;
 mod store;
+mod wake;
 
 pub use builder::{
     DEFAULT_PARTITIONS, DEFAULT_PREFIX, MAX_PARTITIONS, RedisStoreBuilder, ReplicaWait,

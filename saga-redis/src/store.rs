@@ -20,6 +20,7 @@ use crate::connection::Connection;
 use crate::error::{Reply, redis_error, unexpected};
 use crate::keys::KeyLayout;
 use crate::scripts::SCRIPTS;
+use crate::wake::Wakeups;
 
 /// The longest duration sent to a script, in milliseconds (about 3000 years): longer ones are
 /// clamped, so that `now + duration` stays an exact integer in Lua.
@@ -52,6 +53,8 @@ pub(crate) struct Inner {
     /// The standalone server's address (for findings).
     pub(crate) node_name: String,
     pub(crate) findings: Vec<ServerFinding>,
+    /// The wake-up subscription (started by the first `wakeups()` call).
+    pub(crate) wake: Wakeups,
 }
 
 fn ms(duration: Duration) -> u64 {
@@ -851,6 +854,80 @@ impl SagaStore for RedisStore {
             deleted += n;
         }
         Ok(deleted)
+    }
+
+    async fn operator_transition(
+        &self,
+        id: SagaId,
+        expected: &[SagaStatus],
+        transition: Transition,
+    ) -> Result<CommitOutcome, StoreError> {
+        self.check_size("saga state", &transition.state)?;
+        for event in &transition.events {
+            self.check_size("event", event)?;
+        }
+        let terminal = transition.status.is_terminal();
+        let (schedule, delay) = match transition.schedule {
+            Schedule::WakeAfter(delay) if !terminal => ("wake", ms(delay)),
+            Schedule::Finished if terminal => ("finished", 0),
+            other => {
+                return Err(StoreError::Invalid(format!(
+                    "an operator transition to {} cannot use schedule {other:?}",
+                    transition.status
+                )));
+            }
+        };
+        let expected = expected
+            .iter()
+            .map(|status| status.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let keys = &self.inner.keys;
+        let p = keys.partition_of(id);
+        let saga_key = keys.saga(id);
+        let mut invocation = SCRIPTS.operator_transition.prepare_invoke();
+        invocation
+            .key(&saga_key)
+            .key(keys.events(id))
+            .key(keys.due(p))
+            .key(keys.quarantine(p))
+            .key(keys.terminal(p));
+        for status_key in keys.statuses(p) {
+            invocation.key(status_key);
+        }
+        invocation
+            .arg(id.to_string())
+            .arg(&transition.commit_id)
+            .arg(transition.status.as_str())
+            .arg(schedule)
+            .arg(delay)
+            .arg(self.inner.max_payload)
+            .arg(&transition.state)
+            .arg(expected)
+            .arg(transition.events.len());
+        for event in &transition.events {
+            invocation.arg(event);
+        }
+        let (code, mut reply) = self
+            .invoke("operator_transition", Some(id), invocation)
+            .await?;
+        match code.as_str() {
+            "ok" => {
+                let cancel_requested = reply.flag()?;
+                self.replicate("operator_transition", &saga_key).await?;
+                Ok(CommitOutcome { cancel_requested })
+            }
+            _ => Err(reply.into_error(&code, id, 0)),
+        }
+    }
+
+    /// Redis pub/sub on the prefix's wake channel (`<prefix>:wake`): the first call starts
+    /// one background task per store, on the current tokio runtime, with a dedicated pub/sub
+    /// connection that reconnects with backoff (the value changes once after every
+    /// reconnection, as messages may have been missed). `None` outside a tokio runtime. The
+    /// task ends once the store and every receiver are dropped.
+    fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.inner.wake.subscribe()
     }
 }
 

@@ -35,6 +35,13 @@ pub(crate) async fn compensate(ctx: &mut SagaContext) -> Result<SagaStatus, Halt
         }) {
             continue;
         }
+        if ctx
+            .shared
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(ctx.release_for_shutdown().await);
+        }
         match decide(ctx, registered, &record).await {
             Undo::Lost(reason) => return Err(Halt::Interrupted(reason)),
             Undo::Skip(why) => ctx.record(EventKind::CompensationSkipped {

@@ -388,6 +388,18 @@ impl SagaContext {
         }
     }
 
+    /// Records the progress made so far and releases the lease with the saga due at once, so
+    /// that another coordinator resumes it without waiting for the lease to lapse.
+    pub(crate) async fn release_for_shutdown(&mut self) -> Halt {
+        match self
+            .commit(Vec::new(), Schedule::WakeAfter(Duration::ZERO))
+            .await
+        {
+            Ok(_) => Halt::Interrupted("the coordinator is shutting down; lease released".into()),
+            Err(halt) => halt,
+        }
+    }
+
     /// Waits for a recorded retry time: in process when it is close, as a durable timer
     /// otherwise.
     async fn wait_until(&mut self, at: Timestamp) -> Result<(), SagaError> {
@@ -525,6 +537,14 @@ impl SagaContext {
                     step: erased,
                 });
                 return Err(self.stop(Halt::Cancelled));
+            }
+            if self
+                .shared
+                .shutting_down
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                let halt = self.release_for_shutdown().await;
+                return Err(self.stop(halt));
             }
             let key = step_idempotency_key(self.state.id, position, S::NAME, Phase::Forward);
             let started = self

@@ -39,6 +39,7 @@ pub trait Saga: Send + Sync + 'static {
 #[async_trait]
 pub(crate) trait ErasedSaga: Send + Sync {
     fn name(&self) -> &'static str;
+    fn version(&self) -> u32;
     async fn run_erased(&self, saga: &mut SagaContext, input: Value) -> Result<Value, SagaError>;
 }
 
@@ -48,6 +49,10 @@ pub(crate) struct TypedSaga<S>(pub(crate) S);
 impl<S: Saga> ErasedSaga for TypedSaga<S> {
     fn name(&self) -> &'static str {
         S::NAME
+    }
+
+    fn version(&self) -> u32 {
+        S::VERSION
     }
 
     async fn run_erased(&self, saga: &mut SagaContext, input: Value) -> Result<Value, SagaError> {

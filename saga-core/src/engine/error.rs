@@ -131,6 +131,14 @@ pub enum EngineError {
         /// What was attempted.
         message: String,
     },
+    /// The saga did not reach a terminal state within the wait.
+    #[error("saga {saga} is still {status} after the wait; wait again or look at its history")]
+    WaitTimedOut {
+        /// The saga.
+        saga: SagaId,
+        /// Its status when the wait ended.
+        status: SagaStatus,
+    },
     /// The engine configuration is invalid.
     #[error("invalid engine configuration: {0}")]
     Config(String),

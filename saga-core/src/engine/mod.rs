@@ -6,6 +6,7 @@ mod context;
 mod definition;
 mod error;
 mod guarded;
+mod operations;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -75,6 +76,8 @@ pub(crate) struct Shared {
     pub(crate) local_runs: std::sync::Mutex<std::collections::HashSet<SagaId>>,
     /// Notified whenever a local run ends.
     pub(crate) local_run_ended: tokio::sync::Notify,
+    /// Set by [`Engine::begin_shutdown`]: running sagas stop at their next step boundary.
+    pub(crate) shutting_down: std::sync::atomic::AtomicBool,
 }
 
 /// This engine's run of one saga; the saga leaves [`Shared::local_runs`] when it is dropped
@@ -334,6 +337,7 @@ impl EngineBuilder {
                 clock: self.clock,
                 config,
                 local_runs: std::sync::Mutex::default(),
+                shutting_down: std::sync::atomic::AtomicBool::new(false),
                 local_run_ended: tokio::sync::Notify::new(),
             }),
         })
@@ -516,17 +520,30 @@ impl Engine {
             what: format!("input of saga type `{}`", S::NAME),
             source,
         })?;
+        self.create_value(S::NAME, S::VERSION, input, options, claim)
+            .await
+    }
+
+    /// Creates a saga from an already encoded input (typed starts and `start_json`).
+    pub(crate) async fn create_value(
+        &self,
+        name: &'static str,
+        version: u32,
+        input: serde_json::Value,
+        options: StartOptions,
+        claim: Option<ClaimRequest>,
+    ) -> Result<(Started, Option<(Lease, SagaState)>), EngineError> {
         let key = options.idempotency_key;
         let id = match &key {
-            Some(key) => SagaId::from_idempotency_key(S::NAME, key),
+            Some(key) => SagaId::from_idempotency_key(name, key),
             None => SagaId::random(),
         };
-        let print = fingerprint("start", &serde_json::json!([S::NAME, S::VERSION, input]));
+        let print = fingerprint("start", &serde_json::json!([name, version, input]));
         let now = self.shared.clock.now();
         let state = SagaState::new(
             id,
-            S::NAME.to_owned(),
-            S::VERSION,
+            name.to_owned(),
+            version,
             input.clone(),
             key.clone(),
             now,
@@ -535,8 +552,8 @@ impl Engine {
             seq: 0,
             at: now,
             kind: EventKind::SagaStarted {
-                saga_type: S::NAME.to_owned(),
-                version: S::VERSION,
+                saga_type: name.to_owned(),
+                version: version,
                 input,
                 idempotency_key: key.clone(),
             },
@@ -547,7 +564,7 @@ impl Engine {
         };
         let new = NewSaga {
             id,
-            saga_type: S::NAME.to_owned(),
+            saga_type: name.to_owned(),
             idempotency_key: key.clone(),
             fingerprint: print,
             state: serde_json::to_string(&state).map_err(|e| encode("saga state", e))?,
@@ -556,8 +573,8 @@ impl Engine {
         };
         match self.shared.store.create(new).await {
             Ok(CreateOutcome::Created { lease }) => {
-                metrics::counter!("saga_started_total", "saga_type" => S::NAME).increment(1);
-                tracing::info!(saga_id = %id, saga_type = S::NAME, "saga started");
+                metrics::counter!("saga_started_total", "saga_type" => name).increment(1);
+                tracing::info!(saga_id = %id, saga_type = name, "saga started");
                 Ok((
                     Started { id, created: true },
                     lease.map(|lease| (lease, state)),
@@ -565,7 +582,7 @@ impl Engine {
             }
             Ok(CreateOutcome::Existing { .. }) => {
                 metrics::counter!("saga_idempotency_hits_total").increment(1);
-                tracing::info!(saga_id = %id, saga_type = S::NAME, "idempotent start: saga exists");
+                tracing::info!(saga_id = %id, saga_type = name, "idempotent start: saga exists");
                 Ok((Started { id, created: false }, None))
             }
             Err(StoreError::IdempotencyConflict { saga }) => {
@@ -617,7 +634,7 @@ impl Engine {
         }
     }
 
-    fn claim_request(&self) -> ClaimRequest {
+    pub(crate) fn claim_request(&self) -> ClaimRequest {
         ClaimRequest {
             owner: self.shared.config.owner.clone(),
             ttl: self.shared.config.lease_ttl,
@@ -790,7 +807,7 @@ impl Engine {
 
     /// Runs a claimed saga: replays its journal, executes what remains, compensates when it
     /// must. The lease stays fenced against every other writer throughout.
-    async fn drive(&self, lease: Lease) -> Result<RunOutcome, EngineError> {
+    pub(crate) async fn drive(&self, lease: Lease) -> Result<RunOutcome, EngineError> {
         let id = lease.saga_id;
         let stored = match self.shared.store.load(id).await {
             Ok(Some(stored)) => stored,

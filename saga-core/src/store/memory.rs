@@ -24,6 +24,7 @@ pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
     clock: Arc<dyn Clock>,
     max_payload: usize,
+    wake: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 #[derive(Debug, Default)]
@@ -85,7 +86,14 @@ impl MemoryStore {
             inner: Arc::default(),
             clock,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            wake: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
+    }
+
+    /// Tells waiters that work may be due or a saga finished.
+    fn wake(&self) {
+        self.wake
+            .send_modify(|version| *version = version.wrapping_add(1));
     }
 
     /// Caps the size of any one encoded state or event.
@@ -244,6 +252,8 @@ impl SagaStore for MemoryStore {
                 None
             }
         };
+        drop(inner);
+        self.wake();
         Ok(CreateOutcome::Created { lease })
     }
 
@@ -332,6 +342,8 @@ impl SagaStore for MemoryStore {
         let entry = inner.writable_entry(lease)?;
         entry.lease = None;
         inner.set_due(lease.saga_id, Some(now));
+        drop(inner);
+        self.wake();
         Ok(())
     }
 
@@ -370,6 +382,7 @@ impl SagaStore for MemoryStore {
         let outcome = CommitOutcome {
             cancel_requested: entry.cancel_requested,
         };
+        let transition_schedule = transition.schedule;
         let due = match transition.schedule {
             Schedule::Continue { ttl } => {
                 let expires_at = now.plus(ttl);
@@ -389,6 +402,12 @@ impl SagaStore for MemoryStore {
             }
         };
         inner.set_due(lease.saga_id, due);
+        drop(inner);
+        if matches!(transition_schedule, Schedule::Finished)
+            || matches!(transition_schedule, Schedule::WakeAfter(d) if d.is_zero())
+        {
+            self.wake();
+        }
         Ok(outcome)
     }
 
@@ -413,6 +432,8 @@ impl SagaStore for MemoryStore {
         if !held && entry.quarantined.is_none() {
             inner.set_due(id, Some(now));
         }
+        drop(inner);
+        self.wake();
         Ok(CancelOutcome::Requested)
     }
 
@@ -557,5 +578,65 @@ impl SagaStore for MemoryStore {
             inner.sagas.remove(id);
         }
         Ok(doomed.len() as u64)
+    }
+
+    async fn operator_transition(
+        &self,
+        id: SagaId,
+        expected: &[SagaStatus],
+        transition: Transition,
+    ) -> Result<CommitOutcome, StoreError> {
+        self.check_size("saga state", &transition.state)?;
+        for event in &transition.events {
+            self.check_size("event", event)?;
+        }
+        let due_after = match transition.schedule {
+            Schedule::WakeAfter(delay) if !transition.status.is_terminal() => Some(delay),
+            Schedule::Finished if transition.status.is_terminal() => None,
+            other => {
+                return Err(StoreError::Invalid(format!(
+                    "an operator transition to {} cannot use schedule {other:?}",
+                    transition.status
+                )));
+            }
+        };
+        let now = self.clock.now();
+        let mut inner = self.lock();
+        let entry = inner.sagas.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        if !transition.commit_id.is_empty()
+            && entry.last_commit.as_ref() == Some(&transition.commit_id)
+        {
+            // Applied already (its reply was lost): write nothing, not even a new fence.
+            return Ok(CommitOutcome {
+                cancel_requested: entry.cancel_requested,
+            });
+        }
+        if !expected.contains(&entry.status) {
+            return Err(StoreError::NotWritable {
+                saga: id,
+                status: entry.status,
+            });
+        }
+        entry.fence += 1;
+        entry.lease = None;
+        entry.last_commit = Some(transition.commit_id);
+        entry.events.extend(transition.events);
+        entry.state = transition.state;
+        entry.status = transition.status;
+        entry.updated_at = now;
+        let outcome = CommitOutcome {
+            cancel_requested: entry.cancel_requested,
+        };
+        if due_after.is_some() {
+            entry.quarantined = None;
+        }
+        inner.set_due(id, due_after.map(|delay| now.plus(delay)));
+        drop(inner);
+        self.wake();
+        Ok(outcome)
+    }
+
+    fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.wake.subscribe())
     }
 }

@@ -456,4 +456,42 @@ pub trait SagaStore: Send + Sync + 'static {
     /// answers `None` and `events` [`StoreError::NotFound`]. Never touches a non-terminal
     /// saga. Returns how many it deleted.
     async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64, StoreError>;
+
+    /// An operator's transition, outside any lease: takes the saga from whoever holds it
+    /// (the fencing token is incremented, so a running holder is fenced out and writes
+    /// nothing more), checks that its status is one of `expected` (terminal statuses
+    /// included, for retrying a `Failed` saga), then appends the events, replaces the state
+    /// and applies the schedule (`WakeAfter(ZERO)` makes it due at once with no lease;
+    /// `Finished` for a terminal status; `Continue` is invalid). A quarantined saga is
+    /// released from quarantine when the transition makes it due again.
+    ///
+    /// Idempotent by `commit_id`: when it is the saga's latest applied commit id, the store
+    /// answers success and writes nothing (no new fence either), so an operator command whose
+    /// reply was lost can be retried. Errors, each of which writes nothing:
+    /// [`StoreError::NotWritable`] (status not in `expected`), [`StoreError::Invalid`]
+    /// (`Continue`, or a status and schedule that do not go together),
+    /// [`StoreError::TooLarge`], [`StoreError::NotFound`].
+    ///
+    /// The default answers [`StoreError::Invalid`]: a store that supports operator commands
+    /// (retry, abandon) overrides it.
+    async fn operator_transition(
+        &self,
+        id: SagaId,
+        expected: &[SagaStatus],
+        transition: Transition,
+    ) -> Result<CommitOutcome, StoreError> {
+        let _ = (id, expected, transition);
+        Err(StoreError::Invalid(
+            "this store does not support operator transitions".into(),
+        ))
+    }
+
+    /// A signal that work may be waiting, for coordinators and waiters that would otherwise
+    /// poll: the value changes (to any new value) whenever a saga becomes due without a timer
+    /// (created, released, cancelled, reopened by an operator) and whenever a saga reaches a
+    /// terminal state. Spurious changes are allowed; `None` means the store has no signal and
+    /// callers poll.
+    fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }

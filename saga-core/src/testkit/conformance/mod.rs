@@ -46,6 +46,7 @@ mod guard;
 mod lease;
 mod limits;
 mod listing;
+mod operator;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -59,6 +60,7 @@ pub use guard::*;
 pub use lease::*;
 pub use limits::*;
 pub use listing::*;
+pub use operator::*;
 
 use crate::store::{
     ClaimOutcome, ClaimRequest, CommitOutcome, CreateOutcome, Lease, NewSaga, SagaStore, Schedule,
@@ -208,6 +210,14 @@ macro_rules! store_conformance_tests {
                 concurrent_claim_due_claims_each_saga_once,
                 concurrent_creates_with_one_key_create_once,
                 concurrent_cancels_append_one_event,
+                operator_transition_fences_out_the_holder,
+                operator_transition_with_unexpected_status_writes_nothing,
+                operator_transition_reopens_a_failed_saga,
+                operator_transition_finishes_a_running_saga,
+                operator_transition_releases_quarantine_when_making_due,
+                operator_transition_rejects_continue_and_mismatched_schedules,
+                operator_transition_retried_with_same_id_applies_once,
+                wakeups_signal_new_work_and_finished_sagas,
             ],
             sized_cases: [
                 oversized_create_is_rejected,

@@ -1,0 +1,259 @@
+//! Engine calls beyond running sagas: starting by type name, waiting for an outcome,
+//! operator actions (retry, abandon), and shutdown.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{Engine, EngineError, RunOutcome, SagaOutcome, StartOptions, Started};
+use crate::store::{Lease, Schedule, StoreError, Transition};
+use crate::{EventKind, FailureKind, SagaEvent, SagaId, SagaState, SagaStatus};
+
+/// How often `wait` looks at a saga when the store sends no wake-up signals (and, as a
+/// safety net, when it does).
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
+impl Engine {
+    /// The names of the registered saga types, sorted.
+    #[must_use]
+    pub fn saga_types(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = self.shared.registry.keys().copied().collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Starts a saga of a registered type by name, with a JSON input (for the HTTP API and
+    /// other callers that are not typed Rust). The input is checked against the type only
+    /// when the saga runs; a mismatch quarantines it with the decoding error.
+    ///
+    /// # Errors
+    /// [`EngineError::UnknownSagaType`], [`EngineError::IdempotencyConflict`], or a store
+    /// error.
+    pub async fn start_json(
+        &self,
+        saga_type: &str,
+        input: Value,
+        options: StartOptions,
+    ) -> Result<Started, EngineError> {
+        let Some(saga) = self.shared.registry.get(saga_type) else {
+            return Err(EngineError::UnknownSagaType {
+                name: saga_type.to_owned(),
+                known: self.saga_types().into_iter().map(str::to_owned).collect(),
+            });
+        };
+        let (name, version) = (saga.name(), saga.version());
+        self.create_value(name, version, input, options, None)
+            .await
+            .map(|(started, _)| started)
+    }
+
+    /// Waits until the saga is terminal and returns its outcome, for at most `timeout`.
+    /// Uses the store's wake-up signal when it has one, so a waiter learns of the end within
+    /// milliseconds without polling hard.
+    ///
+    /// # Errors
+    /// [`EngineError::WaitTimedOut`] with the status it still has, [`EngineError::NotFound`],
+    /// or a store error.
+    pub async fn wait(&self, id: SagaId, timeout: Duration) -> Result<SagaOutcome, EngineError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut wakeups = self.shared.store.wakeups();
+        loop {
+            if let Some(signal) = &mut wakeups {
+                // Marked seen before looking, so a change after the look wakes us.
+                signal.borrow_and_update();
+            }
+            let outcome = self.outcome(id).await?;
+            if outcome.status.is_terminal() {
+                return Ok(outcome);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(EngineError::WaitTimedOut {
+                    saga: id,
+                    status: outcome.status,
+                });
+            }
+            let nap = (deadline - now).min(WAIT_POLL);
+            match &mut wakeups {
+                Some(signal) => {
+                    // A timeout or a closed signal just means: look again.
+                    let _ = tokio::time::timeout(nap, signal.changed()).await;
+                }
+                None => tokio::time::sleep(nap).await,
+            }
+        }
+    }
+
+    /// Runs a saga whose lease the caller claimed (a coordinator's worker): replays its
+    /// journal and executes what remains, as [`Engine::run_once`] does after claiming.
+    ///
+    /// # Errors
+    /// As [`Engine::run_once`].
+    pub async fn run_claimed(&self, lease: Lease) -> Result<RunOutcome, EngineError> {
+        let _local = self.shared.local_run(lease.saga_id).await;
+        self.drive(lease).await
+    }
+
+    /// Stops taking new steps: every saga this engine runs stops at its next step boundary
+    /// (the step in flight finishes), records its progress and releases its lease so that
+    /// another coordinator resumes it at once. Irreversible for this engine.
+    pub fn begin_shutdown(&self) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// `true` once [`Engine::begin_shutdown`] was called.
+    #[must_use]
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Operator action: tries a stuck saga again. A `Failed` saga resumes where it stopped —
+    /// its compensation (the compensations that gave up get a fresh attempt budget), or its
+    /// forward steps after a non-determinism failure once the code is fixed; a quarantined
+    /// saga is released from quarantine. Any worker picks it up at once. Recorded in the
+    /// history as `SagaRetried`.
+    ///
+    /// # Errors
+    /// [`EngineError::WrongStatus`] for a saga that is neither failed nor quarantined (or was
+    /// abandoned), [`EngineError::NotFound`], [`EngineError::Encoding`] for a state that does
+    /// not decode, or a store error.
+    pub async fn retry(&self, id: SagaId, reason: &str) -> Result<SagaStatus, EngineError> {
+        let stored = self
+            .shared
+            .store
+            .load(id)
+            .await?
+            .ok_or(EngineError::NotFound(id))?;
+        let state = self.decode(id, &stored.state)?;
+        let resume = if state.compensation_reason.is_some() {
+            SagaStatus::Compensating
+        } else {
+            SagaStatus::Running
+        };
+        match (stored.status, &state.failure, &stored.quarantined) {
+            (SagaStatus::Failed, Some((FailureKind::Abandoned, _)), _) => {
+                return Err(EngineError::WrongStatus {
+                    saga: id,
+                    status: stored.status,
+                    message: "it was abandoned by an operator; abandoned sagas are not retried"
+                        .into(),
+                });
+            }
+            (SagaStatus::Failed, _, _) | (_, _, Some(_)) => {}
+            (status, _, None) => {
+                return Err(EngineError::WrongStatus {
+                    saga: id,
+                    status,
+                    message: "only failed or quarantined sagas can be retried".into(),
+                });
+            }
+        }
+        let event = EventKind::SagaRetried {
+            reason: reason.to_owned(),
+            status: resume,
+        };
+        self.operator_commit(
+            id,
+            stored.status,
+            state,
+            event,
+            Schedule::WakeAfter(Duration::ZERO),
+        )
+        .await?;
+        tracing::warn!(saga_id = %id, %reason, status = %resume, "saga retried by an operator");
+        Ok(resume)
+    }
+
+    /// Operator action: stops a saga for good without compensating what remains (it ends
+    /// `Failed` with kind `Abandoned`, recorded as `SagaAbandoned`). A coordinator running
+    /// it is fenced out and writes nothing more.
+    ///
+    /// # Errors
+    /// [`EngineError::WrongStatus`] for a saga that completed or compensated (or was
+    /// abandoned already), [`EngineError::NotFound`], or a store error.
+    pub async fn abandon(&self, id: SagaId, reason: &str) -> Result<(), EngineError> {
+        let stored = self
+            .shared
+            .store
+            .load(id)
+            .await?
+            .ok_or(EngineError::NotFound(id))?;
+        let state = self.decode(id, &stored.state)?;
+        let abandoned = matches!(state.failure, Some((FailureKind::Abandoned, _)));
+        if matches!(
+            stored.status,
+            SagaStatus::Completed | SagaStatus::Compensated
+        ) || abandoned
+        {
+            return Err(EngineError::WrongStatus {
+                saga: id,
+                status: stored.status,
+                message: "it has already ended; there is nothing to abandon".into(),
+            });
+        }
+        let event = EventKind::SagaAbandoned {
+            reason: reason.to_owned(),
+        };
+        self.operator_commit(id, stored.status, state, event, Schedule::Finished)
+            .await?;
+        metrics::counter!("saga_finished_total", "status" => "failed").increment(1);
+        tracing::warn!(saga_id = %id, %reason, "saga abandoned by an operator");
+        Ok(())
+    }
+
+    fn decode(&self, id: SagaId, text: &str) -> Result<SagaState, EngineError> {
+        serde_json::from_str(text).map_err(|source| EngineError::Encoding {
+            what: format!("stored state of saga {id}"),
+            source,
+        })
+    }
+
+    async fn operator_commit(
+        &self,
+        id: SagaId,
+        expected: SagaStatus,
+        mut state: SagaState,
+        kind: EventKind,
+        schedule: Schedule,
+    ) -> Result<(), EngineError> {
+        let event = SagaEvent {
+            seq: 0,
+            at: self.shared.clock.now(),
+            kind,
+        };
+        state
+            .apply(0, &event)
+            .map_err(|err| EngineError::WrongStatus {
+                saga: id,
+                status: expected,
+                message: err.to_string(),
+            })?;
+        let encode = |what: &str, source| EngineError::Encoding {
+            what: what.to_owned(),
+            source,
+        };
+        let transition = Transition {
+            commit_id: uuid::Uuid::new_v4().to_string(),
+            events: vec![serde_json::to_string(&event).map_err(|e| encode("event", e))?],
+            state: serde_json::to_string(&state).map_err(|e| encode("saga state", e))?,
+            status: state.status,
+            schedule,
+        };
+        match self
+            .shared
+            .store
+            .operator_transition(id, &[expected], transition)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(StoreError::NotWritable { status, .. }) => Err(EngineError::WrongStatus {
+                saga: id,
+                status,
+                message: "it changed status while the operator command ran; look again".into(),
+            }),
+            Err(StoreError::NotFound(id)) => Err(EngineError::NotFound(id)),
+            Err(err) => Err(err.into()),
+        }
+    }
+}
