@@ -133,7 +133,7 @@ impl Coordinator {
                         }
                     }
                     Err(err) => {
-                        tracing::warn!(error = %err, "claiming due sagas failed; will retry")
+                        tracing::warn!(error = %err, "claiming due sagas failed; will retry");
                     }
                 }
             }

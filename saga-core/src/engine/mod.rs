@@ -553,7 +553,7 @@ impl Engine {
             at: now,
             kind: EventKind::SagaStarted {
                 saga_type: name.to_owned(),
-                version: version,
+                version,
                 input,
                 idempotency_key: key.clone(),
             },
