@@ -38,6 +38,10 @@ pub(crate) async fn run_guarded<T>(
             _ = renewals.tick() => match store.renew(lease, ttl).await {
                 Ok(_) => {}
                 Err(err @ (StoreError::Fenced { .. } | StoreError::NotWritable { .. } | StoreError::NotFound(_))) => {
+                    if matches!(err, StoreError::Fenced { .. }) {
+                        metrics::counter!("saga_fenced_writes_total").increment(1);
+                    }
+                    tracing::warn!(saga_id = %lease.saga_id, fence = lease.fence, error = %err, "lease renewal rejected; dropping the attempt");
                     return Guarded::Lost(err);
                 }
                 Err(err) => {

@@ -145,6 +145,13 @@ impl Shared {
                     tracing::warn!(saga_id = %lease.saga_id, error = %err, retry_in = ?delay, "store commit failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
+                Err(err @ StoreError::Fenced { .. }) => {
+                    // Another coordinator owns the saga now: this run must stop. Counted so
+                    // that rejected late writes (a paused or partitioned coordinator) show.
+                    metrics::counter!("saga_fenced_writes_total").increment(1);
+                    tracing::warn!(saga_id = %lease.saga_id, fence = lease.fence, error = %err, "write fenced; stopping this run");
+                    return Err(err);
+                }
                 other => return other,
             }
         }
