@@ -35,6 +35,12 @@ impl Timestamp {
     /// The timestamp as an RFC 3339 string with milliseconds, e.g. `2025-01-15T14:32:02.000Z`.
     #[must_use]
     pub fn to_rfc3339(self) -> String {
+        // RFC 3339 ends at year 9999; a later time (a saturated `plus`) is shown as raw
+        // milliseconds rather than failing to format.
+        const LAST_RFC3339_MS: u64 = 253_402_300_799_999;
+        if self.0 > LAST_RFC3339_MS {
+            return format!("{}ms after the epoch", self.0);
+        }
         humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(self.0)).to_string()
     }
 }

@@ -33,6 +33,18 @@ pub struct StepError {
     pub timeout: bool,
 }
 
+impl StepError {
+    /// The error of an attempt cancelled by its timeout (transient).
+    #[must_use]
+    pub fn timed_out(limit: std::time::Duration) -> Self {
+        Self {
+            message: crate::StepTimeout(limit).to_string(),
+            class: ErrorClass::TRANSIENT,
+            timeout: true,
+        }
+    }
+}
+
 /// Why a saga started compensating.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "cause")]

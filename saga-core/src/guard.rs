@@ -60,6 +60,9 @@ pub enum GuardError<E> {
     InProgress {
         /// The key.
         key: String,
+        /// The longest the claim can still block (its in-progress TTL): retrying sooner
+        /// would only find it in progress again.
+        retry_after: Duration,
     },
     /// The key was used for a different request. Permanent.
     #[error("idempotency key `{key}` was already used with a different request; use a new key")]
@@ -87,7 +90,7 @@ pub enum GuardError<E> {
 impl<E: Classify> Classify for GuardError<E> {
     fn classify(&self) -> ErrorClass {
         match self {
-            GuardError::InProgress { .. } => ErrorClass::TRANSIENT,
+            GuardError::InProgress { retry_after, .. } => ErrorClass::retry_after(*retry_after),
             GuardError::Conflict { .. } | GuardError::Encoding { .. } => ErrorClass::Permanent,
             GuardError::Effect(inner) => inner.classify(),
             GuardError::Store(err) if err.is_transient() => ErrorClass::TRANSIENT,
@@ -118,7 +121,8 @@ impl IdempotencyGuard {
     /// - key unused (or expired): runs the effect; records the result on success, releases
     ///   the key on failure;
     /// - key completed with the same `fingerprint`: returns the recorded result, no run;
-    /// - key in progress elsewhere: [`GuardError::InProgress`] (transient);
+    /// - key in progress elsewhere: [`GuardError::InProgress`] (transient, to be retried
+    ///   after the in-progress TTL at the latest);
     /// - key used with another fingerprint: [`GuardError::Conflict`] (permanent).
     ///
     /// # Errors
@@ -160,6 +164,7 @@ impl IdempotencyGuard {
                 metrics::counter!("saga_idempotency_hits_total").increment(1);
                 return Err(GuardError::InProgress {
                     key: key.to_owned(),
+                    retry_after: self.in_progress_ttl,
                 });
             }
             GuardClaim::Conflict => {
@@ -170,11 +175,21 @@ impl IdempotencyGuard {
         };
         match effect().await {
             Ok(value) => {
-                let result = serde_json::to_string(&value).map_err(encoding)?;
-                self.store
-                    .guard_complete(key, &token, &result, ttl)
-                    .await
-                    .map_err(GuardError::Store)?;
+                // The effect happened: from here on, failing to record it must not become a
+                // step failure (the saga would then skip undoing an applied effect). A lost
+                // record only means a later duplicate runs the effect again once the claim
+                // lapses, the same as a crash right after the effect.
+                match serde_json::to_string(&value) {
+                    Ok(result) => {
+                        if let Err(err) = self.store.guard_complete(key, &token, &result, ttl).await
+                        {
+                            tracing::warn!(idempotency_key = key, error = %err, "effect applied but its result could not be recorded");
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(idempotency_key = key, error = %err, "effect applied but its result does not encode; not recorded");
+                    }
+                }
                 Ok(value)
             }
             Err(err) => {

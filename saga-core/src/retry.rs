@@ -282,7 +282,7 @@ impl RetryPolicy {
             None => computed,
         };
         if let Some(limit) = self.max_elapsed
-            && elapsed + delay > limit
+            && elapsed.saturating_add(delay) > limit
         {
             return RetryDecision::GiveUp(GiveUpReason::ElapsedExhausted);
         }

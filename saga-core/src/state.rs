@@ -51,6 +51,9 @@ pub struct CompensationRecord {
     /// Why it was skipped, when it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped_because: Option<String>,
+    /// When its first attempt failed (the start of its elapsed-time budget, approximately).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Timestamp>,
 }
 
 /// One journal entry: a step, or a journaled value (`now`, `uuid`).
@@ -425,12 +428,18 @@ impl SagaState {
                 ..
             } => {
                 let record = self.record_mut(seq, name, *position)?;
+                let started_at = record
+                    .compensation
+                    .as_ref()
+                    .and_then(|c| c.started_at)
+                    .or(Some(event.at));
                 record.compensation = Some(CompensationRecord {
                     status: CompensationStatus::Retrying,
                     attempts: *attempt,
                     error: Some(error.clone()),
                     next_retry_at: Some(*next_retry_at),
                     skipped_because: None,
+                    started_at,
                 });
             }
             EventKind::StepCompensated {
@@ -438,12 +447,14 @@ impl SagaState {
             } => {
                 let record = self.record_mut(seq, name, *position)?;
                 let error = record.compensation.as_ref().and_then(|c| c.error.clone());
+                let started_at = record.compensation.as_ref().and_then(|c| c.started_at);
                 record.compensation = Some(CompensationRecord {
                     status: CompensationStatus::Done,
                     attempts: *attempt,
                     error,
                     next_retry_at: None,
                     skipped_because: None,
+                    started_at,
                 });
             }
             EventKind::CompensationSkipped { position, why, .. } => {
@@ -454,6 +465,7 @@ impl SagaState {
                     error: None,
                     next_retry_at: None,
                     skipped_because: Some(why.clone()),
+                    started_at: None,
                 });
             }
             EventKind::SagaCompleted { output } => {
@@ -480,6 +492,7 @@ impl SagaState {
                     {
                         undo.attempts = 0;
                         undo.next_retry_at = None;
+                        undo.started_at = None;
                     }
                 }
             }

@@ -263,7 +263,7 @@ async fn guard_reports_a_concurrent_duplicate_as_in_progress() {
         })
         .await;
     match &duplicate {
-        Err(err @ GuardError::InProgress { key }) => {
+        Err(err @ GuardError::InProgress { key, .. }) => {
             assert_eq!(key, "k");
             assert!(saga_core::Classify::classify(err).is_transient());
         }

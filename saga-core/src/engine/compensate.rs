@@ -4,17 +4,23 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::context::{AttemptLog, Halt, Registered, SagaContext};
+use super::guarded::{Guarded, run_guarded};
 use crate::store::Schedule;
 use crate::{
-    Compensation, CompensationStatus, ErrorClass, EventKind, FailureKind, Phase, Reconciled,
-    RetryDecision, SagaStatus, StepError, StepRecord, StepStatus, StepTimeout,
+    Compensation, CompensationStatus, EventKind, FailureKind, Phase, Reconciled, RetryDecision,
+    SagaStatus, StepError, StepRecord, StepStatus,
 };
 
-use super::guarded::{Guarded, run_guarded};
-
+/// What to do about one step, decided before each compensation attempt.
 enum Undo {
+    /// Run its compensation with this output (`None` for an `Always` step that did not
+    /// complete).
     Run(Option<Value>),
+    /// Nothing to undo, and why.
     Skip(String),
+    /// The reconciliation check that should decide it failed: retried like a failed
+    /// compensation attempt, never taken as "nothing to undo".
+    CheckFailed(StepError),
     /// The lease was lost while asking the reconciliation check.
     Lost(String),
 }
@@ -42,18 +48,8 @@ pub(crate) async fn compensate(ctx: &mut SagaContext) -> Result<SagaStatus, Halt
         {
             return Err(ctx.release_for_shutdown().await);
         }
-        match decide(ctx, registered, &record).await {
-            Undo::Lost(reason) => return Err(Halt::Interrupted(reason)),
-            Undo::Skip(why) => ctx.record(EventKind::CompensationSkipped {
-                position: record.position,
-                step: record.name.clone(),
-                why,
-            })?,
-            Undo::Run(output) => {
-                if let Some(status) = undo(ctx, registered, &record, output).await? {
-                    return Ok(status);
-                }
-            }
+        if let Some(status) = undo(ctx, registered, &record).await? {
+            return Ok(status);
         }
     }
     ctx.commit(vec![EventKind::SagaCompensated], Schedule::Finished)
@@ -98,37 +94,33 @@ async fn decide(ctx: &mut SagaContext, registered: &Registered, record: &StepRec
                     .instrument(span),
             )
             .await;
-            let checked = match checked {
-                Guarded::Done(result) => result,
-                Guarded::TimedOut(limit) => Err(StepError {
-                    message: StepTimeout(limit).to_string(),
-                    class: ErrorClass::TRANSIENT,
-                    timeout: true,
-                }),
-                Guarded::Lost(err) => return Undo::Lost(err.to_string()),
-            };
             match checked {
-                Ok(Reconciled::Applied(output)) => Undo::Run(Some(output)),
-                Ok(Reconciled::NotApplied) => {
+                Guarded::Done(Ok(Reconciled::Applied(output))) => Undo::Run(Some(output)),
+                Guarded::Done(Ok(Reconciled::NotApplied)) => {
                     Undo::Skip("reconciliation found its effect was not applied".into())
                 }
-                Ok(Reconciled::Unknown) | Err(_) if mode == Compensation::Always => Undo::Run(None),
-                Ok(Reconciled::Unknown) | Err(_) => Undo::Skip(
+                Guarded::Done(Ok(Reconciled::Unknown)) if mode == Compensation::Always => {
+                    Undo::Run(None)
+                }
+                Guarded::Done(Ok(Reconciled::Unknown)) => Undo::Skip(
                     "it did not complete, and it only compensates completed effects \
                      (declare Compensation::Always or a reconcile check to undo partial effects)"
                         .into(),
                 ),
+                Guarded::Done(Err(err)) => Undo::CheckFailed(err),
+                Guarded::TimedOut(limit) => Undo::CheckFailed(StepError::timed_out(limit)),
+                Guarded::Lost(err) => Undo::Lost(err.to_string()),
             }
         }
     }
 }
 
-/// Runs one compensation to success or until it gives up. `Ok(Some(status))` ends the saga.
+/// Undoes one step: to success, to a skip, or until its policy gives up (`Ok(Some(Failed))`
+/// ends the saga).
 async fn undo(
     ctx: &mut SagaContext,
     registered: &Registered,
     record: &StepRecord,
-    output: Option<Value>,
 ) -> Result<Option<SagaStatus>, Halt> {
     let policy = registered.step.compensation_policy();
     let ttl = ctx.shared.config.lease_ttl;
@@ -146,7 +138,10 @@ async fn undo(
         }
         tokio::time::sleep(remaining).await;
     }
-    let first_started = ctx.shared.clock.now();
+    // The elapsed-time budget counts from the first attempt, across resumes.
+    let first_started = previous
+        .and_then(|c| c.started_at)
+        .unwrap_or_else(|| ctx.shared.clock.now());
     loop {
         let span = tracing::info_span!(
             "step",
@@ -160,49 +155,60 @@ async fn undo(
         span.record("idempotency_key", step_ctx.idempotency_key());
         let key = step_ctx.idempotency_key().to_owned();
         let clock = tokio::time::Instant::now();
-        let outcome = run_guarded(
-            &*ctx.shared.store,
-            &ctx.lease,
-            ttl,
-            registered.step.timeout(),
-            registered
-                .step
-                .compensate(&step_ctx, &input, output.as_ref())
-                .instrument(span.clone()),
-        )
-        .await;
-        let seconds = clock.elapsed().as_secs_f64();
-        let failure = match outcome {
-            Guarded::Done(Ok(())) => {
-                ctx.shared.observe_attempt(
-                    &span,
-                    &ctx.state,
+        let failure = match decide(ctx, registered, record).await {
+            Undo::Lost(reason) => return Err(Halt::Interrupted(reason)),
+            Undo::Skip(why) => {
+                ctx.record(EventKind::CompensationSkipped {
                     position,
-                    name,
-                    &key,
-                    attempt,
-                    seconds,
-                    &AttemptLog::Compensated,
-                );
-                ctx.commit(
-                    vec![EventKind::StepCompensated {
-                        position,
-                        step: name.to_owned(),
-                        attempt,
-                    }],
-                    Schedule::Continue { ttl },
-                )
-                .await?;
+                    step: name.to_owned(),
+                    why,
+                })?;
                 return Ok(None);
             }
-            Guarded::Done(Err(err)) => err,
-            Guarded::TimedOut(limit) => StepError {
-                message: StepTimeout(limit).to_string(),
-                class: ErrorClass::TRANSIENT,
-                timeout: true,
-            },
-            Guarded::Lost(err) => return Err(Halt::Interrupted(err.to_string())),
+            Undo::CheckFailed(err) => err,
+            Undo::Run(output) => {
+                let outcome = run_guarded(
+                    &*ctx.shared.store,
+                    &ctx.lease,
+                    ttl,
+                    registered.step.timeout(),
+                    registered
+                        .step
+                        .compensate(&step_ctx, &input, output.as_ref())
+                        .instrument(span.clone()),
+                )
+                .await;
+                match outcome {
+                    Guarded::Done(Ok(())) => {
+                        let seconds = clock.elapsed().as_secs_f64();
+                        ctx.shared.observe_attempt(
+                            &span,
+                            &ctx.state,
+                            position,
+                            name,
+                            &key,
+                            attempt,
+                            seconds,
+                            &AttemptLog::Compensated,
+                        );
+                        ctx.commit(
+                            vec![EventKind::StepCompensated {
+                                position,
+                                step: name.to_owned(),
+                                attempt,
+                            }],
+                            Schedule::Continue { ttl },
+                        )
+                        .await?;
+                        return Ok(None);
+                    }
+                    Guarded::Done(Err(err)) => err,
+                    Guarded::TimedOut(limit) => StepError::timed_out(limit),
+                    Guarded::Lost(err) => return Err(Halt::Interrupted(err.to_string())),
+                }
+            }
         };
+        let seconds = clock.elapsed().as_secs_f64();
         let now = ctx.shared.clock.now();
         match policy.decide(
             attempt,

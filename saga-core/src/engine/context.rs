@@ -12,7 +12,7 @@ use super::{SagaError, Shared};
 use crate::store::{CommitOutcome, Lease, Schedule, StoreError, Transition};
 use crate::{
     CompensationReason, ErrorClass, EventKind, Phase, RetryDecision, SagaEvent, SagaState, Step,
-    StepContext, StepError, StepStatus, StepTimeout, Timestamp, step_idempotency_key,
+    StepContext, StepError, StepStatus, Timestamp, step_idempotency_key,
 };
 
 /// Why the workflow stopped making progress in this run.
@@ -476,11 +476,7 @@ impl SagaContext {
         .await;
         let checked = match checked {
             Guarded::Done(result) => result.map_err(|err| step_error(&err)),
-            Guarded::TimedOut(limit) => Err(StepError {
-                message: StepTimeout(limit).to_string(),
-                class: ErrorClass::TRANSIENT,
-                timeout: true,
-            }),
+            Guarded::TimedOut(limit) => Err(StepError::timed_out(limit)),
             Guarded::Lost(err) => return Err(self.stop(Halt::Interrupted(err.to_string()))),
         };
         match checked {
@@ -651,11 +647,7 @@ impl SagaContext {
                     return Ok(output);
                 }
                 Guarded::Done(Err(err)) => step_error(&err),
-                Guarded::TimedOut(limit) => StepError {
-                    message: StepTimeout(limit).to_string(),
-                    class: ErrorClass::TRANSIENT,
-                    timeout: true,
-                },
+                Guarded::TimedOut(limit) => StepError::timed_out(limit),
                 Guarded::Lost(err) => return Err(self.stop(Halt::Interrupted(err.to_string()))),
             };
             let now = self.shared.clock.now();

@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use super::context::Halt;
 use super::{SagaContext, SagaError};
 use crate::{Classify, Compensation, Reconciled, RetryPolicy, Step, StepContext, StepError};
 
@@ -56,12 +57,19 @@ impl<S: Saga> ErasedSaga for TypedSaga<S> {
     }
 
     async fn run_erased(&self, saga: &mut SagaContext, input: Value) -> Result<Value, SagaError> {
-        let input: S::Input = serde_json::from_value(input).map_err(|err| {
-            SagaError::BadData(format!(
-                "stored input does not decode as {}::Input: {err}",
-                std::any::type_name::<S>()
-            ))
-        })?;
+        let input: S::Input = match serde_json::from_value(input) {
+            Ok(input) => input,
+            Err(err) => {
+                let reason = format!(
+                    "stored input does not decode as {}::Input: {err}",
+                    std::any::type_name::<S>()
+                );
+                // Bad data, not a business failure: the saga is quarantined rather than
+                // compensated (the engine acts on the halt, not on the returned error).
+                saga.halt = Some(Halt::BadData(reason.clone()));
+                return Err(SagaError::BadData(reason));
+            }
+        };
         let output = self.0.run(saga, input).await?;
         serde_json::to_value(output)
             .map_err(|err| SagaError::BadData(format!("workflow output does not encode: {err}")))
