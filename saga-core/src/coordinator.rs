@@ -146,7 +146,7 @@ impl Coordinator {
                 Some(joined) = running.join_next_with_id(), if !running.is_empty() => {
                     record(&mut report, &mut leases, joined);
                 }
-                () = changed(&mut wakeups), if false && !full_batch => {}
+                () = changed(&mut wakeups), if !full_batch => {}
                 () = tokio::time::sleep(self.poll_interval), if !full_batch => {}
                 () = std::future::ready(()), if full_batch && running.len() < self.workers => {}
             }

@@ -82,6 +82,9 @@ pub struct SagaContext {
     pub(crate) unexecuted: Option<u32>,
     /// Commits made under this lease; with the fence it makes each commit id unique.
     pub(crate) commits: u64,
+    /// Run the next attempt even though a cancel is pending: it resolves an attempt that was
+    /// cut off mid-way (see `run`).
+    pub(crate) resolve_in_flight: bool,
 }
 
 impl std::fmt::Debug for SagaContext {
@@ -178,11 +181,15 @@ impl SagaContext {
                 self.execute(&step, erased, position, Some(input), input_value, 1, true).await
             }
             (Mode::Forward, Slot::InFlight { attempts, ambiguous, interruptions, next_retry_at }) => {
-                if self.state.cancel_requested {
+                if self.state.cancel_requested && !ambiguous {
                     self.steps.push(Registered { position, step: erased });
                     return Err(self.stop(Halt::Cancelled));
                 }
                 if ambiguous {
+                    // Even under a cancel, an attempt cut off mid-way is resolved first (asked
+                    // of its reconciliation check, else run again with the same key), so that
+                    // the compensation knows whether there is an effect to undo.
+                    self.resolve_in_flight = self.state.cancel_requested;
                     if let Some(output) =
                         self.reconcile(&*step, position, attempts, &input).await?
                     {
@@ -527,7 +534,8 @@ impl SagaContext {
         let mut attempt = first_attempt;
         let mut record_input = fresh.then_some(input_value.clone());
         loop {
-            if self.state.cancel_requested {
+            let resolving = std::mem::take(&mut self.resolve_in_flight);
+            if self.state.cancel_requested && !resolving {
                 self.steps.push(Registered {
                     position,
                     step: erased,
@@ -556,7 +564,7 @@ impl SagaContext {
                 )
                 .await;
             match started {
-                Ok(outcome) if outcome.cancel_requested => {
+                Ok(outcome) if outcome.cancel_requested && !resolving => {
                     // Only a step that never ran is known to have no effect: an earlier
                     // attempt (failed, timed out, or cut off by a crash) may have left one,
                     // which the compensation phase must then judge like any unfinished step.

@@ -578,7 +578,31 @@ impl Engine {
             events: vec![serde_json::to_string(&started).map_err(|e| encode("event", e))?],
             claim,
         };
-        match self.shared.store.create(new).await {
+        // Retried while the store is briefly unavailable: the id is fixed, so a create whose
+        // reply was lost is found as `Existing` instead of starting a second saga.
+        let mut failed = 0;
+        let mut rng = fastrand::Rng::new();
+        let created = loop {
+            match self.shared.store.create(new.clone()).await {
+                Err(err)
+                    if err.is_transient()
+                        && failed + 1 < self.shared.config.store_retry.max_attempts() =>
+                {
+                    failed += 1;
+                    let delay = self.shared.config.store_retry.delay(failed, &mut rng);
+                    tracing::warn!(saga_id = %id, error = %err, retry_in = ?delay, "store create failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                other => break other,
+            }
+        };
+        match created {
+            // Without a key the id is ours alone: finding it after a retry means our own
+            // earlier attempt stored it.
+            Ok(CreateOutcome::Existing { .. }) if key.is_none() && failed > 0 => {
+                metrics::counter!("saga_started_total", "saga_type" => name).increment(1);
+                Ok((Started { id, created: true }, None))
+            }
             Ok(CreateOutcome::Created { lease }) => {
                 metrics::counter!("saga_started_total", "saga_type" => name).increment(1);
                 tracing::info!(saga_id = %id, saga_type = name, "saga started");
@@ -707,20 +731,38 @@ impl Engine {
             .claim_due(&self.claim_request(), limit)
             .await?;
         let mut tasks = tokio::task::JoinSet::new();
+        let mut sagas = HashMap::new();
         for lease in leases {
             let engine = self.clone();
-            tasks.spawn(async move {
-                let id = lease.saga_id;
+            let id = lease.saga_id;
+            let handle = tasks.spawn(async move {
                 // Marked as running here so that a `run_once` of it in this process waits.
                 let _local = engine.shared.local_run(id).await;
-                (id, engine.drive(lease).await)
+                engine.drive(lease).await
             });
+            sagas.insert(handle.id(), id);
         }
         let mut results = Vec::new();
-        while let Some(joined) = tasks.join_next().await {
+        while let Some(joined) = tasks.join_next_with_id().await {
             match joined {
-                Ok(result) => results.push(result),
-                Err(err) => tracing::error!(error = %err, "saga task panicked"),
+                Ok((task, result)) => {
+                    if let Some(id) = sagas.remove(&task) {
+                        results.push((id, result));
+                    }
+                }
+                Err(err) => {
+                    let saga = sagas.remove(&err.id());
+                    tracing::error!(error = %err, saga_id = ?saga, "saga task panicked; the saga resumes when its lease lapses");
+                    if let Some(id) = saga {
+                        results.push((
+                            id,
+                            Err(EngineError::Interrupted {
+                                saga: id,
+                                reason: format!("its task panicked: {err}"),
+                            }),
+                        ));
+                    }
+                }
             }
         }
         Ok(results)
@@ -883,15 +925,15 @@ impl Engine {
             rng: fastrand::Rng::new(),
             unexecuted: None,
             commits: 0,
+            resolve_in_flight: false,
         };
         let owner = ctx.lease.owner.clone();
         let fence = ctx.lease.fence;
-        let fold = |halt: Halt| halt;
         ctx.record(EventKind::LeaseAcquired {
             owner: owner.clone(),
             fence,
         })
-        .map_err(|h| halt_error(id, fold(h)))?;
+        .map_err(|h| halt_error(id, h))?;
         if let Some(reason) = resumed_from {
             metrics::counter!("saga_resumed_total", "reason" => reason).increment(1);
             tracing::info!(status = %ctx.state.status, reason, "resuming saga from its journal");
@@ -945,7 +987,31 @@ impl Engine {
                 true
             }
             (_, Some(Halt::StepFailed(_)), _) => true,
-            (Mode::Collect, None | Some(Halt::Collected | Halt::Cancelled), _) => true,
+            (Mode::Collect, None | Some(Halt::Collected | Halt::Cancelled), _) => {
+                // Every completed step must have been seen again, or its undo would be
+                // skipped without a word: a replay that ends early has diverged.
+                let seen: std::collections::HashSet<u32> =
+                    ctx.steps.iter().map(|r| r.position).collect();
+                let missing = ctx
+                    .state
+                    .journal
+                    .iter()
+                    .find(|r| {
+                        !r.is_value
+                            && r.status == StepStatus::Succeeded
+                            && !seen.contains(&r.position)
+                    })
+                    .map(|r| (r.position, r.name.clone()));
+                if let Some((position, name)) = missing {
+                    let message = format!(
+                        "replaying for compensation, the workflow ended before it reached completed step `{name}`"
+                    );
+                    return self
+                        .fail_nondeterministic(&mut ctx, position, message)
+                        .await;
+                }
+                true
+            }
             (_, Some(Halt::Suspended(until)), _) => return Ok(RunOutcome::Suspended(until)),
             (_, Some(Halt::NonDeterministic { position, message }), _) => {
                 return self
@@ -1039,7 +1105,17 @@ impl Engine {
 fn halt_error(id: SagaId, halt: Halt) -> EngineError {
     let reason = match halt {
         Halt::Interrupted(reason) | Halt::BadData(reason) => reason,
-        other => format!("{other:?}"),
+        Halt::StepFailed(err) => {
+            format!("stopped after a step failed ({err}) before compensation was recorded")
+        }
+        Halt::Cancelled => {
+            "stopped by a cancel request before compensation was recorded".to_owned()
+        }
+        Halt::Suspended(until) => format!("suspended until {until}"),
+        Halt::NonDeterministic { position, message } => {
+            format!("non-deterministic workflow at journal position {position}: {message}")
+        }
+        Halt::Collected => "stopped while replaying for compensation".to_owned(),
     };
     EngineError::Interrupted { saga: id, reason }
 }
