@@ -5,8 +5,11 @@
 //!
 //! Run it with `cargo run --release -p saga-examples` (see `--help` for flags).
 
+pub mod coordinator;
 pub mod deal;
 pub mod ledger;
+pub mod load;
+pub mod ops;
 pub mod redis_office;
 pub mod report;
 pub mod scenario;

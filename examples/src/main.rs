@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use saga_core::{MemoryStore, SagaStatus, SagaStore};
 use saga_examples::ledger::{MemoryOffice, OfficeStore};
 use saga_examples::redis_office::RedisOffice;
-use saga_examples::report::{self, SagaReport, Timelines};
+use saga_examples::report::{self, Timelines};
 use saga_examples::scenario::{self, Progress, Settings};
 use saga_redis::RedisStore;
 
@@ -159,17 +159,10 @@ async fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
     let started = std::time::Instant::now();
     let run = scenario::run(&settings, store, Arc::clone(&office_state), progress).await?;
     let elapsed = started.elapsed();
-    let mut sagas = Vec::new();
-    for (id, _, _) in scenario::all_sagas(&run.engine).await? {
-        sagas.push(SagaReport {
-            state: run.engine.state(id).await?,
-            events: run.engine.history(id).await?,
-        });
-    }
-    sagas.sort_by_key(|s| (s.state.created_at, s.state.saga_type.clone()));
+    let sagas = report::collect(&run.engine).await?;
     write!(out, "{}", report::render_timelines(&sagas, cli.timelines))?;
     let office = office_state.snapshot().await?;
-    let totals = report::totals(&sagas, &run, &office);
+    let totals = report::totals(&sagas, run.duplicate_starts, &office);
     let count = |status| totals.by_status.get(&status).copied().unwrap_or_default();
     writeln!(
         out,

@@ -3,10 +3,11 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use saga_core::{EventKind, Phase, SagaEvent, SagaState, SagaStatus, StepStatus, timeline};
+use saga_core::{
+    Engine, EngineError, EventKind, Phase, SagaEvent, SagaState, SagaStatus, StepStatus, timeline,
+};
 
 use crate::ledger::{Entry, OfficeState};
-use crate::scenario::Run;
 
 /// Which timelines to print.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -66,9 +67,86 @@ pub struct SagaReport {
     pub events: Vec<SagaEvent>,
 }
 
-/// Counts totals over every saga.
+/// Every saga in the engine's store with its state and history, oldest first.
+///
+/// # Errors
+/// A store error.
+pub async fn collect(engine: &Engine) -> Result<Vec<SagaReport>, EngineError> {
+    let mut sagas = Vec::new();
+    for (id, _, _) in crate::scenario::all_sagas(engine).await? {
+        sagas.push(SagaReport {
+            state: engine.state(id).await?,
+            events: engine.history(id).await?,
+        });
+    }
+    sagas.sort_by_key(|s| (s.state.created_at, s.state.saga_type.clone()));
+    Ok(sagas)
+}
+
+/// Latencies read from one saga's history, in milliseconds of the stored timestamps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SagaLatency {
+    /// `SagaStarted` to the terminal event (`None` while not terminal).
+    pub total_ms: Option<u64>,
+    /// `SagaStarted` to the first `StepStarted` (`None` before any step started).
+    pub first_step_ms: Option<u64>,
+}
+
+/// The latencies of one saga.
 #[must_use]
-pub fn totals(sagas: &[SagaReport], run: &Run, office: &OfficeState) -> Totals {
+pub fn latency(saga: &SagaReport) -> SagaLatency {
+    let started = saga
+        .events
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::SagaStarted { .. }))
+        .map(|e| e.at);
+    let first_step = saga
+        .events
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::StepStarted { .. }))
+        .map(|e| e.at);
+    let ended = saga
+        .events
+        .iter()
+        .rev()
+        .find(|e| {
+            matches!(
+                e.kind,
+                EventKind::SagaCompleted { .. }
+                    | EventKind::SagaCompensated
+                    | EventKind::SagaFailed { .. }
+                    | EventKind::SagaAbandoned { .. }
+            )
+        })
+        .map(|e| e.at);
+    let since = |end: Option<saga_core::Timestamp>| {
+        started
+            .zip(end)
+            .map(|(start, end)| u64::try_from(end.since(start).as_millis()).unwrap_or(u64::MAX))
+    };
+    SagaLatency {
+        total_ms: since(ended),
+        first_step_ms: since(first_step),
+    }
+}
+
+/// The `q` quantile (0.0..=1.0, nearest rank) of `values`; `None` when empty.
+#[must_use]
+pub fn quantile(values: &[u64], q: f64) -> Option<u64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    if sorted.is_empty() {
+        return None;
+    }
+    // Nearest rank: ceil(q * n), 1-based; the float is small and non-negative.
+    let rank = (q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
+}
+
+/// Counts totals over every saga; `duplicate_starts` are starts answered with an existing
+/// saga (counted as idempotency hits with the services' suppressed duplicates).
+#[must_use]
+pub fn totals(sagas: &[SagaReport], duplicate_starts: u64, office: &OfficeState) -> Totals {
     let mut totals = Totals {
         sagas: sagas.len(),
         ..Totals::default()
@@ -88,7 +166,7 @@ pub fn totals(sagas: &[SagaReport], run: &Run, office: &OfficeState) -> Totals {
             }
         }
     }
-    totals.idempotency_hits = run.duplicate_starts + office.ledger.duplicates;
+    totals.idempotency_hits = duplicate_starts + office.ledger.duplicates;
     totals
 }
 

@@ -87,6 +87,7 @@ pub async fn run(
         seed: settings.seed,
         rate: settings.fault_rate,
         fail_at: settings.fail_at.clone(),
+        throttle: None,
     });
     let directory = Directory::generate(settings.seed, settings.companies);
     let office = Backoffice::new(world, directory, office_state, 20);

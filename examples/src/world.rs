@@ -31,6 +31,9 @@ pub struct Faults {
     pub rate: f64,
     /// A step name that fails permanently for every saga that reaches it.
     pub fail_at: Option<String>,
+    /// A step name whose first attempt is refused with 429 and this retry-after, for every
+    /// saga that reaches it (a long backoff that becomes a durable timer).
+    pub throttle: Option<(String, Duration)>,
 }
 
 impl Faults {
@@ -191,6 +194,15 @@ impl World {
                 "forced permanent failure at `{}` (--fail-at)",
                 caller.step
             )));
+        }
+        if let Some((step, after)) = &self.faults.throttle
+            && caller.phase == Phase::Forward
+            && caller.attempt == 1
+            && *step == caller.step
+        {
+            return Err(ServiceError::Http(
+                HttpStatus::new(429).with_retry_after(*after),
+            ));
         }
         match self
             .faults

@@ -30,7 +30,9 @@ fn ledger_entries(url: &str) -> usize {
         return 0;
     };
     redis::cmd("LLEN")
-        .arg("dealflow:office:entries")
+        .arg(saga_examples::redis_office::RedisOffice::entries_key(
+            "dealflow",
+        ))
         .query(&mut conn)
         .unwrap_or(0)
 }

@@ -259,6 +259,41 @@ impl SagaState {
             })
     }
 
+    /// The step record at `position` for an attempt outcome: it must be the named step and
+    /// have an attempt under way (started, or retrying).
+    fn open_record(
+        &mut self,
+        seq: u64,
+        event: &'static str,
+        position: u32,
+        step: &str,
+    ) -> Result<&mut StepRecord, FoldError> {
+        let saga = self.id;
+        let record = self.record_mut(seq, event, position)?;
+        let problem = if record.is_value || record.name != step {
+            Some(format!(
+                "position {position} holds `{}`, not step `{step}`",
+                record.name
+            ))
+        } else if !matches!(record.status, StepStatus::Started | StepStatus::Retrying) {
+            Some(format!(
+                "step `{step}` at position {position} is {:?}, with no attempt under way",
+                record.status
+            ))
+        } else {
+            None
+        };
+        match problem {
+            Some(problem) => Err(FoldError {
+                saga,
+                seq,
+                event,
+                problem,
+            }),
+            None => Ok(record),
+        }
+    }
+
     /// Applies one event on top of this state.
     ///
     /// # Errors
@@ -329,6 +364,14 @@ impl SagaState {
                             record.name
                         )));
                     }
+                    if matches!(record.status, StepStatus::Succeeded | StepStatus::Failed)
+                        || record.is_value
+                    {
+                        return Err(fail(format!(
+                            "position {position} is already {:?}; it cannot start again",
+                            record.status
+                        )));
+                    }
                     if record.status == StepStatus::Started && *attempt == record.attempts {
                         record.interruptions += 1;
                     } else {
@@ -346,12 +389,13 @@ impl SagaState {
                 }
             }
             EventKind::StepSucceeded {
+                step,
                 position,
                 output,
                 attempt,
                 ..
             } => {
-                let record = self.record_mut(seq, name, *position)?;
+                let record = self.open_record(seq, name, *position, step)?;
                 record.status = StepStatus::Succeeded;
                 record.attempts = (*attempt).max(record.attempts);
                 record.output = Some(output.clone());
@@ -359,25 +403,27 @@ impl SagaState {
                 record.next_retry_at = None;
             }
             EventKind::StepAttemptFailed {
+                step,
                 position,
                 error,
                 next_retry_at,
                 attempt,
                 ..
             } => {
-                let record = self.record_mut(seq, name, *position)?;
+                let record = self.open_record(seq, name, *position, step)?;
                 record.status = StepStatus::Retrying;
                 record.attempts = (*attempt).max(record.attempts);
                 record.error = Some(error.clone());
                 record.next_retry_at = Some(*next_retry_at);
             }
             EventKind::StepFailed {
+                step,
                 position,
                 error,
                 attempt,
                 ..
             } => {
-                let record = self.record_mut(seq, name, *position)?;
+                let record = self.open_record(seq, name, *position, step)?;
                 record.status = StepStatus::Failed;
                 record.attempts = (*attempt).max(record.attempts);
                 record.error = Some(error.clone());
@@ -417,6 +463,12 @@ impl SagaState {
                 self.cancel_requested = true;
             }
             EventKind::CompensationStarted { reason } => {
+                if self.status != SagaStatus::Running {
+                    return Err(fail(format!(
+                        "compensation cannot start while {}",
+                        self.status
+                    )));
+                }
                 self.status = SagaStatus::Compensating;
                 self.compensation_reason = Some(reason.clone());
             }
@@ -469,10 +521,19 @@ impl SagaState {
                 });
             }
             EventKind::SagaCompleted { output } => {
+                if self.status != SagaStatus::Running {
+                    return Err(fail(format!("a {} saga cannot complete", self.status)));
+                }
                 self.status = SagaStatus::Completed;
                 self.output = Some(output.clone());
             }
             EventKind::SagaCompensated => {
+                if self.status != SagaStatus::Compensating {
+                    return Err(fail(format!(
+                        "a {} saga cannot end compensated",
+                        self.status
+                    )));
+                }
                 self.status = SagaStatus::Compensated;
             }
             EventKind::SagaFailed { kind, error } => {

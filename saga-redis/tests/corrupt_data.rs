@@ -9,7 +9,7 @@ mod support;
 use std::collections::HashSet;
 
 use redis::AsyncCommands;
-use saga_core::store::{ClaimOutcome, ListQuery};
+use saga_core::store::{ClaimOutcome, ListQuery, Schedule, Transition};
 use saga_core::{SagaId, SagaStatus, SagaStore, StoreError};
 use saga_redis_testkit::shared_server;
 use support::{LONG, builder, event, ids_in_partition, new_saga, owner, raw};
@@ -199,4 +199,80 @@ async fn an_index_key_of_the_wrong_type_fails_clearly_and_writes_nothing() {
         store.claim(bystander, &owner("w", LONG)).await.unwrap(),
         ClaimOutcome::Claimed(_)
     ));
+}
+
+/// `operator_transition` validates the saga hash and every key it touches before its first
+/// write: a garbage field or an index of the wrong type is `Corrupt`, and nothing is written
+/// (no fence increment, no event, no status move).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_transition_on_bad_data_is_corrupt_and_writes_nothing() {
+    let url = shared_server().url();
+    let store = builder(&url, "badoperator")
+        .partitions(2)
+        .connect()
+        .await
+        .unwrap();
+    let mut conn = raw(&url).await;
+    let [garbled, bad_index] = ids_in_partition(&store, 0, 2)[..] else {
+        unreachable!()
+    };
+    let reopen = || Transition {
+        commit_id: "op".into(),
+        events: vec![event("operator")],
+        state: "{}".into(),
+        status: SagaStatus::Running,
+        schedule: Schedule::WakeAfter(std::time::Duration::ZERO),
+    };
+    for id in [garbled, bad_index] {
+        store.create(new_saga(id)).await.unwrap();
+    }
+
+    let _: () = conn
+        .hset(store.keys().saga(garbled), "fence", "many")
+        .await
+        .unwrap();
+    match store
+        .operator_transition(garbled, &[SagaStatus::Running], reopen())
+        .await
+    {
+        Err(StoreError::Corrupt { problem, .. }) => {
+            assert!(problem.contains("fence"), "{problem}");
+        }
+        other => panic!("operator_transition of a garbled saga must be Corrupt, got {other:?}"),
+    }
+    let events: Vec<String> = conn
+        .lrange(store.keys().events(garbled), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(
+        events.len(),
+        1,
+        "a refused operator transition appends nothing"
+    );
+
+    let _: () = conn.set(store.keys().terminal(0), "oops").await.unwrap();
+    match store
+        .operator_transition(bad_index, &[SagaStatus::Running], reopen())
+        .await
+    {
+        Err(StoreError::Corrupt { problem, .. }) => {
+            assert!(
+                problem.contains("terminal") && problem.contains("expected zset"),
+                "{problem}"
+            );
+        }
+        other => panic!(
+            "operator_transition over a terminal index of the wrong type must be Corrupt, got {other:?}"
+        ),
+    }
+    let saga = store.load(bad_index).await.unwrap().unwrap();
+    assert_eq!(
+        saga.fence, 0,
+        "a refused operator transition keeps the fence"
+    );
+    assert_eq!(
+        store.events(bad_index).await.unwrap().len(),
+        1,
+        "a refused operator transition appends nothing"
+    );
 }

@@ -1,0 +1,165 @@
+//! `deal-flow-coordinator`: one long-running coordinator process of the deal-flow example.
+//! It runs workers for the `sourcing` and `deal_flow` sagas against the simulated back office
+//! whose books and ledger live in Redis (same key prefix as the sagas), so that several
+//! processes share one ledger; it serves the HTTP API, `/metrics`, `/healthz` and `/readyz`;
+//! and on SIGINT or SIGTERM it shuts down gracefully (stops claiming, lets steps in flight
+//! finish within the grace period, releases every lease) and prints its report as one JSON
+//! line on stdout.
+//!
+//! Stdout carries exactly two JSON lines, for scripts and tests:
+//! `{"event":"ready","owner":..,"http_addr":..}` once it serves and claims, and
+//! `{"event":"stopped","signal":..,"runs":..,"finished":..,...}` when it has stopped.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use saga_core::{Coordinator, CoordinatorReport};
+
+use crate::ledger::OfficeStore;
+use crate::ops::{self, BoxError, LogFormat, StoreArgs, WorldArgs};
+
+/// Command-line flags (each also readable from the environment variable it names).
+#[derive(Debug, clap::Parser)]
+#[command(name = "deal-flow-coordinator", version)]
+pub struct CoordinatorArgs {
+    /// Where the sagas, books and ledger live.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Sagas run at once by this process.
+    #[arg(long, env = "SAGA_WORKERS", default_value_t = 64)]
+    pub workers: usize,
+    /// Lease length: how long after this process stops answering its sagas are resumed by
+    /// another process.
+    #[arg(long, env = "SAGA_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease: Duration,
+    /// How often the store is asked for due sagas when no wake-up arrives (timers, lapsed
+    /// leases).
+    #[arg(long, env = "SAGA_POLL_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+    /// After SIGTERM, how long steps in flight may take to finish before their sagas are
+    /// released unfinished (they resume elsewhere from their journal).
+    #[arg(long, env = "SAGA_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Backoffs up to this long are slept in the process; longer ones become durable timers
+    /// in the store (the worker is freed and any process resumes the saga when it is due).
+    #[arg(long, env = "SAGA_INLINE_WAIT_MAX", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub inline_wait_max: Duration,
+    /// Owner id written into every lease (unique per live process). Default
+    /// `<hostname>-<pid>`.
+    #[arg(long, env = "SAGA_OWNER")]
+    pub owner: Option<String>,
+    /// Address of the HTTP API (`/sagas/...`, `/metrics`, `/healthz`, `/readyz`); port 0
+    /// picks a free port (printed in the ready line); `off` serves nothing.
+    #[arg(long, env = "SAGA_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: String,
+    /// Log format on stderr.
+    #[arg(long, env = "SAGA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// The simulated services' faults and latency.
+    #[command(flatten)]
+    pub world: WorldArgs,
+}
+
+fn parse_http_addr(text: &str) -> Result<Option<SocketAddr>, BoxError> {
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|e| format!("--http-addr `{text}` is not host:port or `off`: {e}").into())
+}
+
+/// Runs the coordinator until SIGINT or SIGTERM; returns its report.
+///
+/// # Errors
+/// Startup failed: the store, the HTTP address, the metrics recorder or the signal handlers.
+pub async fn run(args: CoordinatorArgs) -> Result<CoordinatorReport, BoxError> {
+    let owner = args.owner.clone().unwrap_or_else(ops::default_owner);
+    let metrics = saga_http::install_metrics()?;
+    let stop_signal = ops::shutdown_signal()?;
+    let (store, office) = args.store.connect().await?;
+    let office: Arc<dyn OfficeStore> = office;
+    let engine = ops::engine_builder(store, &owner)
+        .resource(args.world.backoffice(office))
+        .lease_ttl(args.lease)
+        .inline_wait_max(args.inline_wait_max)
+        .build()?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (http, http_addr) = match parse_http_addr(&args.http_addr)? {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            let http_addr = listener.local_addr()?;
+            let router = saga_http::router(engine.clone(), Some(metrics));
+            let mut http_stopped = stopped.clone();
+            let http = tokio::spawn(saga_http::serve_listener(router, listener, async move {
+                let _ = http_stopped.wait_for(|s| *s).await;
+            }));
+            (Some(http), Some(http_addr.to_string()))
+        }
+        None => (None, None),
+    };
+    let (coordinator_stop, coordinator_stopped) = tokio::sync::oneshot::channel::<()>();
+    let coordinator = tokio::spawn(
+        Coordinator::new(engine)
+            .workers(args.workers)
+            .poll_interval(args.poll_interval)
+            .shutdown_grace(args.shutdown_grace)
+            .run(async {
+                let _ = coordinator_stopped.await;
+            }),
+    );
+    tracing::info!(
+        %owner,
+        store = %args.store.describe(),
+        prefix = %args.store.key_prefix,
+        http_addr = http_addr.as_deref().unwrap_or("off"),
+        workers = args.workers,
+        lease = ?args.lease,
+        "deal-flow coordinator running"
+    );
+    print_line(&serde_json::json!({
+        "event": "ready",
+        "owner": owner,
+        "http_addr": http_addr,
+    }))?;
+    let signal = stop_signal.await;
+    tracing::info!(signal, grace = ?args.shutdown_grace, "shutting down");
+    let _ = coordinator_stop.send(());
+    let report = coordinator.await?;
+    // The API stays up while the coordinator drains (metrics stay readable), then stops.
+    let _ = stop.send(true);
+    let http = match http {
+        Some(task) => Some(task.await),
+        None => None,
+    };
+    match http {
+        None | Some(Ok(Ok(()))) => {}
+        Some(Ok(Err(err))) => tracing::warn!(error = %err, "HTTP API stopped with an error"),
+        Some(Err(err)) => tracing::warn!(error = %err, "HTTP API task failed"),
+    }
+    drop(stopped);
+    print_line(&serde_json::json!({
+        "event": "stopped",
+        "signal": signal,
+        "owner": owner,
+        "runs": report.runs,
+        "finished": report.finished,
+        "suspended": report.suspended,
+        "interrupted": report.interrupted,
+        "errors": report.errors,
+        "released_at_shutdown": report.released_at_shutdown,
+    }))?;
+    Ok(report)
+}
+
+/// Writes one JSON line on stdout and flushes it (stdout may be a pipe read line by line).
+///
+/// # Errors
+/// Stdout is closed.
+pub fn print_line(value: &serde_json::Value) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{value}")?;
+    out.flush()
+}

@@ -1,0 +1,231 @@
+//! What the deal-flow processes (`deal-flow-coordinator`, `deal-flow-load`) share: where the
+//! store is, logging, the owner id, the simulated back office and the signals that stop them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use saga_core::{Engine, EngineBuilder, SagaStore};
+use saga_redis::RedisStore;
+
+use crate::deal::DealFlow;
+use crate::ledger::OfficeStore;
+use crate::redis_office::RedisOffice;
+use crate::services::{Backoffice, Directory};
+use crate::sourcing::Sourcing;
+use crate::world::{Faults, World};
+
+/// An error of a deal-flow process, for people.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where the sagas, books and ledger live: one Redis server or a Redis Cluster.
+#[derive(Clone, Debug, clap::Args)]
+pub struct StoreArgs {
+    /// A standalone Redis server, e.g. `redis://127.0.0.1:6379`.
+    #[arg(long, env = "REDIS_URL", required_unless_present = "cluster_urls")]
+    pub redis_url: Option<String>,
+    /// A Redis Cluster instead: some of its nodes' URLs, comma-separated.
+    #[arg(
+        long,
+        env = "REDIS_CLUSTER_URLS",
+        value_delimiter = ',',
+        conflicts_with = "redis_url"
+    )]
+    pub cluster_urls: Vec<String>,
+    /// Prefix of every key (sagas, books and ledger). Processes that share a prefix share
+    /// their sagas and their ledger.
+    #[arg(long, env = "SAGA_KEY_PREFIX", default_value = "dealflow")]
+    pub key_prefix: String,
+    /// Partition count, fixed at deployment (every process of one prefix must agree).
+    #[arg(long, env = "SAGA_PARTITIONS", default_value_t = saga_redis::DEFAULT_PARTITIONS)]
+    pub partitions: u16,
+}
+
+impl StoreArgs {
+    /// Connects the saga store and the back office's books and ledger (same prefix).
+    ///
+    /// # Errors
+    /// A connection failed or the store refused the settings.
+    pub async fn connect(&self) -> Result<(Arc<dyn SagaStore>, Arc<RedisOffice>), BoxError> {
+        let builder = RedisStore::builder()
+            .key_prefix(self.key_prefix.clone())
+            .partitions(self.partitions);
+        match (&self.redis_url, self.cluster_urls.as_slice()) {
+            (Some(url), []) => {
+                let store = builder.url(url.clone()).connect().await?;
+                let office = RedisOffice::connect(url, &self.key_prefix).await?;
+                Ok((Arc::new(store), Arc::new(office)))
+            }
+            (None, urls) if !urls.is_empty() => {
+                let store = builder.cluster(urls.iter().cloned()).connect().await?;
+                let office = RedisOffice::connect_cluster(urls, &self.key_prefix).await?;
+                Ok((Arc::new(store), Arc::new(office)))
+            }
+            _ => Err("give either --redis-url or --cluster-urls".into()),
+        }
+    }
+
+    /// Where the store is, for people (passwords hidden).
+    #[must_use]
+    pub fn describe(&self) -> String {
+        match &self.redis_url {
+            Some(url) => format!("Redis at {}", redacted(url)),
+            None => format!(
+                "Redis Cluster at {}",
+                self.cluster_urls
+                    .iter()
+                    .map(|u| redacted(u))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        }
+    }
+}
+
+/// The URL without its password.
+#[must_use]
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (with the current span), for log shippers and tests.
+    Json,
+}
+
+/// Sends logs to stderr in `format` at `default_level` (e.g. `info`); `RUST_LOG` overrides it.
+pub fn init_logs(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// `<hostname>-<pid>`: the hostname from `HOSTNAME` or `/etc/hostname` (`localhost` when
+/// neither says).
+#[must_use]
+pub fn default_owner() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Parses a probability between 0 and 1.
+///
+/// # Errors
+/// Not a number, or out of range.
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text.parse().map_err(|e| format!("not a number: {e}"))?;
+    if (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!("{rate} is not between 0 and 1"))
+    }
+}
+
+/// Parses a latency range in milliseconds: `5` or `5..40`.
+///
+/// # Errors
+/// Not numbers, or the range is reversed.
+pub fn parse_latency(text: &str) -> Result<(u64, u64), String> {
+    let (low, high) = text.split_once("..").unwrap_or((text, text));
+    let parse = |t: &str| {
+        t.trim()
+            .parse::<u64>()
+            .map_err(|e| format!("`{t}` is not a number of milliseconds: {e}"))
+    };
+    let (low, high) = (parse(low)?, parse(high)?);
+    if low > high {
+        return Err(format!("{low}..{high} is reversed"));
+    }
+    Ok((low, high))
+}
+
+/// Parses `step=duration`, e.g. `update_portfolio=3s`.
+///
+/// # Errors
+/// No `=`, or not a duration.
+pub fn parse_throttle(text: &str) -> Result<(String, Duration), String> {
+    let (step, after) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}` is not step=duration, e.g. update_portfolio=3s"))?;
+    let after = humantime::parse_duration(after).map_err(|e| format!("`{after}`: {e}"))?;
+    Ok((step.to_owned(), after))
+}
+
+/// The simulated services' behaviour; every process of one deployment must use the same
+/// values so that the seeded faults agree.
+#[derive(Clone, Debug, clap::Args)]
+pub struct WorldArgs {
+    /// Probability of a transient fault (503, timeout, 429 with retry-after) per call.
+    #[arg(long, env = "DEAL_FLOW_FAULT_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub fault_rate: f64,
+    /// Seed of the fault injection and the company directory.
+    #[arg(long, env = "DEAL_FLOW_SEED", default_value_t = 7)]
+    pub seed: u64,
+    /// Simulated service latency in milliseconds, `5` or `5..40`.
+    #[arg(long, default_value = "1..4", value_parser = parse_latency)]
+    pub latency_ms: (u64, u64),
+    /// Refuse the first attempt of this step with 429 and this retry-after, e.g.
+    /// `update_portfolio=3s` (shows durable timers).
+    #[arg(long, value_parser = parse_throttle)]
+    pub throttle: Option<(String, Duration)>,
+}
+
+impl WorldArgs {
+    /// The back office over `office`, with these faults.
+    #[must_use]
+    pub fn backoffice(&self, office: Arc<dyn OfficeStore>) -> Backoffice {
+        let mut world = World::new(Faults {
+            seed: self.seed,
+            rate: self.fault_rate,
+            fail_at: None,
+            throttle: self.throttle.clone(),
+        });
+        world.latency_ms = self.latency_ms;
+        Backoffice::new(world, Directory::generate(self.seed, 200), office, 1_000)
+    }
+}
+
+/// An engine builder over `store` with both deal-flow saga types registered.
+#[must_use]
+pub fn engine_builder(store: Arc<dyn SagaStore>, owner: &str) -> EngineBuilder {
+    Engine::builder_shared(store)
+        .register(Sourcing)
+        .register(DealFlow)
+        .owner(owner)
+}
+
+/// Completes on SIGINT or SIGTERM.
+///
+/// # Errors
+/// The signal handlers could not be installed.
+pub fn shutdown_signal()
+-> Result<impl std::future::Future<Output = &'static str> + Send + 'static, BoxError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
+}

@@ -1,0 +1,108 @@
+//! The command line: global flags and subcommands (clap derive).
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use saga_core::SagaStatus;
+
+/// Operator commands for sagas stored in Redis.
+#[derive(Debug, Parser)]
+#[command(name = "saga", version, about, long_about = None)]
+pub(crate) struct Cli {
+    /// Where the sagas are stored.
+    #[command(flatten)]
+    pub(crate) global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Flags every command takes (before or after the subcommand).
+#[derive(Debug, Args)]
+pub(crate) struct GlobalArgs {
+    /// Redis URL: redis://[user:password@]host[:port][/db], or rediss://... for TLS
+    /// (required).
+    #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
+    pub(crate) redis_url: Option<String>,
+    /// Key prefix the coordinators were configured with.
+    #[arg(long, default_value = saga_redis::DEFAULT_PREFIX, global = true)]
+    pub(crate) key_prefix: String,
+    /// Partition count the coordinators were configured with (fixed at deployment).
+    #[arg(long, default_value_t = saga_redis::DEFAULT_PARTITIONS, global = true)]
+    pub(crate) partitions: u16,
+    /// Print one machine-readable JSON document instead of a table.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+}
+
+/// The operator commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// List sagas, ordered by id, optionally filtered by status and type.
+    List(ListArgs),
+    /// Show one saga: status, steps, lease, and its history as a timeline.
+    Show {
+        /// The saga id (a UUID).
+        id: String,
+    },
+    /// Try a failed (or quarantined) saga again: it resumes where it stopped.
+    Retry {
+        /// The saga id (a UUID).
+        id: String,
+        /// Why (recorded in the saga's history).
+        #[arg(long, default_value = "retried by an operator (saga-cli)")]
+        reason: String,
+    },
+    /// Ask a running saga to stop and compensate its completed steps.
+    Cancel {
+        /// The saga id (a UUID).
+        id: String,
+        /// Why (recorded in the saga's history).
+        #[arg(long, default_value = "cancelled by an operator (saga-cli)")]
+        reason: String,
+    },
+    /// Stop a saga for good WITHOUT compensating what remains (it ends failed/abandoned).
+    Abandon {
+        /// The saga id (a UUID).
+        id: String,
+        /// Why (required; recorded in the saga's history).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Delete terminal sagas (completed, compensated, failed) last written long enough ago.
+    Purge {
+        /// Minimum age since the last write, e.g. `7d`, `12h`, `30m`, `0s`.
+        #[arg(long, value_parser = parse_duration)]
+        older_than: Duration,
+        /// Delete at most this many sagas.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: u64,
+    },
+    /// Counts by status and the most common reasons of recent failures.
+    Stats {
+        /// How many of the most recently failed sagas to read for failure reasons.
+        #[arg(long, default_value_t = 50)]
+        failures: usize,
+    },
+}
+
+/// Filters and paging of `saga list`.
+#[derive(Debug, Args)]
+pub(crate) struct ListArgs {
+    /// Only sagas with this status (running, compensating, completed, compensated, failed).
+    #[arg(long)]
+    pub(crate) status: Option<SagaStatus>,
+    /// Only sagas of this registered type.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub(crate) saga_type: Option<String>,
+    /// At most this many rows.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub(crate) limit: u64,
+    /// Continue after this id (the `next` of the previous page).
+    #[arg(long, value_name = "ID")]
+    pub(crate) after: Option<String>,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(text)
+}

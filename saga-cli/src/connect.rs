@@ -1,0 +1,76 @@
+//! Connecting to Redis and building the engine that operator actions go through.
+
+use saga_core::Engine;
+use saga_redis::{ConnectError, RedisStore};
+
+use crate::cli::GlobalArgs;
+use crate::error::CliError;
+
+/// The owner id written by the CLI's engine (it never takes leases for these commands).
+const OWNER: &str = "saga-cli";
+
+/// Connects to the store the global flags name.
+pub(crate) async fn store(global: &GlobalArgs) -> Result<RedisStore, CliError> {
+    let Some(url) = global
+        .redis_url
+        .as_deref()
+        .filter(|url| !url.trim().is_empty())
+    else {
+        return Err(CliError::new(
+            "no Redis URL: pass --redis-url redis://host:port or set REDIS_URL",
+        ));
+    };
+    RedisStore::builder()
+        .url(url)
+        .key_prefix(global.key_prefix.clone())
+        .partitions(global.partitions)
+        // One attempt: an operator wants to hear at once that Redis is down.
+        .reconnect_retries(1)
+        .connect()
+        .await
+        .map_err(|err| connect_error(url, err))
+}
+
+/// An engine on `store` with no saga types: enough for retry, cancel, abandon and history.
+pub(crate) fn engine(store: RedisStore) -> Result<Engine, CliError> {
+    Engine::builder(store)
+        .owner(OWNER)
+        .build()
+        .map_err(CliError::from)
+}
+
+fn connect_error(url: &str, err: ConnectError) -> CliError {
+    match err {
+        ConnectError::Unreachable { source, .. } => CliError::new(format!(
+            "cannot reach Redis at {} ({source}); Redis must be running and reachable at that URL (set it with --redis-url or REDIS_URL)",
+            redact(url)
+        )),
+        other => CliError::new(other.to_string()),
+    }
+}
+
+/// `url` with its password (if any) replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => format!("{scheme}://{credentials}@{host}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(redact("redis://:pw@h:1"), "redis://:***@h:1");
+        assert_eq!(redact("rediss://u:pw@h:1/2"), "rediss://u:***@h:1/2");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+    }
+}

@@ -1,0 +1,228 @@
+//! Errors as HTTP responses: every error is a JSON object `{"error": "...", "code": "..."}`
+//! (plus details for some codes), and engine errors map to statuses in one place.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use saga_core::{EngineError, StoreError};
+use serde_json::{Map, Value, json};
+
+/// An error response: a status, a machine-readable `code`, a human-readable `error` message
+/// and optional details merged into the JSON body, e.g.
+/// `{"error": "saga 6f1c… not found", "code": "saga_not_found", "id": "6f1c…"}`.
+///
+/// The status for every engine error:
+///
+/// | error | status |
+/// |---|---|
+/// | `UnknownSagaType` | 404 (with `known_types`) |
+/// | `NotFound` | 404 |
+/// | `IdempotencyConflict` | 409 (with `saga_id`) |
+/// | `Busy`, `Quarantined`, `WrongStatus` | 409 |
+/// | `WaitTimedOut` | 202 (with `id`, `status`) — not a failure: the saga is still running |
+/// | `Interrupted` | 503 |
+/// | `Encoding`, `Config` | 500 |
+/// | `Store(..)` | see [`ApiError::from_store`] |
+/// | anything newer | 500 with its message |
+///
+/// Client mistakes found before the engine is called: 400 (`bad_json`, `bad_saga_id`,
+/// `bad_idempotency_key`, `bad_query`, `bad_format`, `bad_path`), 413 (`body_too_large`),
+/// 415 (`unsupported_media_type`), 404 (`unknown_saga_type`, `no_route`), 405
+/// (`method_not_allowed`).
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    details: Map<String, Value>,
+}
+
+impl ApiError {
+    /// An error with `status`, `code` and `message`.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: Map::new(),
+        }
+    }
+
+    /// Adds a detail field to the JSON body.
+    #[must_use]
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.details.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// The HTTP status.
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The machine-readable code, e.g. `idempotency_conflict`.
+    #[must_use]
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// The human-readable message.
+    #[must_use]
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.status, self.code, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, code = self.code, error = %self.message, "request failed");
+        } else {
+            tracing::debug!(status = %self.status, code = self.code, error = %self.message, "request rejected");
+        }
+        let mut body = Map::new();
+        body.insert("error".to_owned(), Value::String(self.message));
+        body.insert("code".to_owned(), Value::String(self.code.to_owned()));
+        for (key, value) in self.details {
+            body.entry(key).or_insert(value);
+        }
+        (self.status, Json(Value::Object(body))).into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(err: EngineError) -> Self {
+        let message = err.to_string();
+        match err {
+            EngineError::UnknownSagaType { name, known } => {
+                Self::new(StatusCode::NOT_FOUND, "unknown_saga_type", message)
+                    .with("saga_type", name)
+                    .with("known_types", known)
+            }
+            EngineError::NotFound(id) => {
+                Self::new(StatusCode::NOT_FOUND, "saga_not_found", message)
+                    .with("id", id.to_string())
+            }
+            EngineError::IdempotencyConflict { saga, key } => {
+                Self::new(StatusCode::CONFLICT, "idempotency_conflict", message)
+                    .with("saga_id", saga.to_string())
+                    .with("idempotency_key", key)
+            }
+            EngineError::Busy { saga, owner, .. } => {
+                Self::new(StatusCode::CONFLICT, "saga_busy", message)
+                    .with("id", saga.to_string())
+                    .with("owner", owner)
+            }
+            EngineError::Quarantined { saga, reason } => {
+                Self::new(StatusCode::CONFLICT, "saga_quarantined", message)
+                    .with("id", saga.to_string())
+                    .with("reason", reason)
+            }
+            EngineError::WrongStatus { saga, status, .. } => {
+                Self::new(StatusCode::CONFLICT, "wrong_status", message)
+                    .with("id", saga.to_string())
+                    .with("status", status.as_str())
+            }
+            EngineError::WaitTimedOut { saga, status } => {
+                Self::new(StatusCode::ACCEPTED, "still_running", message)
+                    .with("id", saga.to_string())
+                    .with("status", status.as_str())
+                    .with("terminal", false)
+            }
+            EngineError::Interrupted { saga, .. } => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "interrupted", message)
+                    .with("id", saga.to_string())
+            }
+            EngineError::Encoding { .. } => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "encoding", message)
+            }
+            EngineError::Config(_) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "engine_config", message)
+            }
+            EngineError::Store(store) => Self::from_store(store),
+            other => {
+                tracing::error!(error = %other, "engine error without an HTTP mapping");
+                Self::internal(message)
+            }
+        }
+    }
+}
+
+impl ApiError {
+    /// The status for every store error:
+    ///
+    /// | error | status |
+    /// |---|---|
+    /// | `NotFound` | 404 |
+    /// | `IdempotencyConflict`, `NotWritable`, `Fenced` | 409 |
+    /// | `TooLarge` | 413 (the input is over the store's limit) |
+    /// | `Invalid` | 400 |
+    /// | `Unavailable` | 503 |
+    /// | `Corrupt` | 500 |
+    /// | anything newer | 500 with its message |
+    #[must_use]
+    pub fn from_store(err: StoreError) -> Self {
+        let message = err.to_string();
+        match err {
+            StoreError::NotFound(id) => Self::new(StatusCode::NOT_FOUND, "saga_not_found", message)
+                .with("id", id.to_string()),
+            StoreError::IdempotencyConflict { saga } => {
+                Self::new(StatusCode::CONFLICT, "idempotency_conflict", message)
+                    .with("saga_id", saga.to_string())
+            }
+            StoreError::NotWritable { saga, status } => {
+                Self::new(StatusCode::CONFLICT, "wrong_status", message)
+                    .with("id", saga.to_string())
+                    .with("status", status.as_str())
+            }
+            StoreError::Fenced { saga, .. } => {
+                Self::new(StatusCode::CONFLICT, "fenced", message).with("id", saga.to_string())
+            }
+            StoreError::TooLarge { size, limit, .. } => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+                    .with("size", size)
+                    .with("limit", limit)
+            }
+            StoreError::Invalid(_) => Self::bad_request("invalid_request", message),
+            StoreError::Unavailable { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                message,
+            ),
+            StoreError::Corrupt { .. } => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "store_corrupt", message)
+            }
+            other => {
+                tracing::error!(error = %other, "store error without an HTTP mapping");
+                Self::internal(message)
+            }
+        }
+    }
+}
+
+/// The JSON body of a rejection that axum produced (bad path, query or body).
+pub(crate) fn rejection(status: StatusCode, code: &'static str, text: String) -> ApiError {
+    ApiError::new(status, code, text)
+}
+
+/// `{"error": ..}` without a status, for bodies that are not errors of this module.
+pub(crate) fn error_body(message: impl Into<String>) -> Value {
+    json!({ "error": message.into() })
+}
