@@ -53,7 +53,11 @@ pub struct DealOutcome {
 #[saga_step(compensate = delete_deal, reconcile = applied_by_key, timeout = "250ms", retry(max_attempts = 5, initial = "20ms", max = "400ms"))]
 pub async fn create_deal(ctx: &StepContext, request: DealRequest) -> Result<Deal, ServiceError> {
     let office = Backoffice::of(ctx)?;
-    let deal_id = format!("deal-{}", &ctx.idempotency_key()[..8]);
+    // The key is a UUID string (ASCII, 36 characters), so its first 8 bytes are a char boundary.
+    let deal_id = format!(
+        "deal-{}",
+        ctx.idempotency_key().get(..8).unwrap_or_default()
+    );
     office
         .effect(ctx, move |books| {
             books.crm_deals.insert(

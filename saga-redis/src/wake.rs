@@ -173,12 +173,14 @@ impl Listener {
         loop {
             let client = self.clients[node % self.clients.len()].clone();
             let address = client.get_connection_info().addr().to_string();
+            tracing::debug!(channel = %self.channel, node = %address, "subscribing to wake-ups");
             let connected = tokio::select! {
                 connected = connect(&client, &self.channel, self.timeout) => connected,
                 () = self.stop.finished() => return,
             };
             match connected {
                 Ok((sink, stream)) => {
+                    tracing::debug!(channel = %self.channel, node = %address, "subscribed to wake-ups");
                     if subscribed_before {
                         tracing::info!(channel = %self.channel, node = %address, "wake-up subscription re-established");
                     }
@@ -187,7 +189,10 @@ impl Listener {
                     // Messages may have been published while nobody listened.
                     bump(&self.tx);
                     match self.listen(sink, stream).await {
-                        Ended::Stop => return,
+                        Ended::Stop => {
+                            tracing::debug!(channel = %self.channel, "wake-up task ends: the store and its receivers are gone");
+                            return;
+                        }
                         Ended::Lost(reason) => {
                             tracing::warn!(channel = %self.channel, node = %address, %reason, "wake-up subscription lost; reconnecting");
                         }

@@ -496,6 +496,8 @@ async fn cancel_between_attempts_still_undoes_an_always_step() {
         let engine = engine.clone();
         async move { engine.run_to_end(id).await }
     });
+    // Paused time makes this exact: 1005 ms of virtual time lands after attempt 1's timeout
+    // (1 s) and before attempt 2 (due 10 ms after it); the assertion below checks it.
     tokio::time::sleep(std::time::Duration::from_millis(1005)).await;
     assert_eq!(h.ledger.calls_of(1, Phase::Forward).len(), 1);
     engine.cancel(id, "operator").await.unwrap();

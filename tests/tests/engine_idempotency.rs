@@ -154,6 +154,8 @@ async fn concurrent_duplicate_execute_runs_the_saga_once() {
     gate.entered.notified().await;
     // The same request again (a client retry) while step 1 is in flight in this process.
     let second = execute();
+    // Paused time: the clock only advances once every task is blocked, so after this the
+    // duplicate has deterministically reached its wait for the local run (not a race).
     tokio::time::sleep(Duration::from_millis(50)).await;
     gate.release.notify_one();
     let first = first.await.unwrap();
@@ -192,6 +194,8 @@ async fn run_to_end_of_a_saga_this_engine_is_running_waits_for_that_run() {
         let engine = engine.clone();
         async move { engine.run_to_end(id).await }
     });
+    // Paused time: the clock only advances once every task is blocked, so after this the
+    // waiter has deterministically reached its wait for the local run (not a race).
     tokio::time::sleep(Duration::from_millis(50)).await;
     gate.release.notify_one();
 

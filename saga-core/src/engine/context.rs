@@ -231,6 +231,7 @@ impl SagaContext {
     /// As [`SagaContext::run`].
     pub fn now(&mut self) -> Result<Timestamp, SagaError> {
         let value = self.journaled_value("now", |shared| {
+            // A timestamp is a plain integer: encoding it cannot fail.
             serde_json::to_value(shared.clock.now()).unwrap_or(Value::Null)
         })?;
         serde_json::from_value(value).map_err(|err| {

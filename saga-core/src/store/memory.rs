@@ -162,6 +162,8 @@ impl Inner {
                 });
                 entry.fence
             }
+            // Every caller looked the saga up under the same lock; a fence of 0 is never
+            // current, so even a lease made here could not write.
             None => 0,
         };
         self.set_due(id, Some(expires_at));

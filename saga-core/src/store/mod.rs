@@ -307,7 +307,10 @@ pub enum StoreError {
         problem: String,
     },
     /// The store could not be reached or answered with an error; the operation may or may
-    /// not have been applied. Retrying is safe: every operation is idempotent or fenced.
+    /// not have been applied. Retrying with the same arguments is safe for every saga
+    /// operation: creates are keyed by id, commits by commit id, claims and renewals are
+    /// fenced. (A retried `guard_claim` whose first reply was lost finds its own claim in
+    /// progress until the in-progress TTL lapses.)
     #[error("store unavailable: {message}")]
     Unavailable {
         /// What happened.

@@ -1,0 +1,646 @@
+//! Several `deal-flow-coordinator` processes on one Redis (and on a Redis Cluster): real
+//! processes, real servers. Each test ends only the processes it started (by their `Child`),
+//! and waits for conditions with bounds (never a fixed sleep as synchronisation).
+
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use saga_core::store::{ListQuery, SagaStore};
+use saga_core::{Engine, EventKind, SagaEvent, SagaId, SagaStatus, StartOptions};
+use saga_examples::deal::DealFlow;
+use saga_examples::load::deal_request;
+use saga_examples::ops::{StoreArgs, engine_builder};
+use saga_examples::redis_office::RedisOffice;
+use saga_redis_testkit::{
+    RedisCluster, RedisServer, ServerConfig, can_spawn_servers, unique_prefix,
+};
+
+const POLL: Duration = Duration::from_millis(50);
+
+/// Polls `condition` until it holds; panics with `what` after `bound`.
+fn wait_until(what: &str, bound: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + bound;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {bound:?} waiting for {what}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Where the store is, as flags.
+#[derive(Clone)]
+enum Target {
+    Server(String),
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    fn flags(&self) -> Vec<String> {
+        match self {
+            Target::Server(url) => vec!["--redis-url".into(), url.clone()],
+            Target::Cluster(urls) => vec!["--cluster-urls".into(), urls.join(",")],
+        }
+    }
+
+    fn store_args(&self, prefix: &str) -> StoreArgs {
+        StoreArgs {
+            redis_url: match self {
+                Target::Server(url) => Some(url.clone()),
+                Target::Cluster(_) => None,
+            },
+            cluster_urls: match self {
+                Target::Server(_) => Vec::new(),
+                Target::Cluster(urls) => urls.clone(),
+            },
+            key_prefix: prefix.to_owned(),
+            partitions: 16,
+        }
+    }
+
+    fn ledger_entries(&self, prefix: &str) -> usize {
+        let key = RedisOffice::entries_key(prefix);
+        let result = match self {
+            Target::Server(url) => redis::Client::open(url.as_str())
+                .and_then(|c| c.get_connection())
+                .and_then(|mut c| redis::cmd("LLEN").arg(&key).query::<usize>(&mut c)),
+            Target::Cluster(urls) => redis::cluster::ClusterClient::new(urls.clone())
+                .and_then(|c| c.get_connection())
+                .and_then(|mut c| redis::cmd("LLEN").arg(&key).query::<usize>(&mut c)),
+        };
+        result.unwrap_or(0)
+    }
+}
+
+/// A process this test started, with its stdout and stderr in files.
+struct Proc {
+    name: String,
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    exit: Option<ExitStatus>,
+}
+
+impl Proc {
+    fn spawn(dir: &tempfile::TempDir, name: &str, program: &str, args: &[String]) -> Self {
+        let stdout = dir.path().join(format!("{name}.out"));
+        let stderr = dir.path().join(format!("{name}.err"));
+        let child = Command::new(program)
+            .args(args)
+            .env_remove("REDIS_URL")
+            .env_remove("REDIS_CLUSTER_URLS")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout).unwrap())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {program}: {err}"));
+        Self {
+            name: name.to_owned(),
+            child,
+            stdout,
+            stderr,
+            exit: None,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// The JSON line on stdout whose `event` is `event`.
+    fn event(&self, event: &str) -> Option<serde_json::Value> {
+        self.stdout()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|v| v["event"] == event)
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().unwrap();
+        }
+        self.exit
+    }
+
+    fn wait_ready(&mut self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(ready) = self.event("ready") {
+                return ready;
+            }
+            if let Some(status) = self.exited() {
+                panic!(
+                    "{} exited ({status}) before it was ready:\n{}",
+                    self.name,
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready within 60 s",
+                self.name
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {} failed", self.pid());
+    }
+
+    fn wait_exit(&mut self, bound: Duration) -> ExitStatus {
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {bound:?}",
+                self.name
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Log lines on stderr that report a rejected late write.
+    fn fenced_lines(&self) -> usize {
+        self.stderr()
+            .lines()
+            .filter(|l| l.contains("write fenced") || l.contains("lease renewal rejected"))
+            .count()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            // Only this test's own child, by its handle; SIGCONT first in case it is stopped.
+            let _ = Command::new("kill")
+                .args(["-CONT", &self.pid().to_string()])
+                .status();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn coordinator(
+    dir: &tempfile::TempDir,
+    owner: &str,
+    target: &Target,
+    prefix: &str,
+    extra: &[&str],
+) -> Proc {
+    let mut args = target.flags();
+    args.extend(
+        [
+            "--key-prefix",
+            prefix,
+            "--owner",
+            owner,
+            "--log-format",
+            "json",
+            "--http-addr",
+            "off",
+            "--poll-interval",
+            "100ms",
+        ]
+        .map(str::to_owned),
+    );
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let mut proc = Proc::spawn(
+        dir,
+        owner,
+        env!("CARGO_BIN_EXE_deal-flow-coordinator"),
+        &args,
+    );
+    proc.wait_ready();
+    proc
+}
+
+fn load(
+    dir: &tempfile::TempDir,
+    target: &Target,
+    prefix: &str,
+    count: usize,
+    timeout: &str,
+) -> Proc {
+    let mut args = target.flags();
+    args.extend(
+        [
+            "--key-prefix",
+            prefix,
+            "--count",
+            &count.to_string(),
+            "--timeout",
+            timeout,
+            "--log-format",
+            "json",
+        ]
+        .map(str::to_owned),
+    );
+    Proc::spawn(dir, "load", env!("CARGO_BIN_EXE_deal-flow-load"), &args)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A client-only engine on the test's store (it runs no workers).
+fn client(rt: &tokio::runtime::Runtime, target: &Target, prefix: &str) -> Engine {
+    rt.block_on(async {
+        let (store, _) = target.store_args(prefix).connect().await.unwrap();
+        engine_builder(store, "test-client").build().unwrap()
+    })
+}
+
+fn sagas_with(rt: &tokio::runtime::Runtime, engine: &Engine) -> Vec<(SagaId, Vec<SagaEvent>)> {
+    rt.block_on(async {
+        let mut out = Vec::new();
+        for (id, _, _) in saga_examples::scenario::all_sagas(engine).await.unwrap() {
+            out.push((id, engine.history(id).await.unwrap()));
+        }
+        out
+    })
+}
+
+/// Sagas whose lease `owner` holds now, with their fence.
+fn held_by(
+    rt: &tokio::runtime::Runtime,
+    store: &Arc<dyn SagaStore>,
+    owner: &str,
+) -> BTreeMap<SagaId, u64> {
+    rt.block_on(async {
+        let mut held = BTreeMap::new();
+        for status in [SagaStatus::Running, SagaStatus::Compensating] {
+            let query = ListQuery {
+                status: Some(status),
+                limit: 1000,
+                ..ListQuery::default()
+            };
+            for summary in store.list(&query).await.unwrap().sagas {
+                if let Some(saga) = store.load(summary.id).await.unwrap()
+                    && saga.lease.as_ref().is_some_and(|l| l.owner == owner)
+                {
+                    held.insert(saga.id, saga.fence);
+                }
+            }
+        }
+        held
+    })
+}
+
+fn taken_over(
+    rt: &tokio::runtime::Runtime,
+    store: &Arc<dyn SagaStore>,
+    held: &BTreeMap<SagaId, u64>,
+) -> bool {
+    rt.block_on(async {
+        for (id, fence) in held {
+            if let Some(saga) = store.load(*id).await.unwrap()
+                && saga.fence > *fence
+            {
+                return true;
+            }
+        }
+        false
+    })
+}
+
+/// Three coordinators, 20 % transient faults; one is SIGKILLed and another SIGSTOPped past
+/// its lease, then continued: every saga ends, the ledger check holds, and the stopped one's
+/// late writes were rejected.
+fn kill_and_stop(target: &Target, prefix: &str, count: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [
+        "--lease",
+        "2s",
+        "--workers",
+        "4",
+        "--fault-rate",
+        "0.2",
+        "--seed",
+        "5",
+    ];
+    let mut a = coordinator(&dir, "coord-a", target, prefix, &flags);
+    let mut b = coordinator(&dir, "coord-b", target, prefix, &flags);
+    let mut c = coordinator(&dir, "coord-c", target, prefix, &flags);
+    let rt = runtime();
+    let engine = client(&rt, target, prefix);
+    let store = Arc::clone(engine.store());
+    let mut load = load(&dir, target, prefix, count, "150s");
+
+    // Effects are being applied: kill A without warning.
+    wait_until("as many effects as sagas", Duration::from_secs(90), || {
+        target.ledger_entries(prefix) >= count
+    });
+    a.child.kill().unwrap();
+    a.wait_exit(Duration::from_secs(10));
+    // Stop B (it keeps its leases on paper) until another coordinator took over one of them.
+    let held = loop {
+        let held = held_by(&rt, &store, "coord-b");
+        if !held.is_empty() || load.exited().is_some() {
+            break held;
+        }
+        std::thread::sleep(POLL);
+    };
+    b.signal("STOP");
+    let held = if held.is_empty() {
+        held_by(&rt, &store, "coord-b")
+    } else {
+        held
+    };
+    println!("coord-b held {} sagas when stopped", held.len());
+    if !held.is_empty() {
+        wait_until(
+            "a saga of the stopped coordinator to be taken over",
+            Duration::from_secs(60),
+            || taken_over(&rt, &store, &held),
+        );
+    }
+    b.signal("CONT");
+
+    let status = load.wait_exit(Duration::from_secs(170));
+    let summary = load.event("load_summary").unwrap_or_else(|| {
+        panic!(
+            "no summary from the load:\n{}\n{}",
+            load.stdout(),
+            load.stderr()
+        )
+    });
+    println!("{}", load.stdout());
+    assert!(status.success(), "load failed: {summary}");
+    assert_eq!(summary["ledger_ok"], true, "{summary}");
+    assert_eq!(summary["unfinished"], 0, "{summary}");
+    assert!(
+        summary["resumes"].as_u64().unwrap() >= 1,
+        "nothing was resumed: {summary}"
+    );
+
+    for proc in [&mut b, &mut c] {
+        proc.signal("TERM");
+        let status = proc.wait_exit(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "{} exited with {status}:\n{}",
+            proc.name,
+            proc.stderr()
+        );
+        assert!(proc.event("stopped").is_some(), "{}", proc.stdout());
+    }
+    let fenced = b.fenced_lines();
+    println!(
+        "late writes of the stopped coordinator rejected: {fenced} (it held {} sagas)",
+        held.len()
+    );
+    if !held.is_empty() {
+        assert!(
+            fenced >= 1,
+            "the stopped coordinator held sagas but no late write was rejected"
+        );
+    }
+    // Every saga in the store is terminal.
+    for (id, events) in sagas_with(&rt, &engine) {
+        let terminal = events.iter().any(|e| {
+            matches!(
+                e.kind,
+                EventKind::SagaCompleted { .. }
+                    | EventKind::SagaCompensated
+                    | EventKind::SagaFailed { .. }
+            )
+        });
+        assert!(terminal, "saga {id} did not end");
+    }
+}
+
+#[test]
+fn three_coordinators_survive_a_kill_and_a_stop_on_one_redis() {
+    if !can_spawn_servers("three_coordinators_survive_a_kill_and_a_stop_on_one_redis") {
+        return;
+    }
+    let server = RedisServer::start(ServerConfig::new().durable());
+    let prefix = unique_prefix("kill_and_stop");
+    kill_and_stop(&Target::Server(server.url()), &prefix, 300);
+}
+
+#[test]
+fn three_coordinators_survive_a_kill_and_a_stop_on_a_cluster() {
+    if !can_spawn_servers("three_coordinators_survive_a_kill_and_a_stop_on_a_cluster") {
+        return;
+    }
+    let cluster = RedisCluster::start(3);
+    let prefix = unique_prefix("kill_and_stop_cluster");
+    kill_and_stop(&Target::Cluster(cluster.urls()), &prefix, 120);
+}
+
+/// SIGTERM: the coordinator exits 0 within its grace period and releases its leases; a second
+/// coordinator resumes its sagas while the first one's 60 s leases would still be valid.
+#[test]
+fn sigterm_releases_leases_and_another_coordinator_resumes_at_once() {
+    if !can_spawn_servers("sigterm_releases_leases_and_another_coordinator_resumes_at_once") {
+        return;
+    }
+    let server = RedisServer::start(ServerConfig::new().durable());
+    let target = Target::Server(server.url());
+    let prefix = unique_prefix("sigterm");
+    let dir = tempfile::tempdir().unwrap();
+    let lease = Duration::from_secs(60);
+    let flags = [
+        "--lease",
+        "60s",
+        "--workers",
+        "6",
+        "--latency-ms",
+        "20..60",
+        "--shutdown-grace",
+        "5s",
+    ];
+    let mut first = coordinator(&dir, "first", &target, &prefix, &flags);
+    let mut load = load(&dir, &target, &prefix, 60, "120s");
+    wait_until("some effects", Duration::from_secs(60), || {
+        target.ledger_entries(&prefix) >= 20
+    });
+    first.signal("TERM");
+    let status = first.wait_exit(Duration::from_secs(5 + 15));
+    assert!(
+        status.success(),
+        "first exited with {status}:\n{}",
+        first.stderr()
+    );
+    let report = first.event("stopped").expect("a report line");
+    println!("first coordinator's report: {report}");
+    let released =
+        report["interrupted"].as_u64().unwrap() + report["released_at_shutdown"].as_u64().unwrap();
+    assert!(released >= 1, "no saga was in flight at SIGTERM: {report}");
+
+    let mut second = coordinator(&dir, "second", &target, &prefix, &flags);
+    let status = load.wait_exit(Duration::from_secs(120));
+    assert!(status.success(), "load failed:\n{}", load.stdout());
+    second.signal("TERM");
+    assert!(second.wait_exit(Duration::from_secs(20)).success());
+
+    let rt = runtime();
+    let engine = client(&rt, &target, &prefix);
+    let mut handed_over = 0;
+    for (id, events) in sagas_with(&rt, &engine) {
+        let Some(taken) = events.iter().position(
+            |e| matches!(&e.kind, EventKind::LeaseAcquired { owner, .. } if owner == "second"),
+        ) else {
+            continue;
+        };
+        let first_held = events[..taken]
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::LeaseAcquired { owner, .. } if owner == "first"));
+        if !first_held {
+            continue;
+        }
+        handed_over += 1;
+        // The first coordinator's lease ran at least until its last write plus the lease.
+        let last_write = events[taken - 1].at;
+        let valid_until = last_write.plus(lease);
+        assert!(
+            events[taken].at < valid_until,
+            "saga {id} was resumed only after the lease lapsed"
+        );
+        let end = events.last().unwrap();
+        assert!(
+            end.at < valid_until,
+            "saga {id} ended only after the first lease would have lapsed"
+        );
+    }
+    println!("sagas handed over by the graceful shutdown: {handed_over}");
+    assert!(
+        handed_over >= 1,
+        "no saga of the first coordinator was resumed by the second"
+    );
+}
+
+/// A 3 s durable backoff survives a restart of every coordinator, and the retry starts no
+/// earlier than its recorded time.
+#[test]
+fn a_durable_backoff_survives_restarting_every_coordinator() {
+    if !can_spawn_servers("a_durable_backoff_survives_restarting_every_coordinator") {
+        return;
+    }
+    let server = RedisServer::start(ServerConfig::new().durable());
+    let target = Target::Server(server.url());
+    let prefix = unique_prefix("durable_backoff");
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [
+        "--inline-wait-max",
+        "200ms",
+        "--throttle",
+        "update_portfolio=3s",
+    ];
+    let first = [
+        coordinator(&dir, "old-1", &target, &prefix, &flags),
+        coordinator(&dir, "old-2", &target, &prefix, &flags),
+    ];
+    let rt = runtime();
+    let engine = client(&rt, &target, &prefix);
+    let request = deal_request(3, 0, 0.0);
+    let started = rt
+        .block_on(engine.start::<DealFlow>(&request, StartOptions::key("durable-backoff-1")))
+        .unwrap();
+    let failed_at = || {
+        rt.block_on(engine.history(started.id))
+            .unwrap()
+            .into_iter()
+            .find_map(|e| match e.kind {
+                EventKind::StepAttemptFailed {
+                    position,
+                    next_retry_at,
+                    ..
+                } => Some((position, next_retry_at)),
+                _ => None,
+            })
+    };
+    wait_until("the throttled attempt", Duration::from_secs(30), || {
+        failed_at().is_some()
+    });
+    for mut proc in first {
+        proc.signal("TERM");
+        assert!(proc.wait_exit(Duration::from_secs(20)).success());
+    }
+    let _new = [
+        coordinator(&dir, "new-1", &target, &prefix, &flags),
+        coordinator(&dir, "new-2", &target, &prefix, &flags),
+    ];
+    let outcome = rt
+        .block_on(engine.wait(started.id, Duration::from_secs(30)))
+        .unwrap();
+    assert_eq!(outcome.status, SagaStatus::Completed);
+    let (position, next_retry_at) = failed_at().unwrap();
+    let history = rt.block_on(engine.history(started.id)).unwrap();
+    let retry = history
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::StepStarted { position: p, attempt: 2, .. } if p == position))
+        .expect("a second attempt");
+    println!("retry due {next_retry_at}, started {}", retry.at);
+    assert!(
+        retry.at >= next_retry_at,
+        "retried at {} before {next_retry_at}",
+        retry.at
+    );
+    let resumed_by_new = history.iter().any(
+        |e| matches!(&e.kind, EventKind::LeaseAcquired { owner, .. } if owner.starts_with("new-")),
+    );
+    assert!(
+        resumed_by_new,
+        "the retry did not run in a restarted coordinator"
+    );
+}
+
+/// A saga submitted by a client-only process is picked up and completed; `wait` returns it.
+#[test]
+fn a_saga_from_a_client_only_process_is_picked_up() {
+    if !can_spawn_servers("a_saga_from_a_client_only_process_is_picked_up") {
+        return;
+    }
+    let server = RedisServer::start(ServerConfig::new());
+    let target = Target::Server(server.url());
+    let prefix = unique_prefix("client_only");
+    let dir = tempfile::tempdir().unwrap();
+    let _worker = coordinator(&dir, "worker", &target, &prefix, &[]);
+    let rt = runtime();
+    let engine = client(&rt, &target, &prefix);
+    let request = deal_request(9, 1, 0.0);
+    let started = rt
+        .block_on(engine.start::<DealFlow>(&request, StartOptions::key("client-1")))
+        .unwrap();
+    let outcome = rt
+        .block_on(engine.wait(started.id, Duration::from_secs(30)))
+        .unwrap();
+    assert_eq!(outcome.status, SagaStatus::Completed, "{outcome:?}");
+    assert!(outcome.output.is_some());
+}
