@@ -345,6 +345,8 @@ fn kill_and_stop(target: &Target, prefix: &str, count: usize) {
     let flags = [
         "--lease",
         "2s",
+        "--inline-wait-max",
+        "500ms",
         "--workers",
         "4",
         "--fault-rate",
@@ -643,4 +645,283 @@ fn a_saga_from_a_client_only_process_is_picked_up() {
         .unwrap();
     assert_eq!(outcome.status, SagaStatus::Completed, "{outcome:?}");
     assert!(outcome.output.is_some());
+}
+
+/// One HTTP/1.1 request over a fresh connection; returns the status code and the body.
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    // Chunked bodies keep their chunk-size lines; the metric lines parse regardless.
+    (status, body)
+}
+
+/// The sum of every sample of `name` whose labels contain each of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let series = l.split_whitespace().next().unwrap_or_default();
+            (series == name || series.starts_with(&format!("{name}{{")))
+                && labels.iter().all(|label| series.contains(label))
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `/metrics` after a run shows counters that match the sagas' histories.
+#[test]
+fn metrics_match_the_run() {
+    if !can_spawn_servers("metrics_match_the_run") {
+        return;
+    }
+    let server = RedisServer::start(ServerConfig::new());
+    let target = Target::Server(server.url());
+    let prefix = unique_prefix("metrics");
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = target.flags();
+    args.extend(
+        [
+            "--key-prefix",
+            &prefix,
+            "--owner",
+            "metered",
+            "--log-format",
+            "json",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--fault-rate",
+            "0.3",
+            "--seed",
+            "4",
+        ]
+        .map(str::to_owned),
+    );
+    let mut proc = Proc::spawn(
+        &dir,
+        "metered",
+        env!("CARGO_BIN_EXE_deal-flow-coordinator"),
+        &args,
+    );
+    let ready = proc.wait_ready();
+    let addr = ready["http_addr"]
+        .as_str()
+        .expect("an HTTP address")
+        .to_owned();
+    assert_eq!(http(&addr, "GET", "/healthz", &[], "").0, 200);
+    assert_eq!(http(&addr, "GET", "/readyz", &[], "").0, 200);
+    let count = 15;
+    let mut ids = Vec::new();
+    for index in 0..count {
+        let body = serde_json::to_string(&deal_request(4, index, 0.1)).unwrap();
+        let key = format!("metrics-{index}");
+        let headers = [
+            ("content-type", "application/json"),
+            ("idempotency-key", key.as_str()),
+        ];
+        let (status, reply) = http(&addr, "POST", "/sagas/deal_flow", &headers, &body);
+        assert!(status == 201, "start answered {status}: {reply}");
+        let reply: serde_json::Value = serde_json::from_str(reply.trim()).unwrap();
+        ids.push(reply["id"].as_str().unwrap().parse::<SagaId>().unwrap());
+        if index == 0 {
+            let (status, _) = http(&addr, "POST", "/sagas/deal_flow", &headers, &body);
+            assert_eq!(status, 200, "a repeated key answers 200");
+        }
+    }
+    let rt = runtime();
+    let engine = client(&rt, &target, &prefix);
+    for id in &ids {
+        let outcome = rt
+            .block_on(engine.wait(*id, Duration::from_secs(60)))
+            .unwrap();
+        assert!(outcome.status.is_terminal());
+    }
+    let histories = sagas_with(&rt, &engine);
+    let events = || histories.iter().flat_map(|(_, e)| e.iter());
+    let with_status = |status: &str| {
+        histories
+            .iter()
+            .filter(|(_, e)| {
+                e.iter().any(|ev| {
+                    matches!(
+                        (&ev.kind, status),
+                        (EventKind::SagaCompleted { .. }, "completed")
+                            | (EventKind::SagaCompensated, "compensated")
+                    )
+                })
+            })
+            .count() as f64
+    };
+    let retries = events()
+        .filter(|e| {
+            matches!(
+                e.kind,
+                EventKind::StepAttemptFailed { .. } | EventKind::CompensationAttemptFailed { .. }
+            )
+        })
+        .count() as f64;
+    let resumes = events()
+        .filter(|e| matches!(e.kind, EventKind::SagaResumed { .. }))
+        .count() as f64;
+    // Counters are bumped right after the commit the waiters see: scrape until they settle.
+    let mut text = String::new();
+    wait_until(
+        "the finished counter to reach the run's size",
+        Duration::from_secs(20),
+        || {
+            text = http(&addr, "GET", "/metrics", &[], "").1;
+            metric(&text, "saga_finished_total", &[]) >= count as f64
+        },
+    );
+    println!(
+        "{}",
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(metric(&text, "saga_started_total", &[]), count as f64);
+    assert!(metric(&text, "saga_idempotency_hits_total", &[]) >= 1.0);
+    assert_eq!(
+        metric(&text, "saga_finished_total", &["status=\"completed\""]),
+        with_status("completed")
+    );
+    assert_eq!(
+        metric(&text, "saga_finished_total", &["status=\"compensated\""]),
+        with_status("compensated")
+    );
+    assert_eq!(
+        metric(&text, "saga_step_attempts_total", &["outcome=\"retry\""]),
+        retries
+    );
+    assert!(retries >= 1.0, "a 30 % fault rate gave no retry");
+    assert_eq!(metric(&text, "saga_resumed_total", &[]), resumes);
+    assert!(metric(&text, "saga_step_attempts_total", &["outcome=\"success\""]) >= 1.0);
+    assert_eq!(
+        metric(&text, "saga_duration_seconds_count", &[]),
+        count as f64
+    );
+    proc.signal("TERM");
+    assert!(proc.wait_exit(Duration::from_secs(20)).success());
+}
+
+/// `scripts/local-cluster.sh` starts a 3-master cluster and two coordinators, a few sagas
+/// complete on it, and `stop` ends exactly the recorded processes.
+#[test]
+fn local_cluster_script_runs_sagas_and_stops() {
+    if !can_spawn_servers("local_cluster_script_runs_sagas_and_stops") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/local-cluster.sh");
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_deal-flow-coordinator"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    // Ports derived from the pid, so parallel test runs do not collide.
+    let base = 20_000 + (std::process::id() % 2_000) * 10;
+    let run = |cmd: &str| {
+        Command::new("bash")
+            .args([script, cmd, dir.path().to_str().unwrap()])
+            .env("BIN_DIR", &bin)
+            .env("BASE_PORT", base.to_string())
+            .env("HTTP_BASE_PORT", (base + 5).to_string())
+            .output()
+            .unwrap()
+    };
+    let started = run("start");
+    let stdout = String::from_utf8_lossy(&started.stdout).into_owned();
+    let pids = std::fs::read_to_string(dir.path().join("pids")).unwrap_or_default();
+    let stop_on_failure = scopeguard(|| {
+        let _ = run("stop");
+    });
+    assert!(
+        started.status.success(),
+        "start failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    assert_eq!(pids.lines().count(), 5, "{pids}");
+    let urls: Vec<String> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("REDIS_CLUSTER_URLS="))
+        .unwrap()
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    let output = Command::new(env!("CARGO_BIN_EXE_deal-flow-load"))
+        .args([
+            "--cluster-urls",
+            &urls.join(","),
+            "--count",
+            "5",
+            "--timeout",
+            "60s",
+        ])
+        .env_remove("REDIS_URL")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    // Dropping the guard runs `stop`.
+    drop(stop_on_failure);
+    assert!(!dir.path().join("pids").exists(), "stop left its pid file");
+    for line in pids.lines() {
+        let pid = line.split_whitespace().next().unwrap();
+        wait_until(
+            "the recorded processes to end",
+            Duration::from_secs(20),
+            || {
+                !Command::new("kill")
+                    .args(["-0", pid])
+                    .status()
+                    .unwrap()
+                    .success()
+            },
+        );
+    }
+}
+
+/// Runs `f` when dropped (a failed assertion stops the script's processes too).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }

@@ -114,8 +114,10 @@ impl Wakeups {
                 store_dropped: false,
             },
         };
-        let task = runtime.spawn(listener.run());
+        // Subscribed before the task starts, so that this receiver sees the task's first
+        // change (made once it listens).
         let rx = tx.subscribe();
+        let task = runtime.spawn(listener.run());
         *running = Some(Running {
             tx,
             task,

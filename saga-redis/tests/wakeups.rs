@@ -163,10 +163,6 @@ async fn wakeups_resubscribe_after_the_connection_or_server_is_lost() {
 /// and ends once the store and every receiver are dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wakeup_task_ends_with_the_store_and_its_receivers() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("debug")
-        .with_test_writer()
-        .try_init(); // DEBUGTMP
     let url = shared_server().url();
     let first = store(&url, "wake-lifetime").await;
     let other = same_data(&url, &first).await;
