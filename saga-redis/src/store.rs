@@ -251,19 +251,38 @@ impl RedisStore {
                 set_aside += 1;
                 tracing::warn!(saga_id = %id, partition = p, %reason, "quarantined a corrupt saga found by claim_due");
             }
-            if !leases.is_empty() || set_aside > 0 {
-                self.replicate("claim_due", &due).await?;
+            if (!leases.is_empty() || set_aside > 0)
+                && let Err(err) = self.replicate("claim_due", &due).await
+            {
+                // The leases are held on the primary: returning them keeps these sagas
+                // running instead of stranding them until the leases lapse.
+                tracing::warn!(partition = p, error = %err, "claim_due: replicas did not acknowledge the claims");
             }
             Ok::<_, StoreError>((now, ids.len(), leases))
         });
         let mut leases = Vec::new();
         let mut lost = false;
         let mut now = 0;
+        let mut failure = None;
         for result in join_all(claims).await {
-            let (server_now, asked, claimed) = result?;
-            now = now.max(server_now);
-            lost |= claimed.len() < asked;
-            leases.extend(claimed);
+            match result {
+                Ok((server_now, asked, claimed)) => {
+                    now = now.max(server_now);
+                    lost |= claimed.len() < asked;
+                    leases.extend(claimed);
+                }
+                // One partition failing must not drop the leases already taken in others
+                // (those sagas would stall until their leases lapse).
+                Err(err) => {
+                    tracing::warn!(error = %err, "claim_due: a partition could not be claimed from");
+                    failure.get_or_insert(err);
+                }
+            }
+        }
+        if leases.is_empty()
+            && let Some(err) = failure
+        {
+            return Err(err);
         }
         leases.sort_by_key(|(id, _)| order.get(id).copied().unwrap_or(usize::MAX));
         // Another round may help only when candidates that were due got away (claimed by

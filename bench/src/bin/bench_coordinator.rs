@@ -43,7 +43,11 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let engine = match Engine::builder(store).register(FourSteps).owner(args.owner).build() {
+    let engine = match Engine::builder(store)
+        .register(FourSteps)
+        .owner(args.owner)
+        .build()
+    {
         Ok(engine) => engine,
         Err(err) => {
             let _ = writeln!(std::io::stderr(), "bench-coordinator: {err}");
@@ -53,15 +57,19 @@ async fn main() -> std::process::ExitCode {
     let _ = writeln!(std::io::stdout(), "ready");
     let _ = std::io::stdout().flush();
     let shutdown = async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    Coordinator::new(engine).workers(args.workers).run(shutdown).await;
+    Coordinator::new(engine)
+        .workers(args.workers)
+        .run(shutdown)
+        .await;
     std::process::ExitCode::SUCCESS
 }

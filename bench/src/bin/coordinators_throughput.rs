@@ -63,7 +63,10 @@ impl Target {
             Target::Standalone(url) => builder.url(url.clone()),
             Target::Cluster(urls) => builder.cluster(urls.clone()),
         };
-        builder.connect().await.unwrap_or_else(|err| panic!("connect: {err}"))
+        builder
+            .connect()
+            .await
+            .unwrap_or_else(|err| panic!("connect: {err}"))
     }
 }
 
@@ -73,11 +76,23 @@ fn spawn_coordinator(target: &Target, prefix: &str, owner: &str, workers: usize)
         .with_file_name("bench-coordinator");
     let mut child = Command::new(&exe)
         .args(target.args())
-        .args(["--key-prefix", prefix, "--owner", owner, "--workers", &workers.to_string()])
+        .args([
+            "--key-prefix",
+            prefix,
+            "--owner",
+            owner,
+            "--workers",
+            &workers.to_string(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .unwrap_or_else(|err| panic!("cannot start {}: {err} (build it: cargo build --release -p saga-bench)", exe.display()));
+        .unwrap_or_else(|err| {
+            panic!(
+                "cannot start {}: {err} (build it: cargo build --release -p saga-bench)",
+                exe.display()
+            )
+        });
     // Wait for its "ready" line (bounded by the process: it exits on a failure).
     let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
     let mut line = String::new();
@@ -141,9 +156,15 @@ async fn measure(target: &Target, coordinators: usize, args: &Args) -> Row {
     // Submit-to-first-step, from the histories of a sample (the store's clock on both ends).
     let mut first_step = Vec::new();
     for (id, _) in done.iter().step_by(10) {
-        let history = engine.history(*id).await.unwrap_or_else(|err| panic!("history: {err}"));
+        let history = engine
+            .history(*id)
+            .await
+            .unwrap_or_else(|err| panic!("history: {err}"));
         let submitted = history.first().map(|e| e.at);
-        let first = history.iter().find(|e| matches!(e.kind, EventKind::StepStarted { .. })).map(|e| e.at);
+        let first = history
+            .iter()
+            .find(|e| matches!(e.kind, EventKind::StepStarted { .. }))
+            .map(|e| e.at);
         if let (Some(a), Some(b)) = (submitted, first) {
             first_step.push(b.since(a));
         }
@@ -183,7 +204,13 @@ async fn main() {
     let _ = writeln!(
         out,
         "{:>8} {:>12} {:>9} {:>9} {:>9} {:>16} {:>16}",
-        "target", "coordinators", "sagas/s", "p50 ms", "p99 ms", "submit→step p50", "submit→step p99"
+        "target",
+        "coordinators",
+        "sagas/s",
+        "p50 ms",
+        "p99 ms",
+        "submit→step p50",
+        "submit→step p99"
     );
     let mut rows = Vec::new();
     for target in &targets {
@@ -192,7 +219,13 @@ async fn main() {
             let _ = writeln!(
                 out,
                 "{:>8} {:>12} {:>9.0} {:>9.2} {:>9.2} {:>13.1} ms {:>13.1} ms",
-                row.target, row.coordinators, row.sagas_per_s, row.p50_ms, row.p99_ms, row.first_step_p50_ms, row.first_step_p99_ms
+                row.target,
+                row.coordinators,
+                row.sagas_per_s,
+                row.p50_ms,
+                row.p99_ms,
+                row.first_step_p50_ms,
+                row.first_step_p99_ms
             );
             rows.push(row);
         }
@@ -208,5 +241,9 @@ async fn main() {
             })
         })
         .collect();
-    let _ = writeln!(out, "{}", serde_json::json!({ "coordinators_throughput": json }));
+    let _ = writeln!(
+        out,
+        "{}",
+        serde_json::json!({ "coordinators_throughput": json })
+    );
 }
