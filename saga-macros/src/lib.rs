@@ -5,8 +5,18 @@
 //! the generated code names items as `::saga_core::__private::…`, so the `saga-core`
 //! dependency must keep its name (do not rename it in `Cargo.toml`).
 //!
-//! ```ignore
+//! ```no_run
 //! use saga_core::{saga_step, Classify, StepContext};
+//! # #[derive(serde::Serialize, serde::Deserialize)]
+//! # pub struct NewDeal;
+//! # #[derive(serde::Serialize, serde::Deserialize)]
+//! # pub struct Deal { id: u64 }
+//! # struct Crm;
+//! # impl Crm {
+//! #     async fn create(&self, _key: &str, _deal: NewDeal) -> Result<Deal, CrmError> { Ok(Deal { id: 1 }) }
+//! #     async fn delete(&self, _id: u64) -> Result<(), CrmError> { Ok(()) }
+//! # }
+//! # fn crm(_ctx: &StepContext) -> Crm { Crm }
 //!
 //! #[derive(Debug, thiserror::Error, Classify)]
 //! pub enum CrmError {
@@ -89,8 +99,24 @@ use proc_macro::TokenStream;
 ///
 /// # Example
 ///
-/// ```ignore
+/// ```no_run
 /// use saga_core::{saga_step, Reconciled, StepContext};
+/// # #[derive(Debug, thiserror::Error, saga_core::Classify)]
+/// # #[error("rooms")] #[classify(transient)] pub struct RoomError;
+/// # #[derive(Debug, thiserror::Error, saga_core::Classify)]
+/// # #[error("mail")] #[classify(transient)] pub struct MailError;
+/// # #[derive(serde::Serialize, serde::Deserialize)] pub struct Meeting;
+/// # #[derive(serde::Serialize, serde::Deserialize)] pub struct Booking { id: u64 }
+/// # struct Rooms;
+/// # impl Rooms {
+/// #     async fn book(&self, _k: &str, _m: &Meeting) -> Result<Booking, RoomError> { Ok(Booking { id: 1 }) }
+/// #     async fn release_by_key(&self, _k: &str, _id: Option<u64>) -> Result<(), RoomError> { Ok(()) }
+/// #     async fn find(&self, _k: &str) -> Result<Option<Booking>, RoomError> { Ok(None) }
+/// # }
+/// # fn rooms(_ctx: &StepContext) -> Rooms { Rooms }
+/// # struct Mail;
+/// # impl Mail { async fn send(&self, _k: &str, _b: Booking) -> Result<(), MailError> { Ok(()) } }
+/// # fn mail(_ctx: &StepContext) -> Mail { Mail }
 ///
 /// /// Books the committee room.
 /// #[saga_step(
@@ -154,7 +180,7 @@ pub fn saga_step(args: TokenStream, item: TokenStream) -> TokenStream {
 ///
 /// # Example
 ///
-/// ```ignore
+/// ```no_run
 /// use std::time::Duration;
 /// use saga_core::{Classify, HttpStatus};
 ///

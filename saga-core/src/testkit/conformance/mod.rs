@@ -4,7 +4,7 @@
 //! Run it with [`store_conformance_tests!`](crate::store_conformance_tests) from a test file
 //! of a crate that depends on `tokio` (with the `macros` and `rt-multi-thread` features):
 //!
-//! ```ignore
+//! ```no_run
 //! use std::sync::Arc;
 //! use saga_core::MemoryStore;
 //! use saga_core::store::DEFAULT_MAX_PAYLOAD;
@@ -100,14 +100,20 @@ const SAGA_TYPE: &str = "conformance {type}:ü/1";
 /// returns the value. Panics, naming `what`, when the bound passes: use it to wait for a
 /// condition (a lease or timer that runs out), never for a fixed time.
 ///
-/// ```ignore
-/// let lease = wait_for("the expired lease to be claimable", WAIT_BOUND, async || {
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use std::time::Duration;
+/// # use saga_core::store::{ClaimOutcome, ClaimRequest};
+/// # use saga_core::testkit::conformance::wait_for;
+/// # async fn demo(store: Arc<dyn saga_core::SagaStore>, id: saga_core::SagaId, request: ClaimRequest) {
+/// let lease = wait_for("the expired lease to be claimable", Duration::from_secs(10), async || {
 ///     match store.claim(id, &request).await.unwrap() {
 ///         ClaimOutcome::Claimed(lease) => Some(lease),
 ///         _ => None,
 ///     }
 /// })
 /// .await;
+/// # }
 /// ```
 pub async fn wait_for<T>(
     what: &str,
@@ -148,7 +154,7 @@ pub async fn run_case(name: &str, case: impl Future<Output = ()>) {
 ///
 /// The calling crate needs `tokio` with the `macros` and `rt-multi-thread` features.
 ///
-/// ```ignore
+/// ```no_run
 /// saga_core::store_conformance_tests! {
 ///     store: async { std::sync::Arc::new(saga_core::MemoryStore::new()) },
 ///     max_payload: saga_core::store::DEFAULT_MAX_PAYLOAD,
