@@ -57,6 +57,22 @@ pub(crate) struct Inner {
     pub(crate) wake: Wakeups,
 }
 
+/// The KEYS of the scripts that rewrite a saga (`commit`, `operator_transition`), in the order
+/// their headers state: the saga hash, its events, the partition's due set, quarantine hash
+/// and terminal index, then one index per status.
+fn saga_write_keys(invocation: &mut ScriptInvocation<'_>, keys: &KeyLayout, id: SagaId) {
+    let p = keys.partition_of(id);
+    invocation
+        .key(keys.saga(id))
+        .key(keys.events(id))
+        .key(keys.due(p))
+        .key(keys.quarantine(p))
+        .key(keys.terminal(p));
+    for status_key in keys.statuses(p) {
+        invocation.key(status_key);
+    }
+}
+
 fn ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
@@ -104,14 +120,7 @@ impl RedisStore {
     }
 
     fn check_size(&self, what: &str, value: &str) -> Result<(), StoreError> {
-        if value.len() > self.inner.max_payload {
-            return Err(StoreError::TooLarge {
-                what: what.to_owned(),
-                size: value.len(),
-                limit: self.inner.max_payload,
-            });
-        }
-        Ok(())
+        saga_core::store::check_payload(what, value, self.inner.max_payload)
     }
 
     async fn invoke(
@@ -400,15 +409,7 @@ fn flatten(value: Value) -> Vec<String> {
 #[async_trait]
 impl SagaStore for RedisStore {
     async fn create(&self, new: NewSaga) -> Result<CreateOutcome, StoreError> {
-        self.check_size("saga state", &new.state)?;
-        for event in &new.events {
-            self.check_size("event", event)?;
-        }
-        if new.events.is_empty() {
-            return Err(StoreError::Invalid(
-                "a new saga needs at least its SagaStarted event".into(),
-            ));
-        }
+        new.validate(self.inner.max_payload)?;
         let keys = &self.inner.keys;
         let id = new.id;
         let p = keys.partition_of(id);
@@ -614,10 +615,7 @@ impl SagaStore for RedisStore {
         lease: &Lease,
         transition: Transition,
     ) -> Result<CommitOutcome, StoreError> {
-        self.check_size("saga state", &transition.state)?;
-        for event in &transition.events {
-            self.check_size("event", event)?;
-        }
+        transition.check_sizes(self.inner.max_payload)?;
         let (schedule, span) = match transition.schedule {
             Schedule::Continue { ttl } => ("continue", ms(ttl)),
             Schedule::WakeAfter(delay) => ("wake", ms(delay)),
@@ -636,18 +634,9 @@ impl SagaStore for RedisStore {
         }
         let keys = &self.inner.keys;
         let id = lease.saga_id;
-        let p = keys.partition_of(id);
         let saga_key = keys.saga(id);
         let mut invocation = SCRIPTS.commit.prepare_invoke();
-        invocation
-            .key(&saga_key)
-            .key(keys.events(id))
-            .key(keys.due(p))
-            .key(keys.quarantine(p))
-            .key(keys.terminal(p));
-        for status_key in keys.statuses(p) {
-            invocation.key(status_key);
-        }
+        saga_write_keys(&mut invocation, keys, id);
         invocation
             .arg(id.to_string())
             .arg(&lease.owner)
@@ -881,10 +870,7 @@ impl SagaStore for RedisStore {
         expected: &[SagaStatus],
         transition: Transition,
     ) -> Result<CommitOutcome, StoreError> {
-        self.check_size("saga state", &transition.state)?;
-        for event in &transition.events {
-            self.check_size("event", event)?;
-        }
+        transition.check_sizes(self.inner.max_payload)?;
         let terminal = transition.status.is_terminal();
         let (schedule, delay) = match transition.schedule {
             Schedule::WakeAfter(delay) if !terminal => ("wake", ms(delay)),
@@ -902,18 +888,9 @@ impl SagaStore for RedisStore {
             .collect::<Vec<_>>()
             .join(",");
         let keys = &self.inner.keys;
-        let p = keys.partition_of(id);
         let saga_key = keys.saga(id);
         let mut invocation = SCRIPTS.operator_transition.prepare_invoke();
-        invocation
-            .key(&saga_key)
-            .key(keys.events(id))
-            .key(keys.due(p))
-            .key(keys.quarantine(p))
-            .key(keys.terminal(p));
-        for status_key in keys.statuses(p) {
-            invocation.key(status_key);
-        }
+        saga_write_keys(&mut invocation, keys, id);
         invocation
             .arg(id.to_string())
             .arg(&transition.commit_id)

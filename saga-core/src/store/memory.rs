@@ -112,14 +112,7 @@ impl MemoryStore {
     }
 
     fn check_size(&self, what: &str, value: &str) -> Result<(), StoreError> {
-        if value.len() > self.max_payload {
-            return Err(StoreError::TooLarge {
-                what: what.to_owned(),
-                size: value.len(),
-                limit: self.max_payload,
-            });
-        }
-        Ok(())
+        super::check_payload(what, value, self.max_payload)
     }
 
     /// Replaces a saga's stored state with raw text, bypassing every check: for tests that
@@ -211,15 +204,7 @@ fn new_token() -> String {
 #[async_trait]
 impl SagaStore for MemoryStore {
     async fn create(&self, new: NewSaga) -> Result<CreateOutcome, StoreError> {
-        self.check_size("saga state", &new.state)?;
-        for event in &new.events {
-            self.check_size("event", event)?;
-        }
-        if new.events.is_empty() {
-            return Err(StoreError::Invalid(
-                "a new saga needs at least its SagaStarted event".into(),
-            ));
-        }
+        new.validate(self.max_payload)?;
         let now = self.clock.now();
         let mut inner = self.lock();
         if let Some(existing) = inner.sagas.get(&new.id) {
@@ -354,10 +339,7 @@ impl SagaStore for MemoryStore {
         lease: &Lease,
         transition: Transition,
     ) -> Result<CommitOutcome, StoreError> {
-        self.check_size("saga state", &transition.state)?;
-        for event in &transition.events {
-            self.check_size("event", event)?;
-        }
+        transition.check_sizes(self.max_payload)?;
         let terminal = transition.status.is_terminal();
         if terminal != matches!(transition.schedule, Schedule::Finished) {
             return Err(StoreError::Invalid(format!(
@@ -588,10 +570,7 @@ impl SagaStore for MemoryStore {
         expected: &[SagaStatus],
         transition: Transition,
     ) -> Result<CommitOutcome, StoreError> {
-        self.check_size("saga state", &transition.state)?;
-        for event in &transition.events {
-            self.check_size("event", event)?;
-        }
+        transition.check_sizes(self.max_payload)?;
         let due_after = match transition.schedule {
             Schedule::WakeAfter(delay) if !transition.status.is_terminal() => Some(delay),
             Schedule::Finished if transition.status.is_terminal() => None,

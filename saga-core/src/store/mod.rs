@@ -42,6 +42,41 @@ pub struct NewSaga {
     pub claim: Option<ClaimRequest>,
 }
 
+impl NewSaga {
+    /// The checks every store makes before creating: at least one event, and the state and
+    /// each event within `max_payload` bytes.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] or [`StoreError::TooLarge`].
+    pub fn validate(&self, max_payload: usize) -> Result<(), StoreError> {
+        check_payload("saga state", &self.state, max_payload)?;
+        for event in &self.events {
+            check_payload("event", event, max_payload)?;
+        }
+        if self.events.is_empty() {
+            return Err(StoreError::Invalid(
+                "a new saga needs at least its SagaStarted event".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `value` (named `what` in the error) fits in `limit` bytes.
+///
+/// # Errors
+/// [`StoreError::TooLarge`].
+pub fn check_payload(what: &str, value: &str, limit: usize) -> Result<(), StoreError> {
+    if value.len() > limit {
+        return Err(StoreError::TooLarge {
+            what: what.to_owned(),
+            size: value.len(),
+            limit,
+        });
+    }
+    Ok(())
+}
+
 /// Who asks for a lease, and for how long.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimRequest {
@@ -170,6 +205,21 @@ pub struct Transition {
     pub status: SagaStatus,
     /// What happens to the lease and the due time.
     pub schedule: Schedule,
+}
+
+impl Transition {
+    /// The size checks every store makes before writing: the state and each event within
+    /// `max_payload` bytes.
+    ///
+    /// # Errors
+    /// [`StoreError::TooLarge`].
+    pub fn check_sizes(&self, max_payload: usize) -> Result<(), StoreError> {
+        check_payload("saga state", &self.state, max_payload)?;
+        for event in &self.events {
+            check_payload("event", event, max_payload)?;
+        }
+        Ok(())
+    }
 }
 
 /// What a commit tells the writer.
