@@ -925,6 +925,11 @@ impl SagaStore for RedisStore {
     fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.inner.wake.subscribe()
     }
+
+    /// The ids carried by the wake channel's `finished` and `operator` messages.
+    fn saga_changes(&self) -> Option<tokio::sync::broadcast::Receiver<SagaId>> {
+        self.inner.wake.subscribe_changes()
+    }
 }
 
 /// Builds a [`StoredSaga`] from the fields of its hash; a missing or malformed field is

@@ -23,7 +23,8 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use redis::Client;
 use redis::aio::{PubSubSink, PubSubStream};
-use tokio::sync::{oneshot, watch};
+use saga_core::SagaId;
+use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// First pause before reconnecting; doubled after every failed attempt.
@@ -44,6 +45,8 @@ pub(crate) struct Wakeups {
     /// Bound on connecting, subscribing and each ping.
     timeout: Duration,
     running: Mutex<Option<Running>>,
+    /// Ids of sagas that finished or were changed by an operator, parsed from the messages.
+    changes: broadcast::Sender<SagaId>,
 }
 
 /// The background task, once started.
@@ -70,7 +73,15 @@ impl Wakeups {
             channel,
             timeout,
             running: Mutex::new(None),
+            changes: broadcast::Sender::new(1024),
         }
+    }
+
+    /// A receiver of the ids of sagas that finished or were changed by an operator, starting
+    /// the background task if needed. `None` where `subscribe` gives `None`.
+    pub(crate) fn subscribe_changes(&self) -> Option<broadcast::Receiver<SagaId>> {
+        // The task runs while the store lives, whether or not this watch receiver is kept.
+        self.subscribe().map(|_| self.changes.subscribe())
     }
 
     /// A receiver of the wake-up value, starting the background task on first use (or when
@@ -108,6 +119,7 @@ impl Wakeups {
             channel: self.channel.clone(),
             timeout: self.timeout,
             tx: Arc::clone(&tx),
+            changes: self.changes.clone(),
             stop: StopSignal {
                 tx: Arc::clone(&tx),
                 store_gone,
@@ -141,6 +153,7 @@ struct Listener {
     channel: String,
     timeout: Duration,
     tx: Arc<watch::Sender<u64>>,
+    changes: broadcast::Sender<SagaId>,
     stop: StopSignal,
 }
 
@@ -216,6 +229,21 @@ impl Listener {
         }
     }
 
+    /// Passes on the id of a saga that finished or was changed by an operator (messages are
+    /// `<what> <id>`, see `publish_wake` in `lua/prelude.lua`).
+    fn forward_change(&self, message: &redis::Msg) {
+        let Ok(payload) = message.get_payload::<String>() else {
+            return;
+        };
+        if let Some((what, id)) = payload.split_once(' ')
+            && matches!(what, "finished" | "operator")
+            && let Ok(id) = id.parse::<SagaId>()
+        {
+            // No receiver is not an error: nobody waits for this saga.
+            let _ = self.changes.send(id);
+        }
+    }
+
     /// Forwards the messages of one subscription until it fails or the task must stop.
     async fn listen(&mut self, mut sink: PubSubSink, mut stream: PubSubStream) -> Ended {
         let mut ping = tokio::time::interval(PING_EVERY);
@@ -224,7 +252,10 @@ impl Listener {
         loop {
             tokio::select! {
                 message = stream.next() => match message {
-                    Some(_) => bump(&self.tx),
+                    Some(message) => {
+                        bump(&self.tx);
+                        self.forward_change(&message);
+                    }
                     None => return Ended::Lost("the connection closed".into()),
                 },
                 _ = ping.tick() => {

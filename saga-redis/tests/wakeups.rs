@@ -222,3 +222,43 @@ async fn wakeups_outside_a_runtime_is_none() {
         "wakeups() inside a runtime answers Some"
     );
 }
+
+/// `saga_changes` names the saga that finished, so a waiter can ignore every other change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saga_changes_name_the_saga_that_finished() {
+    let url = shared_server().url();
+    let store = store(&url, "saga_changes").await;
+    let mut signal = store.wakeups().expect("the store has a wake-up signal");
+    // The task bumps the value once it is subscribed: from then on no message is lost.
+    changes(&mut signal, "subscribing").await;
+    let mut feed = store.saga_changes().expect("the store names changed sagas");
+    let (finished, running) = (saga_core::SagaId::random(), saga_core::SagaId::random());
+    for id in [finished, running] {
+        store.create(new_saga(id)).await.unwrap();
+    }
+    let lease = match store.claim(finished, &owner("a", LONG)).await.unwrap() {
+        saga_core::store::ClaimOutcome::Claimed(lease) => lease,
+        other => panic!("claim answered {other:?}"),
+    };
+    store
+        .commit(
+            &lease,
+            Transition {
+                commit_id: "end".into(),
+                events: vec![event("done")],
+                state: state(1),
+                status: SagaStatus::Completed,
+                schedule: Schedule::Finished,
+            },
+        )
+        .await
+        .unwrap();
+    let named = tokio::time::timeout(WAIT_BOUND, feed.recv())
+        .await
+        .expect("a change within the bound")
+        .expect("the feed is open");
+    assert_eq!(
+        named, finished,
+        "only the finished saga is named (creates are not)"
+    );
+}

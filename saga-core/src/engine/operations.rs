@@ -14,6 +14,23 @@ use crate::{EventKind, FailureKind, SagaEvent, SagaId, SagaState, SagaStatus};
 /// safety net, when it does).
 const WAIT_POLL: Duration = Duration::from_millis(100);
 
+/// How often `wait` re-reads a saga anyway when the store names the sagas that change.
+const WAIT_SAFETY: Duration = Duration::from_secs(1);
+
+/// Completes with `true` when `id` changes (or the feed lagged and anything may have), and
+/// with `false` when the feed closed.
+async fn next_change_of(feed: &mut tokio::sync::broadcast::Receiver<SagaId>, id: SagaId) -> bool {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match feed.recv().await {
+            Ok(changed) if changed == id => return true,
+            Ok(_) => {}
+            Err(RecvError::Lagged(_)) => return true,
+            Err(RecvError::Closed) => return false,
+        }
+    }
+}
+
 impl Engine {
     /// The names of the registered saga types, sorted.
     #[must_use]
@@ -57,7 +74,13 @@ impl Engine {
     /// or a store error.
     pub async fn wait(&self, id: SagaId, timeout: Duration) -> Result<SagaOutcome, EngineError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut wakeups = self.shared.store.wakeups();
+        // Subscribed before the first look, so that an end right after it is not missed.
+        let mut changes = self.shared.store.saga_changes();
+        let mut wakeups = if changes.is_some() {
+            None
+        } else {
+            self.shared.store.wakeups()
+        };
         loop {
             if let Some(signal) = &mut wakeups {
                 // Marked seen before looking, so a change after the look wakes us.
@@ -73,6 +96,19 @@ impl Engine {
                     saga: id,
                     status: outcome.status,
                 });
+            }
+            if let Some(feed) = &mut changes {
+                // Only this saga's changes wake us; a re-read every WAIT_SAFETY covers ids
+                // the feed may have missed (a lag, a reconnect).
+                let nap = (deadline - now).min(WAIT_SAFETY);
+                match tokio::time::timeout(nap, next_change_of(feed, id)).await {
+                    Ok(false) => changes = None,
+                    Ok(true) | Err(_) => {}
+                }
+                if changes.is_none() {
+                    wakeups = self.shared.store.wakeups();
+                }
+                continue;
             }
             let nap = (deadline - now).min(WAIT_POLL);
             match &mut wakeups {

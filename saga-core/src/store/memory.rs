@@ -25,6 +25,7 @@ pub struct MemoryStore {
     clock: Arc<dyn Clock>,
     max_payload: usize,
     wake: Arc<tokio::sync::watch::Sender<u64>>,
+    changes: Arc<tokio::sync::broadcast::Sender<SagaId>>,
 }
 
 #[derive(Debug, Default)]
@@ -87,6 +88,7 @@ impl MemoryStore {
             clock,
             max_payload: DEFAULT_MAX_PAYLOAD,
             wake: Arc::new(tokio::sync::watch::Sender::new(0)),
+            changes: Arc::new(tokio::sync::broadcast::Sender::new(1024)),
         }
     }
 
@@ -387,6 +389,10 @@ impl SagaStore for MemoryStore {
         };
         inner.set_due(lease.saga_id, due);
         drop(inner);
+        if matches!(transition_schedule, Schedule::Finished) {
+            // No receiver is not an error: nobody waits.
+            let _ = self.changes.send(lease.saga_id);
+        }
         if matches!(transition_schedule, Schedule::Finished)
             || matches!(transition_schedule, Schedule::WakeAfter(d) if d.is_zero())
         {
@@ -614,10 +620,15 @@ impl SagaStore for MemoryStore {
         inner.set_due(id, due_after.map(|delay| now.plus(delay)));
         drop(inner);
         self.wake();
+        let _ = self.changes.send(id);
         Ok(outcome)
     }
 
     fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.wake.subscribe())
+    }
+
+    fn saga_changes(&self) -> Option<tokio::sync::broadcast::Receiver<SagaId>> {
+        Some(self.changes.subscribe())
     }
 }

@@ -547,4 +547,13 @@ pub trait SagaStore: Send + Sync + 'static {
     fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+
+    /// The ids of sagas as they reach a terminal state or are changed by an operator, for
+    /// callers that wait for one saga (`Engine::wait`) and should not re-read it whenever
+    /// any other saga changes. Best effort: a receiver that lags (`RecvError::Lagged`) or
+    /// whose store reconnected may have missed ids, so waiters also re-read now and then.
+    /// `None` means the store has no such feed and callers use [`SagaStore::wakeups`] or poll.
+    fn saga_changes(&self) -> Option<tokio::sync::broadcast::Receiver<SagaId>> {
+        None
+    }
 }
