@@ -101,9 +101,9 @@ impl Engine {
                 // Only this saga's changes wake us; a re-read every WAIT_SAFETY covers ids
                 // the feed may have missed (a lag, a reconnect).
                 let nap = (deadline - now).min(WAIT_SAFETY);
-                match tokio::time::timeout(nap, next_change_of(feed, id)).await {
-                    Ok(false) => changes = None,
-                    Ok(true) | Err(_) => {}
+                // `Ok(false)`: the feed closed; fall back to the wake-up signal.
+                if let Ok(false) = tokio::time::timeout(nap, next_change_of(feed, id)).await {
+                    changes = None;
                 }
                 if changes.is_none() {
                     wakeups = self.shared.store.wakeups();
