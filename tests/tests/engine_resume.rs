@@ -851,3 +851,57 @@ async fn an_attempt_that_keeps_killing_its_coordinator_fails_after_max_interrupt
     )));
     assert_fold_matches(&engine, id).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_after_a_crash_mid_attempt_resolves_the_attempt_before_compensating() {
+    // Step 1 applies its effect, then its coordinator dies before hearing of it; while no
+    // coordinator runs the saga, a cancel arrives. The unfinished attempt must be resolved
+    // (run again with the same key against an idempotent system) so that its effect is
+    // undone too, rather than skipped as "did not complete".
+    let h = Harness::new();
+    h.script.dedupe_by_key();
+    let gate = Gate::new();
+    h.script
+        .forward(1, [Behavior::ApplyThenHang(gate.clone()), Behavior::Ok]);
+    let plan = Plan::linear(3);
+    let engine = h.engine(plan.clone());
+    let key = "crash-then-cancel".to_owned();
+    let id = SagaId::from_idempotency_key(PlanSaga::NAME, &key);
+    let task = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.execute::<PlanSaga>(&0, StartOptions::key(key)).await }
+    });
+    gate.entered.notified().await;
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    drop(engine);
+    assert_eq!(
+        h.ledger.effects_of(1, Phase::Forward).len(),
+        1,
+        "the effect happened"
+    );
+
+    let engine = h.engine(plan);
+    engine.cancel(id, "operator").await.unwrap();
+    let outcome = engine.run_to_end(id).await.unwrap();
+    assert_eq!(outcome.status, SagaStatus::Compensated);
+    let calls = h.ledger.calls_of(1, Phase::Forward);
+    assert_eq!(calls.len(), 2, "the cut-off attempt was run again once");
+    assert_eq!(calls[0].key, calls[1].key, "with the same idempotency key");
+    assert_eq!(
+        h.ledger.effects_of(1, Phase::Forward).len(),
+        1,
+        "the idempotent system applied it once"
+    );
+    assert_eq!(
+        h.ledger.effects_of(1, Phase::Compensate).len(),
+        1,
+        "and its effect was undone"
+    );
+    assert_eq!(h.ledger.effects_of(0, Phase::Compensate).len(), 1);
+    assert!(
+        h.ledger.calls_of(2, Phase::Forward).is_empty(),
+        "no step after the cancel ran"
+    );
+    assert_fold_matches(&engine, id).await;
+}
