@@ -441,7 +441,7 @@ fn show_prints_timeline_steps_and_lease() {
         "status",
         "failed",
         "compensation_failed",
-        "retrying (2 attempt(s)",
+        "failed (2 attempt(s)",
         "not held",
     ] {
         assert!(text.contains(needle), "`{needle}` missing from:\n{text}");

@@ -33,6 +33,9 @@ pub enum CompensationStatus {
     Done,
     /// Nothing to undo.
     Skipped,
+    /// Gave up (its policy ran out, or it failed permanently): the saga ended `Failed`. An
+    /// operator retry starts its attempts again.
+    Failed,
 }
 
 /// Progress of one entry's compensation.
@@ -539,6 +542,17 @@ impl SagaState {
             EventKind::SagaFailed { kind, error } => {
                 self.status = SagaStatus::Failed;
                 self.failure = Some((*kind, error.clone()));
+                if *kind == FailureKind::CompensationFailed {
+                    // The compensation in progress is the one that gave up.
+                    for record in &mut self.journal {
+                        if let Some(undo) = &mut record.compensation
+                            && undo.status == CompensationStatus::Retrying
+                        {
+                            undo.status = CompensationStatus::Failed;
+                            undo.next_retry_at = None;
+                        }
+                    }
+                }
             }
             EventKind::SagaRetried { status, .. } => {
                 if !matches!(status, SagaStatus::Running | SagaStatus::Compensating) {
@@ -549,8 +563,12 @@ impl SagaState {
                 // Compensations that gave up get a fresh budget.
                 for record in &mut self.journal {
                     if let Some(undo) = &mut record.compensation
-                        && undo.status == CompensationStatus::Retrying
+                        && matches!(
+                            undo.status,
+                            CompensationStatus::Retrying | CompensationStatus::Failed
+                        )
                     {
+                        undo.status = CompensationStatus::Retrying;
                         undo.attempts = 0;
                         undo.next_retry_at = None;
                         undo.started_at = None;

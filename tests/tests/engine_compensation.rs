@@ -217,8 +217,8 @@ async fn permanently_failing_compensation_ends_failed() {
     let undo = state.journal[2].compensation.as_ref().unwrap();
     assert_eq!(
         undo.status,
-        CompensationStatus::Retrying,
-        "not done: it needs an operator"
+        CompensationStatus::Failed,
+        "gave up: it needs an operator"
     );
     assert!(undo.error.is_some());
     // A failed saga is terminal: running it again changes nothing.
