@@ -27,9 +27,30 @@ pub fn render(events: &[SagaEvent]) -> String {
     let Some(first) = events.first() else {
         return "(no events)\n".to_owned();
     };
-    for event in events {
+    for (index, event) in events.iter().enumerate() {
         let offset = format_offset(event.at.since(first.at));
-        let line = describe(&event.kind);
+        let gave_up = matches!(
+            (&event.kind, events.get(index + 1).map(|next| &next.kind)),
+            (
+                EventKind::CompensationAttemptFailed { .. },
+                Some(EventKind::SagaFailed { .. })
+            )
+        );
+        let line = match &event.kind {
+            // The last failed undo attempt before the saga failed is not retried.
+            EventKind::CompensationAttemptFailed {
+                position,
+                step,
+                attempt,
+                error,
+                ..
+            } if gave_up => format!(
+                "{} undo attempt {attempt} failed: {}; no retry left",
+                step_label(*position, step),
+                describe_error(error)
+            ),
+            kind => describe(kind),
+        };
         // Writing to a String cannot fail.
         let _ = writeln!(out, "  {offset:>9}  {line}");
     }
