@@ -7,7 +7,9 @@
 //! current tokio runtime, that holds a dedicated pub/sub connection (standalone: to the
 //! server; cluster: to one of the seed nodes, since a cluster delivers `PUBLISH` to
 //! subscribers on every node), subscribes to the channel and bumps a
-//! [`tokio::sync::watch`] value on every message. Later calls subscribe to the same value.
+//! [`tokio::sync::watch`] value on every message but `finished` ones, whose saga ids go to
+//! [`SagaStore::saga_changes`](saga_core::SagaStore::saga_changes) receivers instead
+//! (`operator` ones go to both). Later calls subscribe to the same value.
 //!
 //! A lost connection is re-established with exponential backoff (cluster: trying the next
 //! seed node), and the value is bumped once after every (re)subscription, because messages
@@ -231,17 +233,21 @@ impl Listener {
 
     /// Passes on the id of a saga that finished or was changed by an operator (messages are
     /// `<what> <id>`, see `publish_wake` in `lua/prelude.lua`).
-    fn forward_change(&self, message: &redis::Msg) {
+    /// Returns `true` for a `finished` message (which carries nothing else).
+    fn forward_change(&self, message: &redis::Msg) -> bool {
         let Ok(payload) = message.get_payload::<String>() else {
-            return;
+            return false;
         };
-        if let Some((what, id)) = payload.split_once(' ')
-            && matches!(what, "finished" | "operator")
+        let Some((what, id)) = payload.split_once(' ') else {
+            return false;
+        };
+        if matches!(what, "finished" | "operator")
             && let Ok(id) = id.parse::<SagaId>()
         {
             // No receiver is not an error: nobody waits for this saga.
             let _ = self.changes.send(id);
         }
+        what == "finished"
     }
 
     /// Forwards the messages of one subscription until it fails or the task must stop.
@@ -253,8 +259,11 @@ impl Listener {
             tokio::select! {
                 message = stream.next() => match message {
                     Some(message) => {
-                        bump(&self.tx);
-                        self.forward_change(&message);
+                        // A finished saga is news for its waiters (`saga_changes`), not work
+                        // for coordinators: their own runs end locally.
+                        if !self.forward_change(&message) {
+                            bump(&self.tx);
+                        }
                     }
                     None => return Ended::Lost("the connection closed".into()),
                 },

@@ -54,8 +54,8 @@ async fn create_retrying(store: &RedisStore, id: saga_core::SagaId) {
 }
 
 /// On a cluster the subscription is on one node, and the scripts of every partition (so of
-/// every node) reach it: the value changes after a create in each partition, and after a
-/// commit that finishes a saga and an operator transition.
+/// every node) reach it: the value changes after a create in each partition and after an
+/// operator transition, and a commit that finishes a saga is named on `saga_changes`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wakeups_reach_the_subscriber_from_every_cluster_node() {
     let builder = RedisStore::builder().key_prefix(unique_prefix("wake-cluster"));
@@ -93,8 +93,17 @@ async fn wakeups_reach_the_subscriber_from_every_cluster_node() {
                 status: SagaStatus::Failed,
                 schedule: Schedule::Finished,
             };
+            let mut feed = store
+                .saga_changes()
+                .expect("the Redis store names changed sagas");
             store.commit(&lease, done).await.unwrap();
-            changes(&mut rx, &format!("a finished commit in partition {p}")).await;
+            // A finish is news for waiters, on the saga-changes feed (not a wake-up: there is
+            // no new work in it).
+            let named = tokio::time::timeout(WAIT_BOUND, feed.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no saga change within the bound (partition {p})"))
+                .expect("the feed is open");
+            assert_eq!(named, id, "a finished commit in partition {p}");
 
             rx.borrow_and_update();
             let retry = Transition {

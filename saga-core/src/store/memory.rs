@@ -393,9 +393,8 @@ impl SagaStore for MemoryStore {
             // No receiver is not an error: nobody waits.
             let _ = self.changes.send(lease.saga_id);
         }
-        if matches!(transition_schedule, Schedule::Finished)
-            || matches!(transition_schedule, Schedule::WakeAfter(d) if d.is_zero())
-        {
+        // A finished saga is reported on `saga_changes`; only new work wakes coordinators.
+        if matches!(transition_schedule, Schedule::WakeAfter(d) if d.is_zero()) {
             self.wake();
         }
         Ok(outcome)

@@ -412,8 +412,9 @@ async fn changes(rx: &mut watch::Receiver<u64>, what: &str) {
 }
 
 /// When a store has a wake-up signal (`wakeups()` is `Some`), its value changes after a
-/// saga is created, released, cancelled, finished or reopened by an operator, and every
-/// caller gets the same signal. A store that answers `None` has no signal (callers poll), and
+/// saga is created, released, cancelled or reopened by an operator, and every caller gets the
+/// same signal; a finished saga is reported on `saga_changes` by a store that has it, on the
+/// wake-up signal otherwise. A store that answers `None` has no signal (callers poll), and
 /// passes this case trivially.
 ///
 /// Spurious changes are allowed, so the case only checks that a change follows each
@@ -451,6 +452,9 @@ pub async fn wakeups_signal_new_work_and_finished_sagas(store: Arc<dyn SagaStore
     let lease = claimed(&*store, id, &owner("worker")).await;
     rx.borrow_and_update();
     second.borrow_and_update();
+    // A store that names finished sagas (`saga_changes`) reports a finish there; one that
+    // does not must report it on the wake-up signal.
+    let mut feed = store.saga_changes();
     let done = step(
         "finish",
         &[event("compensated")],
@@ -459,8 +463,28 @@ pub async fn wakeups_signal_new_work_and_finished_sagas(store: Arc<dyn SagaStore
         Schedule::Finished,
     );
     commit_ok(&*store, &lease, done).await;
-    changes(&mut rx, "a Finished commit").await;
-    changes(&mut second, "a Finished commit (second receiver)").await;
+    match &mut feed {
+        Some(feed) => {
+            let named = tokio::time::timeout(WAIT_BOUND, async {
+                loop {
+                    match feed.recv().await {
+                        Ok(changed) if changed == id => return true,
+                        Ok(_) => {}
+                        Err(_) => return false,
+                    }
+                }
+            })
+            .await;
+            assert!(
+                matches!(named, Ok(true)),
+                "saga_changes must name the finished saga"
+            );
+        }
+        None => {
+            changes(&mut rx, "a Finished commit").await;
+            changes(&mut second, "a Finished commit (second receiver)").await;
+        }
+    }
 
     rx.borrow_and_update();
     operate(&*store, id, &[SagaStatus::Compensated], reopen("op-reopen")).await;
