@@ -183,19 +183,7 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
         submitted.as_secs_f64(),
         ids.len() as f64 / elapsed.as_secs_f64().max(1e-9)
     )?;
-    writeln!(
-        out,
-        "  store: sagas {} | completed {} | compensated {} | failed {} | attempts {} | retries {} | compensations {} | idempotency hits {} | resumes {}",
-        totals.sagas,
-        count(SagaStatus::Completed),
-        count(SagaStatus::Compensated),
-        count(SagaStatus::Failed),
-        totals.attempts,
-        totals.retries,
-        totals.compensations,
-        totals.idempotency_hits,
-        totals.resumes,
-    )?;
+    writeln!(out, "  store: {}", totals.line())?;
     writeln!(
         out,
         "  this run: {} sagas, {} unfinished | saga latency p50 {} p99 {} | submit to first step p50 {} p99 {}",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use saga_core::{MemoryStore, SagaStatus, SagaStore};
+use saga_core::{MemoryStore, SagaStore};
 use saga_examples::ledger::{MemoryOffice, OfficeStore};
 use saga_examples::redis_office::RedisOffice;
 use saga_examples::report::{self, Timelines};
@@ -127,7 +127,7 @@ async fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
             .unwrap_or_default(),
         cli.redis_url.as_deref().map_or_else(
             || "in-memory store".to_owned(),
-            |url| format!("Redis at {}", redacted(url))
+            |url| format!("Redis at {}", saga_redis::redact_url(url))
         ),
     )?;
     out.flush()?;
@@ -163,7 +163,6 @@ async fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
     write!(out, "{}", report::render_timelines(&sagas, cli.timelines))?;
     let office = office_state.snapshot().await?;
     let totals = report::totals(&sagas, run.duplicate_starts, &office);
-    let count = |status| totals.by_status.get(&status).copied().unwrap_or_default();
     writeln!(
         out,
         "\nTotals ({:.2}s{})",
@@ -174,19 +173,7 @@ async fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
             ""
         }
     )?;
-    writeln!(
-        out,
-        "  sagas {} | completed {} | compensated {} | failed {} | attempts {} | retries {} | compensations {} | idempotency hits {} | resumes {}",
-        totals.sagas,
-        count(SagaStatus::Completed),
-        count(SagaStatus::Compensated),
-        count(SagaStatus::Failed),
-        totals.attempts,
-        totals.retries,
-        totals.compensations,
-        totals.idempotency_hits,
-        totals.resumes,
-    )?;
+    writeln!(out, "  {}", totals.line())?;
     let check = report::check_ledger(&sagas, &office);
     if check.holds() {
         writeln!(
@@ -201,14 +188,4 @@ async fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
         }
     }
     Ok(check.holds())
-}
-
-/// The URL without its password, for printing.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
 }

@@ -68,27 +68,16 @@ impl StoreArgs {
     #[must_use]
     pub fn describe(&self) -> String {
         match &self.redis_url {
-            Some(url) => format!("Redis at {}", redacted(url)),
+            Some(url) => format!("Redis at {}", saga_redis::redact_url(url)),
             None => format!(
                 "Redis Cluster at {}",
                 self.cluster_urls
                     .iter()
-                    .map(|u| redacted(u))
+                    .map(|u| saga_redis::redact_url(u))
                     .collect::<Vec<_>>()
                     .join(",")
             ),
         }
-    }
-}
-
-/// The URL without its password.
-#[must_use]
-pub fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
     }
 }
 

@@ -40,6 +40,27 @@ pub struct Totals {
     pub resumes: u64,
 }
 
+impl Totals {
+    /// The one-line summary both binaries print:
+    /// `sagas N | completed N | compensated N | failed N | attempts N | ...`.
+    #[must_use]
+    pub fn line(&self) -> String {
+        let count = |status| self.by_status.get(&status).copied().unwrap_or_default();
+        format!(
+            "sagas {} | completed {} | compensated {} | failed {} | attempts {} | retries {} | compensations {} | idempotency hits {} | resumes {}",
+            self.sagas,
+            count(SagaStatus::Completed),
+            count(SagaStatus::Compensated),
+            count(SagaStatus::Failed),
+            self.attempts,
+            self.retries,
+            self.compensations,
+            self.idempotency_hits,
+            self.resumes,
+        )
+    }
+}
+
 /// The ledger check's findings.
 #[derive(Clone, Debug, Default)]
 pub struct LedgerCheck {

@@ -43,34 +43,8 @@ fn connect_error(url: &str, err: ConnectError) -> CliError {
     match err {
         ConnectError::Unreachable { source, .. } => CliError::new(format!(
             "cannot reach Redis at {} ({source}); Redis must be running and reachable at that URL (set it with --redis-url or REDIS_URL)",
-            redact(url)
+            saga_redis::redact_url(url)
         )),
         other => CliError::new(other.to_string()),
-    }
-}
-
-/// `url` with its password (if any) replaced by `***`.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((credentials, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match credentials.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => format!("{scheme}://{credentials}@{host}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn passwords_are_hidden() {
-        assert_eq!(redact("redis://:pw@h:1"), "redis://:***@h:1");
-        assert_eq!(redact("rediss://u:pw@h:1/2"), "rediss://u:***@h:1/2");
-        assert_eq!(redact("redis://h:1"), "redis://h:1");
     }
 }

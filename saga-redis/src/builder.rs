@@ -10,7 +10,7 @@ use saga_core::store::DEFAULT_MAX_PAYLOAD;
 
 use crate::check::check_server;
 use crate::connection::Connection;
-use crate::error::{ConnectError, Reply, is_auth_error, redact, redis_error};
+use crate::error::{ConnectError, Reply, is_auth_error, redact_url as redact, redis_error};
 use crate::keys::{KeyLayout, LAYOUT_VERSION};
 use crate::scripts::SCRIPTS;
 use crate::store::{Inner, RedisStore};

@@ -235,8 +235,13 @@ pub(crate) fn unexpected(op: &str, what: &str) -> StoreError {
     }
 }
 
-/// `url` with its password (if any) replaced by `***`, for messages.
-pub(crate) fn redact(url: &str) -> String {
+/// `url` with its password (if any) replaced by `***`, for messages and logs.
+///
+/// ```
+/// assert_eq!(saga_redis::redact_url("redis://app:secret@db:6379"), "redis://app:***@db:6379");
+/// ```
+#[must_use]
+pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -251,7 +256,7 @@ pub(crate) fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::redact_url as redact;
 
     #[test]
     fn redact_hides_passwords_only() {

@@ -16,6 +16,6 @@ pub use builder::{
 };
 pub use check::{ServerFinding, ServerIssue};
 pub use classify::{RedisFailure, classify_redis_error};
-pub use error::ConnectError;
+pub use error::{ConnectError, redact_url};
 pub use keys::KeyLayout;
 pub use store::RedisStore;
