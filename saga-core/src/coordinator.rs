@@ -32,12 +32,22 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::store::Lease;
+use crate::engine::{Dispatch, Handoff};
+use crate::store::{ClaimRequest, Lease, SagaStore};
 use crate::{Engine, EngineError, RunOutcome};
+
+/// The most sagas one claim asks the store for.
+const MAX_CLAIM_BATCH: usize = 256;
+
+/// How many claims may be in flight at once: with a slow store, workers that free up while
+/// one claim waits for its reply are filled by the next, instead of idling for a round trip.
+const MAX_CLAIMS_IN_FLIGHT: usize = 4;
 
 /// What a coordinator did, returned when it stops.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -105,53 +115,62 @@ impl Coordinator {
     /// steps in flight finish (each saga then records its progress and releases its lease),
     /// and after the grace period aborts what still runs and releases those leases too, so
     /// other coordinators resume every saga at once rather than after its lease lapses.
+    ///
+    /// How work arrives: a claim loop, running beside the workers, takes batches of due
+    /// sagas from the store whenever workers are free and the store signals new work (or the
+    /// poll interval passes), with several claims in flight when the store is slow; and a
+    /// saga started on this engine while a worker is free is created with its lease and
+    /// handed to that worker directly. A worker slot is freed the moment its run ends.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> CoordinatorReport {
-        let store = std::sync::Arc::clone(self.engine.store());
-        let request = self.engine.claim_request();
-        let mut wakeups = store.wakeups();
+        let store = Arc::clone(self.engine.store());
+        let slots = Arc::new(Semaphore::new(self.workers));
+        let (handoff_tx, mut handoffs) = mpsc::unbounded_channel::<Handoff>();
+        self.engine.local().set_dispatch(Dispatch {
+            slots: Arc::clone(&slots),
+            handoff: handoff_tx.clone(),
+        });
+        let (stop_claiming, claiming_stopped) = watch::channel(false);
+        let claimer = tokio::spawn(
+            ClaimLoop {
+                store: Arc::clone(&store),
+                request: self.engine.claim_request(),
+                slots: Arc::clone(&slots),
+                handoff: handoff_tx,
+                poll_interval: self.poll_interval,
+                stop: claiming_stopped,
+            }
+            .run(),
+        );
         let mut running: JoinSet<Result<RunOutcome, EngineError>> = JoinSet::new();
         let mut leases: HashMap<tokio::task::Id, Lease> = HashMap::new();
         let mut report = CoordinatorReport::default();
         tokio::pin!(shutdown);
         loop {
-            if let Some(signal) = &mut wakeups {
-                signal.borrow_and_update();
-            }
-            let free = self.workers.saturating_sub(running.len());
-            let mut full_batch = false;
-            if free > 0 {
-                match store.claim_due(&request, free).await {
-                    Ok(claimed) => {
-                        full_batch = claimed.len() == free;
-                        for lease in claimed {
-                            let engine = self.engine.clone();
-                            let task = lease.clone();
-                            let handle =
-                                running.spawn(async move { engine.run_claimed(task).await });
-                            leases.insert(handle.id(), lease);
-                            report.runs += 1;
-                        }
-                    }
-                    Err(err) => {
-                        tracing::warn!(error = %err, "claiming due sagas failed; will retry");
-                    }
-                }
-            }
-            if full_batch {
-                // More may be due: claim again as soon as a worker is free.
-                tokio::task::yield_now().await;
-            }
             tokio::select! {
+                biased;
                 () = &mut shutdown => break,
                 Some(joined) = running.join_next_with_id(), if !running.is_empty() => {
                     record(&mut report, &mut leases, joined);
                 }
-                () = changed(&mut wakeups), if !full_batch => {}
-                () = tokio::time::sleep(self.poll_interval), if !full_batch => {}
-                () = std::future::ready(()), if full_batch && running.len() < self.workers => {}
+                Some(handoff) = handoffs.recv() => {
+                    spawn_run(&self.engine, &mut running, &mut leases, handoff);
+                    report.runs += 1;
+                }
             }
         }
         tracing::info!(in_flight = running.len(), "coordinator shutting down");
+        // No new work: neither from local starts nor from the store. A claim in flight is
+        // let finish, so that the leases it takes are released below rather than stranded.
+        self.engine.local().clear_dispatch(&slots);
+        let _ = stop_claiming.send(true);
+        if let Err(err) = claimer.await {
+            tracing::error!(error = %err, "the claim loop panicked");
+        }
+        handoffs.close();
+        let mut unstarted = Vec::new();
+        while let Some(handoff) = handoffs.recv().await {
+            unstarted.push(handoff.lease);
+        }
         self.engine.begin_shutdown();
         let deadline = tokio::time::Instant::now() + self.shutdown_grace;
         while !running.is_empty() {
@@ -164,7 +183,7 @@ impl Coordinator {
         while let Some(joined) = running.join_next_with_id().await {
             record(&mut report, &mut leases, joined);
         }
-        for (_, lease) in leases.drain() {
+        for lease in leases.into_values().chain(unstarted) {
             report.released_at_shutdown += 1;
             if let Err(err) = store.release(&lease).await {
                 tracing::warn!(saga_id = %lease.saga_id, error = %err, "could not release a lease at shutdown; it lapses by itself");
@@ -172,6 +191,147 @@ impl Coordinator {
         }
         tracing::info!(?report, "coordinator stopped");
         report
+    }
+}
+
+/// Starts the run of a handed-over saga; its worker slot is freed when the task ends.
+fn spawn_run(
+    engine: &Engine,
+    running: &mut JoinSet<Result<RunOutcome, EngineError>>,
+    leases: &mut HashMap<tokio::task::Id, Lease>,
+    handoff: Handoff,
+) {
+    let engine = engine.clone();
+    let lease = handoff.lease.clone();
+    let handle = running.spawn(async move {
+        let Handoff {
+            lease,
+            state,
+            local,
+            permit,
+        } = handoff;
+        let _worker = permit;
+        engine.run_handoff(lease, state, local).await
+    });
+    leases.insert(handle.id(), lease);
+}
+
+/// Claims due sagas for free workers, beside the workers (never blocking them).
+struct ClaimLoop {
+    store: Arc<dyn SagaStore>,
+    request: ClaimRequest,
+    slots: Arc<Semaphore>,
+    handoff: mpsc::UnboundedSender<Handoff>,
+    poll_interval: Duration,
+    stop: watch::Receiver<bool>,
+}
+
+impl ClaimLoop {
+    async fn run(mut self) {
+        let mut wakeups = self.store.wakeups();
+        let mut claims: JoinSet<bool> = JoinSet::new();
+        // `look`: work may be due, claim once a worker is free. `backlog`: the last claim
+        // came back full, so more is due than it took: keep claiming (several claims in
+        // flight) as workers free up, without waiting for news. Both hold at start: there
+        // may be work from before this coordinator started.
+        let mut look = true;
+        let mut backlog = true;
+        loop {
+            if !look {
+                tokio::select! {
+                    _ = self.stop.changed() => break,
+                    () = changed(&mut wakeups) => look = true,
+                    () = tokio::time::sleep(self.poll_interval) => look = true,
+                    Some(joined) = claims.join_next(), if !claims.is_empty() => {
+                        backlog = joined.unwrap_or(false);
+                        look = backlog;
+                    }
+                }
+                continue;
+            }
+            if claims.len() >= MAX_CLAIMS_IN_FLIGHT {
+                tokio::select! {
+                    _ = self.stop.changed() => break,
+                    Some(joined) = claims.join_next() => backlog = joined.unwrap_or(false),
+                }
+                continue;
+            }
+            let first = tokio::select! {
+                _ = self.stop.changed() => break,
+                permit = Arc::clone(&self.slots).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                Some(joined) = claims.join_next(), if !claims.is_empty() => {
+                    backlog = joined.unwrap_or(false);
+                    continue;
+                }
+            };
+            let mut permits = vec![first];
+            while permits.len() < MAX_CLAIM_BATCH {
+                match Arc::clone(&self.slots).try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
+                }
+            }
+            if let Some(signal) = &mut wakeups {
+                // Marked seen before claiming, so that news during the claim wakes us again.
+                signal.borrow_and_update();
+            }
+            claims.spawn(claim(
+                Arc::clone(&self.store),
+                self.request.clone(),
+                permits,
+                self.handoff.clone(),
+            ));
+            look = backlog;
+        }
+        // Claims in flight finish (their leases go to the coordinator, which releases them).
+        while claims.join_next().await.is_some() {}
+    }
+}
+
+/// One claim for `permits.len()` free workers; hands each claimed saga to a worker and frees
+/// the permits it could not fill. Returns whether the batch was full (more may be due).
+async fn claim(
+    store: Arc<dyn SagaStore>,
+    request: ClaimRequest,
+    mut permits: Vec<OwnedSemaphorePermit>,
+    handoff: mpsc::UnboundedSender<Handoff>,
+) -> bool {
+    let wanted = permits.len();
+    match store.claim_due(&request, wanted).await {
+        Ok(leases) => {
+            let full = leases.len() >= wanted;
+            for lease in leases {
+                let Some(permit) = permits.pop() else {
+                    // A store that returns more than asked: hand back the extra lease.
+                    if let Err(err) = store.release(&lease).await {
+                        tracing::warn!(saga_id = %lease.saga_id, error = %err, "could not release an extra claimed saga; it runs once its lease lapses");
+                    }
+                    continue;
+                };
+                let handed = Handoff {
+                    lease,
+                    state: None,
+                    local: None,
+                    permit,
+                };
+                if let Err(returned) = handoff.send(handed) {
+                    // The coordinator is gone (it only stops after this task ends, so this
+                    // is a panic elsewhere): let another coordinator take the saga at once.
+                    let lease = returned.0.lease;
+                    if let Err(err) = store.release(&lease).await {
+                        tracing::warn!(saga_id = %lease.saga_id, error = %err, "could not release a claimed saga; it runs once its lease lapses");
+                    }
+                }
+            }
+            full
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "claiming due sagas failed; will retry");
+            false
+        }
     }
 }
 

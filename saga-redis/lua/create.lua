@@ -19,7 +19,9 @@
 -- ARGV[9]  claim lease ttl, ms
 -- ARGV[10] event count n (>= 1), then ARGV[11 .. 10+n] the encoded events
 --
--- A created saga PUBLISHes 'created <id>' on the prefix's wake channel (<prefix>:wake).
+-- A saga created without a claim PUBLISHes 'created <id>' on the prefix's wake channel
+-- (<prefix>:wake), so that a coordinator claims it; one claimed by its creator does not (its
+-- creator runs it, and waking every coordinator for nothing would cost each a claim call).
 --
 -- Returns {'created', fence, now}     fence 1 when claimed (the lease expires at now + ttl),
 --                                     0 otherwise (due at once)
@@ -107,5 +109,7 @@ redis.call('ZADD', KEYS[3], int(due), id)
 redis.call('ZADD', KEYS[4], 0, id)
 redis.call('ZADD', KEYS[5], 0, id)
 redis.call('ZADD', KEYS[6], 0, id)
-publish_wake(KEYS[1], 'created', id)
+if owner == '' then
+  publish_wake(KEYS[1], 'created', id)
+end
 return { 'created', fence, now }

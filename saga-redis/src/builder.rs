@@ -11,6 +11,7 @@ use saga_core::store::DEFAULT_MAX_PAYLOAD;
 use crate::check::check_server;
 use crate::connection::Connection;
 use crate::error::{ConnectError, Reply, is_auth_error, redact_url as redact, redis_error};
+use crate::hints::DueHints;
 use crate::keys::{KeyLayout, LAYOUT_VERSION};
 use crate::scripts::SCRIPTS;
 use crate::store::{Inner, RedisStore};
@@ -55,6 +56,7 @@ pub struct RedisStoreBuilder {
     connection_timeout: Duration,
     response_timeout: Duration,
     reconnect_retries: usize,
+    due_sweep_interval: Duration,
     #[cfg(feature = "tls")]
     tls_root_certificate: Option<Vec<u8>>,
 }
@@ -70,6 +72,7 @@ impl Default for RedisStoreBuilder {
             connection_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(10),
             reconnect_retries: 6,
+            due_sweep_interval: Duration::from_millis(250),
             #[cfg(feature = "tls")]
             tls_root_certificate: None,
         }
@@ -144,6 +147,17 @@ impl RedisStoreBuilder {
     /// it reconnects fail with `Unavailable`.
     pub fn reconnect_retries(mut self, retries: usize) -> Self {
         self.reconnect_retries = retries;
+        self
+    }
+
+    /// How often `claim_due` looks at every partition even when nothing told it that work is
+    /// waiting there (default 250 ms). Between sweeps it visits only the partitions that a
+    /// wake-up message named, whose known next due time has come, or that this store wrote to
+    /// itself; a sweep finds what no message announces (other processes' durable timers and
+    /// lapsed leases), so this bounds how late those are picked up. Without a live wake-up
+    /// subscription every call is a sweep.
+    pub fn due_sweep_interval(mut self, interval: Duration) -> Self {
+        self.due_sweep_interval = interval;
         self
     }
 
@@ -301,7 +315,13 @@ impl RedisStoreBuilder {
         let keys = KeyLayout::new(self.prefix.clone(), self.partitions);
         check_meta(&connection, &keys, &node_name).await?;
         let findings = check_server(&connection, &node_name).await;
-        let wake = Wakeups::new(pubsub_clients, keys.wake_channel(), self.connection_timeout);
+        let hints = Arc::new(DueHints::new(keys.partitions(), self.due_sweep_interval));
+        let wake = Wakeups::new(
+            pubsub_clients,
+            keys.clone(),
+            Arc::clone(&hints),
+            self.connection_timeout,
+        );
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn: connection,
@@ -311,6 +331,7 @@ impl RedisStoreBuilder {
                 node_name,
                 findings,
                 wake,
+                hints,
             }),
         })
     }

@@ -3,9 +3,11 @@
 
 mod builder;
 mod check;
+mod claim;
 mod classify;
 mod connection;
 mod error;
+mod hints;
 mod keys;
 mod scripts;
 mod store;

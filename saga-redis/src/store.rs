@@ -18,6 +18,7 @@ use crate::builder::{RedisStoreBuilder, ReplicaWait};
 use crate::check::{ServerFinding, check_server};
 use crate::connection::Connection;
 use crate::error::{Reply, redis_error, unexpected};
+use crate::hints::{DueHints, client_now_ms};
 use crate::keys::KeyLayout;
 use crate::scripts::SCRIPTS;
 use crate::wake::Wakeups;
@@ -31,9 +32,6 @@ const MAX_PAGE: usize = 1000;
 
 /// Ids one `list.lua` call examines at most (bounds the script's run time).
 const LIST_BUDGET: usize = 2000;
-
-/// How many rounds `claim_due` makes when candidates were lost to other workers or set aside.
-const CLAIM_ROUNDS: usize = 4;
 
 /// The Redis store. Cheap to clone: clones share one connection.
 ///
@@ -55,6 +53,8 @@ pub(crate) struct Inner {
     pub(crate) findings: Vec<ServerFinding>,
     /// The wake-up subscription (started by the first `wakeups()` call).
     pub(crate) wake: Wakeups,
+    /// Which partitions may have due work (fed by the wake-ups and this store's own writes).
+    pub(crate) hints: Arc<DueHints>,
 }
 
 /// The KEYS of the scripts that rewrite a saga (`commit`, `operator_transition`), in the order
@@ -73,13 +73,13 @@ fn saga_write_keys(invocation: &mut ScriptInvocation<'_>, keys: &KeyLayout, id: 
     }
 }
 
-fn ms(duration: Duration) -> u64 {
+pub(crate) fn ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .min(MAX_DURATION_MS)
 }
 
-fn nil_id() -> SagaId {
+pub(crate) fn nil_id() -> SagaId {
     SagaId(Uuid::nil())
 }
 
@@ -123,7 +123,7 @@ impl RedisStore {
         saga_core::store::check_payload(what, value, self.inner.max_payload)
     }
 
-    async fn invoke(
+    pub(crate) async fn invoke(
         &self,
         op: &'static str,
         saga: Option<SagaId>,
@@ -137,9 +137,22 @@ impl RedisStore {
         Reply::parse(op, value)
     }
 
+    /// Tells the due hints when a saga this store just wrote becomes due without a lease.
+    fn note_schedule(&self, id: SagaId, schedule: Schedule) {
+        let p = self.inner.keys.partition_of(id);
+        match schedule {
+            Schedule::WakeAfter(delay) if delay.is_zero() => self.inner.hints.mark_dirty(p),
+            Schedule::WakeAfter(delay) => self
+                .inner
+                .hints
+                .note_due(p, client_now_ms().saturating_add(ms(delay))),
+            _ => {}
+        }
+    }
+
     /// With a replica wait configured: `WAIT` on the node that holds `key`, and fail when
     /// too few replicas acknowledged.
-    async fn replicate(&self, op: &str, key: &str) -> Result<(), StoreError> {
+    pub(crate) async fn replicate(&self, op: &str, key: &str) -> Result<(), StoreError> {
         let Some(wait) = self.inner.replica_wait else {
             return Ok(());
         };
@@ -162,146 +175,6 @@ impl RedisStore {
             });
         }
         Ok(())
-    }
-
-    /// The `ZRANGEBYSCORE` head of each partition's due set: (due ms, id, partition).
-    async fn due_candidates(
-        &self,
-        per_partition: usize,
-    ) -> Result<Vec<(u64, String, u16)>, StoreError> {
-        let keys = &self.inner.keys;
-        let peeks = (0..keys.partitions()).map(|p| {
-            let mut conn = self.inner.conn.clone();
-            let key = keys.due(p);
-            async move {
-                let value: Value = redis::cmd("ZRANGEBYSCORE")
-                    .arg(&key)
-                    .arg("-inf")
-                    .arg("+inf")
-                    .arg("WITHSCORES")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(per_partition)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|err| redis_error("claim_due", None, err))?;
-                let flat = flatten(value);
-                let mut out = Vec::with_capacity(flat.len() / 2);
-                for pair in flat.chunks_exact(2) {
-                    let score = pair[1].parse::<f64>().map_err(|_| {
-                        unexpected("claim_due", &format!("due score {:?} in {key}", pair[1]))
-                    })?;
-                    // Scores are whole milliseconds; the saturating cast keeps garbage finite.
-                    out.push((score.max(0.0) as u64, pair[0].clone(), p));
-                }
-                Ok::<_, StoreError>(out)
-            }
-        });
-        let mut all = Vec::new();
-        for result in join_all(peeks).await {
-            all.extend(result?);
-        }
-        Ok(all)
-    }
-
-    /// One round of `claim_due`: claims from the oldest `limit` candidates. Returns the
-    /// leases (oldest due first) and whether another round may find more.
-    async fn claim_due_round(
-        &self,
-        request: &ClaimRequest,
-        limit: usize,
-    ) -> Result<(Vec<Lease>, bool), StoreError> {
-        let mut candidates = self.due_candidates(limit).await?;
-        candidates.sort();
-        candidates.truncate(limit);
-        if candidates.is_empty() {
-            return Ok((Vec::new(), false));
-        }
-        let order: HashMap<String, usize> = candidates
-            .iter()
-            .enumerate()
-            .map(|(i, (_, id, _))| (id.clone(), i))
-            .collect();
-        let mut by_partition: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-        for (_, id, p) in &candidates {
-            by_partition.entry(*p).or_default().push(id.clone());
-        }
-        let keys = &self.inner.keys;
-        let ttl = ms(request.ttl);
-        let claims = by_partition.into_iter().map(|(p, ids)| async move {
-            let due = keys.due(p);
-            let mut invocation = SCRIPTS.claim_due.prepare_invoke();
-            invocation
-                .key(&due)
-                .key(keys.quarantine(p))
-                .arg(keys.partition_base(p))
-                .arg(&request.owner)
-                .arg(ttl)
-                .arg(self.inner.max_payload);
-            for id in &ids {
-                invocation.arg(id);
-            }
-            let (code, mut reply) = self.invoke("claim_due", None, invocation).await?;
-            if code != "ok" {
-                return Err(reply.into_error(&code, nil_id(), 0));
-            }
-            let now = reply.uint()?;
-            let mut leases = Vec::new();
-            for _ in 0..reply.count()? {
-                let id = reply.string()?;
-                let fence = reply.uint()?;
-                let saga_id = id.parse().map_err(|_| unexpected("claim_due", &format!("saga id {id:?}")))?;
-                leases.push((id, Lease { saga_id, owner: request.owner.clone(), fence }));
-            }
-            let mut set_aside = 0;
-            for _ in 0..reply.count()? {
-                let id = reply.string()?;
-                let reason = reply.string()?;
-                set_aside += 1;
-                tracing::warn!(saga_id = %id, partition = p, %reason, "quarantined a corrupt saga found by claim_due");
-            }
-            if (!leases.is_empty() || set_aside > 0)
-                && let Err(err) = self.replicate("claim_due", &due).await
-            {
-                // The leases are held on the primary: returning them keeps these sagas
-                // running instead of stranding them until the leases lapse.
-                tracing::warn!(partition = p, error = %err, "claim_due: replicas did not acknowledge the claims");
-            }
-            Ok::<_, StoreError>((now, ids.len(), leases))
-        });
-        let mut leases = Vec::new();
-        let mut lost = false;
-        let mut now = 0;
-        let mut failure = None;
-        for result in join_all(claims).await {
-            match result {
-                Ok((server_now, asked, claimed)) => {
-                    now = now.max(server_now);
-                    lost |= claimed.len() < asked;
-                    leases.extend(claimed);
-                }
-                // One partition failing must not drop the leases already taken in others
-                // (those sagas would stall until their leases lapse).
-                Err(err) => {
-                    tracing::warn!(error = %err, "claim_due: a partition could not be claimed from");
-                    failure.get_or_insert(err);
-                }
-            }
-        }
-        if leases.is_empty()
-            && let Some(err) = failure
-        {
-            return Err(err);
-        }
-        leases.sort_by_key(|(id, _)| order.get(id).copied().unwrap_or(usize::MAX));
-        // Another round may help only when candidates that were due got away (claimed by
-        // another worker, set aside, or left over): if the newest candidate was not due yet,
-        // nothing newer is.
-        let all_were_due = candidates.iter().all(|(score, _, _)| *score <= now);
-        Ok((
-            leases.into_iter().map(|(_, lease)| lease).collect(),
-            lost && all_were_due,
-        ))
     }
 
     /// Lists one partition: up to `want` matching rows after `after`, in id order.
@@ -385,27 +258,6 @@ impl RedisStore {
     }
 }
 
-/// A flat array of strings (RESP2 `WITHSCORES`), or nested pairs (RESP3), as strings.
-fn flatten(value: Value) -> Vec<String> {
-    let mut out = Vec::new();
-    fn walk(value: Value, out: &mut Vec<String>) {
-        match value {
-            Value::Array(items) | Value::Set(items) => {
-                for item in items {
-                    walk(item, out);
-                }
-            }
-            Value::BulkString(bytes) => out.push(String::from_utf8_lossy(&bytes).into_owned()),
-            Value::SimpleString(text) => out.push(text),
-            Value::Int(n) => out.push(n.to_string()),
-            Value::Double(x) => out.push(x.to_string()),
-            _ => {}
-        }
-    }
-    walk(value, &mut out);
-    out
-}
-
 #[async_trait]
 impl SagaStore for RedisStore {
     async fn create(&self, new: NewSaga) -> Result<CreateOutcome, StoreError> {
@@ -439,6 +291,9 @@ impl SagaStore for RedisStore {
         match code.as_str() {
             "created" => {
                 let fence = reply.uint()?;
+                if new.claim.is_none() {
+                    self.inner.hints.mark_dirty(p);
+                }
                 self.replicate("create", &saga_key).await?;
                 let lease = new.claim.map(|claim| Lease {
                     saga_id: id,
@@ -551,18 +406,7 @@ impl SagaStore for RedisStore {
         request: &ClaimRequest,
         limit: usize,
     ) -> Result<Vec<Lease>, StoreError> {
-        let mut leases = Vec::new();
-        for _ in 0..CLAIM_ROUNDS {
-            if leases.len() >= limit {
-                break;
-            }
-            let (claimed, more) = self.claim_due_round(request, limit - leases.len()).await?;
-            leases.extend(claimed);
-            if !more {
-                break;
-            }
-        }
-        Ok(leases)
+        self.claim_due_batch(request, limit).await
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<CommitOutcome, StoreError> {
@@ -605,7 +449,10 @@ impl SagaStore for RedisStore {
             .arg(lease.fence);
         let (code, reply) = self.invoke("release", Some(id), invocation).await?;
         match code.as_str() {
-            "ok" => self.replicate("release", &saga_key).await,
+            "ok" => {
+                self.inner.hints.mark_dirty(p);
+                self.replicate("release", &saga_key).await
+            }
             _ => Err(reply.into_error(&code, id, lease.fence)),
         }
     }
@@ -654,6 +501,7 @@ impl SagaStore for RedisStore {
         let (code, mut reply) = self.invoke("commit", Some(id), invocation).await?;
         match code.as_str() {
             "ok" => {
+                self.note_schedule(id, transition.schedule);
                 let cancel_requested = reply.flag()?;
                 self.replicate("commit", &saga_key).await?;
                 Ok(CommitOutcome { cancel_requested })
@@ -679,6 +527,7 @@ impl SagaStore for RedisStore {
         let (code, mut reply) = self.invoke("request_cancel", Some(id), invocation).await?;
         match code.as_str() {
             "requested" => {
+                self.inner.hints.mark_dirty(p);
                 if reply.flag()? {
                     self.replicate("request_cancel", &saga_key).await?;
                 }
@@ -909,6 +758,7 @@ impl SagaStore for RedisStore {
             .await?;
         match code.as_str() {
             "ok" => {
+                self.note_schedule(id, transition.schedule);
                 let cancel_requested = reply.flag()?;
                 self.replicate("operator_transition", &saga_key).await?;
                 Ok(CommitOutcome { cancel_requested })

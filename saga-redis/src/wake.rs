@@ -29,6 +29,9 @@ use saga_core::SagaId;
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::hints::DueHints;
+use crate::keys::KeyLayout;
+
 /// First pause before reconnecting; doubled after every failed attempt.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 
@@ -44,6 +47,10 @@ pub(crate) struct Wakeups {
     /// turn).
     clients: Vec<Client>,
     channel: String,
+    /// To find the partition of the saga a message names.
+    keys: KeyLayout,
+    /// Told which partitions the messages name, and whether the subscription is live.
+    hints: Arc<DueHints>,
     /// Bound on connecting, subscribing and each ping.
     timeout: Duration,
     running: Mutex<Option<Running>>,
@@ -69,10 +76,17 @@ impl std::fmt::Debug for Wakeups {
 }
 
 impl Wakeups {
-    pub(crate) fn new(clients: Vec<Client>, channel: String, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        clients: Vec<Client>,
+        keys: KeyLayout,
+        hints: Arc<DueHints>,
+        timeout: Duration,
+    ) -> Self {
         Self {
             clients,
-            channel,
+            channel: keys.wake_channel(),
+            keys,
+            hints,
             timeout,
             running: Mutex::new(None),
             changes: broadcast::Sender::new(1024),
@@ -119,6 +133,8 @@ impl Wakeups {
         let listener = Listener {
             clients: self.clients.clone(),
             channel: self.channel.clone(),
+            keys: self.keys.clone(),
+            hints: Arc::clone(&self.hints),
             timeout: self.timeout,
             tx: Arc::clone(&tx),
             changes: self.changes.clone(),
@@ -153,6 +169,8 @@ enum Ended {
 struct Listener {
     clients: Vec<Client>,
     channel: String,
+    keys: KeyLayout,
+    hints: Arc<DueHints>,
     timeout: Duration,
     tx: Arc<watch::Sender<u64>>,
     changes: broadcast::Sender<SagaId>,
@@ -203,9 +221,13 @@ impl Listener {
                     }
                     subscribed_before = true;
                     failures = 0;
-                    // Messages may have been published while nobody listened.
+                    // Messages may have been published while nobody listened: every
+                    // partition may have work, and waiters should look again.
+                    self.hints.set_live(true);
                     bump(&self.tx);
-                    match self.listen(sink, stream).await {
+                    let ended = self.listen(sink, stream).await;
+                    self.hints.set_live(false);
+                    match ended {
                         Ended::Stop => {
                             tracing::debug!(channel = %self.channel, "wake-up task ends: the store and its receivers are gone");
                             return;
@@ -231,8 +253,9 @@ impl Listener {
         }
     }
 
-    /// Passes on the id of a saga that finished or was changed by an operator (messages are
-    /// `<what> <id>`, see `publish_wake` in `lua/prelude.lua`).
+    /// Passes on what a message says (messages are `<what> <id>`, see `publish_wake` in
+    /// `lua/prelude.lua`): the id of a saga that finished or was changed by an operator goes
+    /// to the change feed; the partition of a saga that became due is marked for `claim_due`.
     /// Returns `true` for a `finished` message (which carries nothing else).
     fn forward_change(&self, message: &redis::Msg) -> bool {
         let Ok(payload) = message.get_payload::<String>() else {
@@ -241,9 +264,15 @@ impl Listener {
         let Some((what, id)) = payload.split_once(' ') else {
             return false;
         };
-        if matches!(what, "finished" | "operator")
-            && let Ok(id) = id.parse::<SagaId>()
-        {
+        let Ok(id) = id.parse::<SagaId>() else {
+            // Not ours to interpret; coordinators look anyway (the caller bumps).
+            self.hints.mark_all_dirty();
+            return false;
+        };
+        if what != "finished" {
+            self.hints.mark_dirty(self.keys.partition_of(id));
+        }
+        if matches!(what, "finished" | "operator") {
             // No receiver is not an error: nobody waits for this saga.
             let _ = self.changes.send(id);
         }

@@ -6,6 +6,7 @@ mod context;
 mod definition;
 mod error;
 mod guarded;
+mod local;
 mod operations;
 
 use std::collections::HashMap;
@@ -22,6 +23,7 @@ pub use error::{EngineError, SagaError};
 
 use context::{AttemptLog, Halt, Mode};
 use definition::{ErasedSaga, TypedSaga};
+pub(crate) use local::{Dispatch, Handoff, LocalState};
 
 use crate::store::{
     CancelOutcome, ClaimOutcome, ClaimRequest, CommitOutcome, CreateOutcome, Lease, NewSaga,
@@ -72,59 +74,13 @@ pub(crate) struct Shared {
     pub(crate) resources: Arc<Resources>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: EngineConfig,
-    /// Sagas this engine is running right now (see [`Shared::local_run`]).
-    pub(crate) local_runs: std::sync::Mutex<std::collections::HashSet<SagaId>>,
-    /// Notified whenever a local run ends.
-    pub(crate) local_run_ended: tokio::sync::Notify,
+    /// The sagas this engine runs itself, their waiters and the local coordinator.
+    pub(crate) local: Arc<local::LocalState>,
     /// Set by [`Engine::begin_shutdown`]: running sagas stop at their next step boundary.
     pub(crate) shutting_down: std::sync::atomic::AtomicBool,
 }
 
-/// This engine's run of one saga; the saga leaves [`Shared::local_runs`] when it is dropped
-/// (also when the run's task is cancelled).
-pub(crate) struct LocalRun {
-    shared: Arc<Shared>,
-    id: SagaId,
-}
-
-impl Drop for LocalRun {
-    fn drop(&mut self) {
-        self.shared
-            .local_runs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&self.id);
-        self.shared.local_run_ended.notify_waiters();
-    }
-}
-
 impl Shared {
-    /// Waits until this engine is not running saga `id`, then marks it running until the
-    /// returned guard is dropped. Same-owner reclaim exists for a restarted process; without
-    /// this, a second run of a saga in the process that is running it (a duplicate `execute`
-    /// with the same idempotency key, a `run_to_end` racing a worker) would take the lease
-    /// from the live run and execute its in-flight step a second time, concurrently.
-    pub(crate) async fn local_run(self: &Arc<Self>, id: SagaId) -> LocalRun {
-        loop {
-            let ended = self.local_run_ended.notified();
-            tokio::pin!(ended);
-            // Registered before the check, so an end between the check and the wait is seen.
-            ended.as_mut().enable();
-            let inserted = self
-                .local_runs
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(id);
-            if inserted {
-                return LocalRun {
-                    shared: Arc::clone(self),
-                    id,
-                };
-            }
-            ended.await;
-        }
-    }
-
     /// Commits with bounded retries while the store is unavailable. Safe to retry: the
     /// transition carries a commit id that the store applies at most once.
     pub(crate) async fn commit(
@@ -343,9 +299,8 @@ impl EngineBuilder {
                 resources: Arc::new(self.resources),
                 clock: self.clock,
                 config,
-                local_runs: std::sync::Mutex::default(),
+                local: Arc::default(),
                 shutting_down: std::sync::atomic::AtomicBool::new(false),
-                local_run_ended: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -507,14 +462,54 @@ impl Engine {
     /// # Errors
     /// [`EngineError::IdempotencyConflict`] when the key was used with another input, or a
     /// store or encoding error.
+    ///
+    /// When a [`Coordinator`](crate::Coordinator) runs on this engine and has a free worker,
+    /// the saga is created with its lease already taken and starts on that worker at once
+    /// (no claim round trip); otherwise any coordinator claims it.
     pub async fn start<S: Saga>(
         &self,
         input: &S::Input,
         options: StartOptions,
     ) -> Result<Started, EngineError> {
-        self.create::<S>(input, options, None)
-            .await
-            .map(|(started, _)| started)
+        let input = serde_json::to_value(input).map_err(|source| EngineError::Encoding {
+            what: format!("input of saga type `{}`", S::NAME),
+            source,
+        })?;
+        self.start_value(S::NAME, S::VERSION, input, options).await
+    }
+
+    /// Creates a saga and, when the local coordinator has a free worker, hands it over with
+    /// its lease (see [`Engine::start`]).
+    pub(crate) async fn start_value(
+        &self,
+        name: &'static str,
+        version: u32,
+        input: serde_json::Value,
+        options: StartOptions,
+    ) -> Result<Started, EngineError> {
+        let slot = if self.is_shutting_down() {
+            None
+        } else {
+            self.shared.local.free_worker()
+        };
+        let claim = slot.as_ref().map(|_| self.claim_request());
+        let (started, lease) = self
+            .create_value(name, version, input, options, claim)
+            .await?;
+        if let (Some(slot), Some((lease, state))) = (slot, lease) {
+            // Created just now with our lease: nothing else here can be running it.
+            let handed = match self.shared.try_local_run(started.id) {
+                Some(run) => slot.hand_over(lease, state, run),
+                None => Err(lease),
+            };
+            if let Err(lease) = handed {
+                // The coordinator stopped meanwhile: let any coordinator have it at once.
+                if let Err(err) = self.shared.store.release(&lease).await {
+                    tracing::warn!(saga_id = %lease.saga_id, error = %err, "could not release a saga started during shutdown; it runs once its lease lapses");
+                }
+            }
+        }
+        Ok(started)
     }
 
     async fn create<S: Saga>(
@@ -639,7 +634,7 @@ impl Engine {
     ) -> Result<SagaOutcome, EngineError> {
         // A repeat of a keyed start that this engine is running now waits for that run (a
         // new saga without a key has a fresh id that nothing else here can be running).
-        let local = match &options.idempotency_key {
+        let mut local = match &options.idempotency_key {
             Some(key) => Some(
                 self.shared
                     .local_run(SagaId::from_idempotency_key(S::NAME, key))
@@ -651,7 +646,18 @@ impl Engine {
         let (started, lease) = self.create::<S>(input, options, Some(claim)).await?;
         let first = match lease {
             // The state was just written by this process: no need to read it back.
-            Some((lease, state)) => Some(self.drive_state(lease, state).await?),
+            Some((lease, state)) => {
+                // A keyless start has a fresh id that nothing here runs yet.
+                let mut run = match local.take() {
+                    Some(run) => run,
+                    None => self.shared.local_run(started.id).await,
+                };
+                let result = self.drive_state(lease, state).await?;
+                if let RunOutcome::Finished(outcome) = &result {
+                    run.finished(outcome);
+                }
+                Some(result)
+            }
             None => None,
         };
         drop(local);
@@ -663,6 +669,11 @@ impl Engine {
             }
             None => self.run_to_end(started.id).await,
         }
+    }
+
+    /// What this engine knows about the sagas it runs itself (for the local coordinator).
+    pub(crate) fn local(&self) -> &Arc<LocalState> {
+        &self.shared.local
     }
 
     pub(crate) fn claim_request(&self) -> ClaimRequest {
@@ -686,9 +697,15 @@ impl Engine {
     /// When this engine is already running the saga (a duplicate `execute`, say), waits for
     /// that run to end first instead of taking the lease from it.
     pub async fn run_once(&self, id: SagaId) -> Result<RunOutcome, EngineError> {
-        let _local = self.shared.local_run(id).await;
+        let mut local = self.shared.local_run(id).await;
         match self.shared.store.claim(id, &self.claim_request()).await? {
-            ClaimOutcome::Claimed(lease) => self.drive(lease).await,
+            ClaimOutcome::Claimed(lease) => {
+                let result = self.drive(lease).await;
+                if let Ok(RunOutcome::Finished(outcome)) = &result {
+                    local.finished(outcome);
+                }
+                result
+            }
             ClaimOutcome::Busy(holder) => Err(EngineError::Busy {
                 saga: id,
                 owner: holder.owner,
@@ -737,8 +754,12 @@ impl Engine {
             let id = lease.saga_id;
             let handle = tasks.spawn(async move {
                 // Marked as running here so that a `run_once` of it in this process waits.
-                let _local = engine.shared.local_run(id).await;
-                engine.drive(lease).await
+                let mut local = engine.shared.local_run(id).await;
+                let result = engine.drive(lease).await;
+                if let Ok(RunOutcome::Finished(outcome)) = &result {
+                    local.finished(outcome);
+                }
+                result
             });
             sagas.insert(handle.id(), id);
         }

@@ -60,9 +60,7 @@ impl Engine {
             });
         };
         let (name, version) = (saga.name(), saga.version());
-        self.create_value(name, version, input, options, None)
-            .await
-            .map(|(started, _)| started)
+        self.start_value(name, version, input, options).await
     }
 
     /// Waits until the saga is terminal and returns its outcome, for at most `timeout`.
@@ -72,8 +70,36 @@ impl Engine {
     /// # Errors
     /// [`EngineError::WaitTimedOut`] with the status it still has, [`EngineError::NotFound`],
     /// or a store error.
+    ///
+    /// A saga that this engine runs itself (a coordinator on this engine took it) costs no
+    /// read at all: the outcome comes from the run. Otherwise the saga is read once, and once
+    /// more after each notification that it changed.
     pub async fn wait(&self, id: SagaId, timeout: Duration) -> Result<SagaOutcome, EngineError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        if let Some(outcome) = self.shared.local.recent_outcome(id) {
+            return Ok(outcome);
+        }
+        // Registered before the check, so that a run ending in between is seen.
+        let mut end = self.shared.local.watch_end(id);
+        if self.shared.local.is_running(id) {
+            match tokio::time::timeout_at(deadline, end.ended()).await {
+                Ok(Some(outcome)) => return Ok(outcome),
+                // It ended here without finishing (a durable timer, an interruption): the
+                // store knows the rest.
+                Ok(None) => {}
+                Err(_) => {
+                    let outcome = self.outcome(id).await?;
+                    if outcome.status.is_terminal() {
+                        return Ok(outcome);
+                    }
+                    return Err(EngineError::WaitTimedOut {
+                        saga: id,
+                        status: outcome.status,
+                    });
+                }
+            }
+        }
+        drop(end);
         // Subscribed before the first look, so that an end right after it is not missed.
         let mut changes = self.shared.store.saga_changes();
         let mut wakeups = if changes.is_some() {
@@ -127,8 +153,34 @@ impl Engine {
     /// # Errors
     /// As [`Engine::run_once`].
     pub async fn run_claimed(&self, lease: Lease) -> Result<RunOutcome, EngineError> {
-        let _local = self.shared.local_run(lease.saga_id).await;
-        self.drive(lease).await
+        let mut local = self.shared.local_run(lease.saga_id).await;
+        let result = self.drive(lease).await;
+        if let Ok(RunOutcome::Finished(outcome)) = &result {
+            local.finished(outcome);
+        }
+        result
+    }
+
+    /// Runs a saga handed to the local coordinator: one started here with its lease (its
+    /// state known), or one the coordinator claimed.
+    pub(crate) async fn run_handoff(
+        &self,
+        lease: Lease,
+        state: Option<SagaState>,
+        local: Option<super::local::LocalRun>,
+    ) -> Result<RunOutcome, EngineError> {
+        let mut local = match local {
+            Some(local) => local,
+            None => self.shared.local_run(lease.saga_id).await,
+        };
+        let result = match state {
+            Some(state) => self.drive_state(lease, state).await,
+            None => self.drive(lease).await,
+        };
+        if let Ok(RunOutcome::Finished(outcome)) = &result {
+            local.finished(outcome);
+        }
+        result
     }
 
     /// Stops taking new steps: every saga this engine runs stops at its next step boundary
