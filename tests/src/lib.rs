@@ -13,6 +13,8 @@
 //!   a const parameter) and [`PlanSaga`] the workflow that runs a [`Plan`] of them in order;
 //! - [`CrashingStore`] wraps a store, lets n commits through and fails every call after,
 //!   which is what a coordinator sees when its process (or its store) dies at that point;
+//! - [`SlowStore`] wraps a store, answers every call after a (virtual) latency, can hold
+//!   `claim_due` calls back, and counts calls per operation;
 //! - [`Harness`] ties a shared paused-time clock, a store, a script and a ledger together and
 //!   builds engines on them, so that a second engine can resume what the first one left.
 //!
@@ -27,6 +29,7 @@ mod crash;
 mod harness;
 mod ledger;
 mod script;
+mod slow;
 mod steps;
 
 pub use crash::CrashingStore;
@@ -36,6 +39,7 @@ pub use harness::{
 };
 pub use ledger::{Call, Effect, Ledger};
 pub use script::{Behavior, Gate, Script};
+pub use slow::SlowStore;
 pub use steps::{
     ALWAYS, NAMES, NONE, ON_SUCCESS, Plan, PlanSaga, ScriptError, Scripted, StepOutput, StepSpec,
     compensation_mode, fast_policy, run_spec,

@@ -242,7 +242,10 @@ impl SagaStore for MemoryStore {
             }
         };
         drop(inner);
-        self.wake();
+        if lease.is_none() {
+            // A saga claimed by its creator is run by it: no coordinator needs waking.
+            self.wake();
+        }
         Ok(CreateOutcome::Created { lease })
     }
 

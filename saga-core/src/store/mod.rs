@@ -541,7 +541,8 @@ pub trait SagaStore: Send + Sync + 'static {
 
     /// A signal that work may be waiting, for coordinators and waiters that would otherwise
     /// poll: the value changes (to any new value) whenever a saga becomes due without a timer
-    /// (created, released, cancelled, reopened by an operator), and whenever a saga reaches a
+    /// (created without a lease, released, cancelled, reopened by an operator; a saga created
+    /// with its creator's lease needs no coordinator), and whenever a saga reaches a
     /// terminal state unless the store reports those on [`SagaStore::saga_changes`] instead
     /// (coordinators do not need them: their own runs end locally). Spurious changes are
     /// allowed; `None` means the store has no signal and callers poll.
