@@ -74,11 +74,17 @@ pub struct Coordinator {
     workers: usize,
     poll_interval: Duration,
     shutdown_grace: Duration,
+    retention: Option<Duration>,
+    housekeeping_interval: Duration,
 }
+
+/// How long a coordinator keeps terminal sagas by default: a week.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Coordinator {
     /// A coordinator with 64 workers, a 250 ms poll interval (a fallback: stores with a
-    /// wake-up signal are watched as well) and a 10 s shutdown grace period.
+    /// wake-up signal are watched as well), a 10 s shutdown grace period, and a retention of
+    /// [`DEFAULT_RETENTION`] for terminal sagas, enforced every 30 s.
     #[must_use]
     pub fn new(engine: Engine) -> Self {
         Self {
@@ -86,7 +92,27 @@ impl Coordinator {
             workers: 64,
             poll_interval: Duration::from_millis(250),
             shutdown_grace: Duration::from_secs(10),
+            retention: Some(DEFAULT_RETENTION),
+            housekeeping_interval: Duration::from_secs(30),
         }
+    }
+
+    /// How long terminal sagas (completed, compensated, failed) are kept after their last
+    /// write before this coordinator deletes them with their histories, in small batches in
+    /// the background; `None` keeps them until an operator purges them. Sagas that are not
+    /// terminal are never touched. Without retention the store grows by every saga run.
+    #[must_use]
+    pub fn retention(mut self, keep: Option<Duration>) -> Self {
+        self.retention = keep;
+        self
+    }
+
+    /// How often retention runs and the store gauges (`saga_stored_sagas{status}`,
+    /// `saga_due_sagas{partition}`) are refreshed (default 30 s).
+    #[must_use]
+    pub fn housekeeping_interval(mut self, every: Duration) -> Self {
+        self.housekeeping_interval = every;
+        self
     }
 
     /// How many sagas run at once (at least 1).
@@ -141,6 +167,14 @@ impl Coordinator {
             }
             .run(),
         );
+        let chores = tokio::spawn(crate::housekeeping::run(
+            Arc::clone(&store),
+            crate::housekeeping::Chores {
+                retention: self.retention,
+                every: self.housekeeping_interval,
+            },
+            stop_claiming.subscribe(),
+        ));
         let mut running: JoinSet<Result<RunOutcome, EngineError>> = JoinSet::new();
         let mut leases: HashMap<tokio::task::Id, Lease> = HashMap::new();
         let mut report = CoordinatorReport::default();
@@ -165,6 +199,9 @@ impl Coordinator {
         let _ = stop_claiming.send(true);
         if let Err(err) = claimer.await {
             tracing::error!(error = %err, "the claim loop panicked");
+        }
+        if let Err(err) = chores.await {
+            tracing::error!(error = %err, "the housekeeping task panicked");
         }
         handoffs.close();
         let mut unstarted = Vec::new();

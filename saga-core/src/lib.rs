@@ -9,6 +9,7 @@ mod coordinator;
 mod engine;
 mod event;
 mod guard;
+mod housekeeping;
 mod ids;
 mod resources;
 mod retry;
@@ -24,7 +25,7 @@ pub mod timeline;
 pub use classify::{Classify, ErrorClass, HttpStatus, StepTimeout};
 pub use clock::{Clock, Timestamp, TokioClock};
 pub use context::StepContext;
-pub use coordinator::{Coordinator, CoordinatorReport};
+pub use coordinator::{Coordinator, CoordinatorReport, DEFAULT_RETENTION};
 pub use engine::{
     Engine, EngineBuilder, EngineConfig, EngineError, RunOutcome, Saga, SagaContext, SagaError,
     SagaOutcome, StartOptions, Started,

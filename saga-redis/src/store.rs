@@ -767,6 +767,31 @@ impl SagaStore for RedisStore {
         }
     }
 
+    /// `ZCOUNT` of each partition's due set up to now (a leased saga's entry is due at its
+    /// lease expiry, so it counts only once the lease lapsed), concurrently.
+    async fn due_backlog(&self) -> Result<Option<Vec<u64>>, StoreError> {
+        let keys = &self.inner.keys;
+        let now = client_now_ms();
+        let counts = (0..keys.partitions()).map(|p| {
+            let mut conn = self.inner.conn.clone();
+            let key = keys.due(p);
+            async move {
+                redis::cmd("ZCOUNT")
+                    .arg(&key)
+                    .arg("-inf")
+                    .arg(now)
+                    .query_async::<u64>(&mut conn)
+                    .await
+                    .map_err(|err| redis_error("due_backlog", None, err))
+            }
+        });
+        join_all(counts)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<u64>, _>>()
+            .map(Some)
+    }
+
     /// Redis pub/sub on the prefix's wake channel (`<prefix>:wake`): the first call starts
     /// one background task per store, on the current tokio runtime, with a dedicated pub/sub
     /// connection that reconnects with backoff (the value changes once after every

@@ -335,3 +335,88 @@ async fn sagas_started_during_shutdown_are_left_due_for_other_coordinators() {
     let outcome = other.run_to_end(id).await.unwrap();
     assert_eq!(outcome.status, SagaStatus::Completed);
 }
+
+#[tokio::test(start_paused = true)]
+async fn retention_purges_only_terminal_sagas_older_than_the_period_while_others_run() {
+    const HOUR: Duration = Duration::from_secs(3600);
+    let store = slow_store(Duration::from_millis(1));
+    let activity = Activity::new();
+    let worker = engine(&store, &activity, "worker");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let coordinator = Coordinator::new(worker.clone())
+        .workers(4)
+        .poll_interval(HOUR)
+        .retention(Some(HOUR))
+        .housekeeping_interval(Duration::from_secs(60));
+    let task = tokio::spawn(coordinator.run(async {
+        let _ = stopped.await;
+    }));
+    let mut old = Vec::new();
+    for i in 0..5 {
+        let id = start::<QuickSaga>(&worker, i).await;
+        worker.wait(id, HOUR).await.unwrap();
+        old.push(id);
+    }
+    let running = start::<GatedSaga>(&worker, 9).await;
+    until("the gated saga runs", 10_000, || activity.running() == 1).await;
+    // Half the period: nothing is old enough yet.
+    tokio::time::sleep(HOUR / 2).await;
+    for id in &old {
+        assert!(
+            store.load(*id).await.unwrap().is_some(),
+            "saga {id} purged too early"
+        );
+    }
+    let recent = start::<QuickSaga>(&worker, 7).await;
+    worker.wait(recent, HOUR).await.unwrap();
+    // Past the period for the first five (each round runs every minute).
+    tokio::time::sleep(HOUR / 2 + Duration::from_secs(120)).await;
+    for id in &old {
+        assert!(
+            store.load(*id).await.unwrap().is_none(),
+            "saga {id} outlived the retention"
+        );
+        assert!(store.events(*id).await.is_err(), "its history went with it");
+    }
+    let kept = store
+        .load(recent)
+        .await
+        .unwrap()
+        .expect("a younger saga is kept");
+    assert_eq!(kept.status, SagaStatus::Completed);
+    let still = store
+        .load(running)
+        .await
+        .unwrap()
+        .expect("a running saga is never purged");
+    assert_eq!(still.status, SagaStatus::Running);
+    // The running saga finishes normally after all that time.
+    activity.open.send_replace(true);
+    let outcome = worker.wait(running, HOUR).await.unwrap();
+    assert_eq!(outcome.status, SagaStatus::Completed);
+    let _ = stop.send(());
+    let report = task.await.unwrap();
+    assert_eq!(report.finished, 7);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_retention_nothing_is_purged() {
+    let store = slow_store(Duration::from_millis(1));
+    let activity = Activity::new();
+    let worker = engine(&store, &activity, "worker");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let coordinator = Coordinator::new(worker.clone())
+        .poll_interval(Duration::from_secs(3600))
+        .retention(None)
+        .housekeeping_interval(Duration::from_secs(3600));
+    let task = tokio::spawn(coordinator.run(async {
+        let _ = stopped.await;
+    }));
+    let id = start::<QuickSaga>(&worker, 1).await;
+    worker.wait(id, Duration::from_secs(60)).await.unwrap();
+    tokio::time::sleep(saga_core::DEFAULT_RETENTION * 2).await;
+    assert!(store.load(id).await.unwrap().is_some());
+    assert_eq!(store.calls("purge"), 0);
+    let _ = stop.send(());
+    task.await.unwrap();
+}

@@ -572,6 +572,13 @@ impl SagaStore for MemoryStore {
         Ok(doomed.len() as u64)
     }
 
+    async fn due_backlog(&self) -> Result<Option<Vec<u64>>, StoreError> {
+        let now = self.clock.now();
+        let inner = self.lock();
+        let due = inner.due.iter().take_while(|(at, _)| *at <= now).count();
+        Ok(Some(vec![due as u64]))
+    }
+
     async fn operator_transition(
         &self,
         id: SagaId,

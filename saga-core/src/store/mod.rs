@@ -539,6 +539,14 @@ pub trait SagaStore: Send + Sync + 'static {
         ))
     }
 
+    /// The backlog: how many sagas are due now and held by nobody (new, woken by their timer,
+    /// released, lease lapsed), per partition of the store (one entry for a store without
+    /// partitions), for the `saga_due_sagas` gauge that tells an operator whether workers
+    /// keep up. `None` when the store cannot tell cheaply (the default).
+    async fn due_backlog(&self) -> Result<Option<Vec<u64>>, StoreError> {
+        Ok(None)
+    }
+
     /// A signal that work may be waiting, for coordinators and waiters that would otherwise
     /// poll: the value changes (to any new value) whenever a saga becomes due without a timer
     /// (created without a lease, released, cancelled, reopened by an operator; a saga created

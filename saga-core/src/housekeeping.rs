@@ -1,0 +1,96 @@
+//! A coordinator's background chores, beside its workers: retention (purging terminal sagas
+//! older than the retention period, in small batches) and the store gauges an operator sizes
+//! a deployment by (`saga_stored_sagas{status}`, `saga_due_sagas{partition}`).
+//!
+//! Several coordinators may do this at once on one store: a purge only deletes terminal
+//! sagas, each batch atomically per partition, so racing purges just split the work.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::store::SagaStore;
+
+/// Sagas deleted per purge call: small, so that one call never holds the store for long.
+const PURGE_BATCH: usize = 500;
+
+/// Purge calls per round at most; the next round continues where this one stopped.
+const PURGE_BATCHES_PER_ROUND: usize = 40;
+
+/// What the chores do and how often.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Chores {
+    /// Keep terminal sagas this long after their last write; `None` keeps them for ever.
+    pub(crate) retention: Option<Duration>,
+    /// How often a round runs.
+    pub(crate) every: Duration,
+}
+
+/// Runs a round at once and then every `chores.every`, until `stop` turns true.
+pub(crate) async fn run(
+    store: Arc<dyn SagaStore>,
+    chores: Chores,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(chores.every.max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return,
+            _ = tick.tick() => {}
+        }
+        if let Some(keep) = chores.retention {
+            purge_round(&*store, keep, &mut stop).await;
+        }
+        publish_gauges(&*store).await;
+    }
+}
+
+async fn purge_round(store: &dyn SagaStore, keep: Duration, stop: &mut watch::Receiver<bool>) {
+    let mut purged = 0;
+    for _ in 0..PURGE_BATCHES_PER_ROUND {
+        if *stop.borrow() {
+            break;
+        }
+        match store.purge(keep, PURGE_BATCH).await {
+            Ok(n) => {
+                purged += n;
+                metrics::counter!("saga_purged_total").increment(n);
+                if n < PURGE_BATCH as u64 {
+                    break;
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "retention: purging finished sagas failed; will retry next round");
+                break;
+            }
+        }
+        // Let other work on this runtime go first between batches.
+        tokio::task::yield_now().await;
+    }
+    if purged > 0 {
+        tracing::info!(purged, retention = ?keep, "retention: purged finished sagas");
+    }
+}
+
+async fn publish_gauges(store: &dyn SagaStore) {
+    match store.count_by_status().await {
+        Ok(counts) => {
+            for (status, n) in counts {
+                metrics::gauge!("saga_stored_sagas", "status" => status.as_str()).set(n as f64);
+            }
+        }
+        Err(err) => tracing::debug!(error = %err, "could not count stored sagas for the gauges"),
+    }
+    match store.due_backlog().await {
+        Ok(Some(backlog)) => {
+            for (partition, n) in backlog.into_iter().enumerate() {
+                metrics::gauge!("saga_due_sagas", "partition" => partition.to_string())
+                    .set(n as f64);
+            }
+        }
+        Ok(None) => {}
+        Err(err) => tracing::debug!(error = %err, "could not count due sagas for the gauges"),
+    }
+}
