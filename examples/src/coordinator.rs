@@ -46,6 +46,12 @@ pub struct CoordinatorArgs {
     /// in the store (the worker is freed and any process resumes the saga when it is due).
     #[arg(long, env = "SAGA_INLINE_WAIT_MAX", default_value = "1s", value_parser = humantime::parse_duration)]
     pub inline_wait_max: Duration,
+    /// How long finished sagas (completed, compensated, failed) are kept before this
+    /// process deletes them with their histories, in small batches in the background;
+    /// `off` keeps them until `saga purge`. Size it to Redis' memory: sagas per second ×
+    /// retention × bytes per saga (see docs/PERFORMANCE.md).
+    #[arg(long, env = "SAGA_RETENTION", default_value = "7days", value_parser = parse_retention)]
+    pub retention: Retention,
     /// Owner id written into every lease (unique per live process). Default
     /// `<hostname>-<pid>`.
     #[arg(long, env = "SAGA_OWNER")]
@@ -60,6 +66,19 @@ pub struct CoordinatorArgs {
     /// The simulated services' faults and latency.
     #[command(flatten)]
     pub world: WorldArgs,
+}
+
+/// `--retention`: a duration, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention(pub Option<Duration>);
+
+fn parse_retention(text: &str) -> Result<Retention, String> {
+    if text == "off" {
+        return Ok(Retention(None));
+    }
+    humantime::parse_duration(text)
+        .map(|keep| Retention(Some(keep)))
+        .map_err(|e| format!("`{text}` is not a duration (like 7days or 12h) or `off`: {e}"))
 }
 
 fn parse_http_addr(text: &str) -> Result<Option<SocketAddr>, BoxError> {
@@ -106,6 +125,7 @@ pub async fn run(args: CoordinatorArgs) -> Result<CoordinatorReport, BoxError> {
             .workers(args.workers)
             .poll_interval(args.poll_interval)
             .shutdown_grace(args.shutdown_grace)
+            .retention(args.retention.0)
             .run(async {
                 let _ = coordinator_stopped.await;
             }),
@@ -117,6 +137,7 @@ pub async fn run(args: CoordinatorArgs) -> Result<CoordinatorReport, BoxError> {
         http_addr = http_addr.as_deref().unwrap_or("off"),
         workers = args.workers,
         lease = ?args.lease,
+        retention = ?args.retention.0,
         "deal-flow coordinator running"
     );
     print_line(&serde_json::json!({

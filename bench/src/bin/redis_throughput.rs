@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use saga_bench::redis_info::{commit_ceiling, delta, parse_commandstats};
 use saga_bench::{FourSteps, percentiles};
-use saga_core::store::{ClaimRequest, CreateOutcome, NewSaga, Schedule, Transition};
-use saga_core::{Engine, SagaId, SagaStatus, SagaStore, StartOptions};
+use saga_core::{Engine, SagaStatus, StartOptions};
 use saga_redis::RedisStore;
 use saga_redis_testkit::{RedisServer, ServerConfig};
 
@@ -44,25 +44,7 @@ fn commandstats(url: &str) -> BTreeMap<String, u64> {
         .arg("commandstats")
         .query(&mut conn)
         .unwrap_or_default();
-    info.lines()
-        .filter_map(|line| {
-            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest
-                .split(',')
-                .find_map(|kv| kv.strip_prefix("calls="))?
-                .parse()
-                .ok()?;
-            Some((name.to_owned(), calls))
-        })
-        .collect()
-}
-
-fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after
-        .iter()
-        .map(|(name, calls)| (name.clone(), calls - before.get(name).copied().unwrap_or(0)))
-        .filter(|(_, calls)| *calls > 0)
-        .collect()
+    parse_commandstats(&info)
 }
 
 async fn store(url: &str, prefix: &str) -> RedisStore {
@@ -129,57 +111,10 @@ async fn engine_run(
 /// to its own saga, `calls` commits in all.
 async fn ceiling(url: &str, calls: u64, in_flight: u64) -> f64 {
     let store = Arc::new(store(url, &format!("bench-ceiling-{in_flight}")).await);
-    let per_task = calls / in_flight;
-    let state = serde_json::json!({"journal": [{"name": "step", "output": 42}]}).to_string();
-    let event = serde_json::json!({"type": "StepStarted", "position": 1, "attempt": 1}).to_string();
-    let mut leases = Vec::new();
-    for _ in 0..in_flight {
-        let id = SagaId::random();
-        let created = store
-            .create(NewSaga {
-                id,
-                saga_type: "ceiling".into(),
-                idempotency_key: None,
-                fingerprint: "f".into(),
-                state: state.clone(),
-                events: vec![event.clone()],
-                claim: Some(ClaimRequest {
-                    owner: "bench".into(),
-                    ttl: Duration::from_secs(60),
-                }),
-            })
-            .await
-            .unwrap_or_else(|err| panic!("create: {err}"));
-        match created {
-            CreateOutcome::Created { lease: Some(lease) } => leases.push(lease),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for lease in leases {
-        let store = Arc::clone(&store);
-        let (state, event) = (state.clone(), event.clone());
-        tasks.spawn(async move {
-            for n in 0..per_task {
-                let transition = Transition {
-                    commit_id: format!("{}.{n}", lease.fence),
-                    events: vec![event.clone()],
-                    state: state.clone(),
-                    status: SagaStatus::Running,
-                    schedule: Schedule::Continue {
-                        ttl: Duration::from_secs(60),
-                    },
-                };
-                store
-                    .commit(&lease, transition)
-                    .await
-                    .unwrap_or_else(|err| panic!("commit: {err}"));
-            }
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-    (per_task * in_flight) as f64 / started.elapsed().as_secs_f64()
+    commit_ceiling(store, in_flight, calls / in_flight, None)
+        .await
+        .unwrap_or_else(|err| panic!("ceiling: {err}"))
+        .calls_per_s()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
