@@ -197,6 +197,27 @@ impl SagaState {
         }
     }
 
+    /// Whether this is the compact form in which a saga that completed or compensated is
+    /// kept: everything but the journal, which its history holds in full (steps, inputs,
+    /// outputs, attempts). [`Engine::state`](crate::Engine::state) rebuilds the journal by
+    /// folding the history. Such a saga can never run again (an operator retries only failed
+    /// sagas), so nothing needs its journal but a reader.
+    #[must_use]
+    pub fn is_compact(&self) -> bool {
+        matches!(self.status, SagaStatus::Completed | SagaStatus::Compensated)
+            && self.journal.is_empty()
+    }
+
+    /// The compact form of a finished state (see [`SagaState::is_compact`]): a copy without
+    /// the journal.
+    #[must_use]
+    pub fn compact(&self) -> Self {
+        Self {
+            journal: Vec::new(),
+            ..self.clone()
+        }
+    }
+
     /// Rebuilds a state from a whole history.
     ///
     /// # Errors

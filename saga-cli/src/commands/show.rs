@@ -119,6 +119,16 @@ pub(crate) async fn run(
         Err(err) => (Vec::new(), Some(err.to_string())),
     };
     let (state, state_error) = match serde_json::from_str::<SagaState>(&stored.state) {
+        // A finished saga is stored without its journal: the history has it.
+        Ok(state) if state.is_compact() && !events.is_empty() => {
+            match SagaState::fold(id, &events) {
+                Ok(full) => (Some(full), None),
+                Err(err) => (
+                    Some(state),
+                    Some(format!("the history does not fold: {err}")),
+                ),
+            }
+        }
         Ok(state) => (Some(state), None),
         Err(err) => (None, Some(format!("stored state does not decode: {err}"))),
     };

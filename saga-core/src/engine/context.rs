@@ -11,8 +11,8 @@ use super::guarded::{Guarded, run_guarded};
 use super::{SagaError, Shared};
 use crate::store::{CommitOutcome, Lease, Schedule, StoreError, Transition};
 use crate::{
-    CompensationReason, ErrorClass, EventKind, Phase, RetryDecision, SagaEvent, SagaState, Step,
-    StepContext, StepError, StepStatus, Timestamp, step_idempotency_key,
+    CompensationReason, ErrorClass, EventKind, Phase, RetryDecision, SagaEvent, SagaState,
+    SagaStatus, Step, StepContext, StepError, StepStatus, Timestamp, step_idempotency_key,
 };
 
 /// Why the workflow stopped making progress in this run.
@@ -367,7 +367,20 @@ impl SagaContext {
         let encode = |what: &str, err: serde_json::Error| {
             Halt::BadData(format!("cannot encode the saga {what}: {err}"))
         };
-        let state = serde_json::to_string(&self.state).map_err(|err| encode("state", err))?;
+        // A saga that completed or compensated never runs again: keep it compact (its
+        // history holds the journal), which roughly halves what a finished saga costs the
+        // store until retention removes it.
+        let finished = matches!(schedule, Schedule::Finished)
+            && matches!(
+                self.state.status,
+                SagaStatus::Completed | SagaStatus::Compensated
+            );
+        let state = if finished {
+            serde_json::to_string(&self.state.compact())
+        } else {
+            serde_json::to_string(&self.state)
+        }
+        .map_err(|err| encode("state", err))?;
         let events = self
             .pending
             .iter()

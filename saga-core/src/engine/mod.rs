@@ -818,7 +818,33 @@ impl Engine {
     /// # Errors
     /// [`EngineError::NotFound`], or [`EngineError::Encoding`] when the stored state does not
     /// decode.
+    ///
+    /// A saga that completed or compensated is stored compact (see
+    /// [`SagaState::is_compact`]): its journal is rebuilt from its history (one more read),
+    /// and the rest of the fold is checked against what is stored.
     pub async fn state(&self, id: SagaId) -> Result<SagaState, EngineError> {
+        let state = self.stored_state(id).await?;
+        if !state.is_compact() {
+            return Ok(state);
+        }
+        let history = self.history(id).await?;
+        let mut full = SagaState::fold(id, &history).map_err(|err| StoreError::Corrupt {
+            saga: id,
+            problem: format!("the history of a finished saga does not fold: {err}"),
+        })?;
+        full.cancel_requested |= state.cancel_requested;
+        if full.compact() != state {
+            return Err(StoreError::Corrupt {
+                saga: id,
+                problem: "the stored state of a finished saga differs from its history".into(),
+            }
+            .into());
+        }
+        Ok(full)
+    }
+
+    /// The state as stored (compact for a saga that completed or compensated).
+    async fn stored_state(&self, id: SagaId) -> Result<SagaState, EngineError> {
         let stored = self
             .shared
             .store
@@ -834,12 +860,12 @@ impl Engine {
         Ok(state)
     }
 
-    /// The saga's outcome so far.
+    /// The saga's outcome so far (one read: the journal is not needed).
     ///
     /// # Errors
     /// As [`Engine::state`].
     pub async fn outcome(&self, id: SagaId) -> Result<SagaOutcome, EngineError> {
-        Ok(SagaOutcome::from_state(&self.state(id).await?))
+        Ok(SagaOutcome::from_state(&self.stored_state(id).await?))
     }
 
     /// The saga's full event history, oldest first.
