@@ -5,6 +5,7 @@
 use saga_core::{Saga, SagaContext, SagaError, StepContext, saga_step};
 use serde::{Deserialize, Serialize};
 
+use crate::ledger::BookChange;
 use crate::services::{Backoffice, ServiceError, applied_by_key};
 
 /// A deal to book.
@@ -58,16 +59,18 @@ pub async fn create_deal(ctx: &StepContext, request: DealRequest) -> Result<Deal
         "deal-{}",
         ctx.idempotency_key().get(..8).unwrap_or_default()
     );
-    office
-        .effect(ctx, move |books| {
-            books.crm_deals.insert(
-                deal_id.clone(),
-                (request.company_id.clone(), request.amount_musd),
-            );
-            let summary = format!("CRM deal {deal_id} for {}", request.company_name);
-            Ok((Deal { deal_id, request }, summary))
+    let change = BookChange::CreateDeal {
+        summary: format!("CRM deal {deal_id} for {}", request.company_name),
+        company_id: request.company_id.clone(),
+        amount_musd: request.amount_musd,
+        result: serde_json::to_value(Deal {
+            deal_id: deal_id.clone(),
+            request,
         })
-        .await
+        .map_err(|e| ServiceError::Corrupt(e.to_string()))?,
+        deal_id,
+    };
+    office.effect(ctx, change).await
 }
 
 /// Deletes the deal from the CRM.
@@ -77,18 +80,14 @@ pub async fn delete_deal(
     deal: Deal,
 ) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
-    office
-        .effect(ctx, move |books| {
-            books.crm_deals.remove(&deal.deal_id);
-            Ok((
-                (),
-                format!(
-                    "CRM deal {} for {} deleted",
-                    deal.deal_id, request.company_name
-                ),
-            ))
-        })
-        .await
+    let change = BookChange::DeleteDeal {
+        summary: format!(
+            "CRM deal {} for {} deleted",
+            deal.deal_id, request.company_name
+        ),
+        deal_id: deal.deal_id,
+    };
+    office.effect(ctx, change).await
 }
 
 /// Adds the deal to the portfolio book.
@@ -98,27 +97,15 @@ pub async fn update_portfolio(
     deal: Deal,
 ) -> Result<PortfolioChange, ServiceError> {
     let office = Backoffice::of(ctx)?;
-    office
-        .effect(ctx, move |books| {
-            let entry = books
-                .portfolio
-                .entry(deal.request.company_id.clone())
-                .or_default();
-            let before = *entry;
-            *entry += deal.request.amount_musd;
-            let change = PortfolioChange {
-                before_musd: before,
-                after_musd: *entry,
-            };
-            Ok((
-                change,
-                format!(
-                    "portfolio {} +{}M",
-                    deal.request.company_name, deal.request.amount_musd
-                ),
-            ))
-        })
-        .await
+    let change = BookChange::AddToPortfolio {
+        summary: format!(
+            "portfolio {} +{}M",
+            deal.request.company_name, deal.request.amount_musd
+        ),
+        company_id: deal.request.company_id,
+        amount_musd: deal.request.amount_musd,
+    };
+    office.effect(ctx, change).await
 }
 
 /// Takes the deal back out of the portfolio book.
@@ -128,37 +115,24 @@ pub async fn revert_portfolio(
     change: PortfolioChange,
 ) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
-    office
-        .effect(ctx, move |books| {
-            let entry = books
-                .portfolio
-                .entry(deal.request.company_id.clone())
-                .or_default();
-            *entry -= change.after_musd - change.before_musd;
-            if entry.abs() < 1e-9 {
-                books.portfolio.remove(&deal.request.company_id);
-            }
-            Ok((
-                (),
-                format!("portfolio {} reverted", deal.request.company_name),
-            ))
-        })
-        .await
+    let change = BookChange::TakeFromPortfolio {
+        summary: format!("portfolio {} reverted", deal.request.company_name),
+        company_id: deal.request.company_id,
+        amount_musd: change.after_musd - change.before_musd,
+    };
+    office.effect(ctx, change).await
 }
 
 /// Notifies the investment committee.
 #[saga_step(compensate = send_retraction, reconcile = applied_by_key, timeout = "250ms", retry(max_attempts = 5, initial = "20ms", max = "400ms"))]
 pub async fn notify_committee(ctx: &StepContext, deal: Deal) -> Result<usize, ServiceError> {
     let office = Backoffice::of(ctx)?;
+    let text = format!(
+        "IC: new deal {} — {} ({}M)",
+        deal.deal_id, deal.request.company_name, deal.request.amount_musd
+    );
     office
-        .effect(ctx, move |books| {
-            let text = format!(
-                "IC: new deal {} — {} ({}M)",
-                deal.deal_id, deal.request.company_name, deal.request.amount_musd
-            );
-            books.committee.push(text.clone());
-            Ok((books.committee.len() - 1, text))
-        })
+        .effect(ctx, BookChange::NotifyCommittee { text })
         .await
 }
 
@@ -169,12 +143,9 @@ pub async fn send_retraction(
     message: usize,
 ) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
+    let text = format!("IC: RETRACTED notice #{message} for deal {}", deal.deal_id);
     office
-        .effect(ctx, move |books| {
-            let text = format!("IC: RETRACTED notice #{message} for deal {}", deal.deal_id);
-            books.committee.push(text.clone());
-            Ok(((), text))
-        })
+        .effect(ctx, BookChange::RetractCommitteeNotice { text })
         .await
 }
 
@@ -182,25 +153,12 @@ pub async fn send_retraction(
 #[saga_step(compensate = void_audit_entry, reconcile = applied_by_key, timeout = "250ms", retry(max_attempts = 5, initial = "20ms", max = "400ms"))]
 pub async fn write_audit_entry(ctx: &StepContext, deal: Deal) -> Result<String, ServiceError> {
     let office = Backoffice::of(ctx)?;
-    office
-        .effect(ctx, move |books| {
-            if deal.request.watchlisted {
-                return Err(ServiceError::Rejected(format!(
-                    "compliance hold on {}: audit trail refuses the deal",
-                    deal.request.company_name
-                )));
-            }
-            let audit_id = format!("audit-{}", books.audit.len() + 1);
-            books.audit.insert(
-                audit_id.clone(),
-                (format!("deal {} booked", deal.deal_id), false),
-            );
-            Ok((
-                audit_id.clone(),
-                format!("audit entry {audit_id} for deal {}", deal.deal_id),
-            ))
-        })
-        .await
+    let change = BookChange::WriteAuditEntry {
+        deal_id: deal.deal_id,
+        company_name: deal.request.company_name,
+        watchlisted: deal.request.watchlisted,
+    };
+    office.effect(ctx, change).await
 }
 
 /// Marks the audit entry void (audit trails are never deleted).
@@ -210,17 +168,11 @@ pub async fn void_audit_entry(
     audit_id: String,
 ) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
-    office
-        .effect(ctx, move |books| {
-            if let Some(entry) = books.audit.get_mut(&audit_id) {
-                entry.1 = true;
-            }
-            Ok((
-                (),
-                format!("audit entry {audit_id} for deal {} voided", deal.deal_id),
-            ))
-        })
-        .await
+    let change = BookChange::VoidAuditEntry {
+        summary: format!("audit entry {audit_id} for deal {} voided", deal.deal_id),
+        audit_id,
+    };
+    office.effect(ctx, change).await
 }
 
 /// The deal saga.

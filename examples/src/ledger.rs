@@ -4,9 +4,12 @@
 //! Stripe-style APIs do), and the final check reads it to prove that no effect was applied
 //! twice and that every compensated saga was fully undone.
 //!
-//! The books and the ledger change together in one atomic transaction
-//! ([`OfficeStore::transact`]), in memory or — with `--redis-url` — in Redis, so that they
-//! survive a `kill -9` of the example.
+//! An effect is a [`BookChange`]: a description, as data, of what it does to which record of
+//! the books. [`OfficeStore::apply_once`] applies it together with its recorded result and its
+//! ledger entry in one atomic step, in memory ([`MemoryOffice`], via [`BookChange::apply`]) or
+//! — with `--redis-url` — in Redis ([`crate::redis_office::RedisOffice`], via one Lua script
+//! with the same semantics), so that the books survive a `kill -9` of the example and effects
+//! on different records never wait for each other.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -16,11 +19,13 @@ use saga_core::Phase;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::deal::PortfolioChange;
 use crate::services::ServiceError;
+use crate::sourcing::RecordWrite;
 use crate::world::Caller;
 
 /// One applied effect or compensation.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     /// Global order of application.
     pub seq: u64,
@@ -38,8 +43,24 @@ pub struct Entry {
     pub summary: String,
 }
 
+impl Entry {
+    /// The entry of `caller`'s effect, number `seq`, described by `summary`.
+    #[must_use]
+    pub fn of(caller: &Caller, seq: u64, summary: String) -> Self {
+        Self {
+            seq,
+            saga: caller.saga.clone(),
+            position: caller.position,
+            step: caller.step.clone(),
+            phase: caller.phase,
+            key: caller.key.clone(),
+            summary,
+        }
+    }
+}
+
 /// The ledger's data.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ledger {
     /// Every entry, in order of application.
     pub entries: Vec<Entry>,
@@ -62,21 +83,13 @@ impl Ledger {
     /// Records an applied effect and its result.
     pub fn record(&mut self, caller: &Caller, summary: String, result: Value) {
         let seq = self.entries.len() as u64;
-        self.entries.push(Entry {
-            seq,
-            saga: caller.saga.clone(),
-            position: caller.position,
-            step: caller.step.clone(),
-            phase: caller.phase,
-            key: caller.key.clone(),
-            summary,
-        });
+        self.entries.push(Entry::of(caller, seq, summary));
         self.results.insert(caller.key.clone(), result);
     }
 }
 
 /// The back office's books.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Books {
     /// Sourcing records by content key (company + search date): score and version.
     pub deal_records: BTreeMap<String, (u32, u32)>,
@@ -93,7 +106,7 @@ pub struct Books {
 }
 
 /// Everything the back office keeps: books and ledger.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct OfficeState {
     /// The books.
     pub books: Books,
@@ -101,18 +114,274 @@ pub struct OfficeState {
     pub ledger: Ledger,
 }
 
-/// A change to the books: returns the effect's result and a summary for the ledger. A change
-/// that fails must fail before it mutates anything (every change in this example checks
-/// first, then writes).
-pub type BookChange = Box<dyn FnOnce(&mut Books) -> Result<(Value, String), ServiceError> + Send>;
+/// A portfolio position this close to zero is closed (removed from the book) rather than
+/// kept as floating-point dust after a revert.
+pub const CLOSED_POSITION_MUSD: f64 = 1e-9;
+
+/// A change to the books, as data: which record an effect changes and how, what it returns
+/// and how the ledger describes it. Data rather than a closure so that every office applies
+/// it with the same semantics where the books live — [`BookChange::apply`] in process,
+/// `examples/lua/office_apply.lua` inside Redis, one record at a time and atomically with the
+/// ledger — instead of reading the books, changing them and writing them back under a lock.
+///
+/// Summaries and results that do not depend on the books are computed by the step and
+/// carried as given (so that, for example, amounts are formatted by Rust in both offices);
+/// the rest is computed by the office from the record it changes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum BookChange {
+    /// Books a CRM deal (replacing one with the same id). Result: `result`, as given.
+    CreateDeal {
+        /// CRM id.
+        deal_id: String,
+        /// The company.
+        company_id: String,
+        /// Amount, in millions.
+        amount_musd: f64,
+        /// The effect's result (it depends on nothing in the books). Carried as JSON text so
+        /// that every office records exactly these bytes.
+        #[serde(with = "json_text")]
+        result: Value,
+        /// For the ledger.
+        summary: String,
+    },
+    /// Deletes a CRM deal; a deal that is not there stays absent. Result: `null`.
+    DeleteDeal {
+        /// CRM id.
+        deal_id: String,
+        /// For the ledger.
+        summary: String,
+    },
+    /// Adds to a company's portfolio position (opening it at 0). Result: the
+    /// [`PortfolioChange`] (amount before and after).
+    AddToPortfolio {
+        /// The company.
+        company_id: String,
+        /// Amount to add, in millions.
+        amount_musd: f64,
+        /// For the ledger.
+        summary: String,
+    },
+    /// Takes an amount off a company's portfolio position, closing a position that reaches
+    /// zero (within [`CLOSED_POSITION_MUSD`]). Result: `null`.
+    TakeFromPortfolio {
+        /// The company.
+        company_id: String,
+        /// Amount to take off, in millions.
+        amount_musd: f64,
+        /// For the ledger.
+        summary: String,
+    },
+    /// Sends the investment committee a notice. Result: the notice's index among the
+    /// committee's messages. Summary: the text.
+    NotifyCommittee {
+        /// The message.
+        text: String,
+    },
+    /// Sends the investment committee a retraction. Result: `null`. Summary: the text.
+    RetractCommitteeNotice {
+        /// The message.
+        text: String,
+    },
+    /// Writes audit entry `audit-<n>` (n = entries so far + 1) saying the deal was booked.
+    /// Compliance refuses a watchlisted company ([`ServiceError::Rejected`], nothing
+    /// written). Result: the audit id.
+    WriteAuditEntry {
+        /// The deal.
+        deal_id: String,
+        /// The company, for the refusal.
+        company_name: String,
+        /// Under a compliance hold.
+        watchlisted: bool,
+    },
+    /// Marks an audit entry void; an entry that is not there is left alone. Result: `null`.
+    VoidAuditEntry {
+        /// The audit entry.
+        audit_id: String,
+        /// For the ledger.
+        summary: String,
+    },
+    /// Creates version 1 of a deal record or writes the next version. Result: the
+    /// [`RecordWrite`] (the score and version it replaced).
+    UpsertDealRecord {
+        /// Content key of the record.
+        record_key: String,
+        /// The company, for the ledger.
+        company_id: String,
+        /// The new score.
+        score: u32,
+    },
+    /// Puts a deal record back to `previous`, or removes it when `previous` is `None`.
+    /// Result: `null`.
+    RestoreDealRecord {
+        /// Content key of the record.
+        record_key: String,
+        /// Score and version to restore.
+        previous: Option<(u32, u32)>,
+        /// For the ledger.
+        summary: String,
+    },
+    /// Sends the partners a message. Result: `null`. Summary: the text.
+    MessagePartners {
+        /// The message.
+        text: String,
+    },
+}
+
+/// A [`Value`] carried as a JSON string inside the change's own JSON.
+mod json_text {
+    use serde::de::Error as _;
+    use serde::{Deserialize as _, Deserializer, Serializer};
+    use serde_json::Value;
+
+    pub(super) fn serialize<S: Serializer>(
+        value: &Value,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&value.to_string())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Value, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        serde_json::from_str(&text).map_err(D::Error::custom)
+    }
+}
+
+fn encode<T: Serialize>(result: &T) -> Result<Value, ServiceError> {
+    serde_json::to_value(result).map_err(|e| ServiceError::Corrupt(e.to_string()))
+}
+
+impl BookChange {
+    /// Applies the change to `books`; returns the effect's result and the ledger's summary.
+    /// A change that fails has changed nothing.
+    ///
+    /// # Errors
+    /// [`ServiceError::Rejected`] when a business rule refuses it (a watchlisted company's
+    /// audit entry).
+    pub fn apply(&self, books: &mut Books) -> Result<(Value, String), ServiceError> {
+        match self {
+            Self::CreateDeal {
+                deal_id,
+                company_id,
+                amount_musd,
+                result,
+                summary,
+            } => {
+                books
+                    .crm_deals
+                    .insert(deal_id.clone(), (company_id.clone(), *amount_musd));
+                Ok((result.clone(), summary.clone()))
+            }
+            Self::DeleteDeal { deal_id, summary } => {
+                books.crm_deals.remove(deal_id);
+                Ok((Value::Null, summary.clone()))
+            }
+            Self::AddToPortfolio {
+                company_id,
+                amount_musd,
+                summary,
+            } => {
+                let before = books.portfolio.get(company_id).copied().unwrap_or_default();
+                let after = before + amount_musd;
+                let result = encode(&PortfolioChange {
+                    before_musd: before,
+                    after_musd: after,
+                })?;
+                books.portfolio.insert(company_id.clone(), after);
+                Ok((result, summary.clone()))
+            }
+            Self::TakeFromPortfolio {
+                company_id,
+                amount_musd,
+                summary,
+            } => {
+                let before = books.portfolio.get(company_id).copied().unwrap_or_default();
+                let after = before - amount_musd;
+                if after.abs() < CLOSED_POSITION_MUSD {
+                    books.portfolio.remove(company_id);
+                } else {
+                    books.portfolio.insert(company_id.clone(), after);
+                }
+                Ok((Value::Null, summary.clone()))
+            }
+            Self::NotifyCommittee { text } => {
+                books.committee.push(text.clone());
+                Ok((Value::from(books.committee.len() - 1), text.clone()))
+            }
+            Self::RetractCommitteeNotice { text } => {
+                books.committee.push(text.clone());
+                Ok((Value::Null, text.clone()))
+            }
+            Self::WriteAuditEntry {
+                deal_id,
+                company_name,
+                watchlisted,
+            } => {
+                if *watchlisted {
+                    return Err(ServiceError::Rejected(format!(
+                        "compliance hold on {company_name}: audit trail refuses the deal"
+                    )));
+                }
+                let audit_id = format!("audit-{}", books.audit.len() + 1);
+                books
+                    .audit
+                    .insert(audit_id.clone(), (format!("deal {deal_id} booked"), false));
+                let summary = format!("audit entry {audit_id} for deal {deal_id}");
+                Ok((Value::String(audit_id), summary))
+            }
+            Self::VoidAuditEntry { audit_id, summary } => {
+                if let Some(entry) = books.audit.get_mut(audit_id) {
+                    entry.1 = true;
+                }
+                Ok((Value::Null, summary.clone()))
+            }
+            Self::UpsertDealRecord {
+                record_key,
+                company_id,
+                score,
+            } => {
+                let previous = books.deal_records.get(record_key).copied();
+                let version = previous.map_or(1, |(_, v)| v + 1);
+                let result = encode(&RecordWrite {
+                    record_key: record_key.clone(),
+                    previous,
+                })?;
+                books
+                    .deal_records
+                    .insert(record_key.clone(), (*score, version));
+                let summary = format!("deal record {company_id} score {score} (v{version})");
+                Ok((result, summary))
+            }
+            Self::RestoreDealRecord {
+                record_key,
+                previous,
+                summary,
+            } => {
+                match previous {
+                    Some(previous) => books.deal_records.insert(record_key.clone(), *previous),
+                    None => books.deal_records.remove(record_key),
+                };
+                Ok((Value::Null, summary.clone()))
+            }
+            Self::MessagePartners { text } => {
+                books.partners.push(text.clone());
+                Ok((Value::Null, text.clone()))
+            }
+        }
+    }
+}
 
 /// Where the office state lives. Each effect is applied exactly once per idempotency key,
 /// atomically with its ledger entry.
 #[async_trait]
 pub trait OfficeStore: Send + Sync + std::fmt::Debug {
     /// Applies `change` unless `caller.key` already has a recorded result, in which case that
-    /// result comes back (counted as a duplicate) and nothing changes.
-    async fn apply_once(&self, caller: &Caller, change: BookChange) -> Result<Value, ServiceError>;
+    /// result comes back (counted as a duplicate) and nothing changes. A rejected change
+    /// records nothing.
+    async fn apply_once(&self, caller: &Caller, change: &BookChange)
+    -> Result<Value, ServiceError>;
 
     /// The recorded result of `key`, if its effect was applied (not counted as a duplicate).
     async fn recorded(&self, key: &str) -> Result<Option<Value>, ServiceError>;
@@ -138,12 +407,16 @@ impl MemoryOffice {
 
 #[async_trait]
 impl OfficeStore for MemoryOffice {
-    async fn apply_once(&self, caller: &Caller, change: BookChange) -> Result<Value, ServiceError> {
+    async fn apply_once(
+        &self,
+        caller: &Caller,
+        change: &BookChange,
+    ) -> Result<Value, ServiceError> {
         let mut state = self.lock();
         if let Some(previous) = state.ledger.replay(&caller.key) {
             return Ok(previous);
         }
-        let (result, summary) = change(&mut state.books)?;
+        let (result, summary) = change.apply(&mut state.books)?;
         state.ledger.record(caller, summary, result.clone());
         Ok(result)
     }

@@ -1,48 +1,58 @@
 //! The office state (books and ledger) in Redis, so that it survives a `kill -9` of the
 //! example together with the sagas, and so that several coordinator processes share one
-//! ledger. Keys (one hash tag, so that a Redis Cluster keeps them in one slot):
-//! `{<prefix>:office}:books` (JSON of the books), `{<prefix>:office}:results` (HASH
-//! idempotency key → result), `{<prefix>:office}:entries` (LIST of ledger entries),
-//! `{<prefix>:office}:duplicates` (counter), `{<prefix>:office}:lock`.
+//! ledger.
 //!
-//! An effect is applied under a short `SET NX PX` lock and written by one script that first
-//! checks that the lock still holds this writer's token and that the key has no result yet:
-//! a writer that was paused (`SIGSTOP`, a long GC-like stall) past the lock's lifetime finds
-//! its token gone and writes nothing, so books and ledger change together and each key's
-//! effect is applied at most once even when two coordinators run the same step.
+//! The office is stored record by record, so that effects on different records never wait
+//! for each other. Every key starts with the hash tag `{<prefix>:office}`, so that a Redis
+//! Cluster keeps them in one slot and one script may touch all of them:
+//!
+//! | Key | Type | Contents |
+//! |---|---|---|
+//! | `{<prefix>:office}:results` | hash | idempotency key → the effect's result (JSON) |
+//! | `{<prefix>:office}:entries` | list | ledger entries (JSON of [`Entry`]), in order of application |
+//! | `{<prefix>:office}:duplicates` | string | counter of repeated keys answered from `results` |
+//! | `{<prefix>:office}:deal_records` | hash | record key → `[score, version]` |
+//! | `{<prefix>:office}:crm_deals` | hash | deal id → `[company id, amount]` |
+//! | `{<prefix>:office}:portfolio` | hash | company id → invested amount (a number) |
+//! | `{<prefix>:office}:committee` | list | messages to the investment committee |
+//! | `{<prefix>:office}:partners` | list | messages to the partners |
+//! | `{<prefix>:office}:audit` | hash | audit id → `[text, voided]` |
+//!
+//! Each effect is one call of `lua/office_apply.lua`, which atomically checks whether the key
+//! already has a result (then returns it and counts a duplicate), validates the
+//! [`BookChange`] against the one record it names, and writes the record, the result and the
+//! ledger entry. There is no lock: a writer never reads the books to write them back later,
+//! so a writer paused for any length of time (`SIGSTOP`, a long stall) cannot overwrite
+//! anything with stale data, and the "already recorded" check inside the same script applies
+//! each key's effect at most once even when two coordinators run the same step at once.
+//!
+//! One slot means one primary serves the whole office on a cluster. Splitting it across
+//! slots would need a cross-slot order for the ledger (its `seq`, the committee's message
+//! numbers and the audit ids are global counters) and so a second round trip per effect;
+//! one script per effect on one primary does not limit the example (see
+//! `examples/README.md`).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::AsyncCommands as _;
-use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::ledger::{BookChange, Books, Entry, Ledger, OfficeState, OfficeStore};
 use crate::services::ServiceError;
 use crate::world::Caller;
 
-/// How long a lock holder may take before the lock lapses (a crashed holder blocks no longer).
-const LOCK_TTL: Duration = Duration::from_secs(2);
-
-const RELEASE: &str = r"
--- KEYS[1] lock key; ARGV[1] owner token. Deletes the lock only if this owner still holds it.
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0";
-
-const COMMIT: &str = r"
--- KEYS: lock, results, books, entries. ARGV: token, idempotency key, result, books, entry.
--- Writes only while this writer still holds the lock and the key has no result yet, then
--- releases the lock.
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 0 end
-redis.call('SET', KEYS[3], ARGV[4])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('RPUSH', KEYS[4], ARGV[5])
-redis.call('DEL', KEYS[1])
-return 1";
+const APPLY: &str = include_str!("../lua/office_apply.lua");
+/// How long a reply may take, as for the saga store (`saga_redis` defaults to 10 s): a slow
+/// reply under load is not a lost one, and the step's own timeout bounds how long a step
+/// waits for the office.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+const SNAPSHOT: &str = include_str!("../lua/office_snapshot.lua");
 
 /// A connection to one server or to a Redis Cluster.
 #[derive(Clone)]
@@ -79,25 +89,33 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// The office's keys, in the order both scripts take them.
+const KEY_NAMES: [&str; 9] = [
+    "results",
+    "entries",
+    "duplicates",
+    "deal_records",
+    "crm_deals",
+    "portfolio",
+    "committee",
+    "partners",
+    "audit",
+];
+const RESULTS: usize = 0;
+
 /// The office state in Redis.
 #[derive(Clone)]
 pub struct RedisOffice {
     conn: Conn,
-    books: String,
-    results: String,
-    entries: String,
-    duplicates: String,
-    lock: String,
-    release: redis::Script,
-    commit: redis::Script,
-    /// Serializes this process's writers, so that only one of them polls the Redis lock.
-    local: std::sync::Arc<tokio::sync::Mutex<()>>,
+    keys: Vec<String>,
+    apply: redis::Script,
+    snapshot: redis::Script,
 }
 
 impl std::fmt::Debug for RedisOffice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisOffice")
-            .field("books", &self.books)
+            .field("keys", &self.keys)
             .finish_non_exhaustive()
     }
 }
@@ -106,18 +124,51 @@ fn unavailable(err: &redis::RedisError) -> ServiceError {
     ServiceError::Unavailable(err.to_string())
 }
 
-fn corrupt(err: &serde_json::Error) -> ServiceError {
-    ServiceError::Corrupt(err.to_string())
+fn corrupt(what: &str, err: &serde_json::Error) -> ServiceError {
+    ServiceError::Corrupt(format!("{what}: {err}"))
 }
 
+fn decode<T: DeserializeOwned>(what: &str, text: &str) -> Result<T, ServiceError> {
+    serde_json::from_str(text).map_err(|e| corrupt(what, &e))
+}
+
+/// `[field, value, field, value, ...]` (a hash as a script returns it) as pairs.
+fn pairs(flat: Vec<String>, key: &str) -> Result<Vec<(String, String)>, ServiceError> {
+    if !flat.len().is_multiple_of(2) {
+        return Err(ServiceError::Corrupt(format!(
+            "the snapshot of {key} has an odd number of elements"
+        )));
+    }
+    let mut flat = flat.into_iter();
+    let mut out = Vec::with_capacity(flat.len() / 2);
+    while let (Some(field), Some(value)) = (flat.next(), flat.next()) {
+        out.push((field, value));
+    }
+    Ok(out)
+}
+
+/// What `office_snapshot.lua` returns after its `'ok'`, in its order.
+type SnapshotReply = (
+    Vec<String>,
+    Vec<String>,
+    Option<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+);
+
 impl RedisOffice {
-    /// Connects to `url` and keeps the state under `<prefix>:office:*`.
+    /// Connects to `url` and keeps the state under `{<prefix>:office}:*`.
     ///
     /// # Errors
     /// The connection failed.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
+        let config = ConnectionManagerConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let conn = ConnectionManager::new_with_config(client, config).await?;
         Ok(Self::with(Conn::Standalone(conn), prefix))
     }
 
@@ -127,7 +178,9 @@ impl RedisOffice {
     /// # Errors
     /// The connection failed.
     pub async fn connect_cluster(urls: &[String], prefix: &str) -> Result<Self, redis::RedisError> {
-        let client = redis::cluster::ClusterClient::new(urls.to_vec())?;
+        let client = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
+            .response_timeout(RESPONSE_TIMEOUT)
+            .build()?;
         let conn = client.get_async_connection().await?;
         Ok(Self::with(Conn::Cluster(conn), prefix))
     }
@@ -136,14 +189,12 @@ impl RedisOffice {
         let base = Self::key_base(prefix);
         Self {
             conn,
-            books: format!("{base}:books"),
-            results: format!("{base}:results"),
-            entries: format!("{base}:entries"),
-            duplicates: format!("{base}:duplicates"),
-            lock: format!("{base}:lock"),
-            release: redis::Script::new(RELEASE),
-            commit: redis::Script::new(COMMIT),
-            local: std::sync::Arc::new(tokio::sync::Mutex::new(())),
+            keys: KEY_NAMES
+                .iter()
+                .map(|name| format!("{base}:{name}"))
+                .collect(),
+            apply: redis::Script::new(APPLY),
+            snapshot: redis::Script::new(SNAPSHOT),
         }
     }
 
@@ -159,195 +210,146 @@ impl RedisOffice {
         format!("{}:entries", Self::key_base(prefix))
     }
 
-    async fn read_books(&self) -> Result<Books, ServiceError> {
-        let mut conn = self.conn.clone();
-        let text: Option<String> = conn.get(&self.books).await.map_err(|e| unavailable(&e))?;
-        text.map_or_else(
-            || Ok(Books::default()),
-            |t| serde_json::from_str(&t).map_err(|e| corrupt(&e)),
-        )
+    fn invocation<'a>(&'a self, script: &'a redis::Script) -> redis::ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
+        for key in &self.keys {
+            invocation.key(key);
+        }
+        invocation
     }
 
-    async fn acquire(&self, token: &str) -> Result<(), ServiceError> {
+    /// Reads the whole state in one atomic script call.
+    async fn read_all(&self) -> Result<SnapshotReply, ServiceError> {
         let mut conn = self.conn.clone();
-        let ttl_ms = u64::try_from(LOCK_TTL.as_millis()).unwrap_or(u64::MAX);
-        // A bounded number of short polls: a live holder needs a few milliseconds, a dead
-        // holder's lock lapses after LOCK_TTL.
-        for _ in 0..5_000 {
-            let set: Option<String> = redis::cmd("SET")
-                .arg(&self.lock)
-                .arg(token)
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl_ms)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| unavailable(&e))?;
-            if set.is_some() {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        Err(ServiceError::Unavailable(format!(
-            "lock `{}` stayed taken",
-            self.lock
-        )))
-    }
-
-    async fn release(&self, token: &str) {
-        let mut conn = self.conn.clone();
-        let released: Result<i64, _> = self
-            .release
-            .key(&self.lock)
-            .arg(token)
-            .invoke_async(&mut conn)
-            .await;
-        if let Err(err) = released {
-            tracing::warn!(error = %err, "could not release the office lock; it lapses by itself");
-        }
-    }
-
-    async fn apply_locked(
-        &self,
-        token: &str,
-        caller: &Caller,
-        change: BookChange,
-        released: &mut bool,
-    ) -> Result<Value, ServiceError> {
-        let mut conn = self.conn.clone();
-        // One round trip for everything the change needs.
-        let (previous, books, seq): (Option<String>, Option<String>, u64) = redis::pipe()
-            .hget(&self.results, &caller.key)
-            .get(&self.books)
-            .llen(&self.entries)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        if let Some(previous) = previous {
-            let _: i64 = conn
-                .incr(&self.duplicates, 1)
-                .await
-                .map_err(|e| unavailable(&e))?;
-            return serde_json::from_str(&previous).map_err(|e| corrupt(&e));
-        }
-        let mut books: Books = books.map_or_else(
-            || Ok(Books::default()),
-            |t| serde_json::from_str(&t).map_err(|e| corrupt(&e)),
-        )?;
-        let (result, summary) = change(&mut books)?;
-        let mut ledger = Ledger::default();
-        ledger.record(caller, summary, result.clone());
-        let mut entry: Entry = ledger.entries.remove(0);
-        entry.seq = seq;
-        let written: i64 = self
-            .commit
-            .key(&self.lock)
-            .key(&self.results)
-            .key(&self.books)
-            .key(&self.entries)
-            .arg(token)
-            .arg(&caller.key)
-            .arg(result.to_string())
-            .arg(serde_json::to_string(&books).map_err(|e| corrupt(&e))?)
-            .arg(serde_json::to_string(&entry).map_err(|e| corrupt(&e))?)
+        let reply: redis::Value = self
+            .invocation(&self.snapshot)
             .invoke_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
-        if written == 1 {
-            *released = true;
-        } else {
-            // The lock lapsed while this writer was stalled (and another writer may have
-            // applied the same key meanwhile): nothing was written; the caller tries again.
-            tracing::warn!(key = %caller.key, "office lock lapsed before the write; nothing written");
-            return Err(ServiceError::Unavailable(
-                "office lock lapsed before the write".into(),
-            ));
+        let redis::Value::Array(mut items) = reply else {
+            return Err(ServiceError::Corrupt(format!(
+                "office_snapshot.lua answered {reply:?}"
+            )));
+        };
+        let unreadable =
+            |e: redis::ParsingError| ServiceError::Corrupt(format!("office snapshot: {e}"));
+        let outcome: String = match items.first() {
+            Some(first) => redis::from_redis_value_ref(first).map_err(unreadable)?,
+            None => String::new(),
+        };
+        if outcome != "ok" {
+            let problem: Vec<String> =
+                redis::from_redis_value(redis::Value::Array(items)).map_err(unreadable)?;
+            return Err(ServiceError::Corrupt(format!(
+                "cannot read the office: {}",
+                problem.join(": ")
+            )));
         }
-        Ok(result)
-    }
-}
-
-/// Releases the lock of a dropped writer.
-struct LockGuard {
-    office: Option<RedisOffice>,
-    token: String,
-}
-
-impl Drop for LockGuard {
-    fn drop(&mut self) {
-        if let Some(office) = self.office.take() {
-            let token = std::mem::take(&mut self.token);
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move { office.release(&token).await });
-            }
-        }
+        items.remove(0);
+        redis::from_redis_value(redis::Value::Array(items)).map_err(unreadable)
     }
 }
 
 #[async_trait]
 impl OfficeStore for RedisOffice {
-    async fn apply_once(&self, caller: &Caller, change: BookChange) -> Result<Value, ServiceError> {
-        let _local = self.local.lock().await;
-        let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        self.acquire(&token).await?;
-        // A step that times out drops this future while it holds the lock: the guard then
-        // releases the lock from a task of its own, so it need not lapse (blocking every
-        // coordinator meanwhile). The effect itself is never finished late.
-        let mut guard = LockGuard {
-            office: Some(self.clone()),
-            token,
-        };
-        let mut released = false;
-        let outcome = self
-            .apply_locked(&guard.token, caller, change, &mut released)
-            .await;
-        if released {
-            guard.office = None;
-        } else if let Some(office) = guard.office.take() {
-            office.release(&guard.token).await;
+    async fn apply_once(
+        &self,
+        caller: &Caller,
+        change: &BookChange,
+    ) -> Result<Value, ServiceError> {
+        let change_json =
+            serde_json::to_string(change).map_err(|e| corrupt("encoding the change", &e))?;
+        // The script fills in the entry's position in the ledger and its summary.
+        let entry_json = serde_json::to_string(&Entry::of(caller, 0, String::new()))
+            .map_err(|e| corrupt("encoding the ledger entry", &e))?;
+        let mut conn = self.conn.clone();
+        let (outcome, detail): (String, String) = self
+            .invocation(&self.apply)
+            .arg(&caller.key)
+            .arg(change_json)
+            .arg(entry_json)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        match outcome.as_str() {
+            "applied" | "duplicate" => decode("the recorded result", &detail),
+            "rejected" => Err(ServiceError::Rejected(detail)),
+            "invalid" => Err(ServiceError::Corrupt(format!(
+                "the office refused the change for key {}: {detail}",
+                caller.key
+            ))),
+            "corrupt" => Err(ServiceError::Corrupt(format!(
+                "the office in Redis is unreadable: {detail}"
+            ))),
+            other => Err(ServiceError::Corrupt(format!(
+                "office_apply.lua answered `{other}`: {detail}"
+            ))),
         }
-        outcome
     }
 
     async fn recorded(&self, key: &str) -> Result<Option<Value>, ServiceError> {
         let mut conn = self.conn.clone();
         let text: Option<String> = conn
-            .hget(&self.results, key)
+            .hget(&self.keys[RESULTS], key)
             .await
             .map_err(|e| unavailable(&e))?;
-        text.map(|t| serde_json::from_str(&t).map_err(|e| corrupt(&e)))
-            .transpose()
+        text.map(|t| decode("the recorded result", &t)).transpose()
     }
 
     async fn snapshot(&self) -> Result<OfficeState, ServiceError> {
-        let mut conn = self.conn.clone();
-        let books = self.read_books().await?;
-        let results: std::collections::HashMap<String, String> = conn
-            .hgetall(&self.results)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let entries: Vec<String> = conn
-            .lrange(&self.entries, 0, -1)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let duplicates: Option<u64> = conn
-            .get(&self.duplicates)
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let (
+            results,
+            entries,
+            duplicates,
+            deal_records,
+            crm_deals,
+            portfolio,
+            committee,
+            partners,
+            audit,
+        ) = self.read_all().await?;
+        let mut books = Books {
+            committee,
+            partners,
+            ..Books::default()
+        };
+        for (record_key, record) in pairs(deal_records, "deal_records")? {
+            let record = decode(&format!("deal record {record_key}"), &record)?;
+            books.deal_records.insert(record_key, record);
+        }
+        for (deal_id, deal) in pairs(crm_deals, "crm_deals")? {
+            let deal = decode(&format!("CRM deal {deal_id}"), &deal)?;
+            books.crm_deals.insert(deal_id, deal);
+        }
+        for (company_id, amount) in pairs(portfolio, "portfolio")? {
+            // `str::parse` reads the shortest round-trip text exactly.
+            let amount: f64 = amount.parse().map_err(|e| {
+                ServiceError::Corrupt(format!(
+                    "portfolio position {company_id} is not a number ({amount:?}): {e}"
+                ))
+            })?;
+            books.portfolio.insert(company_id, amount);
+        }
+        for (audit_id, entry) in pairs(audit, "audit")? {
+            let entry = decode(&format!("audit entry {audit_id}"), &entry)?;
+            books.audit.insert(audit_id, entry);
+        }
         let ledger = Ledger {
             entries: entries
                 .iter()
-                .map(|e| serde_json::from_str(e).map_err(|e| corrupt(&e)))
+                .map(|e| decode("a ledger entry", e))
                 .collect::<Result<_, _>>()?,
-            results: results
+            results: pairs(results, "results")?
                 .into_iter()
-                .map(|(k, v)| {
-                    serde_json::from_str(&v)
-                        .map(|v| (k, v))
-                        .map_err(|e| corrupt(&e))
+                .map(|(k, v)| decode("a recorded result", &v).map(|v| (k, v)))
+                .collect::<Result<HashMap<_, _>, _>>()?,
+            duplicates: duplicates
+                .map(|d| {
+                    d.parse()
+                        .map_err(|e| ServiceError::Corrupt(format!("duplicate counter {d:?}: {e}")))
                 })
-                .collect::<Result<_, _>>()?,
-            duplicates: duplicates.unwrap_or_default(),
+                .transpose()?
+                .unwrap_or_default(),
         };
         Ok(OfficeState { books, ledger })
     }

@@ -7,11 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use saga_core::{Classify, HttpStatus, MissingResource, Reconciled, StepContext};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::ledger::{Books, OfficeStore};
+use crate::ledger::{BookChange, OfficeStore};
 use crate::world::{Caller, World};
 
 /// What a simulated service can answer.
@@ -220,31 +219,20 @@ impl Backoffice {
     }
 
     /// A mutating call, exactly once per idempotency key: faults first; then, unless the key
-    /// was seen before (in which case the recorded result comes back), `apply` runs on the
-    /// books and is recorded in the ledger. The crash switch may stop the process right
-    /// after the effect, before the caller hears of it.
+    /// was seen before (in which case the recorded result comes back), `change` is applied to
+    /// the books and recorded in the ledger, and its result decoded as `T`. The crash switch
+    /// may stop the process right after the effect, before the caller hears of it.
     ///
     /// # Errors
-    /// The injected fault, or `apply`'s rejection (which records nothing).
-    pub async fn effect<T: Serialize + DeserializeOwned>(
+    /// The injected fault, or the change's rejection (which records nothing).
+    pub async fn effect<T: DeserializeOwned>(
         &self,
         ctx: &StepContext,
-        apply: impl FnOnce(&mut Books) -> Result<(T, String), ServiceError> + Send + 'static,
+        change: BookChange,
     ) -> Result<T, ServiceError> {
         let caller = Caller::of(ctx);
         let lose_response = self.world.call(&caller).await?;
-        let value = self
-            .state
-            .apply_once(
-                &caller,
-                Box::new(move |books| {
-                    let (result, summary) = apply(books)?;
-                    let value = serde_json::to_value(&result)
-                        .map_err(|e| ServiceError::Corrupt(e.to_string()))?;
-                    Ok((value, summary))
-                }),
-            )
-            .await?;
+        let value = self.state.apply_once(&caller, &change).await?;
         let result =
             serde_json::from_value(value).map_err(|e| ServiceError::Corrupt(e.to_string()))?;
         self.world.crash.after_effect().await;

@@ -6,6 +6,7 @@
 use saga_core::{Saga, SagaContext, SagaError, StepContext, content_key, saga_step};
 use serde::{Deserialize, Serialize};
 
+use crate::ledger::BookChange;
 use crate::services::{Backoffice, Company, ServiceError, applied_by_key};
 
 /// Scores at or above this are "high" and go on to a deal.
@@ -130,27 +131,12 @@ pub async fn upsert_deal_record(
     scored: Scored,
 ) -> Result<RecordWrite, ServiceError> {
     let office = Backoffice::of(ctx)?;
-    let record_key = content_key(&["deal-record", &scored.company.id, &scored.search_date]);
-    office
-        .effect(ctx, move |books| {
-            let previous = books.deal_records.get(&record_key).copied();
-            let version = previous.map_or(1, |(_, v)| v + 1);
-            books
-                .deal_records
-                .insert(record_key.clone(), (scored.score, version));
-            let summary = format!(
-                "deal record {} score {} (v{version})",
-                scored.company.id, scored.score
-            );
-            Ok((
-                RecordWrite {
-                    record_key,
-                    previous,
-                },
-                summary,
-            ))
-        })
-        .await
+    let change = BookChange::UpsertDealRecord {
+        record_key: content_key(&["deal-record", &scored.company.id, &scored.search_date]),
+        company_id: scored.company.id,
+        score: scored.score,
+    };
+    office.effect(ctx, change).await
 }
 
 /// Undoes a deal record write: restores the previous version or removes a new record.
@@ -160,17 +146,12 @@ pub async fn restore_deal_record(
     write: RecordWrite,
 ) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
-    office
-        .effect(ctx, move |books| {
-            match write.previous {
-                Some(previous) => books
-                    .deal_records
-                    .insert(write.record_key.clone(), previous),
-                None => books.deal_records.remove(&write.record_key),
-            };
-            Ok(((), format!("deal record {} restored", scored.company.id)))
-        })
-        .await
+    let change = BookChange::RestoreDealRecord {
+        record_key: write.record_key,
+        previous: write.previous,
+        summary: format!("deal record {} restored", scored.company.id),
+    };
+    office.effect(ctx, change).await
 }
 
 /// Tells the partners about a high score. A sent message cannot be unsent; the step is the
@@ -182,15 +163,12 @@ pub async fn restore_deal_record(
 )]
 pub async fn notify_partners(ctx: &StepContext, scored: Scored) -> Result<(), ServiceError> {
     let office = Backoffice::of(ctx)?;
+    let text = format!(
+        "{} scored {} — worth a look",
+        scored.company.name, scored.score
+    );
     office
-        .effect(ctx, move |books| {
-            let text = format!(
-                "{} scored {} — worth a look",
-                scored.company.name, scored.score
-            );
-            books.partners.push(text.clone());
-            Ok(((), text))
-        })
+        .effect(ctx, BookChange::MessagePartners { text })
         .await
 }
 

@@ -369,18 +369,20 @@ fn kill_and_stop(target: &Target, prefix: &str, count: usize) {
     a.child.kill().unwrap();
     a.wait_exit(Duration::from_secs(10));
     // Stop B (it keeps its leases on paper) until another coordinator took over one of them.
+    // What B holds is read once it is stopped: a saga listed while B runs may finish before
+    // the signal lands (an effect takes milliseconds), and a finished saga is never taken
+    // over. If B holds nothing once stopped, it is continued and stopped again later.
     let held = loop {
+        if held_by(&rt, &store, "coord-b").is_empty() && load.exited().is_none() {
+            std::thread::sleep(POLL);
+            continue;
+        }
+        b.signal("STOP");
         let held = held_by(&rt, &store, "coord-b");
         if !held.is_empty() || load.exited().is_some() {
             break held;
         }
-        std::thread::sleep(POLL);
-    };
-    b.signal("STOP");
-    let held = if held.is_empty() {
-        held_by(&rt, &store, "coord-b")
-    } else {
-        held
+        b.signal("CONT");
     };
     println!("coord-b held {} sagas when stopped", held.len());
     if !held.is_empty() {
