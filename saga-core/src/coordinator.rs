@@ -101,6 +101,8 @@ impl Coordinator {
     /// write before this coordinator deletes them with their histories, in small batches in
     /// the background; `None` keeps them until an operator purges them. Sagas that are not
     /// terminal are never touched. Without retention the store grows by every saga run.
+    /// Failed sagas go too: an operator has the retention period to retry or inspect them
+    /// (alert on `saga_stored_sagas{status="failed"}`).
     #[must_use]
     pub fn retention(mut self, keep: Option<Duration>) -> Self {
         self.retention = keep;
@@ -200,13 +202,20 @@ impl Coordinator {
         if let Err(err) = claimer.await {
             tracing::error!(error = %err, "the claim loop panicked");
         }
-        if let Err(err) = chores.await {
+        // Chores are not worth waiting for: an interrupted purge batch is atomic anyway.
+        chores.abort();
+        if let Err(err) = chores.await
+            && !err.is_cancelled()
+        {
             tracing::error!(error = %err, "the housekeeping task panicked");
         }
         handoffs.close();
-        let mut unstarted = Vec::new();
+        // Handed over but never started: free at once for other coordinators.
         while let Some(handoff) = handoffs.recv().await {
-            unstarted.push(handoff.lease);
+            report.released_at_shutdown += 1;
+            if let Err(err) = store.release(&handoff.lease).await {
+                tracing::warn!(saga_id = %handoff.lease.saga_id, error = %err, "could not release a lease at shutdown; it lapses by itself");
+            }
         }
         self.engine.begin_shutdown();
         let deadline = tokio::time::Instant::now() + self.shutdown_grace;
@@ -220,7 +229,7 @@ impl Coordinator {
         while let Some(joined) = running.join_next_with_id().await {
             record(&mut report, &mut leases, joined);
         }
-        for lease in leases.into_values().chain(unstarted) {
+        for lease in leases.into_values() {
             report.released_at_shutdown += 1;
             if let Err(err) = store.release(&lease).await {
                 tracing::warn!(saga_id = %lease.saga_id, error = %err, "could not release a lease at shutdown; it lapses by itself");

@@ -116,6 +116,14 @@ impl From<EngineError> for ApiError {
                     .with("saga_type", name)
                     .with("known_types", known)
             }
+            EngineError::InvalidInput {
+                saga_type,
+                path,
+                message: problem,
+            } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", message)
+                .with("saga_type", saga_type)
+                .with("path", path)
+                .with("problem", problem),
             EngineError::NotFound(id) => {
                 Self::new(StatusCode::NOT_FOUND, "saga_not_found", message)
                     .with("id", id.to_string())

@@ -151,6 +151,15 @@ pub(crate) async fn wait(
         .min(app.config.max_wait);
     match app.engine.wait(id, timeout).await {
         Ok(outcome) => Ok(Json(outcome_json(&outcome)).into_response()),
+        // Set aside for bad data: it will not run again until an operator acts, so the wait
+        // is over from the caller's point of view.
+        Err(saga_core::EngineError::Quarantined { saga, reason }) => Ok(Json(json!({
+            "id": saga,
+            "status": "quarantined",
+            "terminal": true,
+            "reason": reason,
+        }))
+        .into_response()),
         Err(saga_core::EngineError::WaitTimedOut { saga, status }) => Ok((
             StatusCode::ACCEPTED,
             Json(json!({ "id": saga, "status": status, "terminal": false })),

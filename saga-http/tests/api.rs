@@ -857,3 +857,64 @@ async fn serves_over_a_real_tcp_socket() {
     server.await.unwrap().unwrap();
     workers.stop().await;
 }
+
+#[tokio::test]
+async fn an_input_that_does_not_fit_the_saga_type_is_refused_and_nothing_is_stored() {
+    let engine = engine();
+    let app = app(&engine);
+    for (body, path) in [
+        (json!({ "foo": 1 }), "."),
+        (json!(null), "."),
+        (json!({ "name": 7 }), "name"),
+    ] {
+        let reply = send(
+            &app,
+            post_json("/sagas/greet", body.to_string(), Some("k-1")),
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{}",
+            reply.text()
+        );
+        let error = reply.json();
+        assert_eq!(error["code"], "invalid_input", "{error}");
+        assert_eq!(error["saga_type"], "greet");
+        assert_eq!(error["path"], path, "{error}");
+        assert!(
+            error["error"]
+                .as_str()
+                .unwrap()
+                .contains("nothing was started")
+        );
+    }
+    let counts = engine.store().count_by_status().await.unwrap();
+    assert_eq!(
+        counts.values().sum::<u64>(),
+        0,
+        "nothing stored: {counts:?}"
+    );
+    // The key was not used up: a fitting input starts the saga under it.
+    let started = start(&app, "ada", Some("k-1")).await;
+    assert_eq!(started.status, StatusCode::CREATED, "{}", started.text());
+}
+
+#[tokio::test]
+async fn wait_on_a_quarantined_saga_ends_with_its_reason() {
+    let engine = engine();
+    let app = app(&engine);
+    let started = start(&app, "ada", None).await;
+    let id: SagaId = id_of(&started).parse().unwrap();
+    engine
+        .store()
+        .quarantine(id, "stored input does not decode (test)")
+        .await
+        .unwrap();
+    let reply = get(&app, &format!("/sagas/{id}/wait?timeout_ms=5000")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["status"], "quarantined");
+    assert_eq!(body["terminal"], true);
+    assert_eq!(body["reason"], "stored input does not decode (test)");
+}

@@ -43,6 +43,9 @@ if not is_ms(ARGV[2]) or not is_uint(ARGV[3]) or not is_uint(ARGV[4]) then
   return { 'invalid', 'claim_due: ttl, max payload and limit must be non-negative integers' }
 end
 local ttl, max, limit = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if ttl < 1 then
+  return { 'invalid', 'claim_due: the lease ttl must be at least 1 ms' }
+end
 if limit < 1 or limit > 1000 then
   return { 'invalid', 'claim_due: limit must be between 1 and 1000, got ' .. ARGV[4] }
 end

@@ -58,9 +58,17 @@ impl RedisStore {
         let one_call = visit.partitions.len() == 1
             || (standalone && visit.partitions.len() <= MAX_PARTITIONS_PER_CALL);
         let result = if one_call {
-            self.claim_from(request, &visit.partitions, limit)
-                .await
-                .map(|claimed| claimed.leases.into_iter().map(|(_, l)| l).collect())
+            match self.claim_from(request, &visit.partitions, limit).await {
+                Ok(claimed) => Ok(claimed.leases.into_iter().map(|(_, l)| l).collect()),
+                // One partition's keys are damaged (a wrong type): claim from the others one
+                // by one, so that it does not stop claiming everywhere.
+                Err(StoreError::Corrupt { problem, .. }) if visit.partitions.len() > 1 => {
+                    tracing::warn!(%problem, "claim_due: a partition's keys are damaged; claiming partition by partition");
+                    self.claim_one_by_one(request, &visit.partitions, limit)
+                        .await
+                }
+                Err(err) => Err(err),
+            }
         } else {
             self.peek_then_claim(request, &visit.partitions, limit)
                 .await
@@ -153,6 +161,36 @@ impl RedisStore {
         Ok(Claimed { leases })
     }
 
+    /// Claims from each partition in turn until `limit` are taken, skipping (and logging)
+    /// partitions that fail.
+    async fn claim_one_by_one(
+        &self,
+        request: &ClaimRequest,
+        partitions: &[u16],
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let mut leases = Vec::new();
+        let mut failure = None;
+        for &p in partitions {
+            if leases.len() >= limit {
+                // Not visited this time: look again next time.
+                self.inner.hints.mark_dirty(p);
+                continue;
+            }
+            match self.claim_from(request, &[p], limit - leases.len()).await {
+                Ok(claimed) => leases.extend(claimed.leases.into_iter().map(|(_, l)| l)),
+                Err(err) => {
+                    tracing::warn!(partition = p, error = %err, "claim_due: a partition could not be claimed from");
+                    failure.get_or_insert(err);
+                }
+            }
+        }
+        match failure {
+            Some(err) if leases.is_empty() => Err(err),
+            _ => Ok(leases),
+        }
+    }
+
     /// The cluster path: peek the oldest due entries of every partition, pick the oldest
     /// `limit` over all of them, then claim each partition's share, concurrently.
     async fn peek_then_claim(
@@ -164,8 +202,18 @@ impl RedisStore {
         let mut candidates = Vec::new();
         let mut oldest: HashMap<u16, u64> = HashMap::new();
         let peeks = partitions.iter().map(|&p| self.peek(p, limit));
+        let mut failure = None;
         for (&p, result) in partitions.iter().zip(join_all(peeks).await) {
-            let head = result?;
+            let head = match result {
+                Ok(head) => head,
+                // One partition failing (a node away, a damaged key) must not stop the others.
+                Err(err) => {
+                    tracing::warn!(partition = p, error = %err, "claim_due: a partition could not be peeked");
+                    self.inner.hints.mark_dirty(p);
+                    failure.get_or_insert(err);
+                    continue;
+                }
+            };
             match head.first() {
                 Some((score, _)) => {
                     oldest.insert(p, *score);
@@ -173,6 +221,11 @@ impl RedisStore {
                 None => self.inner.hints.visited(p, None),
             }
             candidates.extend(head.into_iter().map(|(score, id)| (score, p, id)));
+        }
+        if candidates.is_empty()
+            && let Some(err) = failure
+        {
+            return Err(err);
         }
         candidates.sort();
         candidates.truncate(limit);

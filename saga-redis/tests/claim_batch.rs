@@ -320,3 +320,24 @@ async fn with_nothing_due_a_claim_makes_no_round_trip_and_timers_set_elsewhere_a
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_partition_key_does_not_stop_claiming_from_the_others() {
+    let store = standalone("damaged").await;
+    let healthy = create_in(&store, 5).await;
+    // Partition 3's due set is overwritten with a string (an operator's mistake).
+    let client = redis::Client::open(shared_server().url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("SET")
+        .arg(store.keys().due(3))
+        .arg("not a zset")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let claimed = store.claim_due(&request("worker"), 10).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|l| l.saga_id).collect::<Vec<_>>(),
+        vec![healthy],
+        "the healthy partition is claimed from"
+    );
+}

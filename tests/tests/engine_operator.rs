@@ -86,17 +86,50 @@ async fn start_json_of_an_unknown_type_lists_the_known_ones() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn start_json_refuses_an_input_the_type_cannot_decode_and_stores_nothing() {
+    let h = Harness::new();
+    let engine = h.engine(Plan::linear(2));
+    for bad in [json!({"not": "a number"}), json!(null), json!("seven")] {
+        let err = engine
+            .start_json("scripted", bad.clone(), StartOptions::key("bad-input"))
+            .await
+            .unwrap_err();
+        let EngineError::InvalidInput {
+            saga_type,
+            path,
+            message,
+        } = err
+        else {
+            panic!("expected InvalidInput for {bad}, got {err:?}")
+        };
+        assert_eq!(saga_type, "scripted");
+        assert_eq!(path, ".");
+        assert!(
+            message.contains("u32") || message.contains("integer"),
+            "{message}"
+        );
+    }
+    let counts = h.store.count_by_status().await.unwrap();
+    assert_eq!(
+        counts.values().sum::<u64>(),
+        0,
+        "nothing was stored: {counts:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn start_json_with_an_input_the_type_cannot_decode_is_quarantined_when_run() {
     let h = Harness::new();
     let engine = h.engine(Plan::linear(2));
     let started = engine
-        .start_json(
-            "scripted",
-            json!({"not": "a number"}),
-            StartOptions::default(),
-        )
+        .start_json("scripted", json!(7), StartOptions::default())
         .await
         .unwrap();
+    // Data written by another version: the stored input no longer decodes.
+    let stored = h.store.load(started.id).await.unwrap().unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&stored.state).unwrap();
+    state["input"] = json!({"not": "a number"});
+    assert!(h.store.corrupt_state(started.id, &state.to_string()));
 
     let err = engine.run_to_end(started.id).await.unwrap_err();
     let EngineError::Quarantined { saga, reason } = err else {

@@ -42,6 +42,9 @@ pub(crate) trait ErasedSaga: Send + Sync {
     fn name(&self) -> &'static str;
     fn version(&self) -> u32;
     async fn run_erased(&self, saga: &mut SagaContext, input: Value) -> Result<Value, SagaError>;
+    /// Whether `input` decodes as the saga's input type; on failure, the path of the
+    /// offending field (`.` for the top level) and serde's message.
+    fn check_input(&self, input: &Value) -> Result<(), (String, String)>;
 }
 
 pub(crate) struct TypedSaga<S>(pub(crate) S);
@@ -54,6 +57,12 @@ impl<S: Saga> ErasedSaga for TypedSaga<S> {
 
     fn version(&self) -> u32 {
         S::VERSION
+    }
+
+    fn check_input(&self, input: &Value) -> Result<(), (String, String)> {
+        serde_path_to_error::deserialize::<_, S::Input>(input)
+            .map(drop)
+            .map_err(|err| (err.path().to_string(), err.into_inner().to_string()))
     }
 
     async fn run_erased(&self, saga: &mut SagaContext, input: Value) -> Result<Value, SagaError> {

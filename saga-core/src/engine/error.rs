@@ -70,6 +70,19 @@ pub enum EngineError {
         /// The registered names.
         known: Vec<String>,
     },
+    /// The input given to [`Engine::start_json`](crate::Engine::start_json) does not decode
+    /// as the saga type's input; nothing was stored.
+    #[error(
+        "the input does not fit saga type `{saga_type}` at `{path}`: {message}; nothing was started"
+    )]
+    InvalidInput {
+        /// The saga type.
+        saga_type: String,
+        /// Where in the input the problem is (`.` for the whole input).
+        path: String,
+        /// serde's message.
+        message: String,
+    },
     /// No saga with this id.
     #[error("saga {0} not found")]
     NotFound(SagaId),

@@ -18,6 +18,11 @@ use crate::{SagaId, SagaState, SagaStatus};
 /// How many recent outcomes an engine keeps for waiters that arrive after the end.
 const RECENT_OUTCOMES: usize = 4096;
 
+/// How long a recent outcome answers waiters: long enough for a client's start-then-wait,
+/// short enough that a saga purged and started again elsewhere under the same idempotency
+/// key is not answered from here for long.
+const RECENT_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every value guarded here is left whole by each critical section (plain inserts and
     // removals), so a panic elsewhere cannot leave it half-written.
@@ -43,7 +48,7 @@ pub(crate) struct LocalState {
 #[derive(Default)]
 struct Recent {
     order: VecDeque<SagaId>,
-    outcomes: HashMap<SagaId, SagaOutcome>,
+    outcomes: HashMap<SagaId, (tokio::time::Instant, SagaOutcome)>,
 }
 
 impl LocalState {
@@ -54,7 +59,18 @@ impl LocalState {
 
     /// The outcome of a run of `id` that ended here lately, if it can never change again.
     pub(crate) fn recent_outcome(&self, id: SagaId) -> Option<SagaOutcome> {
-        lock(&self.recent).outcomes.get(&id).cloned()
+        lock(&self.recent)
+            .outcomes
+            .get(&id)
+            .filter(|(at, _)| at.elapsed() < RECENT_FOR)
+            .map(|(_, outcome)| outcome.clone())
+    }
+
+    /// Forgets what ended here for `id`: it runs again (an idempotency key reused after its
+    /// saga was purged gives the same id).
+    fn forget(&self, id: SagaId) {
+        // The order queue keeps the id; it is skipped when it comes up for eviction.
+        lock(&self.recent).outcomes.remove(&id);
     }
 
     /// Tells the caller when this engine's current run of `id` ends, with its outcome if it
@@ -78,11 +94,8 @@ impl LocalState {
             return;
         }
         let mut recent = lock(&self.recent);
-        if recent
-            .outcomes
-            .insert(outcome.id, outcome.clone())
-            .is_none()
-        {
+        let entry = (tokio::time::Instant::now(), outcome.clone());
+        if recent.outcomes.insert(outcome.id, entry).is_none() {
             recent.order.push_back(outcome.id);
         }
         while recent.order.len() > RECENT_OUTCOMES {
@@ -194,12 +207,12 @@ impl Slot {
     pub(crate) fn hand_over(
         self,
         lease: Lease,
-        state: SagaState,
+        state: Option<SagaState>,
         local: LocalRun,
     ) -> Result<(), Lease> {
         let handoff = Handoff {
             lease,
-            state: Some(state),
+            state,
             local: Some(local),
             permit: self.permit,
         };
@@ -257,7 +270,11 @@ impl Shared {
 
     /// Marks `id` running here unless it already is.
     pub(crate) fn try_local_run(self: &Arc<Self>, id: SagaId) -> Option<LocalRun> {
-        lock(&self.local.running).insert(id).then(|| LocalRun {
+        let inserted = lock(&self.local.running).insert(id);
+        if inserted {
+            self.local.forget(id);
+        }
+        inserted.then(|| LocalRun {
             shared: Arc::clone(self),
             id,
             outcome: None,

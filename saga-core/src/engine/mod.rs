@@ -492,24 +492,56 @@ impl Engine {
         } else {
             self.shared.local.free_worker()
         };
-        let claim = slot.as_ref().map(|_| self.claim_request());
-        let (started, lease) = self
-            .create_value(name, version, input, options, claim)
-            .await?;
-        if let (Some(slot), Some((lease, state))) = (slot, lease) {
-            // Created just now with our lease: nothing else here can be running it.
-            let handed = match self.shared.try_local_run(started.id) {
-                Some(run) => slot.hand_over(lease, state, run),
-                None => Err(lease),
-            };
-            if let Err(lease) = handed {
-                // The coordinator stopped meanwhile: let any coordinator have it at once.
-                if let Err(err) = self.shared.store.release(&lease).await {
-                    tracing::warn!(saga_id = %lease.saga_id, error = %err, "could not release a saga started during shutdown; it runs once its lease lapses");
+        let Some(slot) = slot else {
+            return self
+                .create_value(name, version, input, options, None)
+                .await
+                .map(|(started, _)| started);
+        };
+        // In a task of its own: once the saga is created with our lease, the hand-over must
+        // happen even if the caller goes away (an HTTP client that disconnects), or the saga
+        // would wait for its lease to lapse.
+        let engine = self.clone();
+        let claim = Some(self.claim_request());
+        let task = tokio::spawn(async move {
+            let (started, lease) = engine
+                .create_value(name, version, input, options, claim)
+                .await?;
+            engine.hand_over(slot, started.id, lease).await;
+            Ok(started)
+        });
+        task.await.map_err(|err| EngineError::Interrupted {
+            saga: SagaId(uuid::Uuid::nil()),
+            reason: format!("the start task failed: {err}"),
+        })?
+    }
+
+    /// Gives a saga created for a free local worker to that worker.
+    async fn hand_over(&self, slot: local::Slot, id: SagaId, created: Option<(Lease, SagaState)>) {
+        // Already running here (a repeated start of a saga this engine runs): nothing to do.
+        let Some(run) = self.shared.try_local_run(id) else {
+            return;
+        };
+        let (lease, state) = match created {
+            Some((lease, state)) => (lease, Some(state)),
+            // Not created by this call: an idempotent repeat, or our own create whose reply
+            // was lost (then we hold its lease without knowing it). A claim settles both:
+            // same-owner claims succeed, and a saga due anyway may as well run here.
+            None => match self.shared.store.claim(id, &self.claim_request()).await {
+                Ok(ClaimOutcome::Claimed(lease)) => (lease, None),
+                Ok(_) => return,
+                Err(err) => {
+                    tracing::debug!(saga_id = %id, error = %err, "could not claim a started saga for a local worker; any coordinator will");
+                    return;
                 }
+            },
+        };
+        if let Err(lease) = slot.hand_over(lease, state, run) {
+            // The coordinator stopped meanwhile: let any coordinator have it at once.
+            if let Err(err) = self.shared.store.release(&lease).await {
+                tracing::warn!(saga_id = %lease.saga_id, error = %err, "could not release a saga started during shutdown; it runs once its lease lapses");
             }
         }
-        Ok(started)
     }
 
     async fn create<S: Saga>(
@@ -828,23 +860,41 @@ impl Engine {
             return Ok(state);
         }
         let history = self.history(id).await?;
-        let mut full = SagaState::fold(id, &history).map_err(|err| StoreError::Corrupt {
+        let full = SagaState::fold(id, &history).map_err(|err| StoreError::Corrupt {
             saga: id,
             problem: format!("the history of a finished saga does not fold: {err}"),
         })?;
-        full.cancel_requested |= state.cancel_requested;
-        if full.compact() != state {
+        // What the running saga recorded itself must agree; `updated_at` and the cancel
+        // flag may not (a cancel request appends its event, stamped by the canceller's clock,
+        // without the running saga ever folding it).
+        let mut check = full.compact();
+        check.updated_at = state.updated_at;
+        check.cancel_requested = state.cancel_requested;
+        if check != state {
             return Err(StoreError::Corrupt {
                 saga: id,
                 problem: "the stored state of a finished saga differs from its history".into(),
             }
             .into());
         }
-        Ok(full)
+        Ok(SagaState {
+            journal: full.journal,
+            ..state
+        })
     }
 
     /// The state as stored (compact for a saga that completed or compensated).
     async fn stored_state(&self, id: SagaId) -> Result<SagaState, EngineError> {
+        self.stored_with_quarantine(id)
+            .await
+            .map(|(state, _)| state)
+    }
+
+    /// The state as stored, and the quarantine reason if the saga is set aside.
+    pub(crate) async fn stored_with_quarantine(
+        &self,
+        id: SagaId,
+    ) -> Result<(SagaState, Option<String>), EngineError> {
         let stored = self
             .shared
             .store
@@ -857,7 +907,7 @@ impl Engine {
                 source,
             })?;
         state.cancel_requested |= stored.cancel_requested;
-        Ok(state)
+        Ok((state, stored.quarantined))
     }
 
     /// The saga's outcome so far (one read: the journal is not needed).

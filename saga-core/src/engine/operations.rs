@@ -41,12 +41,14 @@ impl Engine {
     }
 
     /// Starts a saga of a registered type by name, with a JSON input (for the HTTP API and
-    /// other callers that are not typed Rust). The input is checked against the type only
-    /// when the saga runs; a mismatch quarantines it with the decoding error.
+    /// other callers that are not typed Rust). The input is decoded as the type's input
+    /// first: one that does not fit is refused and nothing is stored. (A stored input that
+    /// no longer decodes when the saga runs, data written by another version, quarantines
+    /// the saga with the decoding error.)
     ///
     /// # Errors
-    /// [`EngineError::UnknownSagaType`], [`EngineError::IdempotencyConflict`], or a store
-    /// error.
+    /// [`EngineError::UnknownSagaType`], [`EngineError::InvalidInput`],
+    /// [`EngineError::IdempotencyConflict`], or a store error.
     pub async fn start_json(
         &self,
         saga_type: &str,
@@ -59,6 +61,13 @@ impl Engine {
                 known: self.saga_types().into_iter().map(str::to_owned).collect(),
             });
         };
+        if let Err((path, message)) = saga.check_input(&input) {
+            return Err(EngineError::InvalidInput {
+                saga_type: saga_type.to_owned(),
+                path,
+                message,
+            });
+        }
         let (name, version) = (saga.name(), saga.version());
         self.start_value(name, version, input, options).await
     }
@@ -68,8 +77,9 @@ impl Engine {
     /// milliseconds without polling hard.
     ///
     /// # Errors
-    /// [`EngineError::WaitTimedOut`] with the status it still has, [`EngineError::NotFound`],
-    /// or a store error.
+    /// [`EngineError::WaitTimedOut`] with the status it still has,
+    /// [`EngineError::Quarantined`] for a saga set aside (bad data: it will not run until an
+    /// operator acts), [`EngineError::NotFound`], or a store error.
     ///
     /// A saga that this engine runs itself (a coordinator on this engine took it) costs no
     /// read at all: the outcome comes from the run. Otherwise the saga is read once, and once
@@ -88,7 +98,7 @@ impl Engine {
                 // store knows the rest.
                 Ok(None) => {}
                 Err(_) => {
-                    let outcome = self.outcome(id).await?;
+                    let outcome = self.look(id).await?;
                     if outcome.status.is_terminal() {
                         return Ok(outcome);
                     }
@@ -112,7 +122,7 @@ impl Engine {
                 // Marked seen before looking, so a change after the look wakes us.
                 signal.borrow_and_update();
             }
-            let outcome = self.outcome(id).await?;
+            let outcome = self.look(id).await?;
             if outcome.status.is_terminal() {
                 return Ok(outcome);
             }
@@ -145,6 +155,16 @@ impl Engine {
                 None => tokio::time::sleep(nap).await,
             }
         }
+    }
+
+    /// One read for `wait`: the outcome so far, or [`EngineError::Quarantined`] for a saga
+    /// set aside (it will not run again until an operator acts, so a waiter stops).
+    async fn look(&self, id: SagaId) -> Result<SagaOutcome, EngineError> {
+        let (state, quarantined) = self.stored_with_quarantine(id).await?;
+        if let Some(reason) = quarantined {
+            return Err(EngineError::Quarantined { saga: id, reason });
+        }
+        Ok(SagaOutcome::from_state(&state))
     }
 
     /// Runs a saga whose lease the caller claimed (a coordinator's worker): replays its
