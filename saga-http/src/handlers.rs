@@ -230,14 +230,31 @@ pub(crate) async fn readyz(State(app): State<AppState>) -> Response {
         return unavailable("the engine is shutting down");
     }
     let timeout = app.config.ready_timeout;
-    let probe = app.engine.store().load(SagaId(uuid::Uuid::nil()));
+    let probe = ready_probe(app.engine.store().as_ref());
     match tokio::time::timeout(timeout, probe).await {
-        Ok(Ok(_)) => Json(json!({ "status": "ready" })).into_response(),
+        Ok(Ok(())) => Json(json!({ "status": "ready" })).into_response(),
         Ok(Err(err)) => unavailable(&format!("the store failed: {err}")),
         Err(_) => unavailable(&format!(
             "the store did not answer within {} ms",
             timeout.as_millis()
         )),
+    }
+}
+
+/// Ready means "can take work": the store answers a read and accepts a write. The write is
+/// an idempotency claim on a key of its own (released at once, and lapsing after a few
+/// seconds if the release fails), so that a store refusing writes — out of memory, a
+/// read-only replica, still loading — is not ready even though it answers reads.
+async fn ready_probe(store: &dyn saga_core::SagaStore) -> Result<(), saga_core::StoreError> {
+    store.load(SagaId(uuid::Uuid::nil())).await?;
+    let key = format!("readyz-probe:{}", uuid::Uuid::new_v4());
+    match store
+        .guard_claim(&key, "readyz", Duration::from_secs(5))
+        .await?
+    {
+        saga_core::store::GuardClaim::Claimed { token } => store.guard_release(&key, &token).await,
+        // A fresh key is never found in another state; if it is, the write still happened.
+        _ => Ok(()),
     }
 }
 

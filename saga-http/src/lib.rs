@@ -14,7 +14,7 @@
 //! | `GET /sagas/{id}/wait[?timeout_ms=N]` | 200 the outcome once terminal; 202 `{"id","status","terminal":false}` when the wait ends first | 400, 404 |
 //! | `POST /sagas/{id}/cancel` (optional `{"reason": "..."}`) | 202 `{"id","cancel":"requested"}` | 409 already finished, 400, 404 |
 //! | `GET /healthz` | 200 always | |
-//! | `GET /readyz` | 200 when the store answers a cheap read in time | 503 with the error |
+//! | `GET /readyz` | 200 when the store answers a read and accepts a write in time (can take work) | 503 with the error |
 //! | `GET /metrics` | 200 Prometheus text | 404 without a metrics handle |
 //!
 //! Every error is a JSON object `{"error": "<message>", "code": "<machine code>", ...}`; see
