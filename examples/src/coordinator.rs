@@ -28,40 +28,50 @@ pub struct CoordinatorArgs {
     #[command(flatten)]
     pub store: StoreArgs,
     /// Sagas run at once by this process.
-    #[arg(long, env = "SAGA_WORKERS", default_value_t = 64)]
+    #[arg(
+        long,
+        env = "SAGA_WORKERS",
+        hide_env_values = true,
+        default_value_t = 64
+    )]
     pub workers: usize,
     /// Lease length: how long after this process stops answering its sagas are resumed by
     /// another process.
-    #[arg(long, env = "SAGA_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SAGA_LEASE", hide_env_values = true, default_value = "30s", value_parser = humantime::parse_duration)]
     pub lease: Duration,
     /// How often the store is asked for due sagas when no wake-up arrives (timers, lapsed
     /// leases).
-    #[arg(long, env = "SAGA_POLL_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SAGA_POLL_INTERVAL", hide_env_values = true, default_value = "250ms", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
     /// After SIGTERM, how long steps in flight may take to finish before their sagas are
     /// released unfinished (they resume elsewhere from their journal).
-    #[arg(long, env = "SAGA_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SAGA_SHUTDOWN_GRACE", hide_env_values = true, default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
     /// Backoffs up to this long are slept in the process; longer ones become durable timers
     /// in the store (the worker is freed and any process resumes the saga when it is due).
-    #[arg(long, env = "SAGA_INLINE_WAIT_MAX", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SAGA_INLINE_WAIT_MAX", hide_env_values = true, default_value = "1s", value_parser = humantime::parse_duration)]
     pub inline_wait_max: Duration,
     /// How long finished sagas (completed, compensated, failed) are kept before this
     /// process deletes them with their histories, in small batches in the background;
     /// `off` keeps them until `saga purge`. Size it to Redis' memory: sagas per second ×
     /// retention × bytes per saga (see docs/PERFORMANCE.md).
-    #[arg(long, env = "SAGA_RETENTION", default_value = "7days", value_parser = parse_retention)]
+    #[arg(long, env = "SAGA_RETENTION", hide_env_values = true, default_value = "7days", value_parser = parse_retention)]
     pub retention: Retention,
     /// Owner id written into every lease (unique per live process). Default
     /// `<hostname>-<pid>`.
-    #[arg(long, env = "SAGA_OWNER")]
+    #[arg(long, env = "SAGA_OWNER", hide_env_values = true)]
     pub owner: Option<String>,
     /// Address of the HTTP API (`/sagas/...`, `/metrics`, `/healthz`, `/readyz`); port 0
     /// picks a free port (printed in the ready line); `off` serves nothing.
-    #[arg(long, env = "SAGA_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "SAGA_HTTP_ADDR",
+        hide_env_values = true,
+        default_value = "127.0.0.1:8080"
+    )]
     pub http_addr: String,
     /// Log format on stderr.
-    #[arg(long, env = "SAGA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "SAGA_LOG_FORMAT", hide_env_values = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// The simulated services' faults and latency.
     #[command(flatten)]

@@ -47,7 +47,7 @@ struct Cli {
     json_logs: bool,
     /// Keep sagas, books and ledger in Redis at this URL instead of in memory, so that a
     /// killed run can be resumed by running the same command again.
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
     /// Key prefix in Redis (`--redis-url` mode).
     #[arg(long, default_value = "dealflow")]

@@ -20,23 +20,44 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Where the sagas, books and ledger live: one Redis server or a Redis Cluster.
 #[derive(Clone, Debug, clap::Args)]
 pub struct StoreArgs {
-    /// A standalone Redis server, e.g. `redis://127.0.0.1:6379`.
-    #[arg(long, env = "REDIS_URL", required_unless_present = "cluster_urls")]
+    /// A standalone Redis server, e.g. `redis://127.0.0.1:6379`. A URL with a password is
+    /// better given with `--redis-url-file` or the environment: a command line shows in `ps`.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        required_unless_present_any = ["cluster_urls", "redis_url_file"]
+    )]
     pub redis_url: Option<String>,
+    /// Read the standalone server's URL from this file (its first line), so that a password
+    /// never reaches the command line.
+    #[arg(
+        long,
+        env = "REDIS_URL_FILE",
+        hide_env_values = true,
+        conflicts_with_all = ["redis_url", "cluster_urls"]
+    )]
+    pub redis_url_file: Option<std::path::PathBuf>,
     /// A Redis Cluster instead: some of its nodes' URLs, comma-separated.
     #[arg(
         long,
         env = "REDIS_CLUSTER_URLS",
+        hide_env_values = true,
         value_delimiter = ',',
         conflicts_with = "redis_url"
     )]
     pub cluster_urls: Vec<String>,
     /// Prefix of every key (sagas, books and ledger). Processes that share a prefix share
     /// their sagas and their ledger.
-    #[arg(long, env = "SAGA_KEY_PREFIX", default_value = "dealflow")]
+    #[arg(
+        long,
+        env = "SAGA_KEY_PREFIX",
+        hide_env_values = true,
+        default_value = "dealflow"
+    )]
     pub key_prefix: String,
     /// Partition count, fixed at deployment (every process of one prefix must agree).
-    #[arg(long, env = "SAGA_PARTITIONS", default_value_t = saga_redis::DEFAULT_PARTITIONS)]
+    #[arg(long, env = "SAGA_PARTITIONS", hide_env_values = true, default_value_t = saga_redis::DEFAULT_PARTITIONS)]
     pub partitions: u16,
 }
 
@@ -49,7 +70,8 @@ impl StoreArgs {
         let builder = RedisStore::builder()
             .key_prefix(self.key_prefix.clone())
             .partitions(self.partitions);
-        match (&self.redis_url, self.cluster_urls.as_slice()) {
+        let url = self.standalone_url()?;
+        match (&url, self.cluster_urls.as_slice()) {
             (Some(url), []) => {
                 let store = builder.url(url.clone()).connect().await?;
                 let office = RedisOffice::connect(url, &self.key_prefix).await?;
@@ -64,9 +86,39 @@ impl StoreArgs {
         }
     }
 
+    /// The standalone URL: `--redis-url`, or the first line of `--redis-url-file`.
+    ///
+    /// # Errors
+    /// The file cannot be read or is empty (the error names the file, never its content).
+    pub fn standalone_url(&self) -> Result<Option<String>, BoxError> {
+        let Some(path) = &self.redis_url_file else {
+            return Ok(self.redis_url.clone());
+        };
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            format!(
+                "cannot read the Redis URL from {}: {err}; give a readable file with the URL on its first line",
+                path.display()
+            )
+        })?;
+        match text.lines().next().map(str::trim) {
+            Some(url) if !url.is_empty() => Ok(Some(url.to_owned())),
+            _ => Err(format!(
+                "{} holds no Redis URL; write the URL (redis://user:password@host:port) on its first line",
+                path.display()
+            )
+            .into()),
+        }
+    }
+
     /// Where the store is, for people (passwords hidden).
     #[must_use]
     pub fn describe(&self) -> String {
+        if let Some(path) = &self.redis_url_file {
+            return match self.standalone_url() {
+                Ok(Some(url)) => format!("Redis at {}", saga_redis::redact_url(&url)),
+                _ => format!("Redis at the URL in {}", path.display()),
+            };
+        }
         match &self.redis_url {
             Some(url) => format!("Redis at {}", saga_redis::redact_url(url)),
             None => format!(
@@ -164,10 +216,15 @@ pub fn parse_throttle(text: &str) -> Result<(String, Duration), String> {
 #[derive(Clone, Debug, clap::Args)]
 pub struct WorldArgs {
     /// Probability of a transient fault (503, timeout, 429 with retry-after) per call.
-    #[arg(long, env = "DEAL_FLOW_FAULT_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    #[arg(long, env = "DEAL_FLOW_FAULT_RATE", hide_env_values = true, default_value_t = 0.0, value_parser = parse_rate)]
     pub fault_rate: f64,
     /// Seed of the fault injection and the company directory.
-    #[arg(long, env = "DEAL_FLOW_SEED", default_value_t = 7)]
+    #[arg(
+        long,
+        env = "DEAL_FLOW_SEED",
+        hide_env_values = true,
+        default_value_t = 7
+    )]
     pub seed: u64,
     /// Simulated service latency in milliseconds, `5` or `5..40`.
     #[arg(long, default_value = "1..4", value_parser = parse_latency)]

@@ -65,6 +65,7 @@ impl Target {
                 Target::Server(_) => Vec::new(),
                 Target::Cluster(urls) => urls.clone(),
             },
+            redis_url_file: None,
             key_prefix: prefix.to_owned(),
             partitions: 16,
         }

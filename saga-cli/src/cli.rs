@@ -24,6 +24,16 @@ pub(crate) struct GlobalArgs {
     /// (required).
     #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
     pub(crate) redis_url: Option<String>,
+    /// Read the Redis URL from this file (its first line) instead, so that a password never
+    /// reaches the command line (`ps`).
+    #[arg(
+        long,
+        env = "REDIS_URL_FILE",
+        global = true,
+        hide_env_values = true,
+        conflicts_with = "redis_url"
+    )]
+    pub(crate) redis_url_file: Option<std::path::PathBuf>,
     /// Key prefix the coordinators were configured with.
     #[arg(long, default_value = saga_redis::DEFAULT_PREFIX, global = true)]
     pub(crate) key_prefix: String,

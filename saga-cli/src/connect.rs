@@ -11,13 +11,25 @@ const OWNER: &str = "saga-cli";
 
 /// Connects to the store the global flags name.
 pub(crate) async fn store(global: &GlobalArgs) -> Result<RedisStore, CliError> {
-    let Some(url) = global
-        .redis_url
+    let from_file = match &global.redis_url_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                CliError::new(format!(
+                    "cannot read the Redis URL from {}: {err}; give a readable file with the URL on its first line",
+                    path.display()
+                ))
+            })?;
+            text.lines().next().map(|line| line.trim().to_owned())
+        }
+        None => None,
+    };
+    let Some(url) = from_file
         .as_deref()
+        .or(global.redis_url.as_deref())
         .filter(|url| !url.trim().is_empty())
     else {
         return Err(CliError::new(
-            "no Redis URL: pass --redis-url redis://host:port or set REDIS_URL",
+            "no Redis URL: pass --redis-url redis://host:port, --redis-url-file, or set REDIS_URL",
         ));
     };
     RedisStore::builder()

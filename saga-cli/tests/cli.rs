@@ -738,3 +738,52 @@ fn errors_are_one_clear_line() {
     let page: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|err| panic!("{err}"));
     assert_eq!(ids_of(&page), strings(&[fx.failed]));
 }
+
+/// No secret on any output: `--help` and a failed connection with a password in the
+/// environment or in `--redis-url-file` never print it (issue 8, item 3).
+#[test]
+fn passwords_never_reach_the_output() {
+    const SECRET: &str = "s3cr3t-Pa55w0rd-never-printed";
+    let url = format!("redis://app:{SECRET}@127.0.0.1:1");
+    let dir = std::env::temp_dir().join(format!("saga-cli-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|err| panic!("mkdir: {err}"));
+    let file = dir.join("redis-url");
+    std::fs::write(&file, format!("{url}\n")).unwrap_or_else(|err| panic!("write: {err}"));
+    let file = file
+        .to_str()
+        .unwrap_or_else(|| panic!("utf-8 path"))
+        .to_owned();
+    let cases: [(&[&str], bool); 3] = [
+        (&["--help"], true),
+        (&["stats"], false),
+        (&["--redis-url-file", file.as_str(), "stats"], false),
+    ];
+    for (args, succeeds) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_saga"))
+            .env("REDIS_URL", &url)
+            .args(args)
+            .output()
+            .unwrap_or_else(|err| panic!("run: {err}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.success(), succeeds, "saga {args:?}: {text}");
+        assert!(
+            !text.contains(SECRET),
+            "saga {args:?} printed the password:\n{text}"
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_saga"))
+        .env_remove("REDIS_URL")
+        .args(["--redis-url-file", "/nonexistent/redis-url", "stats"])
+        .output()
+        .unwrap_or_else(|err| panic!("run: {err}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot read the Redis URL from /nonexistent/redis-url"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
