@@ -197,3 +197,18 @@ pub fn started_attempts(history: &[SagaEvent], position: u32) -> Vec<u32> {
         })
         .collect()
 }
+
+/// Waits (on tokio's clock, in 1 ms steps, at most `limit` of them) until `cond` holds: a
+/// bounded wait on a condition, never a sleep standing in for one.
+///
+/// # Panics
+/// When `cond` still does not hold after `limit` steps.
+pub async fn until(what: &str, limit: u32, mut cond: impl FnMut() -> bool) {
+    for _ in 0..limit {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    assert!(cond(), "timed out waiting until {what}");
+}

@@ -35,7 +35,7 @@ mod steps;
 pub use crash::CrashingStore;
 pub use harness::{
     Harness, OWNER, assert_fold_matches, compensated_positions, count, events_named, kinds,
-    single_terminal, skipped_positions, started_attempts,
+    single_terminal, skipped_positions, started_attempts, until,
 };
 pub use ledger::{Call, Effect, Ledger};
 pub use script::{Behavior, Gate, Script};

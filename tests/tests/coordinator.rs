@@ -13,7 +13,7 @@ use saga_core::{
 };
 use saga_tests::{
     Behavior, Gate, Harness, Plan, PlanSaga, StepOutput, count, fast_policy, single_terminal,
-    started_attempts,
+    started_attempts, until,
 };
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -51,17 +51,6 @@ fn engine_as(h: &Harness, plan: Plan, owner: &str, lease: Duration) -> Engine {
         .lease_ttl(lease)
         .build()
         .unwrap()
-}
-
-/// Waits (on tokio's clock, in 1 ms steps, at most `limit` of them) until `cond` holds.
-async fn until(what: &str, limit: u32, mut cond: impl FnMut() -> bool) {
-    for _ in 0..limit {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    assert!(cond(), "timed out waiting until {what}");
 }
 
 async fn start(client: &Engine, seed: u32) -> SagaId {

@@ -17,7 +17,7 @@ use saga_core::{
     Classify, Coordinator, CoordinatorReport, Engine, MemoryStore, Saga, SagaContext, SagaError,
     SagaId, SagaStatus, SagaStore, StartOptions, StepContext, saga_step,
 };
-use saga_tests::SlowStore;
+use saga_tests::{SlowStore, until};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -132,17 +132,6 @@ impl Running {
         let _ = self.stop.send(());
         self.task.await.unwrap()
     }
-}
-
-/// Waits (on tokio's paused clock, in 1 ms steps, at most `limit` of them) until `cond`.
-async fn until(what: &str, limit: u32, mut cond: impl FnMut() -> bool) {
-    for _ in 0..limit {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    assert!(cond(), "timed out waiting until {what}");
 }
 
 async fn start<S: Saga<Input = u32>>(engine: &Engine, input: u32) -> SagaId {
