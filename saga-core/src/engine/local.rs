@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use super::{SagaOutcome, Shared};
+use super::{EngineError, RunOutcome, SagaOutcome, Shared};
 use crate::store::Lease;
 use crate::{SagaId, SagaState, SagaStatus};
 
@@ -229,9 +229,11 @@ pub(crate) struct LocalRun {
 }
 
 impl LocalRun {
-    /// Records that the run ended terminal with `outcome` (told to waiters on drop).
-    pub(crate) fn finished(&mut self, outcome: &SagaOutcome) {
-        if outcome.status.is_terminal() {
+    /// Records how the run ended: a terminal outcome is told to waiters on drop.
+    pub(crate) fn record(&mut self, result: &Result<RunOutcome, EngineError>) {
+        if let Ok(RunOutcome::Finished(outcome)) = result
+            && outcome.status.is_terminal()
+        {
             self.outcome = Some(outcome.clone());
         }
     }

@@ -684,11 +684,9 @@ impl Engine {
                     Some(run) => run,
                     None => self.shared.local_run(started.id).await,
                 };
-                let result = self.drive_state(lease, state).await?;
-                if let RunOutcome::Finished(outcome) = &result {
-                    run.finished(outcome);
-                }
-                Some(result)
+                let result = self.drive_state(lease, state).await;
+                run.record(&result);
+                Some(result?)
             }
             None => None,
         };
@@ -733,9 +731,7 @@ impl Engine {
         match self.shared.store.claim(id, &self.claim_request()).await? {
             ClaimOutcome::Claimed(lease) => {
                 let result = self.drive(lease).await;
-                if let Ok(RunOutcome::Finished(outcome)) = &result {
-                    local.finished(outcome);
-                }
+                local.record(&result);
                 result
             }
             ClaimOutcome::Busy(holder) => Err(EngineError::Busy {
@@ -788,9 +784,7 @@ impl Engine {
                 // Marked as running here so that a `run_once` of it in this process waits.
                 let mut local = engine.shared.local_run(id).await;
                 let result = engine.drive(lease).await;
-                if let Ok(RunOutcome::Finished(outcome)) = &result {
-                    local.finished(outcome);
-                }
+                local.record(&result);
                 result
             });
             sagas.insert(handle.id(), id);

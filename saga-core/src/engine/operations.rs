@@ -173,12 +173,7 @@ impl Engine {
     /// # Errors
     /// As [`Engine::run_once`].
     pub async fn run_claimed(&self, lease: Lease) -> Result<RunOutcome, EngineError> {
-        let mut local = self.shared.local_run(lease.saga_id).await;
-        let result = self.drive(lease).await;
-        if let Ok(RunOutcome::Finished(outcome)) = &result {
-            local.finished(outcome);
-        }
-        result
+        self.run_handoff(lease, None, None).await
     }
 
     /// Runs a saga handed to the local coordinator: one started here with its lease (its
@@ -197,9 +192,7 @@ impl Engine {
             Some(state) => self.drive_state(lease, state).await,
             None => self.drive(lease).await,
         };
-        if let Ok(RunOutcome::Finished(outcome)) = &result {
-            local.finished(outcome);
-        }
+        local.record(&result);
         result
     }
 
