@@ -58,7 +58,7 @@ start() {
   cluster=$(IFS=,; echo "${urls[*]}")
   for n in 1 2; do
     "$bin/deal-flow-coordinator" --cluster-urls "$cluster" --owner "local-$n" \
-      --http-addr "127.0.0.1:$((http_base + n - 1))" --log-format json \
+      --http-addr "127.0.0.1:$((http_base + n - 1))" --no-auth --log-format json \
       > "$dir/coordinator-$n.out" 2> "$dir/coordinator-$n.err" &
     echo "$! coordinator-$n" >> "$dir/pids"
   done

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use saga_core::{Coordinator, CoordinatorReport};
 
+use crate::api::ApiArgs;
 use crate::ledger::OfficeStore;
 use crate::ops::{self, BoxError, LogFormat, StoreArgs, WorldArgs};
 
@@ -70,6 +71,9 @@ pub struct CoordinatorArgs {
         default_value = "127.0.0.1:8080"
     )]
     pub http_addr: String,
+    /// Who may call the HTTP API, and its connection limits.
+    #[command(flatten)]
+    pub api: ApiArgs,
     /// Log format on stderr.
     #[arg(long, env = "SAGA_LOG_FORMAT", hide_env_values = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -108,6 +112,11 @@ pub async fn run(args: CoordinatorArgs) -> Result<CoordinatorReport, BoxError> {
     let owner = args.owner.clone().unwrap_or_else(ops::default_owner);
     let metrics = saga_http::install_metrics()?;
     let stop_signal = ops::shutdown_signal()?;
+    // Refuse a bad API configuration before touching the store.
+    let http = match parse_http_addr(&args.http_addr)? {
+        Some(addr) => Some((addr, args.api.prepare(addr)?)),
+        None => None,
+    };
     let (store, office) = args.store.connect().await?;
     let office: Arc<dyn OfficeStore> = office;
     let engine = ops::engine_builder(store, &owner)
@@ -116,15 +125,20 @@ pub async fn run(args: CoordinatorArgs) -> Result<CoordinatorReport, BoxError> {
         .inline_wait_max(args.inline_wait_max)
         .build()?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let (http, http_addr) = match parse_http_addr(&args.http_addr)? {
-        Some(addr) => {
+    let (http, http_addr) = match http {
+        Some((addr, (auth, serve_config))) => {
             let listener = tokio::net::TcpListener::bind(addr).await?;
             let http_addr = listener.local_addr()?;
-            let router = saga_http::router(engine.clone(), Some(metrics));
+            let router = args.api.api(engine.clone(), metrics, auth).router();
             let mut http_stopped = stopped.clone();
-            let http = tokio::spawn(saga_http::serve_listener(router, listener, async move {
-                let _ = http_stopped.wait_for(|s| *s).await;
-            }));
+            let http = tokio::spawn(saga_http::serve_with(
+                router,
+                listener,
+                serve_config,
+                async move {
+                    let _ = http_stopped.wait_for(|s| *s).await;
+                },
+            ));
             (Some(http), Some(http_addr.to_string()))
         }
         None => (None, None),
@@ -154,6 +168,7 @@ pub async fn run(args: CoordinatorArgs) -> Result<CoordinatorReport, BoxError> {
         "event": "ready",
         "owner": owner,
         "http_addr": http_addr,
+        "scheme": args.api.scheme(),
     }))?;
     let signal = stop_signal.await;
     tracing::info!(signal, grace = ?args.shutdown_grace, "shutting down");

@@ -5,6 +5,7 @@
 //!
 //! Run it with `cargo run --release -p saga-examples` (see `--help` for flags).
 
+pub mod api;
 pub mod coordinator;
 pub mod deal;
 pub mod ledger;

@@ -711,9 +711,19 @@ fn metrics_match_the_run() {
     let target = Target::Server(server.url());
     let prefix = unique_prefix("metrics");
     let dir = tempfile::tempdir().unwrap();
+    // The API as deployed: a token with the scopes this client needs.
+    let principal = saga_http::Principal::new(
+        "metrics-test",
+        saga_http::parse_scopes("start,read,metrics").unwrap(),
+    )
+    .unwrap();
+    let token = saga_http::GeneratedToken::new(&principal).unwrap();
+    let bearer = format!("Bearer {}", token.token);
     let mut args = target.flags();
     args.extend(
         [
+            "--api-tokens",
+            &token.config_line,
             "--key-prefix",
             &prefix,
             "--owner",
@@ -742,6 +752,16 @@ fn metrics_match_the_run() {
         .to_owned();
     assert_eq!(http(&addr, "GET", "/healthz", &[], "").0, 200);
     assert_eq!(http(&addr, "GET", "/readyz", &[], "").0, 200);
+    // The API as deployed answers nobody without a token.
+    assert_eq!(http(&addr, "GET", "/metrics", &[], "").0, 401);
+    let (status, reply) = http(
+        &addr,
+        "POST",
+        "/sagas/deal_flow",
+        &[("content-type", "application/json")],
+        "{}",
+    );
+    assert_eq!(status, 401, "{reply}");
     let count = 15;
     let mut ids = Vec::new();
     for index in 0..count {
@@ -750,6 +770,7 @@ fn metrics_match_the_run() {
         let headers = [
             ("content-type", "application/json"),
             ("idempotency-key", key.as_str()),
+            ("authorization", bearer.as_str()),
         ];
         let (status, reply) = http(&addr, "POST", "/sagas/deal_flow", &headers, &body);
         assert!(status == 201, "start answered {status}: {reply}");
@@ -801,7 +822,7 @@ fn metrics_match_the_run() {
         "the finished counter to reach the run's size",
         Duration::from_secs(20),
         || {
-            text = http(&addr, "GET", "/metrics", &[], "").1;
+            text = http(&addr, "GET", "/metrics", &[("authorization", &bearer)], "").1;
             metric(&text, "saga_finished_total", &[]) >= count as f64
         },
     );

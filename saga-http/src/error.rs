@@ -28,7 +28,11 @@ use serde_json::{Map, Value, json};
 /// Client mistakes found before the engine is called: 400 (`bad_json`, `bad_saga_id`,
 /// `bad_idempotency_key`, `bad_query`, `bad_format`, `bad_path`), 413 (`body_too_large`),
 /// 415 (`unsupported_media_type`), 404 (`unknown_saga_type`, `no_route`), 405
-/// (`method_not_allowed`).
+/// (`method_not_allowed`). Before the route: 401 (`unauthenticated` without a token or with a
+/// malformed `Authorization` header, `bad_token` for a token nobody issued; with a
+/// `WWW-Authenticate: Bearer` challenge), 403 (`forbidden`, with `principal` and
+/// `required_scope`). Around it: 408 (`request_timeout`) and, on a connection beyond the
+/// server's limit, 503 (`too_many_connections`).
 #[derive(Debug, Clone)]
 pub struct ApiError {
     status: StatusCode,

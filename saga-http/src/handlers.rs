@@ -5,7 +5,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use saga_core::store::CancelOutcome;
@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::AppState;
+use crate::auth::Caller;
 use crate::error::{ApiError, error_body, rejection};
 
 /// The header that carries a start's idempotency key.
@@ -27,6 +28,7 @@ const DEFAULT_CANCEL_REASON: &str = "cancel requested through the HTTP API";
 
 pub(crate) async fn start(
     State(app): State<AppState>,
+    caller: Option<Extension<Caller>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -45,9 +47,14 @@ pub(crate) async fn start(
     require_json(&headers, true)?;
     let body = body.map_err(|err| body_rejection(&err))?;
     let input = parse_json(&body)?;
-    let options = match idempotency_key(&headers)? {
-        Some(key) => StartOptions::key(key),
-        None => StartOptions::default(),
+    let options = match (idempotency_key(&headers)?, caller) {
+        // Keys are scoped to the principal that used them (one client can neither squat
+        // nor probe another's); without authentication they are global.
+        (Some(key), Some(Extension(Caller(principal)))) => {
+            StartOptions::key(principal.scoped_key(&key))
+        }
+        (Some(key), None) => StartOptions::key(key),
+        (None, _) => StartOptions::default(),
     };
     let started = app.engine.start_json(&saga_type, input, options).await?;
     let id = started.id;

@@ -6,20 +6,33 @@
 //! sagas: run a [`Coordinator`](saga_core::Coordinator) in the same process (or elsewhere)
 //! to execute them.
 //!
-//! | route | success | errors |
-//! |---|---|---|
-//! | `POST /sagas/{saga_type}` (JSON input, optional `Idempotency-Key`) | 201 `{"id","created":true,"status"}`; 200 with `created:false` for a repeated key and the same input | 404 unknown type (lists `known_types`), 400 bad JSON or key, 409 key reused with another input, 413 body over the limit, 415 not JSON |
-//! | `GET /sagas/{id}` | 200 status, output, compensation reason, failure, journal summary | 400 bad id, 404 unknown |
-//! | `GET /sagas/{id}/history[?format=text]` | 200 `{"id","events","timeline"}`, or the timeline as `text/plain` | 400, 404 |
-//! | `GET /sagas/{id}/wait[?timeout_ms=N]` | 200 the outcome once terminal; 202 `{"id","status","terminal":false}` when the wait ends first | 400, 404 |
-//! | `POST /sagas/{id}/cancel` (optional `{"reason": "..."}`) | 202 `{"id","cancel":"requested"}` | 409 already finished, 400, 404 |
-//! | `GET /healthz` | 200 always | |
-//! | `GET /readyz` | 200 when the store answers a read and accepts a write in time (can take work) | 503 with the error |
-//! | `GET /metrics` | 200 Prometheus text | 404 without a metrics handle |
+//! Every route but `/healthz` needs a bearer token whose principal has the route's scope
+//! ([`Auth`], [`ApiTokens`]); `/readyz` is open by default and `/metrics` needs `metrics`
+//! unless made public. Without a token the answer is 401, without the scope 403.
+//!
+//! | route | scope | success | errors |
+//! |---|---|---|---|
+//! | `POST /sagas/{saga_type}` (JSON input, optional `Idempotency-Key`) | `start` | 201 `{"id","created":true,"status"}`; 200 with `created:false` for a repeated key and the same input | 404 unknown type (lists `known_types`), 400 bad JSON or key, 409 key reused with another input, 413 body over the limit, 415 not JSON, 422 input not the type's `Input` |
+//! | `GET /sagas/{id}` | `read` | 200 status, output, compensation reason, failure, journal summary | 400 bad id, 404 unknown |
+//! | `GET /sagas/{id}/history[?format=text]` | `read` | 200 `{"id","events","timeline"}`, or the timeline as `text/plain` | 400, 404 |
+//! | `GET /sagas/{id}/wait[?timeout_ms=N]` | `read` | 200 the outcome once terminal (or `quarantined`); 202 `{"id","status","terminal":false}` when the wait ends first | 400, 404 |
+//! | `POST /sagas/{id}/cancel` (optional `{"reason": "..."}`) | `operate` | 202 `{"id","cancel":"requested"}` | 409 already finished, 400, 404 |
+//! | `GET /healthz` | none | 200 always | |
+//! | `GET /readyz` | none (or `metrics`) | 200 when the store answers a read and accepts a write in time (can take work) | 503 with the error |
+//! | `GET /metrics` | `metrics` (or none) | 200 Prometheus text | 404 without a metrics handle |
+//!
+//! Idempotency keys are scoped to the principal that sent them: the same key from two
+//! principals starts two sagas, so no client can squat or probe another's keys.
 //!
 //! Every error is a JSON object `{"error": "<message>", "code": "<machine code>", ...}`; see
 //! [`ApiError`] for how engine and store errors map to statuses. Client mistakes are 4xx,
-//! never 500. A handler that panics answers 500 without taking the server down.
+//! never 500. A handler that panics answers 500 without taking the server down. A request
+//! that takes longer than [`ApiConfig::request_timeout`] (a dripped body, a store that does
+//! not answer) gets 408.
+//!
+//! [`HttpApi::serve`] (or [`serve_with`]) bounds connections: header-read, idle and TLS
+//! handshake timeouts, a connection limit with a few overflow slots that answer health
+//! probes only, and optional HTTPS ([`ServeConfig`], [`TlsConfig`]).
 //!
 //! ```no_run
 //! use saga_core::{Coordinator, Engine, MemoryStore, Saga, SagaContext, SagaError};
@@ -39,10 +52,11 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let engine = Engine::builder(MemoryStore::new()).register(Hello).build()?;
 //! let metrics = saga_http::install_metrics()?;
-//! let app = saga_http::HttpApi::new(engine.clone())
+//! // One line per principal: `name scopes sha256:<hash of the token>`.
+//! let tokens = saga_http::ApiTokens::from_file("/etc/saga/api-tokens".as_ref())?;
+//! let api = saga_http::HttpApi::new(engine.clone(), saga_http::Auth::tokens(tokens))
 //!     .body_limit(256 * 1024)
-//!     .metrics(metrics)
-//!     .router();
+//!     .metrics(metrics);
 //!
 //! let shutdown = async {
 //!     let _ = tokio::signal::ctrl_c().await;
@@ -51,40 +65,52 @@
 //! let workers = tokio::spawn(Coordinator::new(engine).run(async {
 //!     let _ = workers_stopped.await;
 //! }));
-//! // curl -X POST localhost:8080/sagas/hello -H 'content-type: application/json' \
-//! //      -H 'idempotency-key: greet-1' -d '"deal team"'
-//! saga_http::serve(app, "127.0.0.1:8080", shutdown).await?;
+//! // curl -X POST http://coordinator:8080/sagas/hello -H "authorization: Bearer $TOKEN" \
+//! //      -H 'content-type: application/json' -H 'idempotency-key: greet-1' -d '"deal team"'
+//! let listener = tokio::net::TcpListener::bind("0.0.0.0:8080").await?;
+//! api.serve(listener, saga_http::ServeConfig::default(), shutdown).await?;
 //! let _ = stop_workers.send(());
 //! workers.await?;
 //! # Ok(())
 //! # }
 //! ```
 
+mod auth;
 mod error;
 mod handlers;
 mod metrics;
 mod serve;
 
 use std::any::Any;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use futures_util::FutureExt as _;
 use saga_core::Engine;
+use tokio::net::TcpListener;
 
+pub use auth::{
+    ApiTokens, Auth, ExposureError, GeneratedToken, Principal, Scope, TokenConfigError,
+    check_exposure, hash_token, parse_scopes,
+};
 pub use error::ApiError;
 pub use handlers::{IDEMPOTENCY_KEY, MAX_IDEMPOTENCY_KEY_LEN};
 pub use metrics::{MetricsError, SAGA_DURATION_BUCKETS, STEP_DURATION_BUCKETS, install_metrics};
 pub use metrics_exporter_prometheus::PrometheusHandle;
-pub use serve::{SHUTDOWN_GRACE, serve, serve_listener};
+pub use serve::{
+    SHUTDOWN_GRACE, ServeConfig, TlsConfig, TlsConfigError, serve, serve_listener, serve_with,
+};
 
 /// Limits of the HTTP API.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ApiConfig {
     /// The largest request body accepted, in bytes (default 1 MiB); larger ones get 413.
     pub body_limit: usize,
@@ -95,6 +121,16 @@ pub struct ApiConfig {
     pub max_wait: Duration,
     /// How long `GET /readyz` gives the store to answer (default 2 s).
     pub ready_timeout: Duration,
+    /// How long a request may take from its head to its response, body upload included
+    /// (default 30 s); a wait gets this on top of its own length. Beyond it the client gets
+    /// 408 and the connection is closed.
+    pub request_timeout: Duration,
+    /// Whether `GET /readyz` answers without a token (default `true`: orchestrators' probes
+    /// rarely send one). When `false` it needs the `metrics` scope.
+    pub public_readyz: bool,
+    /// Whether `GET /metrics` answers without a token (default `false`: it needs the
+    /// `metrics` scope).
+    pub public_metrics: bool,
 }
 
 impl Default for ApiConfig {
@@ -104,6 +140,9 @@ impl Default for ApiConfig {
             default_wait: Duration::from_secs(30),
             max_wait: Duration::from_secs(120),
             ready_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(30),
+            public_readyz: true,
+            public_metrics: false,
         }
     }
 }
@@ -112,18 +151,23 @@ impl Default for ApiConfig {
 #[derive(Clone, Debug)]
 pub struct HttpApi {
     engine: Engine,
+    auth: Auth,
     config: ApiConfig,
     metrics: Option<PrometheusHandle>,
+    unauthenticated_on_public_address: bool,
 }
 
 impl HttpApi {
-    /// An API on `engine` with the default [`ApiConfig`] and no `/metrics`.
+    /// An API on `engine` authenticating callers with `auth` ([`Auth::Disabled`] only for
+    /// development on a loopback address), with the default [`ApiConfig`] and no `/metrics`.
     #[must_use]
-    pub fn new(engine: Engine) -> Self {
+    pub fn new(engine: Engine, auth: Auth) -> Self {
         Self {
             engine,
+            auth,
             config: ApiConfig::default(),
             metrics: None,
+            unauthenticated_on_public_address: false,
         }
     }
 
@@ -162,16 +206,85 @@ impl HttpApi {
         self
     }
 
-    /// Serves `handle` (from [`install_metrics`]) on `GET /metrics`.
+    /// Sets how long a request may take (see [`ApiConfig::request_timeout`]).
+    #[must_use]
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// Sets whether `/readyz` answers without a token.
+    #[must_use]
+    pub fn public_readyz(mut self, public: bool) -> Self {
+        self.config.public_readyz = public;
+        self
+    }
+
+    /// Sets whether `/metrics` answers without a token.
+    #[must_use]
+    pub fn public_metrics(mut self, public: bool) -> Self {
+        self.config.public_metrics = public;
+        self
+    }
+
+    /// Lets [`HttpApi::serve`] listen without authentication on an address other hosts can
+    /// reach (behind a proxy that authenticates, say). It logs a loud error at start.
+    #[must_use]
+    pub fn unauthenticated_on_public_address(mut self, insist: bool) -> Self {
+        self.unauthenticated_on_public_address = insist;
+        self
+    }
+
+    /// Serves `GET /metrics` from `handle` (from [`install_metrics`]).
     #[must_use]
     pub fn metrics(mut self, handle: PrometheusHandle) -> Self {
         self.metrics = Some(handle);
         self
     }
 
-    /// The router, ready for [`serve`] or any other axum/hyper server.
+    /// Serves the API on `listener` with `serve` limits until `shutdown` completes (see
+    /// [`serve_with`]).
+    ///
+    /// # Errors
+    /// [`ServeError::Exposure`] when authentication is disabled and the listener is not on a
+    /// loopback address (unless [`unauthenticated_on_public_address`](Self::unauthenticated_on_public_address));
+    /// [`ServeError::Io`] when the listener fails.
+    pub async fn serve<F>(
+        self,
+        listener: TcpListener,
+        serve: ServeConfig,
+        shutdown: F,
+    ) -> Result<(), ServeError>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let addr = listener.local_addr()?;
+        check_exposure(&self.auth, addr, self.unauthenticated_on_public_address)?;
+        let router = self.router();
+        serve_with(router, listener, serve, shutdown).await?;
+        Ok(())
+    }
+
+    /// The router, ready for [`serve_with`] or any other axum/hyper server. Every route but
+    /// `/healthz` (and `/readyz`, `/metrics` where public) checks the caller's token and
+    /// scope first.
     pub fn router(self) -> Router {
         let body_limit = self.config.body_limit;
+        let bounds = RequestBounds {
+            request_timeout: self.config.request_timeout,
+            max_wait: self.config.max_wait,
+        };
+        let guard = Guard(self.auth.clone());
+        let readyz = if self.config.public_readyz {
+            get(handlers::readyz)
+        } else {
+            guard.scope(get(handlers::readyz), Scope::Metrics)
+        };
+        let metrics = if self.config.public_metrics {
+            get(handlers::metrics)
+        } else {
+            guard.scope(get(handlers::metrics), Scope::Metrics)
+        };
         let state = AppState {
             engine: self.engine,
             config: self.config,
@@ -182,26 +295,50 @@ impl HttpApi {
             // router allows one parameter name per position).
             .route(
                 "/sagas/{type_or_id}",
-                post(handlers::start).get(handlers::status),
+                guard
+                    .scope(post(handlers::start), Scope::Start)
+                    .merge(guard.scope(get(handlers::status), Scope::Read)),
             )
-            .route("/sagas/{id}/history", get(handlers::history))
-            .route("/sagas/{id}/wait", get(handlers::wait))
-            .route("/sagas/{id}/cancel", post(handlers::cancel))
+            .route(
+                "/sagas/{id}/history",
+                guard.scope(get(handlers::history), Scope::Read),
+            )
+            .route(
+                "/sagas/{id}/wait",
+                guard.scope(get(handlers::wait), Scope::Read),
+            )
+            .route(
+                "/sagas/{id}/cancel",
+                guard.scope(post(handlers::cancel), Scope::Operate),
+            )
             .route("/healthz", get(handlers::healthz))
-            .route("/readyz", get(handlers::readyz))
-            .route("/metrics", get(handlers::metrics))
+            .route("/readyz", readyz)
+            .route("/metrics", metrics)
             .fallback(handlers::not_found)
             .method_not_allowed_fallback(handlers::method_not_allowed)
             .with_state(state)
             .layer(DefaultBodyLimit::max(body_limit))
+            .layer(axum::middleware::from_fn_with_state(bounds, bound_request))
             .layer(axum::middleware::from_fn(catch_panic))
     }
 }
 
-/// The router on `engine` with the default [`ApiConfig`], serving `metrics` on
-/// `GET /metrics` when given (see [`install_metrics`]).
-pub fn router(engine: Engine, metrics: Option<PrometheusHandle>) -> Router {
-    let api = HttpApi::new(engine);
+/// Serving the API failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Authentication is disabled on a public address.
+    #[error(transparent)]
+    Exposure(#[from] ExposureError),
+    /// The listener failed.
+    #[error("the HTTP API's listener failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The router on `engine` authenticating with `auth`, with the default [`ApiConfig`],
+/// serving `metrics` on `GET /metrics` when given (see [`install_metrics`]).
+pub fn router(engine: Engine, auth: Auth, metrics: Option<PrometheusHandle>) -> Router {
+    let api = HttpApi::new(engine, auth);
     match metrics {
         Some(handle) => api.metrics(handle),
         None => api,
@@ -214,6 +351,62 @@ pub(crate) struct AppState {
     pub(crate) engine: Engine,
     pub(crate) config: ApiConfig,
     pub(crate) metrics: Option<PrometheusHandle>,
+}
+
+/// Puts a scope check in front of method routers.
+struct Guard(Auth);
+
+impl Guard {
+    fn scope(&self, route: MethodRouter<AppState>, scope: Scope) -> MethodRouter<AppState> {
+        let requirement = auth::Requirement {
+            auth: self.0.clone(),
+            scope,
+        };
+        route.route_layer(axum::middleware::from_fn_with_state(
+            requirement,
+            auth::require_scope,
+        ))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct RequestBounds {
+    request_timeout: Duration,
+    max_wait: Duration,
+}
+
+/// Bounds a request from head to response (body upload included): a client dripping its
+/// body, or a store that stopped answering, costs at most the timeout. A wait may last its
+/// own maximum on top.
+async fn bound_request(
+    State(bounds): State<RequestBounds>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let is_wait = request.uri().path().ends_with("/wait");
+    let timeout = if is_wait {
+        bounds.request_timeout + bounds.max_wait
+    } else {
+        bounds.request_timeout
+    };
+    let Ok(response) = tokio::time::timeout(timeout, next.run(request)).await else {
+        ::metrics::counter!("saga_http_requests_timed_out_total").increment(1);
+        let mut response = ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request did not complete within {} ms (a slow upload, or a store that is not answering); retry it (starts are safe to retry with the same Idempotency-Key)",
+                timeout.as_millis()
+            ),
+        )
+        .into_response();
+        // The rest of a dripped body is not worth reading.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    };
+    response
 }
 
 /// Turns a panicking handler into a 500 JSON response.

@@ -21,7 +21,7 @@ use saga_core::{
     Compensation, Coordinator, CoordinatorReport, Engine, HttpStatus, MemoryStore, Saga,
     SagaContext, SagaError, SagaId, SagaStatus, SagaStore, Step, StepContext, StoreError,
 };
-use saga_http::{HttpApi, PrometheusHandle};
+use saga_http::{Auth, HttpApi, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -184,7 +184,7 @@ fn engine() -> Engine {
 }
 
 fn app(engine: &Engine) -> Router {
-    saga_http::router(engine.clone(), None)
+    saga_http::router(engine.clone(), Auth::Disabled, None)
 }
 
 struct Workers {
@@ -455,12 +455,12 @@ async fn wait_answers_202_with_the_status_when_the_wait_ends_first() {
     assert_eq!(now.status, StatusCode::ACCEPTED);
 
     // The default wait is configurable (and bounded by max_wait).
-    let short = HttpApi::new(engine.clone())
+    let short = HttpApi::new(engine.clone(), Auth::Disabled)
         .default_wait(Duration::from_millis(10))
         .router();
     let pending = get(&short, &format!("/sagas/{id}/wait")).await;
     assert_eq!(pending.status, StatusCode::ACCEPTED);
-    let capped = HttpApi::new(engine.clone())
+    let capped = HttpApi::new(engine.clone(), Auth::Disabled)
         .max_wait(Duration::from_millis(10))
         .router();
     let pending = get(&capped, &format!("/sagas/{id}/wait?timeout_ms=3600000")).await;
@@ -587,7 +587,9 @@ async fn bad_requests_get_json_errors_not_500() {
     send(&app, post_json("/sagas/greet", big, None))
         .await
         .assert_error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
-    let small = HttpApi::new(engine.clone()).body_limit(1024).router();
+    let small = HttpApi::new(engine.clone(), Auth::Disabled)
+        .body_limit(1024)
+        .router();
     let body = json!({ "name": "y".repeat(2048) }).to_string();
     send(&small, post_json("/sagas/greet", body, None))
         .await
@@ -683,7 +685,7 @@ async fn health_and_readiness() {
     let store = FlakyStore::default();
     let mode = Arc::clone(&store.mode);
     let engine = Engine::builder(store).register(Greet).build().unwrap();
-    let app = HttpApi::new(engine.clone())
+    let app = HttpApi::new(engine.clone(), Auth::Disabled)
         .ready_timeout(Duration::from_millis(50))
         .router();
 
@@ -742,7 +744,7 @@ async fn health_and_readiness() {
 async fn metrics_show_saga_counters_and_duration_histograms_after_a_run() {
     let handle = METRICS.clone();
     let engine = engine();
-    let app = saga_http::router(engine.clone(), Some(handle));
+    let app = saga_http::router(engine.clone(), Auth::Disabled, Some(handle));
     let workers = Workers::spawn(&engine);
 
     let id = id_of(&start(&app, "metrics", Some("metrics-1")).await);

@@ -47,7 +47,7 @@ async fn readiness_fails_while_the_server_refuses_writes() {
         .await
         .unwrap();
     let engine = Engine::builder(store).build().unwrap();
-    let app = saga_http::router(engine, None);
+    let app = saga_http::router(engine, saga_http::Auth::Disabled, None);
     let (status, body) = readyz(&app).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 

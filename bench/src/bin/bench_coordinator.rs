@@ -42,6 +42,10 @@ struct Args {
     /// Serve the HTTP API on this address (port 0: any free port, named in the ready line).
     #[arg(long)]
     http_addr: Option<SocketAddr>,
+    /// API token lines (`name scopes sha256:<hash>`, `;`-separated); without them the API
+    /// is served without authentication (loopback addresses only).
+    #[arg(long)]
+    api_tokens: Option<String>,
     /// Also shut down when stdin reaches end of file (the parent closed it or died).
     #[arg(long)]
     stdin_lifeline: bool,
@@ -75,7 +79,13 @@ async fn run(args: Args) -> Result<(), BoxError> {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await?;
             let bound = listener.local_addr()?;
-            let router = saga_http::router(engine.clone(), Some(saga_http::install_metrics()?));
+            let auth = match &args.api_tokens {
+                Some(lines) => saga_http::Auth::tokens(saga_http::ApiTokens::parse(lines)?),
+                None => saga_http::Auth::Disabled,
+            };
+            saga_http::check_exposure(&auth, bound, false)?;
+            let router =
+                saga_http::router(engine.clone(), auth, Some(saga_http::install_metrics()?));
             let mut http_stopped = stopped.clone();
             let http = tokio::spawn(saga_http::serve_listener(router, listener, async move {
                 let _ = http_stopped.wait_for(|stop| *stop).await;

@@ -641,6 +641,18 @@ struct Http {
     sender: Option<SendRequest<Full<Bytes>>>,
 }
 
+/// The benchmark's API token: the coordinators authenticate every request, as deployed.
+fn bench_token() -> &'static saga_http::GeneratedToken {
+    static TOKEN: std::sync::OnceLock<saga_http::GeneratedToken> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let scopes = saga_http::parse_scopes("start,read").unwrap_or_default();
+        saga_http::Principal::new("bench", scopes)
+            .and_then(|principal| saga_http::GeneratedToken::new(&principal))
+            // Both inputs are constants and the OS generator does not fail on Linux.
+            .unwrap_or_else(|err| panic!("cannot make the benchmark token: {err}"))
+    })
+}
+
 impl Http {
     fn new(addr: SocketAddr) -> Self {
         Self {
@@ -700,7 +712,11 @@ impl Http {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header(header::HOST, &self.host);
+            .header(header::HOST, &self.host)
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", bench_token().token),
+            );
         if !body.is_empty() {
             request = request.header(header::CONTENT_TYPE, "application/json");
         }
@@ -950,6 +966,7 @@ impl Coordinators {
             .args(["--owner", &format!("svc-{n}")])
             .args(["--workers", &args.workers.to_string()])
             .args(["--http-addr", "127.0.0.1:0", "--stdin-lifeline"])
+            .args(["--api-tokens", &bench_token().config_line])
             .args(&args.coordinator_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
