@@ -123,6 +123,12 @@ pub async fn run(args: CoordinatorArgs) -> Result<CoordinatorReport, BoxError> {
         .resource(args.world.backoffice(office))
         .lease_ttl(args.lease)
         .inline_wait_max(args.inline_wait_max)
+        // A start through the API retries a store blip for at most half its request
+        // timeout, so the client hears why (503) before the request itself times out (408).
+        .client_retry(
+            saga_core::RetryPolicy::client_default()
+                .with_max_elapsed(args.api.http_request_timeout / 2),
+        )
         .build()?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (http, http_addr) = match http {

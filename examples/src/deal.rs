@@ -1,12 +1,17 @@
 //! The deal saga: create the deal in the CRM → update the portfolio valuation → notify the
 //! investment committee → write the audit-trail entry. Compensations, run in reverse: void the
 //! audit entry, retract the committee notice, revert the portfolio, delete the deal.
+//!
+//! Every step has two reconciliation checks that ask the back office about an idempotency
+//! key: `applied_by_key` for the forward effect, `undone_by_key` for its compensation (so an
+//! undo applied on an attempt that timed out still ends the saga compensated, even when the
+//! next attempts are refused).
 
 use saga_core::{Saga, SagaContext, SagaError, StepContext, saga_step};
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::BookChange;
-use crate::services::{Backoffice, ServiceError, applied_by_key};
+use crate::services::{Backoffice, ServiceError, applied_by_key, undone_by_key};
 
 /// A deal to book.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -51,7 +56,7 @@ pub struct DealOutcome {
 }
 
 /// Creates the deal in the CRM (idempotent by the step's key: the deal id derives from it).
-#[saga_step(compensate = delete_deal, reconcile = applied_by_key, timeout = "250ms", retry(max_attempts = 5, initial = "20ms", max = "400ms"))]
+#[saga_step(compensate = delete_deal, reconcile = applied_by_key, reconcile_compensation = undone_by_key, timeout = "250ms", retry(max_attempts = 5, initial = "20ms", max = "400ms"))]
 pub async fn create_deal(ctx: &StepContext, request: DealRequest) -> Result<Deal, ServiceError> {
     let office = Backoffice::of(ctx)?;
     // The key is a UUID string (ASCII, 36 characters), so its first 8 bytes are a char boundary.
@@ -91,7 +96,7 @@ pub async fn delete_deal(
 }
 
 /// Adds the deal to the portfolio book.
-#[saga_step(compensate = revert_portfolio, reconcile = applied_by_key, timeout = "250ms", retry(max_attempts = 5, initial = "20ms", max = "400ms"))]
+#[saga_step(compensate = revert_portfolio, reconcile = applied_by_key, reconcile_compensation = undone_by_key, timeout = "250ms", retry(max_attempts = 5, initial = "20ms", max = "400ms"))]
 pub async fn update_portfolio(
     ctx: &StepContext,
     deal: Deal,
@@ -124,7 +129,7 @@ pub async fn revert_portfolio(
 }
 
 /// Notifies the investment committee.
-#[saga_step(compensate = send_retraction, reconcile = applied_by_key, timeout = "250ms", retry(max_attempts = 5, initial = "20ms", max = "400ms"))]
+#[saga_step(compensate = send_retraction, reconcile = applied_by_key, reconcile_compensation = undone_by_key, timeout = "250ms", retry(max_attempts = 5, initial = "20ms", max = "400ms"))]
 pub async fn notify_committee(ctx: &StepContext, deal: Deal) -> Result<usize, ServiceError> {
     let office = Backoffice::of(ctx)?;
     let text = format!(
@@ -150,7 +155,7 @@ pub async fn send_retraction(
 }
 
 /// Writes the audit-trail entry. Compliance refuses watchlisted companies (permanent).
-#[saga_step(compensate = void_audit_entry, reconcile = applied_by_key, timeout = "250ms", retry(max_attempts = 5, initial = "20ms", max = "400ms"))]
+#[saga_step(compensate = void_audit_entry, reconcile = applied_by_key, reconcile_compensation = undone_by_key, timeout = "250ms", retry(max_attempts = 5, initial = "20ms", max = "400ms"))]
 pub async fn write_audit_entry(ctx: &StepContext, deal: Deal) -> Result<String, ServiceError> {
     let office = Backoffice::of(ctx)?;
     let change = BookChange::WriteAuditEntry {
@@ -198,5 +203,118 @@ impl Saga for DealFlow {
             deal_id: deal.deal_id,
             audit_id,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Tests: a failed unwrap is a failed test, with the error in the message.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use async_trait::async_trait;
+    use saga_core::{Engine, EventKind, HttpStatus, MemoryStore, Phase, SagaStatus, StartOptions};
+    use serde_json::Value;
+
+    use super::*;
+    use crate::ledger::{MemoryOffice, OfficeState, OfficeStore};
+    use crate::services::Directory;
+    use crate::world::{Caller, Faults, World};
+
+    /// The back office's books in memory, with a CRM whose first deal deletion goes through
+    /// but never answers (the step times out), and which refuses every later call with 503.
+    #[derive(Debug, Default)]
+    struct FlakyCrm {
+        inner: MemoryOffice,
+        deletions: AtomicU32,
+    }
+
+    #[async_trait]
+    impl OfficeStore for FlakyCrm {
+        async fn apply_once(
+            &self,
+            caller: &Caller,
+            change: &BookChange,
+        ) -> Result<Value, ServiceError> {
+            if !matches!(change, BookChange::DeleteDeal { .. }) {
+                return self.inner.apply_once(caller, change).await;
+            }
+            if self.deletions.fetch_add(1, Ordering::SeqCst) == 0 {
+                self.inner.apply_once(caller, change).await?;
+                std::future::pending::<()>().await;
+            }
+            Err(ServiceError::Http(HttpStatus::new(503)))
+        }
+
+        async fn recorded(&self, key: &str) -> Result<Option<Value>, ServiceError> {
+            self.inner.recorded(key).await
+        }
+
+        async fn snapshot(&self) -> Result<OfficeState, ServiceError> {
+            self.inner.snapshot().await
+        }
+    }
+
+    /// A deal deletion applied on an attempt that timed out is found by the compensation's
+    /// check (the back office's record of the undo's key): the saga ends compensated, and
+    /// the deal was deleted once.
+    #[tokio::test]
+    async fn a_deal_deletion_that_timed_out_is_reconciled() {
+        let world = World::new(Faults {
+            seed: 7,
+            rate: 0.0,
+            fail_at: None,
+            throttle: None,
+        });
+        let crm = Arc::new(FlakyCrm::default());
+        let office = Backoffice::new(world, Directory::generate(7, 3), crm.clone(), 100);
+        let engine = Engine::builder(MemoryStore::new())
+            .register(DealFlow)
+            .resource(office)
+            .build()
+            .unwrap();
+        let request = DealRequest {
+            company_id: "c-002".into(),
+            company_name: "Quanta Ledger 1".into(),
+            amount_musd: 5.0,
+            score: 90,
+            watchlisted: true,
+        };
+        let outcome = engine
+            .execute::<DealFlow>(&request, StartOptions::key("watchlisted"))
+            .await
+            .unwrap();
+
+        assert_eq!(
+            outcome.status,
+            SagaStatus::Compensated,
+            "{:?}",
+            outcome.failure
+        );
+        assert_eq!(crm.deletions.load(Ordering::SeqCst), 1, "not re-run");
+        let state = crm.snapshot().await.unwrap();
+        assert!(state.books.crm_deals.is_empty(), "the deal is gone");
+        let deletions = state
+            .ledger
+            .entries
+            .iter()
+            .filter(|e| e.step == "create_deal" && e.phase == Phase::Compensate)
+            .count();
+        assert_eq!(deletions, 1);
+        let history = engine.history(outcome.id).await.unwrap();
+        let reconciled: Vec<u32> = history
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EventKind::StepCompensated {
+                    position,
+                    reconciled: true,
+                    ..
+                } => Some(*position),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reconciled, [0], "the CRM deletion was reconciled");
     }
 }

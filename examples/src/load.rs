@@ -4,6 +4,11 @@
 //!
 //! Running the same command twice submits nothing new: the keys derive from `--run-id` and
 //! the saga's index, so the second run finds the first run's sagas and reports on them.
+//!
+//! It rides out store blips (a Redis restart, a `CLIENT PAUSE`, a failover): starts retry
+//! for up to `--retry-for`, waits until `--timeout`, and the final report's reads for up to
+//! `--retry-for` again. A start that still fails is counted (`start_errors`) and the run
+//! goes on with the sagas that were acknowledged.
 
 use std::collections::BTreeSet;
 use std::io::{IsTerminal as _, Write as _};
@@ -11,7 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use saga_core::{EngineError, SagaId, SagaStatus, StartOptions, content_key};
+use saga_core::{
+    Classify as _, ClientRetry, EngineError, RetryPolicy, SagaId, SagaStatus, StartOptions,
+    content_key,
+};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -54,6 +62,10 @@ pub struct LoadArgs {
     /// How long to wait for every saga to end.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// How long one start (and the final report) keeps retrying while the store is
+    /// unavailable; waits retry until `--timeout`. `0s` fails at the first store error.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub retry_for: Duration,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -72,14 +84,22 @@ pub fn deal_request(seed: u64, index: usize, watchlist_rate: f64) -> DealRequest
     }
 }
 
-/// Runs the load; returns whether the ledger check holds and every saga of this batch ended.
+/// Runs the load; returns whether every start was acknowledged, the ledger check holds and
+/// every acknowledged saga of this batch ended.
 ///
 /// # Errors
 /// The store could not be reached.
 pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
     let (store, office) = args.store.connect().await?;
     let owner = format!("{}-client", ops::default_owner());
-    let engine = ops::engine_builder(store, &owner).build()?;
+    let client_retry = if args.retry_for.is_zero() {
+        RetryPolicy::no_retry()
+    } else {
+        RetryPolicy::client_default().with_max_elapsed(args.retry_for)
+    };
+    let engine = ops::engine_builder(store, &owner)
+        .client_retry(client_retry.clone())
+        .build()?;
     let mut out = std::io::stdout();
     writeln!(
         out,
@@ -126,12 +146,22 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
             Ok::<_, EngineError>((started.id, duplicates))
         });
     }
+    // Acknowledged sagas (their start returned): these must all end.
     let mut ids = Vec::with_capacity(args.count);
     let mut duplicate_starts = 0;
+    let mut start_errors = 0_usize;
     while let Some(joined) = starts.join_next().await {
-        let (id, duplicates) = joined??;
-        ids.push(id);
-        duplicate_starts += duplicates;
+        match joined? {
+            Ok((id, duplicates)) => {
+                ids.push(id);
+                duplicate_starts += duplicates;
+            }
+            Err(err) => {
+                // Still failing after `--retry-for` (or not retryable): counted, not fatal.
+                tracing::error!(error = %err, "a start failed; its saga is not acknowledged");
+                start_errors += 1;
+            }
+        }
     }
     let submitted = began.elapsed();
     // Wait for every saga: a few waiters at a time (each polls its saga), in submission order.
@@ -155,15 +185,33 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
                 tracing::warn!(saga_id = %id, %status, "saga did not end in time");
                 unfinished.insert(id);
             }
+            // The store was still unavailable when the wait's time ran out.
+            Err(err) if err.is_transient() => {
+                tracing::warn!(saga_id = %id, error = %err, "saga not seen ending in time");
+                unfinished.insert(id);
+            }
             Err(err) => return Err(err.into()),
         }
         bar.inc(1);
     }
     bar.finish_and_clear();
     let elapsed = began.elapsed();
-    // Report over every saga in the store.
-    let sagas = report::collect(&engine).await?;
-    let office = office.snapshot().await?;
+    // Report over every saga in the store (reads: repeated whole after a store blip).
+    let retry = ClientRetry::new(client_retry);
+    let sagas = retry
+        .run(
+            "read the sagas for the report",
+            EngineError::is_transient,
+            || report::collect(&engine),
+        )
+        .await?;
+    let office = retry
+        .run(
+            "read the books for the report",
+            |err: &crate::services::ServiceError| err.classify().is_transient(),
+            || office.snapshot(),
+        )
+        .await?;
     let totals = report::totals(&sagas, duplicate_starts, &office);
     let check = report::check_ledger(&sagas, &office);
     let mine: BTreeSet<SagaId> = ids.iter().copied().collect();
@@ -186,8 +234,9 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
     writeln!(out, "  store: {}", totals.line())?;
     writeln!(
         out,
-        "  this run: {} sagas, {} unfinished | saga latency p50 {} p99 {} | submit to first step p50 {} p99 {}",
+        "  this run: {} sagas acknowledged, {} start errors, {} unfinished | saga latency p50 {} p99 {} | submit to first step p50 {} p99 {}",
         ids.len(),
+        start_errors,
         unfinished.len(),
         ms(report::quantile(&total, 0.5)),
         ms(report::quantile(&total, 0.99)),
@@ -207,11 +256,13 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
         }
     }
     out.flush()?;
-    let ok = check.holds() && unfinished.is_empty();
+    let ok = check.holds() && unfinished.is_empty() && start_errors == 0;
     print_line(&serde_json::json!({
         "event": "load_summary",
         "ok": ok,
         "submitted": ids.len(),
+        "acknowledged": ids.len(),
+        "start_errors": start_errors,
         "unfinished": unfinished.len(),
         "store_sagas": totals.sagas,
         "completed": count(SagaStatus::Completed),

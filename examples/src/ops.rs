@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::{Engine, EngineBuilder, SagaStore};
-use saga_redis::RedisStore;
+use saga_redis::{RedisStore, RedisStoreBuilder, UnsafeServerConfig};
 
 use crate::deal::DealFlow;
 use crate::ledger::OfficeStore;
@@ -59,6 +59,76 @@ pub struct StoreArgs {
     /// Partition count, fixed at deployment (every process of one prefix must agree).
     #[arg(long, env = "SAGA_PARTITIONS", hide_env_values = true, default_value_t = saga_redis::DEFAULT_PARTITIONS)]
     pub partitions: u16,
+    /// TLS to Redis (`rediss://` URLs): a private CA and a client certificate.
+    #[command(flatten)]
+    pub tls: RedisTlsArgs,
+    /// Start even though Redis has this configuration, which is refused because it loses
+    /// every saga on the server's next restart: `aof-acl-replay-loss` (AOF on and a
+    /// `default` user that may not run the store's writes, redis/redis#14541). Logged as an
+    /// error at every start; fix the server instead (see docs/DEPLOY.md).
+    #[arg(
+        long,
+        env = "SAGA_ALLOW_UNSAFE_REDIS_CONFIG",
+        hide_env_values = true,
+        value_enum,
+        value_delimiter = ','
+    )]
+    pub allow_unsafe_redis_config: Vec<UnsafeRedisConfig>,
+}
+
+/// TLS to Redis: the CA to trust and the client certificate for mutual TLS, as PEM files.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct RedisTlsArgs {
+    /// For `rediss://`: trust only the CA certificate(s) in this PEM file, instead of the
+    /// system's root certificates (for a private CA).
+    #[arg(long, env = "REDIS_CA_FILE", hide_env_values = true)]
+    pub redis_ca_file: Option<std::path::PathBuf>,
+    /// For `rediss://` to a server that asks for client certificates (`tls-auth-clients`):
+    /// this certificate (PEM file), with `--redis-client-key`.
+    #[arg(
+        long,
+        env = "REDIS_CLIENT_CERT",
+        hide_env_values = true,
+        requires = "redis_client_key"
+    )]
+    pub redis_client_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM file) of `--redis-client-cert`.
+    #[arg(
+        long,
+        env = "REDIS_CLIENT_KEY",
+        hide_env_values = true,
+        requires = "redis_client_cert"
+    )]
+    pub redis_client_key: Option<std::path::PathBuf>,
+}
+
+impl RedisTlsArgs {
+    /// `builder` with these TLS settings.
+    pub fn apply(&self, mut builder: RedisStoreBuilder) -> RedisStoreBuilder {
+        if let Some(ca) = &self.redis_ca_file {
+            builder = builder.tls_ca_file(ca);
+        }
+        if let (Some(cert), Some(key)) = (&self.redis_client_cert, &self.redis_client_key) {
+            builder = builder.tls_client_certificate_files(cert, key);
+        }
+        builder
+    }
+}
+
+/// A Redis configuration the store refuses unless allowed (`--allow-unsafe-redis-config`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnsafeRedisConfig {
+    /// AOF on and a `default` user that may not run the store's writes: the next restart
+    /// loses every saga (redis/redis#14541).
+    AofAclReplayLoss,
+}
+
+impl From<UnsafeRedisConfig> for UnsafeServerConfig {
+    fn from(config: UnsafeRedisConfig) -> Self {
+        match config {
+            UnsafeRedisConfig::AofAclReplayLoss => UnsafeServerConfig::AofAclReplayLoss,
+        }
+    }
 }
 
 impl StoreArgs {
@@ -67,19 +137,30 @@ impl StoreArgs {
     /// # Errors
     /// A connection failed or the store refused the settings.
     pub async fn connect(&self) -> Result<(Arc<dyn SagaStore>, Arc<RedisOffice>), BoxError> {
-        let builder = RedisStore::builder()
-            .key_prefix(self.key_prefix.clone())
-            .partitions(self.partitions);
+        let mut builder = self.tls.apply(
+            RedisStore::builder()
+                .key_prefix(self.key_prefix.clone())
+                .partitions(self.partitions),
+        );
+        for config in &self.allow_unsafe_redis_config {
+            builder = builder.allow_unsafe_server_config((*config).into());
+        }
         let url = self.standalone_url()?;
         match (&url, self.cluster_urls.as_slice()) {
             (Some(url), []) => {
-                let store = builder.url(url.clone()).connect().await?;
-                let office = RedisOffice::connect(url, &self.key_prefix).await?;
+                let builder = builder.url(url.clone());
+                // The office talks to the same server: same CA, same client certificate.
+                let tls = builder.tls_certificates()?;
+                let store = builder.connect().await?;
+                let office = RedisOffice::connect_with_tls(url, &self.key_prefix, tls).await?;
                 Ok((Arc::new(store), Arc::new(office)))
             }
             (None, urls) if !urls.is_empty() => {
-                let store = builder.cluster(urls.iter().cloned()).connect().await?;
-                let office = RedisOffice::connect_cluster(urls, &self.key_prefix).await?;
+                let builder = builder.cluster(urls.iter().cloned());
+                let tls = builder.tls_certificates()?;
+                let store = builder.connect().await?;
+                let office =
+                    RedisOffice::connect_cluster_with_tls(urls, &self.key_prefix, tls).await?;
                 Ok((Arc::new(store), Arc::new(office)))
             }
             _ => Err("give either --redis-url or --cluster-urls".into()),

@@ -166,7 +166,23 @@ impl RedisOffice {
     /// # Errors
     /// The connection failed.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
+        Self::connect_with_tls(url, prefix, None).await
+    }
+
+    /// As [`connect`](Self::connect), with TLS material for a `rediss://` URL (a private CA,
+    /// a client certificate; see `saga_redis::RedisStoreBuilder::tls_certificates`).
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub async fn connect_with_tls(
+        url: &str,
+        prefix: &str,
+        tls: Option<redis::TlsCertificates>,
+    ) -> Result<Self, redis::RedisError> {
+        let client = match tls {
+            Some(certificates) => redis::Client::build_with_tls(url, certificates)?,
+            None => redis::Client::open(url)?,
+        };
         let config = ConnectionManagerConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
         let conn = ConnectionManager::new_with_config(client, config).await?;
         Ok(Self::with(Conn::Standalone(conn), prefix))
@@ -178,9 +194,25 @@ impl RedisOffice {
     /// # Errors
     /// The connection failed.
     pub async fn connect_cluster(urls: &[String], prefix: &str) -> Result<Self, redis::RedisError> {
-        let client = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
-            .response_timeout(RESPONSE_TIMEOUT)
-            .build()?;
+        Self::connect_cluster_with_tls(urls, prefix, None).await
+    }
+
+    /// As [`connect_cluster`](Self::connect_cluster), with TLS material for `rediss://` URLs.
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub async fn connect_cluster_with_tls(
+        urls: &[String],
+        prefix: &str,
+        tls: Option<redis::TlsCertificates>,
+    ) -> Result<Self, redis::RedisError> {
+        let builder = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
+            .response_timeout(RESPONSE_TIMEOUT);
+        let builder = match tls {
+            Some(certificates) => builder.certs(certificates),
+            None => builder,
+        };
+        let client = builder.build()?;
         let conn = client.get_async_connection().await?;
         Ok(Self::with(Conn::Cluster(conn), prefix))
     }

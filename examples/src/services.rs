@@ -265,6 +265,35 @@ impl Backoffice {
                 .map_err(|e| ServiceError::Corrupt(e.to_string())),
         }
     }
+
+    /// Whether the compensation with the caller's idempotency key (the compensation's own
+    /// key) was applied: the back office records every key it carried out, an undo's with a
+    /// `null` result, so here any record means "applied".
+    ///
+    /// # Errors
+    /// The back office's storage is unreachable.
+    pub async fn undo_lookup(&self, ctx: &StepContext) -> Result<Reconciled<()>, ServiceError> {
+        self.world.crash.gate().await;
+        Ok(match self.state.recorded(ctx.idempotency_key()).await? {
+            Some(_) => Reconciled::Applied(()),
+            None => Reconciled::NotApplied,
+        })
+    }
+}
+
+/// The reconciliation check of every compensation: asks the back office whether the undo
+/// with this compensation's idempotency key was applied, so that an undo applied on an
+/// attempt that timed out is not taken for a failure when the next attempts are refused.
+///
+/// # Errors
+/// The back office is missing or unreachable.
+pub async fn undone_by_key<I, O>(
+    ctx: &StepContext,
+    input: &I,
+    output: &O,
+) -> Result<Reconciled<()>, ServiceError> {
+    let _ = (input, output);
+    Backoffice::of(ctx)?.undo_lookup(ctx).await
 }
 
 /// The reconciliation check of every mutating step: asks the back office whether the effect

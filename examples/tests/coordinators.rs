@@ -68,6 +68,8 @@ impl Target {
             redis_url_file: None,
             key_prefix: prefix.to_owned(),
             partitions: 16,
+            tls: Default::default(),
+            allow_unsafe_redis_config: Vec::new(),
         }
     }
 

@@ -34,6 +34,29 @@ pub(crate) struct GlobalArgs {
         conflicts_with = "redis_url"
     )]
     pub(crate) redis_url_file: Option<std::path::PathBuf>,
+    /// For rediss:// URLs: trust only the CA certificate(s) in this PEM file instead of the
+    /// system's root certificates (a private CA).
+    #[arg(long, env = "REDIS_CA_FILE", global = true, hide_env_values = true)]
+    pub(crate) redis_ca_file: Option<std::path::PathBuf>,
+    /// For rediss:// to a server that asks for client certificates (mutual TLS): this
+    /// certificate (PEM file), with --redis-client-key.
+    #[arg(
+        long,
+        env = "REDIS_CLIENT_CERT",
+        global = true,
+        hide_env_values = true,
+        requires = "redis_client_key"
+    )]
+    pub(crate) redis_client_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM file) of --redis-client-cert.
+    #[arg(
+        long,
+        env = "REDIS_CLIENT_KEY",
+        global = true,
+        hide_env_values = true,
+        requires = "redis_client_cert"
+    )]
+    pub(crate) redis_client_key: Option<std::path::PathBuf>,
     /// Key prefix the coordinators were configured with.
     #[arg(long, default_value = saga_redis::DEFAULT_PREFIX, global = true)]
     pub(crate) key_prefix: String,
@@ -43,6 +66,12 @@ pub(crate) struct GlobalArgs {
     /// Print one machine-readable JSON document instead of a table.
     #[arg(long, global = true)]
     pub(crate) json: bool,
+    /// How long to keep retrying while Redis is unreachable or briefly unavailable (a
+    /// restart, a failover, `CLIENT PAUSE`), from the start of the command, e.g. `30s`, `2m`;
+    /// `0s` fails at the first error. Errors a retry cannot fix (a refused password or
+    /// permission, an unknown saga) fail at once.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, global = true)]
+    pub(crate) retry_for: Duration,
 }
 
 /// The operator commands.
@@ -93,6 +122,24 @@ pub(crate) enum Command {
         /// How many of the most recently failed sagas to read for failure reasons.
         #[arg(long, default_value_t = 50)]
         failures: usize,
+    },
+    /// API tokens for the coordinators' HTTP API (needs no Redis).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `saga token ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Make a random 256-bit token for a principal: prints the token (give it to the client,
+    /// it is shown once) and the line for the server's --api-tokens-file (its hash only).
+    New {
+        /// The principal's name (letters, digits, `.`, `_`, `-`): it appears in logs and
+        /// scopes the principal's idempotency keys.
+        name: String,
+        /// What it may do, comma-separated: read, start, operate, metrics.
+        #[arg(long)]
+        scopes: String,
     },
 }
 

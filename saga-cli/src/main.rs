@@ -5,6 +5,7 @@
 //! saga show 6f1c...            # timeline, steps, lease
 //! saga retry 6f1c... --reason "fixed the CRM credentials"
 //! saga stats --json
+//! saga token new intake --scopes start,read   # an API token and its config line (no Redis)
 //! ```
 //!
 //! Every command prints one table (or, with `--json`, one JSON document) on stdout. A failure

@@ -38,6 +38,16 @@ pub(crate) fn print_error(err: &CliError) {
     let _ = writeln!(std::io::stderr().lock(), "error: {err}");
 }
 
+/// Tells the operator what the command waits for (a retry), on stderr, when stderr is a
+/// terminal: scripts that read stderr keep seeing one line per failure.
+pub(crate) fn print_notice(text: &str) {
+    use std::io::IsTerminal as _;
+    let stderr = std::io::stderr();
+    if stderr.is_terminal() {
+        let _ = writeln!(stderr.lock(), "saga: {text}");
+    }
+}
+
 /// A text table with left-aligned columns separated by two spaces.
 #[derive(Debug)]
 pub(crate) struct Table {

@@ -235,8 +235,14 @@ pub enum EventKind {
         position: u32,
         /// Step name.
         step: String,
-        /// The attempt that succeeded.
+        /// The attempt that succeeded (with `reconciled`: the latest attempt that may have
+        /// applied the undo).
         attempt: u32,
+        /// `true` when the compensation's reconciliation check found the undo already
+        /// applied (by an attempt that timed out or was cut off) rather than an attempt
+        /// succeeding. Absent in histories written before it existed.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        reconciled: bool,
     },
     /// A step was left alone during compensation, and why (it declared no compensation, or
     /// its in-flight attempt was found not to have had an effect).

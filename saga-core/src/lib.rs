@@ -27,14 +27,16 @@ pub use clock::{Clock, Timestamp, TokioClock};
 pub use context::StepContext;
 pub use coordinator::{Coordinator, CoordinatorReport, DEFAULT_RETENTION};
 pub use engine::{
-    Engine, EngineBuilder, EngineConfig, EngineError, RunOutcome, Saga, SagaContext, SagaError,
-    SagaOutcome, StartOptions, Started,
+    ClientRetry, Engine, EngineBuilder, EngineConfig, EngineError, RetryNotice, RetryingStore,
+    RunOutcome, Saga, SagaContext, SagaError, SagaOutcome, StartOptions, Started,
 };
 pub use event::{CompensationReason, EventKind, FailureKind, SagaEvent, StepError};
 pub use guard::{DEFAULT_IN_PROGRESS_TTL, GuardError, IdempotencyGuard};
 pub use ids::{Phase, SagaId, content_key, fingerprint, step_idempotency_key};
 pub use resources::{MissingResource, Resources};
-pub use retry::{GiveUpReason, Jitter, RetryDecision, RetryPolicy, RetryPolicyError};
+pub use retry::{
+    DEFAULT_CLIENT_RETRY_FOR, GiveUpReason, Jitter, RetryDecision, RetryPolicy, RetryPolicyError,
+};
 pub use state::{
     CompensationRecord, CompensationStatus, FoldError, SagaState, StepRecord, StepStatus,
 };

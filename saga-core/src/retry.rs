@@ -24,6 +24,10 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use serde::{Deserialize, Serialize};
 
+/// How long client calls retry transient store errors by default
+/// ([`RetryPolicy::client_default`]).
+pub const DEFAULT_CLIENT_RETRY_FOR: Duration = Duration::from_secs(30);
+
 /// How a delay is randomised so that many sagas failing together do not retry together.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -94,6 +98,19 @@ impl RetryPolicy {
         Self::default()
             .with_max_attempts(10)
             .with_max_delay(Duration::from_secs(30))
+    }
+
+    /// The default policy of client calls that meet a transient store error (a start, a
+    /// wait, the operator CLI; see `Engine::start` and `ClientRetry`): retried for up to
+    /// [`DEFAULT_CLIENT_RETRY_FOR`] (30 s, long enough for a Redis restart or a
+    /// `CLIENT PAUSE` of 10 s), 50 ms doubling up to 2 s, full jitter, no attempt limit.
+    #[must_use]
+    pub fn client_default() -> Self {
+        Self::default()
+            .with_max_attempts(u32::MAX)
+            .with_initial_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_elapsed(DEFAULT_CLIENT_RETRY_FOR)
     }
 
     /// A policy that tries once and never retries.

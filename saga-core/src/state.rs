@@ -57,6 +57,10 @@ pub struct CompensationRecord {
     /// When its first attempt failed (the start of its elapsed-time budget, approximately).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Timestamp>,
+    /// `Done` because the compensation's reconciliation check found the undo applied, not
+    /// because an attempt succeeded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reconciled: bool,
 }
 
 /// One journal entry: a step, or a journaled value (`now`, `uuid`).
@@ -516,10 +520,14 @@ impl SagaState {
                     next_retry_at: Some(*next_retry_at),
                     skipped_because: None,
                     started_at,
+                    reconciled: false,
                 });
             }
             EventKind::StepCompensated {
-                position, attempt, ..
+                position,
+                attempt,
+                reconciled,
+                ..
             } => {
                 let record = self.record_mut(seq, name, *position)?;
                 let error = record.compensation.as_ref().and_then(|c| c.error.clone());
@@ -531,6 +539,7 @@ impl SagaState {
                     next_retry_at: None,
                     skipped_because: None,
                     started_at,
+                    reconciled: *reconciled,
                 });
             }
             EventKind::CompensationSkipped { position, why, .. } => {
@@ -542,6 +551,7 @@ impl SagaState {
                     next_retry_at: None,
                     skipped_because: Some(why.clone()),
                     started_at: None,
+                    reconciled: false,
                 });
             }
             EventKind::SagaCompleted { output } => {

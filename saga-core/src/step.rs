@@ -55,17 +55,19 @@ pub enum Compensation {
     Always,
 }
 
-/// What a step's reconciliation check found out about an attempt whose outcome is unknown.
+/// What a reconciliation check found out about an attempt whose outcome is unknown: the
+/// forward action's ([`Step::reconcile`], `T` = the step's output) or the compensation's
+/// ([`Step::reconcile_compensation`], `T` = `()`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Reconciled<T> {
-    /// The effect happened; here is the output it produced. The step is recorded as succeeded
-    /// without running again.
+    /// The effect happened; here is the output it produced. A forward step is recorded as
+    /// succeeded, a compensation as done, without running again.
     Applied(T),
     /// The effect did not happen.
     NotApplied,
     /// The check cannot tell (the default). The engine runs the attempt again with the same
-    /// idempotency key.
+    /// idempotency key, or gives up as it would without a check.
     Unknown,
 }
 
@@ -119,6 +121,87 @@ pub trait Step: Send + Sync + 'static {
         input: &Self::Input,
     ) -> Result<Reconciled<Self::Output>, Self::Error> {
         let _ = (ctx, input);
+        Ok(Reconciled::Unknown)
+    }
+
+    /// Asks the systems the compensation touched whether the undo with
+    /// `ctx.idempotency_key()` (the compensation's key: `ctx.phase()` is
+    /// [`Phase::Compensate`](crate::Phase::Compensate), the same key every compensation attempt
+    /// gets) was applied. `input` and `output` are what [`Step::compensate`] gets.
+    ///
+    /// Consulted when an undo's outcome is unknown: before re-running an undo that may have
+    /// been cut off (the saga resumes mid-compensation after a crash or a lost lease) or that
+    /// timed out, and before the compensation gives up (its retry policy ran out, or a
+    /// permanent error followed an attempt whose outcome is unknown). `Applied(())` records
+    /// the compensation as done (`StepCompensated` with `reconciled: true`) without running
+    /// it again, so the saga can still end `Compensated`; `NotApplied` and `Unknown` (the
+    /// default) leave the engine doing what it does without a check. A check that fails
+    /// counts as a failed attempt, never as "applied".
+    ///
+    /// ```
+    /// use std::collections::HashSet;
+    /// use std::sync::{Mutex, PoisonError};
+    ///
+    /// use async_trait::async_trait;
+    /// use saga_core::{Compensation, HttpStatus, Reconciled, Step, StepContext};
+    ///
+    /// /// The seat service, which remembers the idempotency key of every release it carried out.
+    /// #[derive(Default)]
+    /// struct Seats(Mutex<HashSet<String>>);
+    ///
+    /// fn seats(ctx: &StepContext) -> Result<&Seats, HttpStatus> {
+    ///     ctx.resource::<Seats>().map_err(|_| HttpStatus::new(500))
+    /// }
+    ///
+    /// struct ReserveSeat;
+    ///
+    /// #[async_trait]
+    /// impl Step for ReserveSeat {
+    ///     type Input = String;
+    ///     type Output = u32;
+    ///     type Error = HttpStatus;
+    ///     const NAME: &'static str = "reserve_seat";
+    ///     const COMPENSATION: Compensation = Compensation::OnSuccess;
+    ///
+    ///     async fn forward(&self, _ctx: &StepContext, passenger: String) -> Result<u32, HttpStatus> {
+    ///         Ok(passenger.len() as u32)
+    ///     }
+    ///
+    ///     async fn compensate(
+    ///         &self,
+    ///         ctx: &StepContext,
+    ///         _passenger: String,
+    ///         _seat: Option<u32>,
+    ///     ) -> Result<(), HttpStatus> {
+    ///         let released = &seats(ctx)?.0;
+    ///         let mut released = released.lock().unwrap_or_else(PoisonError::into_inner);
+    ///         released.insert(ctx.idempotency_key().to_owned());
+    ///         Ok(())
+    ///     }
+    ///
+    ///     async fn reconcile_compensation(
+    ///         &self,
+    ///         ctx: &StepContext,
+    ///         _passenger: &String,
+    ///         _seat: Option<&u32>,
+    ///     ) -> Result<Reconciled<()>, HttpStatus> {
+    ///         let released = &seats(ctx)?.0;
+    ///         let released = released.lock().unwrap_or_else(PoisonError::into_inner);
+    ///         Ok(if released.contains(ctx.idempotency_key()) {
+    ///             Reconciled::Applied(())
+    ///         } else {
+    ///             Reconciled::NotApplied
+    ///         })
+    ///     }
+    /// }
+    /// ```
+    async fn reconcile_compensation(
+        &self,
+        ctx: &StepContext,
+        input: &Self::Input,
+        output: Option<&Self::Output>,
+    ) -> Result<Reconciled<()>, Self::Error> {
+        let _ = (ctx, input, output);
         Ok(Reconciled::Unknown)
     }
 

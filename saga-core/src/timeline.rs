@@ -33,11 +33,18 @@ pub fn render(events: &[SagaEvent]) -> String {
             (&event.kind, events.get(index + 1).map(|next| &next.kind)),
             (
                 EventKind::CompensationAttemptFailed { .. },
-                Some(EventKind::SagaFailed { .. })
+                Some(
+                    EventKind::SagaFailed { .. }
+                        | EventKind::StepCompensated {
+                            reconciled: true,
+                            ..
+                        }
+                )
             )
         );
         let line = match &event.kind {
-            // The last failed undo attempt before the saga failed is not retried.
+            // The last failed undo attempt is not retried: the saga failed, or the
+            // compensation's reconciliation check found the undo applied after all.
             EventKind::CompensationAttemptFailed {
                 position,
                 step,
@@ -161,11 +168,19 @@ pub fn describe(kind: &EventKind) -> String {
             position,
             step,
             attempt,
+            reconciled,
         } => {
-            format!(
-                "{} undone (compensation attempt {attempt})",
-                step_label(*position, step)
-            )
+            if *reconciled {
+                format!(
+                    "{} undone: its reconciliation check found the undo applied (not re-run)",
+                    step_label(*position, step)
+                )
+            } else {
+                format!(
+                    "{} undone (compensation attempt {attempt})",
+                    step_label(*position, step)
+                )
+            }
         }
         EventKind::CompensationSkipped {
             position,

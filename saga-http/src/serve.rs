@@ -169,7 +169,7 @@ where
     };
     match listener.local_addr() {
         Ok(addr) => {
-            tracing::info!(%addr, scheme, max_connections = config.max_connections, "saga HTTP API listening")
+            tracing::info!(%addr, scheme, max_connections = config.max_connections, "saga HTTP API listening");
         }
         Err(err) => tracing::warn!(error = %err, "saga HTTP API listening on an unknown address"),
     }

@@ -390,11 +390,11 @@ fn certificates(
 
 #[tokio::test]
 async fn https_serves_the_api_and_plain_http_gets_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((ca, cert, key)) = certificates(dir.path()) else {
-        eprintln!("skipping: openssl is not installed");
+    if !saga_redis_testkit::openssl_available("https_serves_the_api_and_plain_http_gets_nothing") {
         return;
-    };
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path()).expect("openssl runs");
     let tls = TlsConfig::from_pem_files(&cert, &key).unwrap();
     let server = Server::start(
         ServeConfig::default()

@@ -14,7 +14,7 @@ use syn::{Expr, ExprLit, ExprPath, ExprUnary, Lit, LitStr, Path, Token, UnOp};
 
 /// The options of `#[saga_step]`, in the order the docs list them.
 const OPTIONS: &str = "compensate, compensate_on_failure, pivot, no_compensation, name, timeout, \
-                       retry, compensate_retry, reconcile";
+                       retry, compensate_retry, reconcile, reconcile_compensation";
 
 /// The keys of `retry(...)` and `compensate_retry(...)`.
 const RETRY_KEYS: &str = "max_attempts, initial, max, multiplier, jitter, max_elapsed";
@@ -86,6 +86,7 @@ pub(crate) struct StepArgs {
     pub(crate) retry: Option<RetryArgs>,
     pub(crate) compensate_retry: Option<RetryArgs>,
     pub(crate) reconcile: Option<Path>,
+    pub(crate) reconcile_compensation: Option<Path>,
     /// The options did not parse to the end, or one was unknown (perhaps a misspelled
     /// compensation option), or a compensation option was given with a bad value: the
     /// "missing compensation" error would only repeat a mistake already reported.
@@ -106,6 +107,7 @@ struct Raw {
     retry: Option<RetryArgs>,
     compensate_retry: Option<(Path, RetryArgs)>,
     reconcile: Option<Path>,
+    reconcile_compensation: Option<Path>,
 }
 
 /// Parses the attribute's arguments. Returns what could be understood and every error found.
@@ -141,6 +143,7 @@ fn parse_option(meta: &ParseNestedMeta<'_>, raw: &mut Raw, errors: &mut Errors) 
         "retry",
         "compensate_retry",
         "reconcile",
+        "reconcile_compensation",
     ];
     if !known.contains(&key.as_str()) {
         raw.unknown = true;
@@ -164,6 +167,14 @@ fn parse_option(meta: &ParseNestedMeta<'_>, raw: &mut Raw, errors: &mut Errors) 
         }
         "reconcile" => {
             raw.reconcile = path_value(meta, &key, "reconcile = check_deal", errors)?;
+        }
+        "reconcile_compensation" => {
+            raw.reconcile_compensation = path_value(
+                meta,
+                &key,
+                "reconcile_compensation = check_deal_deleted",
+                errors,
+            )?;
         }
         "compensate_on_failure" => raw.on_failure = flag(meta, &key, errors)?,
         "pivot" => raw.pivot = flag(meta, &key, errors)?,
@@ -273,6 +284,13 @@ fn combine(raw: Raw, errors: &mut Errors) -> StepArgs {
                  compensation has nothing to retry",
             ));
         }
+        if let Some(path) = &raw.reconcile_compensation {
+            errors.push(syn::Error::new_spanned(
+                path,
+                "`reconcile_compensation` needs `compensate = <async fn>`: it checks whether \
+                 that compensation's undo was applied",
+            ));
+        }
     }
     StepArgs {
         compensation,
@@ -281,6 +299,7 @@ fn combine(raw: Raw, errors: &mut Errors) -> StepArgs {
         retry: raw.retry,
         compensate_retry: raw.compensate_retry.map(|(_, retry)| retry),
         reconcile: raw.reconcile,
+        reconcile_compensation: raw.reconcile_compensation,
         skip_missing_check: false,
     }
 }
@@ -675,6 +694,7 @@ mod tests {
             ),
             compensate_retry(max_attempts = 9),
             reconcile = check,
+            reconcile_compensation = check_undo,
         ));
         assert!(errors.into_error().is_none());
         assert!(matches!(
@@ -687,6 +707,7 @@ mod tests {
         assert_eq!(retry.multiplier, Some(3.0));
         assert_eq!(retry.max_elapsed, Some(Duration::from_secs(60)));
         assert!(args.reconcile.is_some());
+        assert!(args.reconcile_compensation.is_some());
     }
 
     #[test]

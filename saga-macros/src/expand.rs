@@ -160,6 +160,37 @@ fn step_type(
         }
     });
 
+    // Only with `compensate` (checked in `attr`); its output parameter follows the
+    // compensation's: `&Out`, or `Option<&Out>` with `compensate_on_failure`.
+    let reconcile_compensation = match (&args.reconcile_compensation, &args.compensation) {
+        (Some(path), Some(Compensation::Undo { always, .. })) => {
+            let span = path.span().resolved_at(Span::call_site());
+            let call = quote_spanned!(span=> #path(ctx, input, output).await);
+            let body = if *always {
+                call
+            } else {
+                // Without an output there is nothing this compensation undoes.
+                quote! {
+                    match output {
+                        #p::Option::Some(output) => #call,
+                        #p::Option::None => #p::Result::Ok(#p::Reconciled::Unknown),
+                    }
+                }
+            };
+            Some(quote! {
+                async fn reconcile_compensation(
+                    &self,
+                    ctx: &#p::StepContext,
+                    input: &Self::Input,
+                    output: #p::Option<&Self::Output>,
+                ) -> #p::Result<#p::Reconciled<()>, Self::Error> {
+                    #body
+                }
+            })
+        }
+        _ => None,
+    };
+
     let timeout = args.timeout.map(|timeout| {
         let value = match timeout {
             Timeout::Off => quote!(#p::Option::None),
@@ -240,6 +271,7 @@ fn step_type(
 
             #compensate
             #reconcile
+            #reconcile_compensation
             #retry_policy
             #compensation_retry_policy
             #timeout

@@ -85,6 +85,7 @@ use proc_macro::TokenStream;
 /// | `retry(...)` | the forward retry policy, built on `RetryPolicy::default()`. |
 /// | `compensate_retry(...)` | the compensation retry policy, built on the trait's default (10 attempts, up to 30 s apart); only with `compensate`. |
 /// | `reconcile = path` | `async fn(ctx: &StepContext, input: &In) -> Result<Reconciled<Out>, Err>`, asked whether an attempt whose outcome is unknown took effect. |
+/// | `reconcile_compensation = path` | `async fn(ctx: &StepContext, input: &In, output: &Out) -> Result<Reconciled<()>, Err>` (`output: Option<&Out>` with `compensate_on_failure`), asked whether an undo whose outcome is unknown was applied (`Step::reconcile_compensation`; the context carries the compensation's idempotency key); only with `compensate`. |
 ///
 /// `retry(...)` and `compensate_retry(...)` take any of these keys, checked at compile time:
 ///
@@ -112,6 +113,7 @@ use proc_macro::TokenStream;
 /// #     async fn book(&self, _k: &str, _m: &Meeting) -> Result<Booking, RoomError> { Ok(Booking { id: 1 }) }
 /// #     async fn release_by_key(&self, _k: &str, _id: Option<u64>) -> Result<(), RoomError> { Ok(()) }
 /// #     async fn find(&self, _k: &str) -> Result<Option<Booking>, RoomError> { Ok(None) }
+/// #     async fn released(&self, _k: &str) -> Result<bool, RoomError> { Ok(false) }
 /// # }
 /// # fn rooms(_ctx: &StepContext) -> Rooms { Rooms }
 /// # struct Mail;
@@ -123,6 +125,7 @@ use proc_macro::TokenStream;
 ///     compensate = release_room,
 ///     compensate_on_failure,
 ///     reconcile = find_booking,
+///     reconcile_compensation = booking_released,
 ///     name = "book_room",
 ///     timeout = "10s",
 ///     retry(max_attempts = 5, initial = "200ms", max = "5s", multiplier = 2.0, jitter = "equal"),
@@ -145,6 +148,20 @@ use proc_macro::TokenStream;
 ///     Ok(match rooms(ctx).find(ctx.idempotency_key()).await? {
 ///         Some(booking) => Reconciled::Applied(booking),
 ///         None => Reconciled::NotApplied,
+///     })
+/// }
+///
+/// // Was the release with this (compensation) key carried out? Asked before the release is
+/// // re-run after a timeout or a crash, and before the compensation gives up.
+/// async fn booking_released(
+///     ctx: &StepContext,
+///     input: &Meeting,
+///     booking: Option<&Booking>,
+/// ) -> Result<Reconciled<()>, RoomError> {
+///     Ok(if rooms(ctx).released(ctx.idempotency_key()).await? {
+///         Reconciled::Applied(())
+///     } else {
+///         Reconciled::NotApplied
 ///     })
 /// }
 ///

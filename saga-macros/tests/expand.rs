@@ -119,6 +119,7 @@ pub mod steps {
     /// Opens the deal in the CRM.
     #[saga_core::saga_step(
         compensate = delete_deal,
+        reconcile_compensation = deal_deleted,
         timeout = "10s",
         retry(max_attempts = 5, initial = "200ms", max = "5s")
     )]
@@ -135,11 +136,21 @@ pub mod steps {
         Ok(())
     }
 
+    async fn deal_deleted(
+        ctx: &StepContext,
+        input: &NewDeal,
+        deal: &Deal,
+    ) -> Result<Reconciled<()>, CrmError> {
+        ledger(ctx)?.record(format!("deal_deleted {} {}", deal.id, input.client));
+        Ok(Reconciled::Applied(()))
+    }
+
     /// Books a room; the booking may exist even when the call failed. Uses every option.
     #[saga_core::saga_step(
         compensate = release_room,
         compensate_on_failure,
         reconcile = find_booking,
+        reconcile_compensation = room_released,
         name = "book_room",
         timeout = "none",
         retry(
@@ -177,6 +188,15 @@ pub mod steps {
 
     async fn find_booking(ctx: &StepContext, input: &Deal) -> Result<Reconciled<u32>, CrmError> {
         ledger(ctx)?.record(format!("find_booking {}", input.id));
+        Ok(Reconciled::NotApplied)
+    }
+
+    async fn room_released(
+        ctx: &StepContext,
+        input: &Deal,
+        room: Option<&u32>,
+    ) -> Result<Reconciled<()>, CrmError> {
+        ledger(ctx)?.record(format!("room_released {room:?} for {}", input.id));
         Ok(Reconciled::NotApplied)
     }
 
@@ -431,13 +451,45 @@ async fn the_original_fn_stays_callable() -> Result<(), CrmError> {
         BookCommitteeRoom.reconcile(&ctx, &deal_7()).await?,
         Reconciled::NotApplied
     );
+    let new_deal = NewDeal {
+        client: "acme".into(),
+    };
+    assert_eq!(
+        CreateDeal
+            .reconcile_compensation(&ctx, &new_deal, Some(&deal_7()))
+            .await?,
+        Reconciled::Applied(())
+    );
+    // Without an output an `OnSuccess` compensation undoes nothing: the check is not called.
+    assert_eq!(
+        CreateDeal
+            .reconcile_compensation(&ctx, &new_deal, None)
+            .await?,
+        Reconciled::Unknown
+    );
+    // `compensate_on_failure`: the check gets the output as an `Option`.
+    assert_eq!(
+        BookCommitteeRoom
+            .reconcile_compensation(&ctx, &deal_7(), None)
+            .await?,
+        Reconciled::NotApplied
+    );
+    // Not declared: the trait's default.
+    assert_eq!(
+        NotifyCommittee
+            .reconcile_compensation(&ctx, &101, None)
+            .await?,
+        Reconciled::Unknown
+    );
     assert_eq!(
         ledger.entries(),
         [
             "create_deal",
             "create_deal",
             "delete_deal 7 acme",
-            "find_booking 7"
+            "find_booking 7",
+            "deal_deleted 7 acme",
+            "room_released None for 7",
         ]
     );
     Ok(())

@@ -6,8 +6,12 @@
 //!   `requirepass` and ACL users), waits until it answers `PING`, and kills it (by pid) when
 //!   dropped, printing its log when the dropping thread is panicking. [`RedisServer::restart`]
 //!   kills it and starts it again on the same port and directory, so an AOF is reloaded.
+//! - [`ServerConfig::tls`] adds a TLS port with a throwaway CA, a server certificate and a
+//!   client certificate (generated with `openssl`); [`ServerConfig::tls_client_auth`] makes
+//!   the server require a client certificate (mutual TLS).
 //! - [`RedisCluster::start`] spawns a local Redis Cluster of masters (no replicas) and waits
-//!   until every node reports `cluster_state:ok`.
+//!   until every node reports `cluster_state:ok`; [`RedisCluster::start_with`] configures
+//!   its nodes (AOF, ACL users).
 //! - [`shared_server`] and [`shared_cluster`] give one server (cluster) per test process,
 //!   shared by all its tests: each test then uses its own key prefix. They honour
 //!   `REDIS_URL` (and `REDIS_CLUSTER_URLS`, comma-separated) to use servers that already run.
@@ -68,6 +72,7 @@ pub struct ServerConfig {
     directives: Vec<String>,
     cluster: bool,
     tls: bool,
+    tls_client_auth: bool,
 }
 
 impl ServerConfig {
@@ -112,6 +117,16 @@ impl ServerConfig {
     #[must_use]
     pub fn tls(mut self) -> Self {
         self.tls = true;
+        self
+    }
+
+    /// [`tls`](Self::tls) with `tls-auth-clients yes`: the TLS port accepts only clients
+    /// that present a certificate signed by the test CA (mutual TLS); one is generated with
+    /// the server's ([`RedisServer::tls_client_cert_pem`], [`RedisServer::tls_client_key_pem`]).
+    #[must_use]
+    pub fn tls_client_auth(mut self) -> Self {
+        self.tls = true;
+        self.tls_client_auth = true;
         self
     }
 
@@ -220,6 +235,39 @@ impl RedisServer {
         std::fs::read(self.dir.path().join("ca.crt")).ok()
     }
 
+    /// With [`ServerConfig::tls`]: the path of the CA certificate file (PEM).
+    #[must_use]
+    pub fn tls_ca_path(&self) -> Option<PathBuf> {
+        self.config.tls.then(|| self.dir.path().join("ca.crt"))
+    }
+
+    /// With [`ServerConfig::tls`]: a client certificate (PEM) signed by the test CA, for
+    /// mutual TLS ([`ServerConfig::tls_client_auth`]).
+    #[must_use]
+    pub fn tls_client_cert_pem(&self) -> Option<Vec<u8>> {
+        self.tls_client_cert_path()
+            .and_then(|path| std::fs::read(path).ok())
+    }
+
+    /// With [`ServerConfig::tls`]: the private key (PEM) of [`Self::tls_client_cert_pem`].
+    #[must_use]
+    pub fn tls_client_key_pem(&self) -> Option<Vec<u8>> {
+        self.tls_client_key_path()
+            .and_then(|path| std::fs::read(path).ok())
+    }
+
+    /// With [`ServerConfig::tls`]: the path of the client certificate file (PEM).
+    #[must_use]
+    pub fn tls_client_cert_path(&self) -> Option<PathBuf> {
+        self.config.tls.then(|| self.dir.path().join("client.crt"))
+    }
+
+    /// With [`ServerConfig::tls`]: the path of the client key file (PEM).
+    #[must_use]
+    pub fn tls_client_key_path(&self) -> Option<PathBuf> {
+        self.config.tls.then(|| self.dir.path().join("client.key"))
+    }
+
     /// The server's pid while it runs.
     #[must_use]
     pub fn pid(&self) -> Option<u32> {
@@ -302,7 +350,12 @@ impl RedisServer {
             let _ = writeln!(conf, "tls-cert-file {}", dir.join("server.crt").display());
             let _ = writeln!(conf, "tls-key-file {}", dir.join("server.key").display());
             let _ = writeln!(conf, "tls-ca-cert-file {}", dir.join("ca.crt").display());
-            let _ = writeln!(conf, "tls-auth-clients no");
+            let auth = if self.config.tls_client_auth {
+                "yes"
+            } else {
+                "no"
+            };
+            let _ = writeln!(conf, "tls-auth-clients {auth}");
         }
         for line in &self.config.directives {
             let _ = writeln!(conf, "{line}");
@@ -454,9 +507,18 @@ impl RedisCluster {
     /// every node reports `cluster_state:ok`.
     #[must_use]
     pub fn start(masters: usize) -> Self {
+        Self::start_with(masters, &ServerConfig::new())
+    }
+
+    /// As [`start`](Self::start), each node configured with `config` (e.g.
+    /// [`ServerConfig::durable`], ACL users). The `default` user must keep the permissions
+    /// that `redis-cli --cluster create` and `CLUSTER INFO` need without a password; restrict
+    /// it afterwards (`ACL SETUSER` on each node) to test other rules.
+    #[must_use]
+    pub fn start_with(masters: usize, config: &ServerConfig) -> Self {
         require_binary("redis-cli");
         let nodes: Vec<RedisServer> = (0..masters)
-            .map(|_| RedisServer::start(ServerConfig::new().cluster_node()))
+            .map(|_| RedisServer::start(config.clone().cluster_node()))
             .collect();
         let cluster = RedisCluster { nodes };
         let mut create = Command::new(binary("redis-cli"));
@@ -641,8 +703,9 @@ pub fn openssl_available(test: &str) -> bool {
     found
 }
 
-/// A CA and a server certificate for 127.0.0.1 and localhost signed by it, in `dir`
-/// (`ca.crt`, `server.crt`, `server.key`), valid for a day.
+/// A CA, a server certificate for 127.0.0.1 and localhost and a client certificate, both
+/// signed by it, in `dir` (`ca.crt`, `server.crt`, `server.key`, `client.crt`,
+/// `client.key`), valid for a day.
 fn generate_certificates(dir: &Path) -> Result<(), String> {
     let extensions = "subjectAltName=IP:127.0.0.1,DNS:localhost\n\
                       basicConstraints=CA:FALSE\n\
@@ -650,7 +713,12 @@ fn generate_certificates(dir: &Path) -> Result<(), String> {
                       extendedKeyUsage=serverAuth\n";
     std::fs::write(dir.join("server.ext"), extensions)
         .map_err(|err| format!("cannot write server.ext: {err}"))?;
-    let steps: [&[&str]; 3] = [
+    let client_extensions = "basicConstraints=CA:FALSE\n\
+                             keyUsage=digitalSignature,keyEncipherment\n\
+                             extendedKeyUsage=clientAuth\n";
+    std::fs::write(dir.join("client.ext"), client_extensions)
+        .map_err(|err| format!("cannot write client.ext: {err}"))?;
+    let steps: [&[&str]; 5] = [
         &[
             "req",
             "-x509",
@@ -698,6 +766,37 @@ fn generate_certificates(dir: &Path) -> Result<(), String> {
             "1",
             "-extfile",
             "server.ext",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=saga-redis test client",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "client.ext",
         ],
     ];
     for args in steps {

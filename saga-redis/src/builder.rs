@@ -8,14 +8,22 @@ use redis::cluster::ClusterClientBuilder;
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo};
 use saga_core::store::DEFAULT_MAX_PAYLOAD;
 
-use crate::check::check_server;
+use crate::check::{ServerFinding, ServerIssue, UnsafeServerConfig, check_server};
 use crate::connection::Connection;
 use crate::error::{ConnectError, Reply, is_auth_error, redact_url as redact, redis_error};
 use crate::hints::DueHints;
 use crate::keys::{KeyLayout, LAYOUT_VERSION};
 use crate::scripts::SCRIPTS;
 use crate::store::{Inner, RedisStore};
+#[cfg(feature = "tls")]
+use crate::tls::{Pem, TlsSettings};
 use crate::wake::Wakeups;
+
+/// The TLS material of one connection (a stand-in without the `tls` feature).
+#[cfg(feature = "tls")]
+type Certificates = redis::TlsCertificates;
+#[cfg(not(feature = "tls"))]
+type Certificates = ();
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "saga";
@@ -57,8 +65,9 @@ pub struct RedisStoreBuilder {
     response_timeout: Duration,
     reconnect_retries: usize,
     due_sweep_interval: Duration,
+    allowed_unsafe: Vec<UnsafeServerConfig>,
     #[cfg(feature = "tls")]
-    tls_root_certificate: Option<Vec<u8>>,
+    tls: TlsSettings,
 }
 
 impl Default for RedisStoreBuilder {
@@ -73,8 +82,9 @@ impl Default for RedisStoreBuilder {
             response_timeout: Duration::from_secs(10),
             reconnect_retries: 6,
             due_sweep_interval: Duration::from_millis(250),
+            allowed_unsafe: Vec::new(),
             #[cfg(feature = "tls")]
-            tls_root_certificate: None,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -161,29 +171,114 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// For `rediss://` URLs: trust this CA certificate (PEM) instead of the system's root
-    /// certificates — for a private CA, as managed Redis services and test servers use.
-    #[cfg(feature = "tls")]
-    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
-        self.tls_root_certificate = Some(pem.into());
+    /// Starts even though the server has this configuration that
+    /// [`connect`](Self::connect) refuses, e.g. [`UnsafeServerConfig::AofAclReplayLoss`]:
+    /// the finding is still logged (as an error) and kept in
+    /// [`RedisStore::server_findings`]. Only for a deliberate, temporary decision: the
+    /// refused configurations lose every saga on the server's next restart.
+    pub fn allow_unsafe_server_config(mut self, config: UnsafeServerConfig) -> Self {
+        if !self.allowed_unsafe.contains(&config) {
+            self.allowed_unsafe.push(config);
+        }
         self
     }
 
-    /// A standalone client for `url`, with the configured root certificate for TLS.
-    fn client(&self, url: &str) -> Result<Client, ConnectError> {
+    /// For `rediss://` URLs: trust only the CA certificates in `pem` (one or more PEM
+    /// certificates), *instead of* the system's root certificates — for a private CA, as
+    /// self-hosted and test servers use. Without it the system's roots are trusted
+    /// (`SSL_CERT_FILE` and `SSL_CERT_DIR` are honoured).
+    #[cfg(feature = "tls")]
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root = Some(Pem::Bytes(pem.into()));
+        self
+    }
+
+    /// As [`tls_root_certificate`](Self::tls_root_certificate), read from a PEM file when
+    /// connecting (an unreadable file or one without a certificate fails
+    /// [`connect`](Self::connect) with [`ConnectError::Tls`] naming the file).
+    #[cfg(feature = "tls")]
+    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls.root = Some(Pem::File(path.into()));
+        self
+    }
+
+    /// For `rediss://` URLs: present this client certificate (PEM chain) and private key
+    /// (PEM: PKCS#8, PKCS#1 or SEC1) to servers that ask for one (`tls-auth-clients yes` or
+    /// `optional`: mutual TLS). A key that does not belong to the certificate fails
+    /// [`connect`](Self::connect) with [`ConnectError::Tls`].
+    #[cfg(feature = "tls")]
+    pub fn tls_client_certificate(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client = Some((Pem::Bytes(cert_pem.into()), Pem::Bytes(key_pem.into())));
+        self
+    }
+
+    /// As [`tls_client_certificate`](Self::tls_client_certificate), read from PEM files
+    /// when connecting (errors name the file).
+    #[cfg(feature = "tls")]
+    pub fn tls_client_certificate_files(
+        mut self,
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.tls.client = Some((Pem::File(cert.into()), Pem::File(key.into())));
+        self
+    }
+
+    /// The configured TLS material, read and checked, in the form the `redis` crate takes
+    /// (`redis::Client::build_with_tls`, `ClusterClientBuilder::certs`): for other clients of
+    /// the same servers, so that they trust the same CA and present the same certificate.
+    /// `None` when no TLS setting was made.
+    ///
+    /// # Errors
+    ///
+    /// [`ConnectError::Tls`]: a file cannot be read, holds no certificate or key, or the key
+    /// does not belong to the client certificate.
+    #[cfg(feature = "tls")]
+    pub fn tls_certificates(&self) -> Result<Option<redis::TlsCertificates>, ConnectError> {
+        self.tls.certificates()
+    }
+
+    /// A standalone client for `url`, with the configured TLS material.
+    fn client(&self, url: &str, tls: Option<&Certificates>) -> Result<Client, ConnectError> {
         let bad_url = |source| ConnectError::Url {
             url: redact(url),
             source,
         };
         #[cfg(feature = "tls")]
-        if let Some(pem) = &self.tls_root_certificate {
-            let certificates = redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem.clone()),
-            };
-            return Client::build_with_tls(url, certificates).map_err(bad_url);
+        if let Some(certificates) = tls {
+            return Client::build_with_tls(url, certificates.clone()).map_err(bad_url);
         }
+        #[cfg(not(feature = "tls"))]
+        let _: Option<&Certificates> = tls;
         Client::open(url).map_err(bad_url)
+    }
+
+    /// The TLS material, checked; an error when it is given for a URL that is not
+    /// `rediss://` (it would be ignored, and the connection would not be encrypted).
+    fn certificates(&self, urls: &[String]) -> Result<Option<Certificates>, ConnectError> {
+        #[cfg(feature = "tls")]
+        {
+            let certificates = self.tls.certificates()?;
+            if certificates.is_some()
+                && let Some(plain) = urls.iter().find(|url| !url.starts_with("rediss://"))
+            {
+                return Err(ConnectError::Tls {
+                    what: "settings".to_owned(),
+                    origin: format!("for {}", redact(plain)),
+                    problem: "a CA or client certificate was given, but the URL is not rediss://; use rediss://host:port for TLS".to_owned(),
+                });
+            }
+            Ok(certificates)
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            let _ = urls;
+            Ok(None)
+        }
     }
 
     fn validate(&self) -> Result<Target, ConnectError> {
@@ -220,24 +315,65 @@ impl RedisStoreBuilder {
         Ok(target)
     }
 
-    /// Connects, records (or checks) the partition count, and runs
-    /// [`RedisStore::check_server`] (its findings are logged as warnings and kept, see
-    /// [`RedisStore::server_findings`]).
+    /// Refuses the findings that lose every saga on the next restart, unless allowed; an
+    /// allowed one is logged as an error.
+    fn refuse_unsafe(&self, findings: &[ServerFinding]) -> Result<(), ConnectError> {
+        for finding in findings {
+            let ServerIssue::AofReplayLoss {
+                server, problem, ..
+            } = &finding.issue
+            else {
+                continue;
+            };
+            if !finding.issue.loses_everything_on_restart() {
+                continue;
+            }
+            if self
+                .allowed_unsafe
+                .contains(&UnsafeServerConfig::AofAclReplayLoss)
+            {
+                tracing::error!(
+                    node = %finding.node,
+                    "starting although {finding} -- allowed by allow_unsafe_server_config(AofAclReplayLoss): \
+                     the next restart of this Redis server loses every saga"
+                );
+                continue;
+            }
+            return Err(ConnectError::AofReplayLoss {
+                node: finding.node.clone(),
+                server: server.clone(),
+                problem: problem.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Connects, runs [`RedisStore::check_server`] (its findings are logged as warnings and
+    /// kept, see [`RedisStore::server_findings`]), and records (or checks) the partition
+    /// count.
     ///
     /// # Errors
     ///
-    /// [`ConnectError`]: invalid settings or URL, refused credentials, an unreachable server,
-    /// or a partition count that differs from the one recorded for the key prefix.
+    /// [`ConnectError`]: invalid settings, URL or TLS material, refused credentials, an
+    /// unreachable server, a server configuration that loses every saga on its next restart
+    /// ([`ConnectError::AofReplayLoss`], unless allowed with
+    /// [`allow_unsafe_server_config`](Self::allow_unsafe_server_config)), or a partition count
+    /// that differs from the one recorded for the key prefix.
     pub async fn connect(self) -> Result<RedisStore, ConnectError> {
         let target = self.validate()?;
         let response_timeout = self.response_timeout
             + self
                 .replica_wait
                 .map_or(Duration::ZERO, |wait| wait.timeout);
+        let urls = match &target {
+            Target::Standalone(url) => std::slice::from_ref(url),
+            Target::Cluster(nodes) => nodes.as_slice(),
+        };
+        let tls = self.certificates(urls)?;
         let (connection, node_name, pubsub_clients) = match &target {
             Target::Standalone(url) => {
                 ensure_tls_provider(std::slice::from_ref(url))?;
-                let client = self.client(url)?;
+                let client = self.client(url, tls.as_ref())?;
                 let node = client.get_connection_info().addr().to_string();
                 // One plain connection first, so that wrong credentials or a dead server give
                 // a clear error at once instead of the manager's reconnect retries.
@@ -284,11 +420,8 @@ impl RedisStoreBuilder {
                     .connection_timeout(self.connection_timeout)
                     .response_timeout(response_timeout);
                 #[cfg(feature = "tls")]
-                let cluster = match &self.tls_root_certificate {
-                    Some(pem) => cluster.certs(redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem.clone()),
-                    }),
+                let cluster = match &tls {
+                    Some(certificates) => cluster.certs(certificates.clone()),
                     None => cluster,
                 };
                 let client = cluster.build().map_err(|source| ConnectError::Url {
@@ -307,14 +440,16 @@ impl RedisStoreBuilder {
                 // a client per seed node, tried in turn.
                 let pubsub = nodes
                     .iter()
-                    .map(|url| self.client(url))
+                    .map(|url| self.client(url, tls.as_ref()))
                     .collect::<Result<Vec<_>, _>>()?;
                 (Connection::Cluster(connection), node, pubsub)
             }
         };
         let keys = KeyLayout::new(self.prefix.clone(), self.partitions);
+        // Before the first write (the meta key): a server that would lose it is refused.
+        let findings = check_server(&connection, &node_name, &keys).await;
+        self.refuse_unsafe(&findings)?;
         check_meta(&connection, &keys, &node_name).await?;
-        let findings = check_server(&connection, &node_name).await;
         let hints = Arc::new(DueHints::new(keys.partitions(), self.due_sweep_interval));
         let wake = Wakeups::new(
             pubsub_clients,

@@ -112,11 +112,17 @@ impl RedisStore {
     /// server (in a cluster: on every primary) and returns what weakens the guarantees: AOF
     /// off, `appendfsync` other than `always` (`everysec` can lose up to 1 s of acknowledged
     /// writes on a crash), an eviction policy other than `noeviction`, or settings that could
-    /// not be read (`CONFIG` not permitted). Each finding is also logged with
-    /// `tracing::warn!`. Never fails: the store works without these settings, with weaker
-    /// guarantees.
+    /// not be read (`CONFIG` not permitted). Where AOF is on (or unreadable) it also reads
+    /// the server's version (`INFO server`) and the `default` user's rules (`ACL GETUSER
+    /// default`, then `ACL DRYRUN default ...` for rules narrower than `+@all ~* &*`), and
+    /// reports [`AofReplayLoss`](crate::ServerIssue::AofReplayLoss) when a restart would drop
+    /// every saga (redis/redis#14541), or
+    /// [`AofReplayUnverifiable`](crate::ServerIssue::AofReplayUnverifiable) when the rules
+    /// cannot be read. Each finding is also logged with `tracing::warn!`. Never fails: the
+    /// store works without these settings, with weaker guarantees (the refusal of
+    /// [`connect`](crate::RedisStoreBuilder::connect) is not repeated here).
     pub async fn check_server(&self) -> Vec<ServerFinding> {
-        check_server(&self.inner.conn, &self.inner.node_name).await
+        check_server(&self.inner.conn, &self.inner.node_name, &self.inner.keys).await
     }
 
     fn check_size(&self, what: &str, value: &str) -> Result<(), StoreError> {
@@ -674,6 +680,26 @@ impl SagaStore for RedisStore {
             }
         }
         Ok(totals)
+    }
+
+    async fn count_quarantined(&self) -> Result<u64, StoreError> {
+        let keys = &self.inner.keys;
+        // One HLEN per partition, concurrently (partitions may live on different nodes).
+        let counts = (0..keys.partitions()).map(|p| {
+            let mut conn = self.inner.conn.clone();
+            async move {
+                redis::cmd("HLEN")
+                    .arg(keys.quarantine(p))
+                    .query_async::<u64>(&mut conn)
+                    .await
+                    .map_err(|err| redis_error("count_quarantined", None, err))
+            }
+        });
+        let mut total = 0;
+        for count in join_all(counts).await {
+            total += count?;
+        }
+        Ok(total)
     }
 
     async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64, StoreError> {

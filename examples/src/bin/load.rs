@@ -1,6 +1,6 @@
 //! `deal-flow-load`: submits deal-flow sagas from a client-only process and waits for them
-//! (see `saga_examples::load`). Exit status 0 only when the ledger check holds and every saga
-//! it submitted ended; 1 otherwise; 2 when it cannot run.
+//! (see `saga_examples::load`). Exit status 0 only when every start was acknowledged, the
+//! ledger check holds and every acknowledged saga ended; 1 otherwise; 2 when it cannot run.
 
 use std::io::Write as _;
 use std::process::ExitCode;

@@ -2,9 +2,8 @@
 
 use std::fmt::Write as _;
 
-use saga_core::SagaStore as _;
+use saga_core::SagaStore;
 use saga_core::store::{ListQuery, SagaSummary};
-use saga_redis::RedisStore;
 use serde::Serialize;
 
 use crate::cli::ListArgs;
@@ -45,7 +44,7 @@ impl From<SagaSummary> for Row {
 }
 
 /// Reads up to `--limit` rows, following the store's pages (a store page may be short).
-pub(crate) async fn run(store: &RedisStore, args: &ListArgs) -> Result<ListReport, CliError> {
+pub(crate) async fn run(store: &dyn SagaStore, args: &ListArgs) -> Result<ListReport, CliError> {
     let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
     let mut after = args.after.as_deref().map(parse_id).transpose()?;
     let mut rows: Vec<SagaSummary> = Vec::new();

@@ -6,8 +6,12 @@ mod operator;
 mod purge;
 mod show;
 mod stats;
+mod token;
 
-use crate::cli::{Cli, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::cli::{Cli, Command, TokenCommand};
 use crate::connect;
 use crate::error::CliError;
 use crate::output::{self, Report};
@@ -22,13 +26,33 @@ pub(crate) fn execute(cli: Cli) -> Result<String, CliError> {
 }
 
 async fn run(cli: Cli) -> Result<String, CliError> {
+    let retry_for = cli.global.retry_for;
+    let retried = Arc::new(AtomicBool::new(false));
+    let retry = connect::client_retry(retry_for, Arc::clone(&retried));
+    run_with(cli, &retry).await.map_err(|err| {
+        if retried.load(Ordering::Relaxed) {
+            CliError::new(format!(
+                "{err} (still failing after retrying for up to {}; --retry-for sets how long)",
+                humantime::format_duration(retry_for)
+            ))
+        } else {
+            err
+        }
+    })
+}
+
+async fn run_with(cli: Cli, retry: &saga_core::ClientRetry) -> Result<String, CliError> {
     let json = cli.global.json;
-    let store = connect::store(&cli.global).await?;
+    // Commands that need no store come first: no Redis URL is asked for.
+    if let Command::Token(TokenCommand::New { name, scopes }) = &cli.command {
+        return emit(&token::new(name, scopes)?, json);
+    }
+    let store = connect::store(&cli.global, retry).await?;
     match cli.command {
-        Command::List(args) => emit(&list::run(&store, &args).await?, json),
+        Command::List(args) => emit(&list::run(store.as_ref(), &args).await?, json),
         Command::Show { id } => {
-            let engine = connect::engine(store.clone())?;
-            emit(&show::run(&store, &engine, &id).await?, json)
+            let engine = connect::engine(Arc::clone(&store))?;
+            emit(&show::run(store.as_ref(), &engine, &id).await?, json)
         }
         Command::Retry { id, reason } => {
             let engine = connect::engine(store)?;
@@ -43,9 +67,10 @@ async fn run(cli: Cli) -> Result<String, CliError> {
             emit(&operator::abandon(&engine, &id, &reason).await?, json)
         }
         Command::Purge { older_than, limit } => {
-            emit(&purge::run(&store, older_than, limit).await?, json)
+            emit(&purge::run(store.as_ref(), older_than, limit).await?, json)
         }
-        Command::Stats { failures } => emit(&stats::run(&store, failures).await?, json),
+        Command::Stats { failures } => emit(&stats::run(store.as_ref(), failures).await?, json),
+        Command::Token(_) => Err(CliError::new("token commands need no store")),
     }
 }
 

@@ -2,8 +2,7 @@
 
 use std::time::Duration;
 
-use saga_core::SagaStore as _;
-use saga_redis::RedisStore;
+use saga_core::SagaStore;
 use serde::Serialize;
 
 use crate::error::CliError;
@@ -36,7 +35,7 @@ impl Report for PurgeReport {
 
 /// Deletes up to `limit` terminal sagas last written at least `older_than` ago.
 pub(crate) async fn run(
-    store: &RedisStore,
+    store: &dyn SagaStore,
     older_than: Duration,
     limit: u64,
 ) -> Result<PurgeReport, CliError> {

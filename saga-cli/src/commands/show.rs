@@ -5,10 +5,9 @@ use std::fmt::Write as _;
 
 use saga_core::store::StoredSaga;
 use saga_core::{
-    CompensationRecord, Engine, EventKind, SagaEvent, SagaState, SagaStore as _, StepError,
-    StepRecord, timeline,
+    CompensationRecord, Engine, EventKind, SagaEvent, SagaState, SagaStore, StepError, StepRecord,
+    timeline,
 };
-use saga_redis::RedisStore;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -104,7 +103,7 @@ type Backoffs = BTreeMap<u32, (Vec<f64>, Vec<f64>)>;
 
 /// Loads the saga and its history.
 pub(crate) async fn run(
-    store: &RedisStore,
+    store: &dyn SagaStore,
     engine: &Engine,
     id: &str,
 ) -> Result<ShowReport, CliError> {

@@ -4,8 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use saga_core::store::{ListQuery, SagaSummary};
-use saga_core::{FailureKind, SagaState, SagaStatus, SagaStore as _};
-use saga_redis::RedisStore;
+use saga_core::{FailureKind, SagaState, SagaStatus, SagaStore};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -21,6 +20,9 @@ pub(crate) struct StatsReport {
     /// Sagas per status, every status present.
     counts: BTreeMap<String, u64>,
     total: u64,
+    /// Sagas set aside for bad data (also counted under their status, usually `running`):
+    /// they will not run again until an operator retries or abandons them.
+    quarantined: u64,
     recent_failures: RecentFailures,
 }
 
@@ -56,9 +58,10 @@ pub(crate) fn kind_name(kind: FailureKind) -> String {
 }
 
 /// Counts sagas and reads up to `failures` of the most recently failed ones.
-pub(crate) async fn run(store: &RedisStore, failures: usize) -> Result<StatsReport, CliError> {
+pub(crate) async fn run(store: &dyn SagaStore, failures: usize) -> Result<StatsReport, CliError> {
     let counts = store.count_by_status().await?;
     let total = counts.values().sum();
+    let quarantined = store.count_quarantined().await?;
     let recent = most_recent_failed(store, failures).await?;
     let mut reasons: Vec<ReasonCount> = Vec::new();
     let mut compensation: Vec<ReasonCount> = Vec::new();
@@ -95,6 +98,7 @@ pub(crate) async fn run(store: &RedisStore, failures: usize) -> Result<StatsRepo
             .map(|(status, n)| (status.to_string(), n))
             .collect(),
         total,
+        quarantined,
         recent_failures: RecentFailures {
             scanned,
             reasons,
@@ -104,7 +108,7 @@ pub(crate) async fn run(store: &RedisStore, failures: usize) -> Result<StatsRepo
 }
 
 /// The `n` failed sagas written last (the store lists by id, so this pages through them).
-async fn most_recent_failed(store: &RedisStore, n: usize) -> Result<Vec<SagaSummary>, CliError> {
+async fn most_recent_failed(store: &dyn SagaStore, n: usize) -> Result<Vec<SagaSummary>, CliError> {
     let mut all: Vec<SagaSummary> = Vec::new();
     let mut after = None;
     if n == 0 {
@@ -160,6 +164,13 @@ impl Report for StatsReport {
         }
         counts.row(vec!["total".into(), self.total.to_string()]);
         let mut out = counts.render(0);
+        if self.quarantined > 0 {
+            let _ = writeln!(
+                out,
+                "\nquarantined: {} (counted above under their status; they will not run until `saga retry` or `saga abandon`; `saga list` shows why)",
+                self.quarantined
+            );
+        }
         let recent = &self.recent_failures;
         let _ = writeln!(
             out,

@@ -3,12 +3,12 @@
 use serde_json::Value;
 use tracing::Instrument;
 
-use super::context::{AttemptLog, Halt, Registered, SagaContext};
+use super::context::{AttemptLog, Halt, Mode, Registered, SagaContext};
 use super::guarded::{Guarded, run_guarded};
 use crate::store::Schedule;
 use crate::{
-    Compensation, CompensationStatus, EventKind, FailureKind, Phase, Reconciled, RetryDecision,
-    SagaStatus, StepError, StepRecord, StepStatus,
+    Compensation, CompensationStatus, EventKind, FailureKind, GiveUpReason, Phase, Reconciled,
+    RetryDecision, SagaStatus, StepError, StepRecord, StepStatus,
 };
 
 /// What to do about one step, decided before each compensation attempt.
@@ -25,10 +25,27 @@ enum Undo {
     Lost(String),
 }
 
+/// What the compensation's own reconciliation check ([`crate::Step::reconcile_compensation`])
+/// answered about an undo whose outcome is unknown.
+enum UndoCheck {
+    Applied,
+    NotApplied,
+    Unknown,
+    /// The check failed or timed out: counted as a failed attempt, never as "applied".
+    Failed(StepError),
+    /// The lease was lost while asking.
+    Lost(String),
+}
+
 /// Runs the compensations still owed, newest first. Returns the terminal status reached
 /// (`Compensated`, or `Failed` when a compensation gave up), or the halt that stopped it.
 pub(crate) async fn compensate(ctx: &mut SagaContext) -> Result<SagaStatus, Halt> {
     let steps = std::mem::take(&mut ctx.steps);
+    // A saga loaded while `Compensating` may have had an undo running when its previous
+    // coordinator stopped (a crash, a lost lease): the history records an undo's outcome, not
+    // its start. That can only be the first undo this run gets to run (skips before it may
+    // not have been committed yet), so that one's outcome is treated as unknown.
+    let mut maybe_in_flight = ctx.mode == Mode::Collect;
     for registered in steps.iter().rev() {
         let Some(record) = ctx.state.record(registered.position).cloned() else {
             continue;
@@ -48,7 +65,7 @@ pub(crate) async fn compensate(ctx: &mut SagaContext) -> Result<SagaStatus, Halt
         {
             return Err(ctx.release_for_shutdown().await);
         }
-        if let Some(status) = undo(ctx, registered, &record).await? {
+        if let Some(status) = undo(ctx, registered, &record, &mut maybe_in_flight).await? {
             return Ok(status);
         }
     }
@@ -115,12 +132,74 @@ async fn decide(ctx: &mut SagaContext, registered: &Registered, record: &StepRec
     }
 }
 
+/// Asks the compensation's reconciliation check whether the undo was applied, as attempt
+/// `attempt` (the latest one whose outcome is unknown), with the compensation's key.
+async fn check_undo(
+    ctx: &SagaContext,
+    registered: &Registered,
+    position: u32,
+    attempt: u32,
+    input: &Value,
+    output: Option<&Value>,
+) -> UndoCheck {
+    let name = registered.step.name();
+    let span = tracing::info_span!(
+        "reconcile",
+        step = name,
+        position,
+        attempt,
+        phase = "compensate",
+        idempotency_key = tracing::field::Empty
+    );
+    let step_ctx = ctx.step_context(name, position, attempt, Phase::Compensate, span.clone());
+    span.record("idempotency_key", step_ctx.idempotency_key());
+    let checked = run_guarded(
+        &*ctx.shared.store,
+        &ctx.lease,
+        ctx.shared.config.lease_ttl,
+        registered.step.timeout(),
+        registered
+            .step
+            .reconcile_compensation(&step_ctx, input, output)
+            .instrument(span.clone()),
+    )
+    .await;
+    let _entered = span.enter();
+    match checked {
+        Guarded::Done(Ok(Reconciled::Applied(()))) => {
+            tracing::info!("reconciliation found the undo applied; not re-running it");
+            UndoCheck::Applied
+        }
+        Guarded::Done(Ok(Reconciled::NotApplied)) => UndoCheck::NotApplied,
+        Guarded::Done(Ok(Reconciled::Unknown)) => UndoCheck::Unknown,
+        Guarded::Done(Err(err)) => check_failed(err),
+        Guarded::TimedOut(limit) => check_failed(StepError::timed_out(limit)),
+        Guarded::Lost(err) => UndoCheck::Lost(err.to_string()),
+    }
+}
+
+fn check_failed(err: StepError) -> UndoCheck {
+    let StepError {
+        message,
+        class,
+        timeout,
+    } = err;
+    tracing::warn!(error = %message, "the undo's reconciliation check failed; counted as a failed attempt");
+    UndoCheck::Failed(StepError {
+        message: format!("reconciliation check of the undo failed: {message}"),
+        class,
+        timeout,
+    })
+}
+
 /// Undoes one step: to success, to a skip, or until its policy gives up (`Ok(Some(Failed))`
-/// ends the saga).
+/// ends the saga). `maybe_in_flight`: this may be the undo a previous coordinator was running
+/// when it stopped (taken by the first undo that gets to run).
 async fn undo(
     ctx: &mut SagaContext,
     registered: &Registered,
     record: &StepRecord,
+    maybe_in_flight: &mut bool,
 ) -> Result<Option<SagaStatus>, Halt> {
     let policy = registered.step.compensation_policy();
     let ttl = ctx.shared.config.lease_ttl;
@@ -142,6 +221,13 @@ async fn undo(
     let first_started = previous
         .and_then(|c| c.started_at)
         .unwrap_or_else(|| ctx.shared.clock.now());
+    // The latest attempt whose outcome is unknown (cut off, or timed out): the compensation's
+    // reconciliation check is asked about it before the undo runs again.
+    let mut unresolved: Option<u32> = None;
+    // Whether an attempt's outcome is unknown and the check has not since answered "not
+    // applied": a permanent error then does not show that the undo did not happen, so the
+    // check is asked before giving up (running out of retries always asks).
+    let mut doubtful = false;
     loop {
         let span = tracing::info_span!(
             "step",
@@ -155,7 +241,16 @@ async fn undo(
         span.record("idempotency_key", step_ctx.idempotency_key());
         let key = step_ctx.idempotency_key().to_owned();
         let clock = tokio::time::Instant::now();
-        let failure = match decide(ctx, registered, record).await {
+        let decision = decide(ctx, registered, record).await;
+        if matches!(decision, Undo::Run(_)) && std::mem::take(maybe_in_flight) {
+            unresolved = Some(attempt);
+            doubtful = true;
+        }
+        // The output the undo gets, once decided; the check that may end the loop needs it.
+        let mut decided: Option<Option<Value>> = None;
+        // The failure below is the check's own: asking it again at once would tell nothing.
+        let mut check_just_failed = false;
+        let failure = match decision {
             Undo::Lost(reason) => return Err(Halt::Interrupted(reason)),
             Undo::Skip(why) => {
                 ctx.record(EventKind::CompensationSkipped {
@@ -167,44 +262,85 @@ async fn undo(
             }
             Undo::CheckFailed(err) => err,
             Undo::Run(output) => {
-                let outcome = run_guarded(
-                    &*ctx.shared.store,
-                    &ctx.lease,
-                    ttl,
-                    registered.step.timeout(),
-                    registered
-                        .step
-                        .compensate(&step_ctx, &input, output.as_ref())
-                        .instrument(span.clone()),
-                )
-                .await;
-                match outcome {
-                    Guarded::Done(Ok(())) => {
-                        let seconds = clock.elapsed().as_secs_f64();
-                        ctx.shared.observe_attempt(
-                            &span,
-                            &ctx.state,
-                            position,
-                            name,
-                            &key,
-                            attempt,
-                            seconds,
-                            &AttemptLog::Compensated,
-                        );
-                        ctx.commit(
-                            vec![EventKind::StepCompensated {
-                                position,
-                                step: name.to_owned(),
-                                attempt,
-                            }],
-                            Schedule::Continue { ttl },
-                        )
-                        .await?;
+                let verdict = match unresolved {
+                    Some(suspect) => {
+                        check_undo(ctx, registered, position, suspect, &input, output.as_ref())
+                            .await
+                    }
+                    None => UndoCheck::Unknown,
+                };
+                let failure = match verdict {
+                    UndoCheck::Applied => {
+                        let suspect = unresolved.unwrap_or(attempt);
+                        record_reconciled(ctx, position, name, suspect, Vec::new()).await?;
                         return Ok(None);
                     }
-                    Guarded::Done(Err(err)) => err,
-                    Guarded::TimedOut(limit) => StepError::timed_out(limit),
-                    Guarded::Lost(err) => return Err(Halt::Interrupted(err.to_string())),
+                    UndoCheck::Lost(reason) => return Err(Halt::Interrupted(reason)),
+                    UndoCheck::Failed(err) => {
+                        check_just_failed = true;
+                        Some(err)
+                    }
+                    UndoCheck::NotApplied => {
+                        doubtful = false;
+                        None
+                    }
+                    UndoCheck::Unknown => None,
+                };
+                match failure {
+                    Some(err) => {
+                        decided = Some(output);
+                        err
+                    }
+                    None => {
+                        // Unknown or not applied: run it (again) with the same key.
+                        unresolved = None;
+                        let outcome = run_guarded(
+                            &*ctx.shared.store,
+                            &ctx.lease,
+                            ttl,
+                            registered.step.timeout(),
+                            registered
+                                .step
+                                .compensate(&step_ctx, &input, output.as_ref())
+                                .instrument(span.clone()),
+                        )
+                        .await;
+                        decided = Some(output);
+                        match outcome {
+                            Guarded::Done(Ok(())) => {
+                                let seconds = clock.elapsed().as_secs_f64();
+                                ctx.shared.observe_attempt(
+                                    &span,
+                                    &ctx.state,
+                                    position,
+                                    name,
+                                    &key,
+                                    attempt,
+                                    seconds,
+                                    &AttemptLog::Compensated,
+                                );
+                                ctx.commit(
+                                    vec![EventKind::StepCompensated {
+                                        position,
+                                        step: name.to_owned(),
+                                        attempt,
+                                        reconciled: false,
+                                    }],
+                                    Schedule::Continue { ttl },
+                                )
+                                .await?;
+                                return Ok(None);
+                            }
+                            Guarded::Done(Err(err)) => err,
+                            Guarded::TimedOut(limit) => {
+                                // The undo may have been applied before the timeout fired.
+                                unresolved = Some(attempt);
+                                doubtful = true;
+                                StepError::timed_out(limit)
+                            }
+                            Guarded::Lost(err) => return Err(Halt::Interrupted(err.to_string())),
+                        }
+                    }
                 }
             }
         };
@@ -270,20 +406,43 @@ async fn undo(
                         reason,
                     },
                 );
+                // Before ending the saga `Failed`: an earlier attempt may have applied the
+                // undo without the engine hearing of it (a timeout, then refusals).
+                let ask = !check_just_failed && (reason != GiveUpReason::Permanent || doubtful);
+                let verdict = match &decided {
+                    Some(output) if ask => Some(
+                        check_undo(ctx, registered, position, attempt, &input, output.as_ref())
+                            .await,
+                    ),
+                    _ => None,
+                };
+                let last_attempt = EventKind::CompensationAttemptFailed {
+                    position,
+                    step: name.to_owned(),
+                    attempt,
+                    error: failure.clone(),
+                    backoff_seconds: 0.0,
+                    next_retry_at: now,
+                };
+                let note = match verdict {
+                    Some(UndoCheck::Applied) => {
+                        record_reconciled(ctx, position, name, attempt, vec![last_attempt]).await?;
+                        return Ok(None);
+                    }
+                    Some(UndoCheck::Lost(reason)) => return Err(Halt::Interrupted(reason)),
+                    Some(UndoCheck::Failed(err)) => format!("; {}", err.message),
+                    Some(UndoCheck::NotApplied) => {
+                        "; its reconciliation check found the undo not applied".to_owned()
+                    }
+                    Some(UndoCheck::Unknown) | None => String::new(),
+                };
                 let error = format!(
-                    "compensation of step {position} `{name}` gave up after attempt {attempt} ({reason}): {}",
+                    "compensation of step {position} `{name}` gave up after attempt {attempt} ({reason}): {}{note}",
                     failure.message
                 );
                 ctx.commit(
                     vec![
-                        EventKind::CompensationAttemptFailed {
-                            position,
-                            step: name.to_owned(),
-                            attempt,
-                            error: failure,
-                            backoff_seconds: 0.0,
-                            next_retry_at: now,
-                        },
+                        last_attempt,
                         EventKind::SagaFailed {
                             kind: FailureKind::CompensationFailed,
                             error,
@@ -296,4 +455,23 @@ async fn undo(
             }
         }
     }
+}
+
+/// Records an undo that its reconciliation check found applied as done, after `events`.
+async fn record_reconciled(
+    ctx: &mut SagaContext,
+    position: u32,
+    name: &'static str,
+    attempt: u32,
+    mut events: Vec<EventKind>,
+) -> Result<(), Halt> {
+    events.push(EventKind::StepCompensated {
+        position,
+        step: name.to_owned(),
+        attempt,
+        reconciled: true,
+    });
+    let ttl = ctx.shared.config.lease_ttl;
+    ctx.commit(events, Schedule::Continue { ttl }).await?;
+    Ok(())
 }

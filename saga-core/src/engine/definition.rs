@@ -103,6 +103,12 @@ pub(crate) trait ErasedStep: Send + Sync {
         ctx: &StepContext,
         input: &Value,
     ) -> Result<Reconciled<Value>, StepError>;
+    async fn reconcile_compensation(
+        &self,
+        ctx: &StepContext,
+        input: &Value,
+        output: Option<&Value>,
+    ) -> Result<Reconciled<()>, StepError>;
 }
 
 pub(crate) struct TypedStep<S>(pub(crate) Arc<S>);
@@ -121,6 +127,23 @@ fn decode_error(what: &str, step: &str, err: &serde_json::Error) -> StepError {
         class: crate::ErrorClass::Permanent,
         timeout: false,
     }
+}
+
+/// A step's recorded input and output, decoded as its types for its compensation.
+fn decode_recorded<S: Step>(
+    input: &Value,
+    output: Option<&Value>,
+) -> Result<(S::Input, Option<S::Output>), StepError> {
+    let input: S::Input = serde_json::from_value(input.clone())
+        .map_err(|err| decode_error("input", S::NAME, &err))?;
+    let output: Option<S::Output> = match output {
+        Some(value) => Some(
+            serde_json::from_value(value.clone())
+                .map_err(|err| decode_error("output", S::NAME, &err))?,
+        ),
+        None => None,
+    };
+    Ok((input, output))
 }
 
 #[async_trait]
@@ -147,17 +170,22 @@ impl<S: Step> ErasedStep for TypedStep<S> {
         input: &Value,
         output: Option<&Value>,
     ) -> Result<(), StepError> {
-        let input: S::Input = serde_json::from_value(input.clone())
-            .map_err(|err| decode_error("input", S::NAME, &err))?;
-        let output: Option<S::Output> = match output {
-            Some(value) => Some(
-                serde_json::from_value(value.clone())
-                    .map_err(|err| decode_error("output", S::NAME, &err))?,
-            ),
-            None => None,
-        };
+        let (input, output) = decode_recorded::<S>(input, output)?;
         self.0
             .compensate(ctx, input, output)
+            .await
+            .map_err(|err| step_error(&err))
+    }
+
+    async fn reconcile_compensation(
+        &self,
+        ctx: &StepContext,
+        input: &Value,
+        output: Option<&Value>,
+    ) -> Result<Reconciled<()>, StepError> {
+        let (input, output) = decode_recorded::<S>(input, output)?;
+        self.0
+            .reconcile_compensation(ctx, &input, output.as_ref())
             .await
             .map_err(|err| step_error(&err))
     }

@@ -1,6 +1,7 @@
 //! The engine: starts sagas, runs them with their lease, resumes them from their journal,
 //! compensates them, and answers questions about them.
 
+mod client_retry;
 mod compensate;
 mod context;
 mod definition;
@@ -17,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tracing::Instrument;
 
+pub use client_retry::{ClientRetry, RetryNotice, RetryingStore};
 pub use context::SagaContext;
 pub use definition::Saga;
 pub use error::{EngineError, SagaError};
@@ -45,8 +47,13 @@ pub struct EngineConfig {
     /// Backoffs up to this long are slept in process; longer ones become durable timers that
     /// release the saga and its worker.
     pub inline_wait_max: Duration,
-    /// How store writes are retried when the store is briefly unavailable.
+    /// How a running saga's store writes are retried when the store is briefly unavailable.
     pub store_retry: RetryPolicy,
+    /// How client calls ride out a store that is briefly unavailable: a start retries its
+    /// create (and a local hand-over its claim) by this policy, for at most its
+    /// `max_elapsed`; a wait retries its reads with these pauses until its own timeout.
+    /// Default [`RetryPolicy::client_default`]: up to 30 s, 50 ms doubling to 2 s, jittered.
+    pub client_retry: RetryPolicy,
     /// How many times one attempt may be started again after its coordinator stopped in the
     /// middle of it before the step fails for good (a step that crashes its process every
     /// time would otherwise be re-run forever).
@@ -63,6 +70,7 @@ impl Default for EngineConfig {
                 .with_max_attempts(8)
                 .with_initial_delay(Duration::from_millis(50))
                 .with_max_delay(Duration::from_secs(2)),
+            client_retry: RetryPolicy::client_default(),
             max_interruptions: 5,
         }
     }
@@ -252,6 +260,15 @@ impl EngineBuilder {
     #[must_use]
     pub fn store_retry(mut self, policy: RetryPolicy) -> Self {
         self.config.store_retry = policy;
+        self
+    }
+
+    /// Sets how client calls (start, wait) retry transient store errors (default
+    /// [`RetryPolicy::client_default`]: for up to 30 s). [`RetryPolicy::no_retry`] makes
+    /// them fail at the first error.
+    #[must_use]
+    pub fn client_retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.client_retry = policy;
         self
     }
 
@@ -466,6 +483,16 @@ impl Engine {
     /// When a [`Coordinator`](crate::Coordinator) runs on this engine and has a free worker,
     /// the saga is created with its lease already taken and starts on that worker at once
     /// (no claim round trip); otherwise any coordinator claims it.
+    ///
+    /// A transient store error (see [`StoreError::is_transient`]) is retried with jittered
+    /// backoff by [`EngineConfig::client_retry`] (for up to 30 s by default), with the same
+    /// saga id every time: the id of a start without a key is drawn once, before the first
+    /// attempt, and the store creates by id only if absent, so a create whose reply was lost
+    /// is found by the retry instead of starting a second saga. Such a start answers
+    /// `created: true` without a key (nobody else can know the id) and `created: false` with
+    /// one (the retry cannot tell its own lost create from another caller's); the saga is the
+    /// same either way. A start that still fails may have stored its saga: repeat it with the
+    /// same idempotency key to be sure of one saga. Other errors fail at once.
     pub async fn start<S: Saga>(
         &self,
         input: &S::Input,
@@ -500,43 +527,83 @@ impl Engine {
         };
         // In a task of its own: once the saga is created with our lease, the hand-over must
         // happen even if the caller goes away (an HTTP client that disconnects), or the saga
-        // would wait for its lease to lapse.
+        // would wait for its lease to lapse. The task answers as soon as the saga is stored
+        // and marked as running here; a claim that the hand-over still needs (and retries
+        // while the store is unavailable) does not hold the caller up.
         let engine = self.clone();
         let claim = Some(self.claim_request());
-        let task = tokio::spawn(async move {
-            let (started, lease) = engine
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            match engine
                 .create_value(name, version, input, options, claim)
-                .await?;
-            engine.hand_over(slot, started.id, lease).await;
-            Ok(started)
+                .await
+            {
+                Ok((started, lease)) => engine.hand_over(slot, started, lease, answer).await,
+                Err(err) => {
+                    // A caller that went away is told nothing, and nothing was created.
+                    let _ = answer.send(Err(err));
+                }
+            }
         });
-        task.await.map_err(|err| EngineError::Interrupted {
+        answered.await.map_err(|_| EngineError::Interrupted {
             saga: SagaId(uuid::Uuid::nil()),
-            reason: format!("the start task failed: {err}"),
+            reason: "the start task ended without answering (it panicked)".into(),
         })?
     }
 
-    /// Gives a saga created for a free local worker to that worker.
-    async fn hand_over(&self, slot: local::Slot, id: SagaId, created: Option<(Lease, SagaState)>) {
+    /// Gives a saga created for a free local worker to that worker, and answers the start
+    /// once the saga is marked as running here (so that a wait right after the start waits
+    /// for the local run instead of reading the store).
+    async fn hand_over(
+        &self,
+        slot: local::Slot,
+        started: Started,
+        created: Option<(Lease, SagaState)>,
+        answer: tokio::sync::oneshot::Sender<Result<Started, EngineError>>,
+    ) {
+        let id = started.id;
+        let mut answer = Some(answer);
+        let mut reply = || {
+            if let Some(answer) = answer.take() {
+                // A caller that went away is no error: the saga is stored either way.
+                let _ = answer.send(Ok(started.clone()));
+            }
+        };
         // Already running here (a repeated start of a saga this engine runs): nothing to do.
         let Some(run) = self.shared.try_local_run(id) else {
+            reply();
             return;
         };
         let (lease, state) = match created {
             Some((lease, state)) => (lease, Some(state)),
             // Not created by this call: an idempotent repeat, or our own create whose reply
             // was lost (then we hold its lease without knowing it). A claim settles both:
-            // same-owner claims succeed, and a saga due anyway may as well run here.
-            None => match self.shared.store.claim(id, &self.claim_request()).await {
-                Ok(ClaimOutcome::Claimed(lease)) => (lease, None),
-                Ok(_) => return,
-                Err(err) => {
-                    tracing::debug!(saga_id = %id, error = %err, "could not claim a started saga for a local worker; any coordinator will");
-                    return;
+            // same-owner claims succeed, and a saga due anyway may as well run here. Retried
+            // while the store is unavailable: otherwise a lost create reply would leave the
+            // saga waiting for our own lease to lapse.
+            None => {
+                reply();
+                let request = self.claim_request();
+                let retry = client_retry::ClientRetry::new(self.shared.config.client_retry.clone());
+                let operation = format!("claim started saga {id}");
+                let claimed = retry
+                    .run(&operation, StoreError::is_transient, || {
+                        self.shared.store.claim(id, &request)
+                    })
+                    .await;
+                match claimed {
+                    Ok(ClaimOutcome::Claimed(lease)) => (lease, None),
+                    Ok(_) => return,
+                    Err(err) => {
+                        tracing::warn!(saga_id = %id, error = %err, "could not claim a started saga for a local worker; any coordinator will once its lease lapses");
+                        return;
+                    }
                 }
-            },
+            }
         };
-        if let Err(lease) = slot.hand_over(lease, state, run) {
+        let handed = slot.hand_over(lease, state, run);
+        reply();
+        if let Err(lease) = handed {
             // The coordinator stopped meanwhile: let any coordinator have it at once.
             if let Err(err) = self.shared.store.release(&lease).await {
                 tracing::warn!(saga_id = %lease.saga_id, error = %err, "could not release a saga started during shutdown; it runs once its lease lapses");
@@ -607,26 +674,20 @@ impl Engine {
         };
         // Retried while the store is briefly unavailable: the id is fixed, so a create whose
         // reply was lost is found as `Existing` instead of starting a second saga.
-        let mut failed = 0;
-        let mut rng = fastrand::Rng::new();
-        let created = loop {
-            match self.shared.store.create(new.clone()).await {
-                Err(err)
-                    if err.is_transient()
-                        && failed + 1 < self.shared.config.store_retry.max_attempts() =>
-                {
-                    failed += 1;
-                    let delay = self.shared.config.store_retry.delay(failed, &mut rng);
-                    tracing::warn!(saga_id = %id, error = %err, retry_in = ?delay, "store create failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                other => break other,
-            }
-        };
+        let mut attempts = 0_u32;
+        let retry = client_retry::ClientRetry::new(self.shared.config.client_retry.clone());
+        let operation = format!("start saga {id}");
+        let created = retry
+            .run(&operation, StoreError::is_transient, || {
+                attempts += 1;
+                self.shared.store.create(new.clone())
+            })
+            .await;
+        let retried = attempts > 1;
         match created {
             // Without a key the id is ours alone: finding it after a retry means our own
             // earlier attempt stored it.
-            Ok(CreateOutcome::Existing { .. }) if key.is_none() && failed > 0 => {
+            Ok(CreateOutcome::Existing { .. }) if key.is_none() && retried => {
                 metrics::counter!("saga_started_total", "saga_type" => name).increment(1);
                 Ok((Started { id, created: true }, None))
             }

@@ -79,13 +79,24 @@ impl Engine {
     /// # Errors
     /// [`EngineError::WaitTimedOut`] with the status it still has,
     /// [`EngineError::Quarantined`] for a saga set aside (bad data: it will not run until an
-    /// operator acts), [`EngineError::NotFound`], or a store error.
+    /// operator acts), [`EngineError::NotFound`], or a store error: a transient one only when
+    /// the store was still unavailable at the deadline.
     ///
     /// A saga that this engine runs itself (a coordinator on this engine took it) costs no
     /// read at all: the outcome comes from the run. Otherwise the saga is read once, and once
     /// more after each notification that it changed.
+    ///
+    /// A read that fails with a transient store error (a restart, a `CLIENT PAUSE`, a lost
+    /// connection) is retried until `timeout`, with the pauses of
+    /// [`EngineConfig::client_retry`](crate::EngineConfig::client_retry) (its attempt count
+    /// applies, its `max_elapsed` does not: the timeout is the bound), and the change
+    /// subscriptions are taken again before the next read, since the blip may have lost them.
     pub async fn wait(&self, id: SagaId, timeout: Duration) -> Result<SagaOutcome, EngineError> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let now = tokio::time::Instant::now();
+        // A timeout too long to represent waits as good as forever.
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
         if let Some(outcome) = self.shared.local.recent_outcome(id) {
             return Ok(outcome);
         }
@@ -117,12 +128,46 @@ impl Engine {
         } else {
             self.shared.store.wakeups()
         };
+        let mut backoff =
+            super::client_retry::Backoff::until(&self.shared.config.client_retry, Some(deadline));
+        let mut resubscribe = false;
         loop {
+            if resubscribe {
+                // After a failed read: a feed that the blip closed or left behind is replaced
+                // before the next look, so that an end after that look is not missed.
+                resubscribe = false;
+                changes = self.shared.store.saga_changes();
+                wakeups = if changes.is_some() {
+                    None
+                } else {
+                    self.shared.store.wakeups()
+                };
+            }
             if let Some(signal) = &mut wakeups {
                 // Marked seen before looking, so a change after the look wakes us.
                 signal.borrow_and_update();
             }
-            let outcome = self.look(id).await?;
+            let outcome = match self.look(id).await {
+                Ok(outcome) => {
+                    backoff.reset();
+                    outcome
+                }
+                Err(err) if err.is_transient() => {
+                    let Some(delay) = backoff.next_delay() else {
+                        return Err(err);
+                    };
+                    super::client_retry::log_retry(
+                        &format!("wait for saga {id}"),
+                        &err,
+                        backoff.retries(),
+                        delay,
+                    );
+                    tokio::time::sleep(delay).await;
+                    resubscribe = true;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
             if outcome.status.is_terminal() {
                 return Ok(outcome);
             }

@@ -555,6 +555,16 @@ impl SagaStore for MemoryStore {
         Ok(counts)
     }
 
+    async fn count_quarantined(&self) -> Result<u64, StoreError> {
+        let inner = self.lock();
+        let count = inner
+            .sagas
+            .values()
+            .filter(|e| e.quarantined.is_some())
+            .count();
+        Ok(u64::try_from(count).unwrap_or(u64::MAX))
+    }
+
     async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64, StoreError> {
         let now = self.clock.now();
         let mut inner = self.lock();

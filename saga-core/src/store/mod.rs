@@ -356,8 +356,9 @@ pub enum StoreError {
         /// What is wrong.
         problem: String,
     },
-    /// The store could not be reached or answered with an error; the operation may or may
-    /// not have been applied. Retrying with the same arguments is safe for every saga
+    /// The store could not be reached, did not answer in time, or answered with an error
+    /// that goes away by itself (loading, busy, failing over, out of memory); the operation
+    /// may or may not have been applied. [Transient](StoreError::is_transient). Retrying with the same arguments is safe for every saga
     /// operation: creates are keyed by id, commits by commit id, claims and renewals are
     /// fenced. (A retried `guard_claim` whose first reply was lost finds its own claim in
     /// progress until the in-progress TTL lapses.)
@@ -372,10 +373,32 @@ pub enum StoreError {
     /// The request itself is invalid.
     #[error("invalid store request: {0}")]
     Invalid(String),
+    /// The store answered and refused the operation for a reason that retrying does not fix
+    /// until someone changes its configuration: the credentials are wrong, or the user lacks
+    /// a permission the store needs (Redis `NOPERM`, `WRONGPASS`, `NOAUTH`). Not
+    /// [transient](StoreError::is_transient): callers fail at once instead of retrying.
+    #[error("store refused the operation: {message}")]
+    Refused {
+        /// What was refused, and what to change.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 }
 
 impl StoreError {
-    /// `true` when retrying the same operation may succeed.
+    /// `true` when retrying the same operation may succeed: only
+    /// [`StoreError::Unavailable`] (a connection refused, reset or broken, a timeout, a server
+    /// that is loading, busy, paused, failing over or out of memory). Every other error says
+    /// something that a retry would only say again: a conflict, a fenced writer, an unknown
+    /// saga, bad or oversized data, a refused permission.
+    ///
+    /// Out of memory counts as transient on purpose: memory comes back without anyone
+    /// touching the configuration (retention purges terminal sagas), and a step whose
+    /// idempotency guard meets a permanent store error fails for good and compensates,
+    /// which a memory blip must not cause. Callers bound their retries (a deadline, an
+    /// attempt count), so a lasting shortage still surfaces, with the server's message.
     #[must_use]
     pub fn is_transient(&self) -> bool {
         match self {
@@ -386,7 +409,8 @@ impl StoreError {
             | StoreError::NotWritable { .. }
             | StoreError::TooLarge { .. }
             | StoreError::Corrupt { .. }
-            | StoreError::Invalid(_) => false,
+            | StoreError::Invalid(_)
+            | StoreError::Refused { .. } => false,
         }
     }
 }
@@ -503,6 +527,30 @@ pub trait SagaStore: Send + Sync + 'static {
 
     /// Counts sagas by status (every status present, zero included).
     async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>, StoreError>;
+
+    /// Counts quarantined sagas (set aside for bad data; they also count under their status
+    /// in [`count_by_status`](Self::count_by_status)). The default pages through
+    /// [`list`](Self::list); stores override it with a cheap count.
+    async fn count_quarantined(&self) -> Result<u64, StoreError> {
+        let mut query = ListQuery {
+            limit: 1000,
+            ..ListQuery::default()
+        };
+        let mut count = 0;
+        loop {
+            let page = self.list(&query).await?;
+            let quarantined = page
+                .sagas
+                .iter()
+                .filter(|s| s.quarantined.is_some())
+                .count();
+            count += u64::try_from(quarantined).unwrap_or(u64::MAX);
+            match page.next {
+                Some(next) => query.after = Some(next),
+                None => return Ok(count),
+            }
+        }
+    }
 
     /// Deletes up to `limit` terminal sagas last written at least `older_than` ago (so
     /// `Duration::ZERO` takes every terminal saga), with their histories: afterwards `load`

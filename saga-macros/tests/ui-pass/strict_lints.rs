@@ -39,6 +39,7 @@ pub mod deal {
         compensate = delete_deal,
         compensate_on_failure,
         reconcile = find_deal,
+        reconcile_compensation = deal_deleted,
         name = "open_deal",
         timeout = "10s",
         retry(max_attempts = 5, initial = "200ms", max = "5s", multiplier = 2.0, jitter = "full"),
@@ -57,6 +58,14 @@ pub mod deal {
     }
 
     async fn find_deal(_ctx: &StepContext, _input: &String) -> Result<Reconciled<u64>, CrmError> {
+        Ok(Reconciled::Unknown)
+    }
+
+    async fn deal_deleted(
+        _ctx: &StepContext,
+        _input: &String,
+        _deal: Option<&u64>,
+    ) -> Result<Reconciled<()>, CrmError> {
         Ok(Reconciled::Unknown)
     }
 

@@ -261,6 +261,31 @@ pub async fn count_by_status_counts_every_status(store: Arc<dyn SagaStore>) {
     );
 }
 
+/// `count_quarantined` counts the sagas set aside and agrees with `list`.
+pub async fn count_quarantined_counts_the_sagas_set_aside(store: Arc<dyn SagaStore>) {
+    assert_eq!(
+        store.count_quarantined().await.unwrap(),
+        0,
+        "an empty store"
+    );
+    let first = create_saga(&*store).await;
+    let second = create_saga(&*store).await;
+    create_saga(&*store).await;
+    store.quarantine(first, "bad data").await.unwrap();
+    store.quarantine(second, "bad data too").await.unwrap();
+    assert_eq!(store.count_quarantined().await.unwrap(), 2);
+    let everything = ListQuery {
+        limit: 100,
+        ..ListQuery::default()
+    };
+    let listed = list_all(&*store, &everything)
+        .await
+        .iter()
+        .filter(|s| s.quarantined.is_some())
+        .count();
+    assert_eq!(listed, 2, "list shows the same sagas as quarantined");
+}
+
 /// `purge` deletes only terminal sagas last written more than `older_than` ago, at most
 /// `limit` per call, with their histories: afterwards `load` is `None` and `events` is
 /// [`StoreError::NotFound`]. Running, compensating and quarantined sagas survive with their

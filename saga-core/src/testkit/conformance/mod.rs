@@ -208,6 +208,7 @@ macro_rules! store_conformance_tests {
                 guard_completed_record_expires,
                 list_filters_and_pages,
                 count_by_status_counts_every_status,
+                count_quarantined_counts_the_sagas_set_aside,
                 purge_deletes_only_finished_sagas,
                 purge_respects_the_retention_period,
                 concurrent_claims_have_one_winner,
