@@ -97,6 +97,10 @@ struct Args {
     /// Use this standalone server instead of spawning one.
     #[arg(long)]
     redis_url: Option<String>,
+    /// Serve the API without authentication (for measuring what bearer-token checks cost;
+    /// the default authenticates every request, as deployed).
+    #[arg(long)]
+    no_auth: bool,
     /// `timeout_ms` of each `GET /sagas/{id}/wait`.
     #[arg(long, default_value_t = 30_000)]
     wait_timeout_ms: u64,
@@ -966,7 +970,11 @@ impl Coordinators {
             .args(["--owner", &format!("svc-{n}")])
             .args(["--workers", &args.workers.to_string()])
             .args(["--http-addr", "127.0.0.1:0", "--stdin-lifeline"])
-            .args(["--api-tokens", &bench_token().config_line])
+            .args(if args.no_auth {
+                Vec::new()
+            } else {
+                vec!["--api-tokens", bench_token().config_line.as_str()]
+            })
             .args(&args.coordinator_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
