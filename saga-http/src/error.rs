@@ -187,7 +187,8 @@ impl ApiError {
     /// | `TooLarge` | 413 (the input is over the store's limit) |
     /// | `Invalid` | 400 |
     /// | `Unavailable` | 503 |
-    /// | `Corrupt` | 500 |
+    /// | `Corrupt` | 500 (`store_corrupt`) |
+    /// | `Refused` (the server's store user lacks a permission) | 500 (`store_refused`) |
     /// | anything newer | 500 with its message |
     #[must_use]
     pub fn from_store(err: StoreError) -> Self {
@@ -221,6 +222,12 @@ impl ApiError {
             StoreError::Corrupt { .. } => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "store_corrupt", message)
             }
+            // The server's own store credentials lack a permission: the operator's to fix,
+            // and retrying will not help.
+            StoreError::Refused { .. } => {
+                tracing::error!(error = %message, "the store refused an operation");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "store_refused", message)
+            }
             other => {
                 tracing::error!(error = %other, "store error without an HTTP mapping");
                 Self::internal(message)
@@ -237,4 +244,25 @@ pub(crate) fn rejection(status: StatusCode, code: &'static str, text: String) ->
 /// `{"error": ..}` without a status, for bodies that are not errors of this module.
 pub(crate) fn error_body(message: impl Into<String>) -> Value {
     json!({ "error": message.into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_store_operation_is_a_server_error_with_its_own_code() {
+        let err = ApiError::from_store(StoreError::Refused {
+            message: "NOPERM this user has no permissions to run the 'evalsha' command".into(),
+            source: None,
+        });
+        assert_eq!(err.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(err.code(), "store_refused");
+        assert!(err.message().contains("NOPERM"));
+        let unavailable = ApiError::from_store(StoreError::Unavailable {
+            message: "load: broken pipe".into(),
+            source: None,
+        });
+        assert_eq!(unavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
 }
