@@ -9,10 +9,10 @@
     clippy::expect_used
 )]
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use saga_examples::redis_office::RedisOffice;
 use saga_redis_testkit::{
     RedisCluster, RedisServer, ServerConfig, can_spawn_servers, unique_prefix,
 };
+use support::Proc;
 
 const POLL: Duration = Duration::from_millis(50);
 
@@ -87,130 +88,12 @@ impl Target {
     }
 }
 
-/// A process this test started, with its stdout and stderr in files.
-struct Proc {
-    name: String,
-    child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
-    exit: Option<ExitStatus>,
-}
-
-impl Proc {
-    fn spawn(dir: &tempfile::TempDir, name: &str, program: &str, args: &[String]) -> Self {
-        let stdout = dir.path().join(format!("{name}.out"));
-        let stderr = dir.path().join(format!("{name}.err"));
-        let child = Command::new(program)
-            .args(args)
-            .env_remove("REDIS_URL")
-            .env_remove("REDIS_CLUSTER_URLS")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout).unwrap())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {program}: {err}"));
-        Self {
-            name: name.to_owned(),
-            child,
-            stdout,
-            stderr,
-            exit: None,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// The JSON line on stdout whose `event` is `event`.
-    fn event(&self, event: &str) -> Option<serde_json::Value> {
-        self.stdout()
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .find(|v| v["event"] == event)
-    }
-
-    fn exited(&mut self) -> Option<ExitStatus> {
-        if self.exit.is_none() {
-            self.exit = self.child.try_wait().unwrap();
-        }
-        self.exit
-    }
-
-    fn wait_ready(&mut self) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(ready) = self.event("ready") {
-                return ready;
-            }
-            if let Some(status) = self.exited() {
-                panic!(
-                    "{} exited ({status}) before it was ready:\n{}",
-                    self.name,
-                    self.stderr()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} not ready within 60 s",
-                self.name
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{signal}"), self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} {} failed", self.pid());
-    }
-
-    fn wait_exit(&mut self, bound: Duration) -> ExitStatus {
-        let deadline = Instant::now() + bound;
-        loop {
-            if let Some(status) = self.exited() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {bound:?}",
-                self.name
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// Log lines on stderr that report a rejected late write.
-    fn fenced_lines(&self) -> usize {
-        self.stderr()
-            .lines()
-            .filter(|l| l.contains("write fenced") || l.contains("lease renewal rejected"))
-            .count()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.exited().is_none() {
-            // Only this test's own child, by its handle; SIGCONT first in case it is stopped.
-            let _ = Command::new("kill")
-                .args(["-CONT", &self.pid().to_string()])
-                .status();
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Log lines on stderr that report a rejected late write.
+fn fenced_lines(proc: &Proc) -> usize {
+    proc.stderr()
+        .lines()
+        .filter(|l| l.contains("write fenced") || l.contains("lease renewal rejected"))
+        .count()
 }
 
 fn coordinator(
@@ -369,7 +252,7 @@ fn kill_and_stop(target: &Target, prefix: &str, count: usize) {
     wait_until("as many effects as sagas", Duration::from_secs(90), || {
         target.ledger_entries(prefix) >= count
     });
-    a.child.kill().unwrap();
+    a.kill();
     a.wait_exit(Duration::from_secs(10));
     // Stop B (it keeps its leases on paper) until another coordinator took over one of them.
     // What B holds is read once it is stopped: a saga listed while B runs may finish before
@@ -420,12 +303,12 @@ fn kill_and_stop(target: &Target, prefix: &str, count: usize) {
         assert!(
             status.success(),
             "{} exited with {status}:\n{}",
-            proc.name,
+            proc.name(),
             proc.stderr()
         );
         assert!(proc.event("stopped").is_some(), "{}", proc.stdout());
     }
-    let fenced = b.fenced_lines();
+    let fenced = fenced_lines(&b);
     println!(
         "late writes of the stopped coordinator rejected: {fenced} (it held {} sagas)",
         held.len()

@@ -16,9 +16,8 @@
     clippy::expect_used
 )]
 
-use std::fs::File;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+mod support;
+
 use std::time::{Duration, Instant};
 
 use saga_core::store::ListQuery;
@@ -27,6 +26,7 @@ use saga_examples::deal::DealFlow;
 use saga_examples::redis_office::RedisOffice;
 use saga_redis::RedisStore;
 use saga_redis_testkit::{RedisServer, ServerConfig, can_spawn_servers, unique_prefix};
+use support::Proc;
 
 const POLL: Duration = Duration::from_millis(20);
 
@@ -34,97 +34,6 @@ const POLL: Duration = Duration::from_millis(20);
 const COUNT: usize = 240;
 
 const RUN_ID: &str = "blips";
-
-/// A process this test started, with its stdout and stderr in files.
-struct Proc {
-    name: String,
-    child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
-    exit: Option<ExitStatus>,
-}
-
-impl Proc {
-    fn spawn(dir: &tempfile::TempDir, name: &str, program: &str, args: &[String]) -> Self {
-        let stdout = dir.path().join(format!("{name}.out"));
-        let stderr = dir.path().join(format!("{name}.err"));
-        let child = Command::new(program)
-            .args(args)
-            .env_remove("REDIS_URL")
-            .env_remove("REDIS_CLUSTER_URLS")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout).unwrap())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {program}: {err}"));
-        Self {
-            name: name.to_owned(),
-            child,
-            stdout,
-            stderr,
-            exit: None,
-        }
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// The JSON line on stdout whose `event` is `event`.
-    fn event(&self, event: &str) -> Option<serde_json::Value> {
-        self.stdout()
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .find(|v| v["event"] == event)
-    }
-
-    fn exited(&mut self) -> Option<ExitStatus> {
-        if self.exit.is_none() {
-            self.exit = self.child.try_wait().unwrap();
-        }
-        self.exit
-    }
-
-    fn wait_exit(&mut self, bound: Duration) -> ExitStatus {
-        let deadline = Instant::now() + bound;
-        loop {
-            if let Some(status) = self.exited() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {bound:?}:\n{}",
-                self.name,
-                self.stderr()
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-
-    fn terminate(&mut self) -> ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -TERM {} failed", self.child.id());
-        self.wait_exit(Duration::from_secs(30))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.exited().is_none() {
-            // Only this test's own child, by its handle.
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 fn coordinator(dir: &tempfile::TempDir, url: &str, prefix: &str) -> Proc {
     let args = [

@@ -6,102 +6,23 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
 
 use saga_redis_testkit::{
     RedisServer, ServerConfig, can_spawn_servers, openssl_available, unique_prefix,
 };
+use support::Proc;
 
 const APP_PASSWORD: &str = "app-pw-not-for-output";
 const BOUND: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(50);
 
-/// A process this test started, with its output in files.
-struct Proc {
-    child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Proc {
-    /// Starts `program` with `args`; the Redis URL comes from the environment (never `ps`).
-    fn spawn(dir: &Path, name: &str, program: &str, url: &str, args: &[&str]) -> Self {
-        let stdout = dir.join(format!("{name}.out"));
-        let stderr = dir.join(format!("{name}.err"));
-        let child = Command::new(program)
-            .args(args)
-            .env("REDIS_URL", url)
-            .env_remove("REDIS_CLUSTER_URLS")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout).unwrap())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {program}: {err}"));
-        Self {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Waits until it exits (panics after `BOUND`, killing it).
-    fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("did not exit within {BOUND:?}; stderr:\n{}", self.stderr());
-            }
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// Waits for the coordinator's `ready` line (panics if it exits first or after `BOUND`).
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + BOUND;
-        while !self.stdout().contains(r#""event":"ready""#) {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("exited ({status}) before it was ready:\n{}", self.stderr());
-            }
-            assert!(Instant::now() < deadline, "not ready within {BOUND:?}");
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// SIGTERM (a graceful stop) and waits for it to exit.
-    fn stop(&mut self) -> ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        self.wait_exit()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Starts `program` with `args`; the Redis URL comes from the environment (never `ps`).
+fn spawn(dir: &Path, name: &str, program: &str, url: &str, args: &[&str]) -> Proc {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    Proc::spawn_with_env(dir, name, program, &args, &[("REDIS_URL", url)])
 }
 
 fn coordinator_args<'a>(prefix: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -138,14 +59,14 @@ fn coordinator_and_load_refuse_a_server_that_loses_every_saga_on_restart() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix("safety");
 
-    let mut refused = Proc::spawn(
+    let mut refused = spawn(
         dir.path(),
         "refused",
         env!("CARGO_BIN_EXE_deal-flow-coordinator"),
         &url,
         &coordinator_args(&prefix, &[]),
     );
-    let status = refused.wait_exit();
+    let status = refused.wait_exit(BOUND);
     let stderr = refused.stderr();
     assert_eq!(status.code(), Some(2), "it cannot start:\n{stderr}");
     for needle in [
@@ -161,14 +82,14 @@ fn coordinator_and_load_refuse_a_server_that_loses_every_saga_on_restart() {
     assert!(!stderr.contains(APP_PASSWORD), "{stderr}");
     assert!(!refused.stdout().contains("ready"), "{}", refused.stdout());
 
-    let mut load = Proc::spawn(
+    let mut load = spawn(
         dir.path(),
         "load",
         env!("CARGO_BIN_EXE_deal-flow-load"),
         &url,
         &["--key-prefix", &prefix, "--count", "1", "--timeout", "30s"],
     );
-    let status = load.wait_exit();
+    let status = load.wait_exit(BOUND);
     assert!(!status.success(), "deal-flow-load must refuse too");
     assert!(
         load.stderr().contains("redis/redis#14541"),
@@ -177,7 +98,7 @@ fn coordinator_and_load_refuse_a_server_that_loses_every_saga_on_restart() {
     );
 
     // Allowed explicitly: it starts, and says loudly what it accepted.
-    let mut allowed = Proc::spawn(
+    let mut allowed = spawn(
         dir.path(),
         "allowed",
         env!("CARGO_BIN_EXE_deal-flow-coordinator"),
@@ -195,7 +116,7 @@ fn coordinator_and_load_refuse_a_server_that_loses_every_saga_on_restart() {
         .unwrap_or_else(|| panic!("no warning about the allowed configuration:\n{stderr}"));
     assert!(warning.contains("ERROR"), "logged as an error: {warning}");
     assert!(warning.contains("loses every saga"), "{warning}");
-    assert!(allowed.stop().success(), "{}", allowed.stderr());
+    assert!(allowed.terminate().success(), "{}", allowed.stderr());
 }
 
 #[test]
@@ -218,24 +139,29 @@ fn tls_flags_trust_a_private_ca_and_present_a_client_certificate() {
     let prefix = unique_prefix("tls");
 
     // The CA alone: the server asks for a client certificate and refuses the handshake.
-    let mut no_cert = Proc::spawn(
+    let mut no_cert = spawn(
         dir.path(),
         "no-cert",
         env!("CARGO_BIN_EXE_deal-flow-coordinator"),
         &url,
         &coordinator_args(&prefix, &["--redis-ca-file", ca]),
     );
-    assert_eq!(no_cert.wait_exit().code(), Some(2), "{}", no_cert.stderr());
+    assert_eq!(
+        no_cert.wait_exit(BOUND).code(),
+        Some(2),
+        "{}",
+        no_cert.stderr()
+    );
 
     // A key without its certificate is a usage error.
-    let mut half = Proc::spawn(
+    let mut half = spawn(
         dir.path(),
         "half",
         env!("CARGO_BIN_EXE_deal-flow-coordinator"),
         &url,
         &coordinator_args(&prefix, &["--redis-ca-file", ca, "--redis-client-key", key]),
     );
-    assert!(!half.wait_exit().success());
+    assert!(!half.wait_exit(BOUND).success());
     assert!(
         half.stderr().contains("--redis-client-cert"),
         "{}",
@@ -243,7 +169,7 @@ fn tls_flags_trust_a_private_ca_and_present_a_client_certificate() {
     );
 
     // CA and client certificate: the store and the back office both connect over TLS.
-    let mut tls = Proc::spawn(
+    let mut tls = spawn(
         dir.path(),
         "tls",
         env!("CARGO_BIN_EXE_deal-flow-coordinator"),
@@ -264,33 +190,27 @@ fn tls_flags_trust_a_private_ca_and_present_a_client_certificate() {
 
     // The load generator runs sagas through the same TLS settings, given by the environment;
     // the coordinator above runs them to their end.
-    let mut load = {
-        let stdout = dir.path().join("load.out");
-        let stderr = dir.path().join("load.err");
-        let child = Command::new(env!("CARGO_BIN_EXE_deal-flow-load"))
-            .args(["--key-prefix", &prefix, "--count", "3", "--timeout", "60s"])
-            .env("REDIS_URL", &url)
-            .env("REDIS_CA_FILE", ca)
-            .env("REDIS_CLIENT_CERT", cert)
-            .env("REDIS_CLIENT_KEY", key)
-            .env_remove("REDIS_CLUSTER_URLS")
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout).unwrap())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        Proc {
-            child,
-            stdout,
-            stderr,
-        }
-    };
-    let status = load.wait_exit();
+    let args: Vec<String> = ["--key-prefix", &prefix, "--count", "3", "--timeout", "60s"]
+        .map(str::to_owned)
+        .to_vec();
+    let mut load = Proc::spawn_with_env(
+        dir.path(),
+        "load",
+        env!("CARGO_BIN_EXE_deal-flow-load"),
+        &args,
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("REDIS_CA_FILE", ca),
+            ("REDIS_CLIENT_CERT", cert),
+            ("REDIS_CLIENT_KEY", key),
+        ],
+    );
+    let status = load.wait_exit(BOUND);
     assert!(
         status.success(),
         "deal-flow-load over mutual TLS:\n{}\n{}",
         load.stdout(),
         load.stderr()
     );
-    assert!(tls.stop().success(), "{}", tls.stderr());
+    assert!(tls.terminate().success(), "{}", tls.stderr());
 }
