@@ -9,17 +9,25 @@
 //! for up to `--retry-for`, waits until `--timeout`, and the final report's reads for up to
 //! `--retry-for` again. A start that still fails is counted (`start_errors`) and the run
 //! goes on with the sagas that were acknowledged.
+//!
+//! With `--api-url` the starts and waits go through the coordinators' HTTP API instead, with
+//! a bearer token (`--api-token-file` or `SAGA_API_TOKEN`) whose principal has the `start`
+//! and `read` scopes; the keys are then `<run-id>/<index>`, scoped by the API to that
+//! principal. The report and the ledger check still read the store directly, so the load
+//! needs both the API and the store's flags. A token the API refuses (401, 403) ends the run.
 
 use std::collections::BTreeSet;
 use std::io::{IsTerminal as _, Write as _};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use saga_core::{
-    Classify as _, ClientRetry, EngineError, RetryPolicy, SagaId, SagaStatus, StartOptions,
+    Classify as _, ClientRetry, Engine, EngineError, RetryPolicy, SagaId, SagaStatus, StartOptions,
     content_key,
 };
+use saga_http::client::{ApiClient, ClientError, WaitOutcome};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -69,6 +77,181 @@ pub struct LoadArgs {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Submit and wait through the HTTP API instead of the store.
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// Where the coordinators' HTTP API is and how to authenticate. The token is read from a
+/// file or from the `SAGA_API_TOKEN` environment variable, never from the command line.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct ApiArgs {
+    /// Start and wait for the sagas through the HTTP API at this URL (`http://host:port` or
+    /// `https://host:port`) instead of the store; the report still reads the store.
+    #[arg(long, env = "SAGA_API_URL", hide_env_values = true)]
+    pub api_url: Option<String>,
+    /// A file whose first line is the API bearer token (the token may also come from the
+    /// `SAGA_API_TOKEN` environment variable). Its principal needs `start` and `read`.
+    #[arg(long, env = "SAGA_API_TOKEN_FILE", hide_env_values = true)]
+    pub api_token_file: Option<PathBuf>,
+    /// For an `https` API: trust the CA certificate(s) in this PEM file instead of the
+    /// system's.
+    #[arg(long, env = "SAGA_API_CA_FILE", hide_env_values = true)]
+    pub api_ca_file: Option<PathBuf>,
+}
+
+/// The environment variable that may hold the API token.
+pub const API_TOKEN_ENV: &str = "SAGA_API_TOKEN";
+
+impl ApiArgs {
+    /// The API client, when `--api-url` is given.
+    ///
+    /// # Errors
+    /// The URL, the token file or the CA file cannot be used.
+    pub fn client(&self, retry_for: Duration) -> Result<Option<ApiClient>, BoxError> {
+        let Some(url) = &self.api_url else {
+            return Ok(None);
+        };
+        let mut client = ApiClient::new(url)?.retry_for(retry_for);
+        if let Some(path) = &self.api_ca_file {
+            client = client.ca_file(path)?;
+        }
+        if let Some(token) = self.token()? {
+            client = client.token(&token);
+        }
+        Ok(Some(client))
+    }
+
+    /// The token: the first line of `--api-token-file`, else `SAGA_API_TOKEN`.
+    fn token(&self) -> Result<Option<String>, BoxError> {
+        if let Some(path) = &self.api_token_file {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                format!("cannot read the API token file {}: {err}", path.display())
+            })?;
+            let token = text.lines().next().unwrap_or_default().trim().to_owned();
+            if token.is_empty() {
+                return Err(format!(
+                    "the API token file {} is empty; put the token (from `saga token new`) on its first line",
+                    path.display()
+                )
+                .into());
+            }
+            return Ok(Some(token));
+        }
+        Ok(std::env::var(API_TOKEN_ENV)
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty()))
+    }
+}
+
+/// Where starts and waits go: the store (through an engine) or the HTTP API.
+#[derive(Clone)]
+enum Submit {
+    Store(Engine),
+    Api(ApiClient),
+}
+
+/// A start that failed; `fatal` when no other start can succeed either (the API refused the
+/// token).
+struct StartFailed {
+    error: BoxError,
+    fatal: bool,
+}
+
+impl From<EngineError> for StartFailed {
+    fn from(err: EngineError) -> Self {
+        Self {
+            error: err.into(),
+            fatal: false,
+        }
+    }
+}
+
+impl From<ClientError> for StartFailed {
+    fn from(err: ClientError) -> Self {
+        let fatal = matches!(err.status(), Some(401 | 403));
+        Self {
+            error: err.into(),
+            fatal,
+        }
+    }
+}
+
+/// How a wait ended.
+enum Waited {
+    Ended,
+    /// Not seen ending in time (or set aside), with what was seen.
+    Unfinished(String),
+    /// An error a retry cannot fix.
+    Failed(BoxError),
+}
+
+impl Submit {
+    /// Starts deal `index`; returns its id and whether this call created it.
+    async fn start(
+        &self,
+        run_id: &str,
+        index: usize,
+        request: &DealRequest,
+    ) -> Result<(SagaId, bool), StartFailed> {
+        match self {
+            Self::Store(engine) => {
+                let key = content_key(&["deal-flow-load", run_id, &index.to_string()]);
+                let started = engine
+                    .start::<DealFlow>(request, StartOptions::key(key))
+                    .await?;
+                Ok((started.id, started.created))
+            }
+            Self::Api(client) => {
+                let input = serde_json::to_value(request).map_err(|err| StartFailed {
+                    error: err.into(),
+                    fatal: true,
+                })?;
+                let key = format!("{run_id}/{index}");
+                let started = client
+                    .start(<DealFlow as saga_core::Saga>::NAME, &input, Some(&key))
+                    .await?;
+                Ok((started.id, started.created))
+            }
+        }
+    }
+
+    async fn wait(&self, id: SagaId, timeout: Duration) -> Waited {
+        match self {
+            Self::Store(engine) => match engine.wait(id, timeout).await {
+                Ok(_) => Waited::Ended,
+                Err(EngineError::WaitTimedOut { status, .. }) => {
+                    Waited::Unfinished(status.to_string())
+                }
+                // The store was still unavailable when the wait's time ran out.
+                Err(err) if err.is_transient() => Waited::Unfinished(err.to_string()),
+                Err(err) => Waited::Failed(err.into()),
+            },
+            Self::Api(client) => {
+                // The server may shorten a long wait: wait again until the time is up.
+                let deadline = Instant::now().checked_add(timeout);
+                loop {
+                    let left =
+                        deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+                    match client.wait(id, left).await {
+                        Ok(WaitOutcome::StillRunning { status }) if left.is_zero() => {
+                            return Waited::Unfinished(status);
+                        }
+                        Ok(WaitOutcome::StillRunning { .. }) => {}
+                        Ok(WaitOutcome::Quarantined { reason }) => {
+                            return Waited::Unfinished(format!("quarantined: {reason}"));
+                        }
+                        Ok(_) => return Waited::Ended,
+                        Err(err) if err.is_transient() => {
+                            return Waited::Unfinished(err.to_string());
+                        }
+                        Err(err) => return Waited::Failed(err.into()),
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The generated deal number `index` of a batch.
@@ -90,6 +273,7 @@ pub fn deal_request(seed: u64, index: usize, watchlist_rate: f64) -> DealRequest
 /// # Errors
 /// The store could not be reached.
 pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
+    let api = args.api.client(args.retry_for)?;
     let (store, office) = args.store.connect().await?;
     let owner = format!("{}-client", ops::default_owner());
     let client_retry = if args.retry_for.is_zero() {
@@ -101,14 +285,31 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
         .client_retry(client_retry.clone())
         .build()?;
     let mut out = std::io::stdout();
-    writeln!(
-        out,
-        "deal-flow-load: {} deal sagas (run id `{}`) on {}, prefix `{}`",
-        args.count,
-        args.run_id,
-        args.store.describe(),
-        args.store.key_prefix
-    )?;
+    let submit = match api {
+        Some(client) => {
+            writeln!(
+                out,
+                "deal-flow-load: {} deal sagas (run id `{}`) through the API at {}; report from {}, prefix `{}`",
+                args.count,
+                args.run_id,
+                client.url(),
+                args.store.describe(),
+                args.store.key_prefix
+            )?;
+            Submit::Api(client)
+        }
+        None => {
+            writeln!(
+                out,
+                "deal-flow-load: {} deal sagas (run id `{}`) on {}, prefix `{}`",
+                args.count,
+                args.run_id,
+                args.store.describe(),
+                args.store.key_prefix
+            )?;
+            Submit::Store(engine.clone())
+        }
+    };
     let began = Instant::now();
     let bar = if std::io::stdout().is_terminal() || args.count > 20 {
         let bar = ProgressBar::new(args.count as u64);
@@ -124,26 +325,19 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
     let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let mut starts = JoinSet::new();
     for index in 0..args.count {
-        let engine = engine.clone();
+        let submit = submit.clone();
         let limit = Arc::clone(&limit);
         let request = deal_request(args.seed, index, args.watchlist_rate);
-        let key = content_key(&["deal-flow-load", &args.run_id, &index.to_string()]);
+        let run_id = args.run_id.clone();
         let twice = args.duplicate_every > 0 && index % args.duplicate_every == 0;
         starts.spawn(async move {
             let _permit = limit.acquire().await;
-            let started = engine
-                .start::<DealFlow>(&request, StartOptions::key(key.clone()))
-                .await?;
+            let (id, _) = submit.start(&run_id, index, &request).await?;
             let mut duplicates = 0_u64;
-            if twice
-                && !engine
-                    .start::<DealFlow>(&request, StartOptions::key(key))
-                    .await?
-                    .created
-            {
+            if twice && !submit.start(&run_id, index, &request).await?.1 {
                 duplicates += 1;
             }
-            Ok::<_, EngineError>((started.id, duplicates))
+            Ok::<_, StartFailed>((id, duplicates))
         });
     }
     // Acknowledged sagas (their start returned): these must all end.
@@ -156,9 +350,14 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
                 ids.push(id);
                 duplicate_starts += duplicates;
             }
-            Err(err) => {
+            // The API refused the token: no start can succeed, so stop here.
+            Err(failed) if failed.fatal => {
+                bar.finish_and_clear();
+                return Err(failed.error);
+            }
+            Err(failed) => {
                 // Still failing after `--retry-for` (or not retryable): counted, not fatal.
-                tracing::error!(error = %err, "a start failed; its saga is not acknowledged");
+                tracing::error!(error = %failed.error, "a start failed; its saga is not acknowledged");
                 start_errors += 1;
             }
         }
@@ -171,26 +370,21 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
     loop {
         while waits.len() < WAITERS {
             let Some(id) = pending.next() else { break };
-            let engine = engine.clone();
+            let submit = submit.clone();
             let timeout = args.timeout.saturating_sub(began.elapsed());
-            waits.spawn(async move { (id, engine.wait(id, timeout).await) });
+            waits.spawn(async move { (id, submit.wait(id, timeout).await) });
         }
         let Some(joined) = waits.join_next().await else {
             break;
         };
         let (id, outcome) = joined?;
         match outcome {
-            Ok(_) => {}
-            Err(EngineError::WaitTimedOut { status, .. }) => {
-                tracing::warn!(saga_id = %id, %status, "saga did not end in time");
+            Waited::Ended => {}
+            Waited::Unfinished(seen) => {
+                tracing::warn!(saga_id = %id, seen = %seen, "saga not seen ending in time");
                 unfinished.insert(id);
             }
-            // The store was still unavailable when the wait's time ran out.
-            Err(err) if err.is_transient() => {
-                tracing::warn!(saga_id = %id, error = %err, "saga not seen ending in time");
-                unfinished.insert(id);
-            }
-            Err(err) => return Err(err.into()),
+            Waited::Failed(err) => return Err(err),
         }
         bar.inc(1);
     }

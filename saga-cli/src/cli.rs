@@ -126,6 +126,70 @@ pub(crate) enum Command {
     /// API tokens for the coordinators' HTTP API (needs no Redis).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Submit and follow sagas through the coordinators' HTTP API with a token (needs no
+    /// Redis). The token comes from --api-token-file or SAGA_API_TOKEN, never the command
+    /// line.
+    Api(ApiArgs),
+}
+
+/// `saga api ...`: where the API is and how to authenticate.
+#[derive(Debug, Args)]
+pub(crate) struct ApiArgs {
+    /// The coordinators' HTTP API: `http://host:port` or `https://host:port` (required).
+    #[arg(long, env = "SAGA_API_URL", global = true, hide_env_values = true)]
+    pub(crate) api_url: Option<String>,
+    /// A file whose first line is the bearer token (or set SAGA_API_TOKEN).
+    #[arg(
+        long,
+        env = "SAGA_API_TOKEN_FILE",
+        global = true,
+        hide_env_values = true
+    )]
+    pub(crate) api_token_file: Option<std::path::PathBuf>,
+    /// For https: trust only the CA certificate(s) in this PEM file instead of the
+    /// system's (a private CA).
+    #[arg(long, env = "SAGA_API_CA_FILE", global = true, hide_env_values = true)]
+    pub(crate) api_ca_file: Option<std::path::PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub(crate) command: ApiCommand,
+}
+
+/// `saga api start|status|wait|cancel`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum ApiCommand {
+    /// Start a saga of a registered type (needs the `start` scope).
+    Start {
+        /// The saga type, e.g. `deal_flow`.
+        saga_type: String,
+        /// The input as JSON, e.g. `'{"company_id": "C-1"}'`.
+        #[arg(long)]
+        input: String,
+        /// An idempotency key: the same key (from the same principal) starts the saga once.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// A saga's status, output and steps (needs `read`).
+    Status {
+        /// The saga id (a UUID).
+        id: String,
+    },
+    /// Wait for a saga to end (needs `read`).
+    Wait {
+        /// The saga id (a UUID).
+        id: String,
+        /// How long to wait, e.g. `30s`, `2m` (the server may shorten it to its maximum).
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Ask a running saga to stop and compensate (needs `operate`).
+    Cancel {
+        /// The saga id (a UUID).
+        id: String,
+        /// Why (recorded in the saga's history).
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 /// `saga token ...`.

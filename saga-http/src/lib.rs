@@ -34,6 +34,10 @@
 //! handshake timeouts, a connection limit with a few overflow slots that answer health
 //! probes only, and optional HTTPS ([`ServeConfig`], [`TlsConfig`]).
 //!
+//! [`client::ApiClient`] calls the API from Rust with a bearer token, over HTTP or HTTPS,
+//! retrying what is safe to retry (the `saga api` commands and `deal-flow-load --api-url`
+//! use it).
+//!
 //! ```no_run
 //! use saga_core::{Coordinator, Engine, MemoryStore, Saga, SagaContext, SagaError};
 //!
@@ -76,6 +80,7 @@
 //! ```
 
 mod auth;
+pub mod client;
 mod error;
 mod handlers;
 mod metrics;
@@ -100,6 +105,7 @@ pub use auth::{
     ApiTokens, Auth, ExposureError, GeneratedToken, Principal, Scope, TokenConfigError,
     check_exposure, hash_token, parse_scopes,
 };
+pub use client::{ApiClient, ClientError};
 pub use error::ApiError;
 pub use handlers::{IDEMPOTENCY_KEY, MAX_IDEMPOTENCY_KEY_LEN};
 pub use metrics::{MetricsError, SAGA_DURATION_BUCKETS, STEP_DURATION_BUCKETS, install_metrics};

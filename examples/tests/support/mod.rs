@@ -26,7 +26,7 @@ pub(crate) struct Proc {
 }
 
 impl Proc {
-    /// Starts `program` with `args` and none of the Redis variables of the test's own
+    /// Starts `program` with `args` and none of the Redis or API variables of the test's own
     /// environment.
     pub(crate) fn spawn(dir: impl AsRef<Path>, name: &str, program: &str, args: &[String]) -> Self {
         Self::spawn_with_env(dir, name, program, args, &[])
@@ -49,6 +49,12 @@ impl Proc {
             .args(args)
             .env_remove("REDIS_URL")
             .env_remove("REDIS_CLUSTER_URLS")
+            .env_remove("SAGA_API_URL")
+            .env_remove("SAGA_API_TOKEN")
+            .env_remove("SAGA_API_TOKEN_FILE")
+            .env_remove("SAGA_API_CA_FILE")
+            .env_remove("SAGA_API_TOKENS")
+            .env_remove("SAGA_API_TOKENS_FILE")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(File::create(&stdout).unwrap())

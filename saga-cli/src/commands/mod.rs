@@ -1,6 +1,7 @@
 //! The commands. Each one reads or acts on the store and returns a [`Report`] that
 //! [`output::render`] turns into a table or a JSON document.
 
+mod api;
 mod list;
 mod operator;
 mod purge;
@@ -47,6 +48,9 @@ async fn run_with(cli: Cli, retry: &saga_core::ClientRetry) -> Result<String, Cl
     if let Command::Token(TokenCommand::New { name, scopes }) = &cli.command {
         return emit(&token::new(name, scopes)?, json);
     }
+    if let Command::Api(args) = &cli.command {
+        return api::run(args, cli.global.retry_for, json).await;
+    }
     let store = connect::store(&cli.global, retry).await?;
     match cli.command {
         Command::List(args) => emit(&list::run(store.as_ref(), &args).await?, json),
@@ -70,7 +74,9 @@ async fn run_with(cli: Cli, retry: &saga_core::ClientRetry) -> Result<String, Cl
             emit(&purge::run(store.as_ref(), older_than, limit).await?, json)
         }
         Command::Stats { failures } => emit(&stats::run(store.as_ref(), failures).await?, json),
-        Command::Token(_) => Err(CliError::new("token commands need no store")),
+        Command::Token(_) | Command::Api(_) => {
+            Err(CliError::new("token and api commands need no store"))
+        }
     }
 }
 
