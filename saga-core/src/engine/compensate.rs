@@ -3,12 +3,13 @@
 use serde_json::Value;
 use tracing::Instrument;
 
+use super::attempt::{AttemptPhase, Current, FailedAttempt, Tried, run_attempts, wait_for_retry};
 use super::context::{AttemptLog, Halt, Mode, Registered, SagaContext};
 use super::guarded::{Guarded, run_guarded};
 use crate::store::Schedule;
 use crate::{
     Compensation, CompensationStatus, EventKind, FailureKind, GiveUpReason, Phase, Reconciled,
-    RetryDecision, SagaStatus, StepError, StepRecord, StepStatus,
+    RetryPolicy, SagaStatus, StepContext, StepError, StepRecord, StepStatus, Timestamp,
 };
 
 /// What to do about one step, decided before each compensation attempt.
@@ -201,56 +202,190 @@ async fn undo(
     record: &StepRecord,
     maybe_in_flight: &mut bool,
 ) -> Result<Option<SagaStatus>, Halt> {
-    let policy = registered.step.compensation_policy();
-    let ttl = ctx.shared.config.lease_ttl;
-    let name = registered.step.name();
-    let position = record.position;
-    let input = record.input.clone().unwrap_or(Value::Null);
     let previous = record.compensation.as_ref();
-    let mut attempt = previous.map_or(0, |c| c.attempts) + 1;
+    let first_attempt = previous.map_or(0, |c| c.attempts) + 1;
     if let Some(at) = previous.and_then(|c| c.next_retry_at) {
-        let remaining = at.since(ctx.shared.clock.now());
-        if remaining > ctx.shared.config.inline_wait_max {
-            ctx.commit(Vec::new(), Schedule::WakeAfter(remaining))
-                .await?;
-            return Err(Halt::Suspended(at));
-        }
-        tokio::time::sleep(remaining).await;
+        wait_for_retry(ctx, at).await?;
     }
     // The elapsed-time budget counts from the first attempt, across resumes.
     let first_started = previous
         .and_then(|c| c.started_at)
         .unwrap_or_else(|| ctx.shared.clock.now());
-    // The latest attempt whose outcome is unknown (cut off, or timed out): the compensation's
-    // reconciliation check is asked about it before the undo runs again.
-    let mut unresolved: Option<u32> = None;
-    // Whether an attempt's outcome is unknown and the check has not since answered "not
-    // applied": a permanent error then does not show that the undo did not happen, so the
-    // check is asked before giving up (running out of retries always asks).
-    let mut doubtful = false;
-    loop {
+    let mut phase = Undoing {
+        registered,
+        record,
+        input: record.input.clone().unwrap_or(Value::Null),
+        first_started,
+        maybe_in_flight,
+        unresolved: None,
+        doubtful: false,
+        decided: None,
+        check_just_failed: false,
+    };
+    run_attempts(ctx, &mut phase, first_attempt).await
+}
+
+/// One step's compensation attempts, as the shared attempt loop runs them. Settles to
+/// `Some(Failed)` when the compensation gave up (the saga ends), `None` when the step is done.
+struct Undoing<'a> {
+    registered: &'a Registered,
+    record: &'a StepRecord,
+    input: Value,
+    first_started: Timestamp,
+    maybe_in_flight: &'a mut bool,
+    /// The latest attempt whose outcome is unknown (cut off, or timed out): the compensation's
+    /// reconciliation check is asked about it before the undo runs again.
+    unresolved: Option<u32>,
+    /// Whether an attempt's outcome is unknown and the check has not since answered "not
+    /// applied": a permanent error then does not show that the undo did not happen, so the
+    /// check is asked before giving up (running out of retries always asks).
+    doubtful: bool,
+    /// The output this attempt's undo got, once decided; the check that may end the loop
+    /// needs it.
+    decided: Option<Option<Value>>,
+    /// This attempt's failure is the check's own: asking it again at once would tell nothing.
+    check_just_failed: bool,
+}
+
+impl Undoing<'_> {
+    /// Runs a decided undo, after asking the compensation's check about an unresolved attempt.
+    async fn run_undo(
+        &mut self,
+        ctx: &mut SagaContext,
+        attempt: u32,
+        step_ctx: &StepContext,
+        clock: tokio::time::Instant,
+        output: Option<Value>,
+    ) -> Result<Tried<Option<SagaStatus>>, Halt> {
+        let (position, name) = (self.record.position, self.registered.step.name());
+        let verdict = match self.unresolved {
+            Some(suspect) => {
+                check_undo(
+                    ctx,
+                    self.registered,
+                    position,
+                    suspect,
+                    &self.input,
+                    output.as_ref(),
+                )
+                .await
+            }
+            None => UndoCheck::Unknown,
+        };
+        match verdict {
+            UndoCheck::Applied => {
+                let suspect = self.unresolved.unwrap_or(attempt);
+                record_reconciled(ctx, position, name, suspect, Vec::new()).await?;
+                return Ok(Tried::Settled(None));
+            }
+            UndoCheck::Lost(reason) => return Err(Halt::Interrupted(reason)),
+            UndoCheck::Failed(error) => {
+                self.check_just_failed = true;
+                self.decided = Some(output);
+                let seconds = clock.elapsed().as_secs_f64();
+                return Ok(Tried::Failed { error, seconds });
+            }
+            UndoCheck::NotApplied => self.doubtful = false,
+            UndoCheck::Unknown => {}
+        }
+        // Unknown or not applied: run it (again) with the same key.
+        self.unresolved = None;
+        let span = step_ctx.span().clone();
+        let outcome = run_guarded(
+            &*ctx.shared.store,
+            &ctx.lease,
+            ctx.shared.config.lease_ttl,
+            self.registered.step.timeout(),
+            self.registered
+                .step
+                .compensate(step_ctx, &self.input, output.as_ref())
+                .instrument(span.clone()),
+        )
+        .await;
+        self.decided = Some(output);
+        let error = match outcome {
+            Guarded::Done(Ok(())) => {
+                let seconds = clock.elapsed().as_secs_f64();
+                let key = step_ctx.idempotency_key();
+                let log = AttemptLog::Compensated;
+                ctx.shared.observe_attempt(
+                    &span, &ctx.state, position, name, key, attempt, seconds, &log,
+                );
+                let done = EventKind::StepCompensated {
+                    position,
+                    step: name.to_owned(),
+                    attempt,
+                    reconciled: false,
+                };
+                let ttl = ctx.shared.config.lease_ttl;
+                ctx.commit(vec![done], Schedule::Continue { ttl }).await?;
+                return Ok(Tried::Settled(None));
+            }
+            Guarded::Done(Err(err)) => err,
+            Guarded::TimedOut(limit) => {
+                // The undo may have been applied before the timeout fired.
+                self.unresolved = Some(attempt);
+                self.doubtful = true;
+                StepError::timed_out(limit)
+            }
+            Guarded::Lost(err) => return Err(Halt::Interrupted(err.to_string())),
+        };
+        let seconds = clock.elapsed().as_secs_f64();
+        Ok(Tried::Failed { error, seconds })
+    }
+}
+
+impl AttemptPhase for Undoing<'_> {
+    type Output = Option<SagaStatus>;
+    const PHASE: Phase = Phase::Compensate;
+
+    fn step(&self) -> &'static str {
+        self.registered.step.name()
+    }
+
+    fn position(&self) -> u32 {
+        self.record.position
+    }
+
+    fn policy(&self) -> RetryPolicy {
+        self.registered.step.compensation_policy()
+    }
+
+    fn span(&self, attempt: u32, key: &str) -> tracing::Span {
         let span = tracing::info_span!(
             "step",
-            step = name,
-            position,
+            step = self.step(),
+            position = self.position(),
             attempt,
             phase = "compensate",
             idempotency_key = tracing::field::Empty
         );
-        let step_ctx = ctx.step_context(name, position, attempt, Phase::Compensate, span.clone());
-        span.record("idempotency_key", step_ctx.idempotency_key());
-        let key = step_ctx.idempotency_key().to_owned();
+        span.record("idempotency_key", key);
+        span
+    }
+
+    fn budget_start(&self, _ctx: &SagaContext, _now: Timestamp) -> Timestamp {
+        self.first_started
+    }
+
+    async fn attempt(
+        &mut self,
+        ctx: &mut SagaContext,
+        current: &Current,
+    ) -> Result<Tried<Self::Output>, Halt> {
+        let (position, name) = (self.record.position, self.registered.step.name());
+        let attempt = current.number;
+        let span = current.span.clone();
+        let step_ctx = ctx.step_context(name, position, attempt, Phase::Compensate, span);
         let clock = tokio::time::Instant::now();
-        let decision = decide(ctx, registered, record).await;
-        if matches!(decision, Undo::Run(_)) && std::mem::take(maybe_in_flight) {
-            unresolved = Some(attempt);
-            doubtful = true;
+        self.decided = None;
+        self.check_just_failed = false;
+        let decision = decide(ctx, self.registered, self.record).await;
+        if matches!(decision, Undo::Run(_)) && std::mem::take(self.maybe_in_flight) {
+            self.unresolved = Some(attempt);
+            self.doubtful = true;
         }
-        // The output the undo gets, once decided; the check that may end the loop needs it.
-        let mut decided: Option<Option<Value>> = None;
-        // The failure below is the check's own: asking it again at once would tell nothing.
-        let mut check_just_failed = false;
-        let failure = match decision {
+        let error = match decision {
             Undo::Lost(reason) => return Err(Halt::Interrupted(reason)),
             Undo::Skip(why) => {
                 ctx.record(EventKind::CompensationSkipped {
@@ -258,202 +393,83 @@ async fn undo(
                     step: name.to_owned(),
                     why,
                 })?;
-                return Ok(None);
+                return Ok(Tried::Settled(None));
             }
             Undo::CheckFailed(err) => err,
             Undo::Run(output) => {
-                let verdict = match unresolved {
-                    Some(suspect) => {
-                        check_undo(ctx, registered, position, suspect, &input, output.as_ref())
-                            .await
-                    }
-                    None => UndoCheck::Unknown,
-                };
-                let failure = match verdict {
-                    UndoCheck::Applied => {
-                        let suspect = unresolved.unwrap_or(attempt);
-                        record_reconciled(ctx, position, name, suspect, Vec::new()).await?;
-                        return Ok(None);
-                    }
-                    UndoCheck::Lost(reason) => return Err(Halt::Interrupted(reason)),
-                    UndoCheck::Failed(err) => {
-                        check_just_failed = true;
-                        Some(err)
-                    }
-                    UndoCheck::NotApplied => {
-                        doubtful = false;
-                        None
-                    }
-                    UndoCheck::Unknown => None,
-                };
-                match failure {
-                    Some(err) => {
-                        decided = Some(output);
-                        err
-                    }
-                    None => {
-                        // Unknown or not applied: run it (again) with the same key.
-                        unresolved = None;
-                        let outcome = run_guarded(
-                            &*ctx.shared.store,
-                            &ctx.lease,
-                            ttl,
-                            registered.step.timeout(),
-                            registered
-                                .step
-                                .compensate(&step_ctx, &input, output.as_ref())
-                                .instrument(span.clone()),
-                        )
-                        .await;
-                        decided = Some(output);
-                        match outcome {
-                            Guarded::Done(Ok(())) => {
-                                let seconds = clock.elapsed().as_secs_f64();
-                                ctx.shared.observe_attempt(
-                                    &span,
-                                    &ctx.state,
-                                    position,
-                                    name,
-                                    &key,
-                                    attempt,
-                                    seconds,
-                                    &AttemptLog::Compensated,
-                                );
-                                ctx.commit(
-                                    vec![EventKind::StepCompensated {
-                                        position,
-                                        step: name.to_owned(),
-                                        attempt,
-                                        reconciled: false,
-                                    }],
-                                    Schedule::Continue { ttl },
-                                )
-                                .await?;
-                                return Ok(None);
-                            }
-                            Guarded::Done(Err(err)) => err,
-                            Guarded::TimedOut(limit) => {
-                                // The undo may have been applied before the timeout fired.
-                                unresolved = Some(attempt);
-                                doubtful = true;
-                                StepError::timed_out(limit)
-                            }
-                            Guarded::Lost(err) => return Err(Halt::Interrupted(err.to_string())),
-                        }
-                    }
-                }
+                return self.run_undo(ctx, attempt, &step_ctx, clock, output).await;
             }
         };
         let seconds = clock.elapsed().as_secs_f64();
-        let now = ctx.shared.clock.now();
-        match policy.decide(
+        Ok(Tried::Failed { error, seconds })
+    }
+
+    fn attempt_failed(&self, failed: FailedAttempt) -> EventKind {
+        let FailedAttempt {
             attempt,
-            failure.class,
-            now.since(first_started),
-            &mut ctx.rng,
-        ) {
-            RetryDecision::RetryAfter(delay) => {
-                let next_retry_at = now.plus(delay);
-                ctx.shared.observe_attempt(
-                    &span,
-                    &ctx.state,
-                    position,
-                    name,
-                    &key,
-                    attempt,
-                    seconds,
-                    &AttemptLog::Retry {
-                        error: &failure,
-                        delay,
-                        next_retry_at,
-                    },
-                );
-                let inline = delay <= ctx.shared.config.inline_wait_max;
-                let schedule = if inline {
-                    Schedule::Continue { ttl }
-                } else {
-                    Schedule::WakeAfter(delay)
-                };
-                ctx.commit(
-                    vec![EventKind::CompensationAttemptFailed {
-                        position,
-                        step: name.to_owned(),
-                        attempt,
-                        error: failure,
-                        backoff_seconds: delay.as_secs_f64(),
-                        next_retry_at,
-                    }],
-                    schedule,
-                )
-                .await?;
-                if !inline {
-                    return Err(Halt::Suspended(next_retry_at));
-                }
-                tokio::time::sleep(delay).await;
-                attempt += 1;
-            }
-            RetryDecision::GiveUp(reason) => {
-                ctx.shared.observe_attempt(
-                    &span,
-                    &ctx.state,
-                    position,
-                    name,
-                    &key,
-                    attempt,
-                    seconds,
-                    &AttemptLog::Failed {
-                        error: &failure,
-                        reason,
-                    },
-                );
-                // Before ending the saga `Failed`: an earlier attempt may have applied the
-                // undo without the engine hearing of it (a timeout, then refusals).
-                let ask = !check_just_failed && (reason != GiveUpReason::Permanent || doubtful);
-                let verdict = match &decided {
-                    Some(output) if ask => Some(
-                        check_undo(ctx, registered, position, attempt, &input, output.as_ref())
-                            .await,
-                    ),
-                    _ => None,
-                };
-                let last_attempt = EventKind::CompensationAttemptFailed {
-                    position,
-                    step: name.to_owned(),
-                    attempt,
-                    error: failure.clone(),
-                    backoff_seconds: 0.0,
-                    next_retry_at: now,
-                };
-                let note = match verdict {
-                    Some(UndoCheck::Applied) => {
-                        record_reconciled(ctx, position, name, attempt, vec![last_attempt]).await?;
-                        return Ok(None);
-                    }
-                    Some(UndoCheck::Lost(reason)) => return Err(Halt::Interrupted(reason)),
-                    Some(UndoCheck::Failed(err)) => format!("; {}", err.message),
-                    Some(UndoCheck::NotApplied) => {
-                        "; its reconciliation check found the undo not applied".to_owned()
-                    }
-                    Some(UndoCheck::Unknown) | None => String::new(),
-                };
-                let error = format!(
-                    "compensation of step {position} `{name}` gave up after attempt {attempt} ({reason}): {}{note}",
-                    failure.message
-                );
-                ctx.commit(
-                    vec![
-                        last_attempt,
-                        EventKind::SagaFailed {
-                            kind: FailureKind::CompensationFailed,
-                            error,
-                        },
-                    ],
-                    Schedule::Finished,
-                )
-                .await?;
-                return Ok(Some(SagaStatus::Failed));
-            }
+            error,
+            backoff_seconds,
+            next_retry_at,
+        } = failed;
+        EventKind::CompensationAttemptFailed {
+            position: self.record.position,
+            step: self.registered.step.name().to_owned(),
+            attempt,
+            error,
+            backoff_seconds,
+            next_retry_at,
         }
+    }
+
+    async fn give_up(
+        &mut self,
+        ctx: &mut SagaContext,
+        last: FailedAttempt,
+        reason: GiveUpReason,
+    ) -> Result<Self::Output, Halt> {
+        let (position, name) = (self.record.position, self.registered.step.name());
+        let (attempt, message) = (last.attempt, last.error.message.clone());
+        // Before ending the saga `Failed`: an earlier attempt may have applied the undo
+        // without the engine hearing of it (a timeout, then refusals).
+        let ask = !self.check_just_failed && (reason != GiveUpReason::Permanent || self.doubtful);
+        let verdict = match &self.decided {
+            Some(output) if ask => Some(
+                check_undo(
+                    ctx,
+                    self.registered,
+                    position,
+                    attempt,
+                    &self.input,
+                    output.as_ref(),
+                )
+                .await,
+            ),
+            _ => None,
+        };
+        // Recorded like the attempts before it, with no retry to come.
+        let last_attempt = self.attempt_failed(last);
+        let note = match verdict {
+            Some(UndoCheck::Applied) => {
+                record_reconciled(ctx, position, name, attempt, vec![last_attempt]).await?;
+                return Ok(None);
+            }
+            Some(UndoCheck::Lost(reason)) => return Err(Halt::Interrupted(reason)),
+            Some(UndoCheck::Failed(err)) => format!("; {}", err.message),
+            Some(UndoCheck::NotApplied) => {
+                "; its reconciliation check found the undo not applied".to_owned()
+            }
+            Some(UndoCheck::Unknown) | None => String::new(),
+        };
+        let error = format!(
+            "compensation of step {position} `{name}` gave up after attempt {attempt} ({reason}): {message}{note}"
+        );
+        let failed = EventKind::SagaFailed {
+            kind: FailureKind::CompensationFailed,
+            error,
+        };
+        ctx.commit(vec![last_attempt, failed], Schedule::Finished)
+            .await?;
+        Ok(Some(SagaStatus::Failed))
     }
 }
 

@@ -6,12 +6,13 @@ use std::time::Duration;
 use serde_json::Value;
 use tracing::Instrument;
 
+use super::attempt::{AttemptPhase, Current, FailedAttempt, Tried, run_attempts, wait_for_retry};
 use super::definition::{ErasedStep, TypedStep, step_error};
 use super::guarded::{Guarded, run_guarded};
 use super::{SagaError, Shared};
 use crate::store::{CommitOutcome, Lease, Schedule, StoreError, Transition};
 use crate::{
-    CompensationReason, ErrorClass, EventKind, Phase, RetryDecision, SagaEvent, SagaState,
+    CompensationReason, ErrorClass, EventKind, Phase, RetryPolicy, SagaEvent, SagaState,
     SagaStatus, Step, StepContext, StepError, StepStatus, Timestamp, step_idempotency_key,
 };
 
@@ -209,14 +210,15 @@ impl SagaContext {
                             timeout: false,
                         };
                         let reason = crate::GiveUpReason::InterruptedTooOften;
-                        return Err(self.give_up(position, S::NAME, erased, attempts, failure, reason).await);
+                        let halt = self.give_up(position, S::NAME, erased, attempts, failure, reason).await;
+                        return Err(self.stop(halt));
                     }
                     // Unknown outcome: run the same attempt again with the same key.
                     self.execute(&step, erased, position, Some(input), input_value, attempts.max(1), false)
                         .await
                 } else {
                     if let Some(at) = next_retry_at {
-                        self.wait_until(at).await?;
+                        wait_for_retry(self, at).await.map_err(|halt| self.stop(halt))?;
                     }
                     self.execute(&step, erased, position, Some(input), input_value, attempts + 1, false)
                         .await
@@ -421,27 +423,6 @@ impl SagaContext {
         }
     }
 
-    /// Waits for a recorded retry time: in process when it is close, as a durable timer
-    /// otherwise.
-    async fn wait_until(&mut self, at: Timestamp) -> Result<(), SagaError> {
-        let remaining = at.since(self.shared.clock.now());
-        if remaining.is_zero() {
-            return Ok(());
-        }
-        if remaining <= self.shared.config.inline_wait_max {
-            tokio::time::sleep(remaining).await;
-            return Ok(());
-        }
-        let halt = match self
-            .commit(Vec::new(), Schedule::WakeAfter(remaining))
-            .await
-        {
-            Ok(_) => Halt::Suspended(at),
-            Err(halt) => halt,
-        };
-        Err(self.stop(halt))
-    }
-
     pub(crate) fn step_context(
         &self,
         step: &'static str,
@@ -531,227 +512,31 @@ impl SagaContext {
         }
     }
 
-    /// The attempt loop of one step.
+    /// Runs the step's attempts from `first_attempt` (`fresh`: nothing is recorded for it yet)
+    /// through the shared attempt loop.
     #[allow(clippy::too_many_arguments)]
     async fn execute<S: Step>(
         &mut self,
         step: &Arc<S>,
         erased: Arc<dyn ErasedStep>,
         position: u32,
-        mut input: Option<S::Input>,
+        input: Option<S::Input>,
         input_value: Value,
         first_attempt: u32,
         fresh: bool,
     ) -> Result<S::Output, SagaError> {
-        let policy = step.retry_policy();
-        let ttl = self.shared.config.lease_ttl;
-        let mut attempt = first_attempt;
-        let mut record_input = fresh.then_some(input_value.clone());
-        loop {
-            let resolving = std::mem::take(&mut self.resolve_in_flight);
-            if self.state.cancel_requested && !resolving {
-                self.steps.push(Registered {
-                    position,
-                    step: erased,
-                });
-                return Err(self.stop(Halt::Cancelled));
-            }
-            if self
-                .shared
-                .shutting_down
-                .load(std::sync::atomic::Ordering::SeqCst)
-            {
-                let halt = self.release_for_shutdown().await;
-                return Err(self.stop(halt));
-            }
-            let key = step_idempotency_key(self.state.id, position, S::NAME, Phase::Forward);
-            let started = self
-                .commit(
-                    vec![EventKind::StepStarted {
-                        position,
-                        step: S::NAME.to_owned(),
-                        attempt,
-                        idempotency_key: key.clone(),
-                        input: record_input.take(),
-                    }],
-                    Schedule::Continue { ttl },
-                )
-                .await;
-            match started {
-                Ok(outcome) if outcome.cancel_requested && !resolving => {
-                    // Only a step that never ran is known to have no effect: an earlier
-                    // attempt (failed, timed out, or cut off by a crash) may have left one,
-                    // which the compensation phase must then judge like any unfinished step.
-                    if fresh && attempt == 1 {
-                        self.unexecuted = Some(position);
-                    }
-                    self.steps.push(Registered {
-                        position,
-                        step: erased,
-                    });
-                    return Err(self.stop(Halt::Cancelled));
-                }
-                Ok(_) => {}
-                Err(halt) => return Err(self.stop(halt)),
-            }
-            let span = tracing::info_span!(
-                "step",
-                step = S::NAME,
-                position,
-                attempt,
-                idempotency_key = %key
-            );
-            let ctx = self.step_context_with_key(
-                S::NAME,
-                position,
-                attempt,
-                Phase::Forward,
-                span.clone(),
-                key.clone(),
-            );
-            let owned_input = match input.take() {
-                Some(value) => value,
-                None => match serde_json::from_value(input_value.clone()) {
-                    Ok(value) => value,
-                    Err(err) => {
-                        return Err(self.stop(Halt::BadData(format!(
-                            "input of step `{}` does not decode for a retry: {err}",
-                            S::NAME
-                        ))));
-                    }
-                },
-            };
-            let clock = tokio::time::Instant::now();
-            let outcome = run_guarded(
-                &*self.shared.store,
-                &self.lease,
-                ttl,
-                step.timeout(),
-                step.forward(&ctx, owned_input).instrument(span.clone()),
-            )
-            .await;
-            let seconds = clock.elapsed().as_secs_f64();
-            let failure = match outcome {
-                Guarded::Done(Ok(output)) => {
-                    let value = match serde_json::to_value(&output) {
-                        Ok(value) => value,
-                        Err(err) => {
-                            return Err(self.stop(Halt::BadData(format!(
-                                "output of step `{}` does not encode: {err}",
-                                S::NAME
-                            ))));
-                        }
-                    };
-                    // Recorded with the next commit (the next step's start, or the saga's
-                    // end), which always precedes the next effect: one store write per step.
-                    self.record(EventKind::StepSucceeded {
-                        position,
-                        step: S::NAME.to_owned(),
-                        attempt,
-                        output: value,
-                        reconciled: false,
-                    })
-                    .map_err(|halt| self.stop(halt))?;
-                    self.shared.observe_attempt(
-                        &span,
-                        &self.state,
-                        position,
-                        S::NAME,
-                        &key,
-                        attempt,
-                        seconds,
-                        &AttemptLog::Succeeded,
-                    );
-                    self.steps.push(Registered {
-                        position,
-                        step: erased,
-                    });
-                    return Ok(output);
-                }
-                Guarded::Done(Err(err)) => step_error(&err),
-                Guarded::TimedOut(limit) => StepError::timed_out(limit),
-                Guarded::Lost(err) => return Err(self.stop(Halt::Interrupted(err.to_string()))),
-            };
-            let now = self.shared.clock.now();
-            let first_started = self
-                .state
-                .record(position)
-                .and_then(|r| r.first_started_at)
-                .unwrap_or(now);
-            match policy.decide(
-                attempt,
-                failure.class,
-                now.since(first_started),
-                &mut self.rng,
-            ) {
-                RetryDecision::RetryAfter(delay) => {
-                    let next_retry_at = now.plus(delay);
-                    self.shared.observe_attempt(
-                        &span,
-                        &self.state,
-                        position,
-                        S::NAME,
-                        &key,
-                        attempt,
-                        seconds,
-                        &AttemptLog::Retry {
-                            error: &failure,
-                            delay,
-                            next_retry_at,
-                        },
-                    );
-                    let inline = delay <= self.shared.config.inline_wait_max;
-                    let schedule = if inline {
-                        Schedule::Continue { ttl }
-                    } else {
-                        Schedule::WakeAfter(delay)
-                    };
-                    let committed = self
-                        .commit(
-                            vec![EventKind::StepAttemptFailed {
-                                position,
-                                step: S::NAME.to_owned(),
-                                attempt,
-                                error: failure,
-                                backoff_seconds: delay.as_secs_f64(),
-                                next_retry_at,
-                            }],
-                            schedule,
-                        )
-                        .await;
-                    if let Err(halt) = committed {
-                        return Err(self.stop(halt));
-                    }
-                    if !inline {
-                        self.steps.push(Registered {
-                            position,
-                            step: erased,
-                        });
-                        return Err(self.stop(Halt::Suspended(next_retry_at)));
-                    }
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-                RetryDecision::GiveUp(reason) => {
-                    self.shared.observe_attempt(
-                        &span,
-                        &self.state,
-                        position,
-                        S::NAME,
-                        &key,
-                        attempt,
-                        seconds,
-                        &AttemptLog::Failed {
-                            error: &failure,
-                            reason,
-                        },
-                    );
-                    return Err(self
-                        .give_up(position, S::NAME, erased, attempt, failure, reason)
-                        .await);
-                }
-            }
-        }
+        let mut phase = ForwardStep {
+            step: Arc::clone(step),
+            erased,
+            position,
+            input,
+            record_input: fresh.then(|| input_value.clone()),
+            input_value,
+            fresh,
+        };
+        run_attempts(self, &mut phase, first_attempt)
+            .await
+            .map_err(|halt| self.stop(halt))
     }
 
     /// Records that a step failed for good and that compensation starts, in one commit.
@@ -763,7 +548,7 @@ impl SagaContext {
         attempt: u32,
         failure: StepError,
         reason: crate::GiveUpReason,
-    ) -> SagaError {
+    ) -> Halt {
         let error = SagaError::StepFailed {
             step: step.to_owned(),
             position,
@@ -796,11 +581,221 @@ impl SagaContext {
                 Schedule::Continue { ttl },
             )
             .await;
-        let halt = match committed {
+        match committed {
             Ok(_) => Halt::StepFailed(error),
             Err(halt) => halt,
+        }
+    }
+}
+
+/// A forward step's attempts, as the shared attempt loop runs them.
+struct ForwardStep<S: Step> {
+    step: Arc<S>,
+    erased: Arc<dyn ErasedStep>,
+    position: u32,
+    /// The caller's input, moved into the first attempt; later ones decode `input_value`.
+    input: Option<S::Input>,
+    input_value: Value,
+    /// The input to record with the next `StepStarted` (only a fresh step's first one).
+    record_input: Option<Value>,
+    /// Nothing was recorded for the step before this run.
+    fresh: bool,
+}
+
+impl<S: Step> ForwardStep<S> {
+    /// Keeps the step for the compensation phase: its effect may need undoing.
+    fn register(&self, ctx: &mut SagaContext) {
+        ctx.steps.push(Registered {
+            position: self.position,
+            step: Arc::clone(&self.erased),
+        });
+    }
+
+    /// Commits the attempt's `StepStarted`; `Err(Cancelled)` when a cancel stops it first.
+    async fn start(&mut self, ctx: &mut SagaContext, attempt: u32, key: &str) -> Result<(), Halt> {
+        let resolving = std::mem::take(&mut ctx.resolve_in_flight);
+        if ctx.state.cancel_requested && !resolving {
+            self.register(ctx);
+            return Err(Halt::Cancelled);
+        }
+        if ctx
+            .shared
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(ctx.release_for_shutdown().await);
+        }
+        let ttl = ctx.shared.config.lease_ttl;
+        let started = ctx
+            .commit(
+                vec![EventKind::StepStarted {
+                    position: self.position,
+                    step: S::NAME.to_owned(),
+                    attempt,
+                    idempotency_key: key.to_owned(),
+                    input: self.record_input.take(),
+                }],
+                Schedule::Continue { ttl },
+            )
+            .await?;
+        if started.cancel_requested && !resolving {
+            // Only a step that never ran is known to have no effect: an earlier attempt
+            // (failed, timed out, or cut off by a crash) may have left one, which the
+            // compensation phase must then judge like any unfinished step.
+            if self.fresh && attempt == 1 {
+                ctx.unexecuted = Some(self.position);
+            }
+            self.register(ctx);
+            return Err(Halt::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Records a successful attempt's output.
+    fn succeeded(
+        &self,
+        ctx: &mut SagaContext,
+        current: &Current,
+        seconds: f64,
+        output: &S::Output,
+    ) -> Result<(), Halt> {
+        let attempt = current.number;
+        let value = serde_json::to_value(output).map_err(|err| {
+            Halt::BadData(format!(
+                "output of step `{}` does not encode: {err}",
+                S::NAME
+            ))
+        })?;
+        // Recorded with the next commit (the next step's start, or the saga's end), which
+        // always precedes the next effect: one store write per step.
+        ctx.record(EventKind::StepSucceeded {
+            position: self.position,
+            step: S::NAME.to_owned(),
+            attempt,
+            output: value,
+            reconciled: false,
+        })?;
+        let log = AttemptLog::Succeeded;
+        ctx.shared.observe_attempt(
+            &current.span,
+            &ctx.state,
+            self.position,
+            S::NAME,
+            &current.key,
+            attempt,
+            seconds,
+            &log,
+        );
+        self.register(ctx);
+        Ok(())
+    }
+}
+
+impl<S: Step> AttemptPhase for ForwardStep<S> {
+    type Output = S::Output;
+    const PHASE: Phase = Phase::Forward;
+
+    fn step(&self) -> &'static str {
+        S::NAME
+    }
+
+    fn position(&self) -> u32 {
+        self.position
+    }
+
+    fn policy(&self) -> RetryPolicy {
+        self.step.retry_policy()
+    }
+
+    fn span(&self, attempt: u32, key: &str) -> tracing::Span {
+        tracing::info_span!(
+            "step",
+            step = S::NAME,
+            position = self.position,
+            attempt,
+            idempotency_key = %key
+        )
+    }
+
+    fn budget_start(&self, ctx: &SagaContext, now: Timestamp) -> Timestamp {
+        ctx.state
+            .record(self.position)
+            .and_then(|r| r.first_started_at)
+            .unwrap_or(now)
+    }
+
+    async fn attempt(
+        &mut self,
+        ctx: &mut SagaContext,
+        current: &Current,
+    ) -> Result<Tried<S::Output>, Halt> {
+        let (attempt, key, span) = (current.number, &current.key, &current.span);
+        self.start(ctx, attempt, key).await?;
+        let step_ctx = ctx.step_context_with_key(
+            S::NAME,
+            self.position,
+            attempt,
+            Phase::Forward,
+            span.clone(),
+            key.to_owned(),
+        );
+        let input = match self.input.take() {
+            Some(value) => value,
+            None => serde_json::from_value(self.input_value.clone()).map_err(|err| {
+                Halt::BadData(format!(
+                    "input of step `{}` does not decode for a retry: {err}",
+                    S::NAME
+                ))
+            })?,
         };
-        self.stop(halt)
+        let clock = tokio::time::Instant::now();
+        let outcome = run_guarded(
+            &*ctx.shared.store,
+            &ctx.lease,
+            ctx.shared.config.lease_ttl,
+            self.step.timeout(),
+            self.step.forward(&step_ctx, input).instrument(span.clone()),
+        )
+        .await;
+        let seconds = clock.elapsed().as_secs_f64();
+        let error = match outcome {
+            Guarded::Done(Ok(output)) => {
+                self.succeeded(ctx, current, seconds, &output)?;
+                return Ok(Tried::Settled(output));
+            }
+            Guarded::Done(Err(err)) => step_error(&err),
+            Guarded::TimedOut(limit) => StepError::timed_out(limit),
+            Guarded::Lost(err) => return Err(Halt::Interrupted(err.to_string())),
+        };
+        Ok(Tried::Failed { error, seconds })
+    }
+
+    fn attempt_failed(&self, failed: FailedAttempt) -> EventKind {
+        EventKind::StepAttemptFailed {
+            position: self.position,
+            step: S::NAME.to_owned(),
+            attempt: failed.attempt,
+            error: failed.error,
+            backoff_seconds: failed.backoff_seconds,
+            next_retry_at: failed.next_retry_at,
+        }
+    }
+
+    fn suspending(&mut self, ctx: &mut SagaContext) {
+        self.register(ctx);
+    }
+
+    async fn give_up(
+        &mut self,
+        ctx: &mut SagaContext,
+        last: FailedAttempt,
+        reason: crate::GiveUpReason,
+    ) -> Result<S::Output, Halt> {
+        let erased = Arc::clone(&self.erased);
+        let (position, attempt) = (self.position, last.attempt);
+        Err(ctx
+            .give_up(position, S::NAME, erased, attempt, last.error, reason)
+            .await)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The engine: starts sagas, runs them with their lease, resumes them from their journal,
 //! compensates them, and answers questions about them.
 
+mod attempt;
 mod client_retry;
 mod compensate;
 mod context;
