@@ -20,7 +20,7 @@ pub(crate) struct Cli {
 /// Flags every command takes (before or after the subcommand).
 #[derive(Debug, Args)]
 pub(crate) struct GlobalArgs {
-    /// Redis URL: redis://[user:password@]host[:port][/db], or rediss://... for TLS
+    /// Redis URL: `redis://[user:password@]host[:port][/db]`, or `rediss://...` for TLS
     /// (required).
     #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
     pub(crate) redis_url: Option<String>,

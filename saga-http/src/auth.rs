@@ -206,9 +206,10 @@ impl fmt::Debug for ApiTokens {
 }
 
 impl ApiTokens {
-    /// Parses a token configuration (see the [module docs](self)): one `name scopes
-    /// sha256:<hex>` a line, `#` comments and blank lines ignored; `;` also separates entries,
-    /// so the whole configuration fits in one environment variable.
+    /// Parses a token configuration: one `name scopes sha256:<hex>` a line (the hash is
+    /// `sha256sum` of the token, see [`hash_token`]), `#` comments and blank lines ignored;
+    /// `;` also separates entries, so the whole configuration fits in one environment
+    /// variable.
     ///
     /// # Errors
     /// A malformed line, a repeated name or hash, or no token at all.

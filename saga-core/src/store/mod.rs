@@ -7,7 +7,8 @@
 //! fencing token first.
 //!
 //! The store does not decode states or events: the engine owns their encoding, so a store can
-//! be written (and tested with [`conformance`](crate::testkit)) without knowing the engine.
+//! be written (and tested with the conformance suite of the `testkit` feature) without knowing
+//! the engine.
 
 mod memory;
 
