@@ -40,7 +40,7 @@ use tokio::task::JoinSet;
 
 use crate::engine::{Dispatch, Handoff};
 use crate::store::{ClaimRequest, Lease, SagaStore};
-use crate::{Engine, EngineError, RunOutcome};
+use crate::{Engine, EngineError, Interruption, RunOutcome};
 
 /// The most sagas one claim asks the store for.
 const MAX_CLAIM_BATCH: usize = 256;
@@ -58,8 +58,20 @@ pub struct CoordinatorReport {
     pub finished: u64,
     /// Runs that ended by setting a durable timer (the worker slot was freed).
     pub suspended: u64,
-    /// Runs that stopped early: fenced, shutting down, or the store failed.
+    /// Runs that stopped early, whatever the cause ([`EngineError::Interrupted`]); the
+    /// fields below count some causes on their own.
     pub interrupted: u64,
+    /// Interrupted runs whose saga another coordinator took over ([`Interruption::Fenced`]).
+    pub fenced: u64,
+    /// Interrupted runs whose lease lapsed before it could be renewed
+    /// ([`Interruption::LeaseLapsed`]).
+    pub lease_lapsed: u64,
+    /// Interrupted runs whose writes met an unavailable store
+    /// ([`Interruption::StoreUnavailable`]).
+    pub store_unavailable: u64,
+    /// Runs stopped by this coordinator's shutdown before the grace period ended
+    /// ([`Interruption::ShuttingDown`]).
+    pub shut_down: u64,
     /// Runs that ended with another error (quarantined, not found, ...).
     pub errors: u64,
     /// Sagas still running at the end of the shutdown grace period, whose leases were
@@ -405,9 +417,16 @@ fn record(
             match result {
                 Ok(RunOutcome::Finished(_)) => report.finished += 1,
                 Ok(RunOutcome::Suspended(_)) => report.suspended += 1,
-                Err(EngineError::Interrupted { saga, reason }) => {
+                Err(EngineError::Interrupted { saga, cause }) => {
                     report.interrupted += 1;
-                    tracing::info!(saga_id = %saga, %reason, "saga run interrupted");
+                    match cause {
+                        Interruption::Fenced { .. } => report.fenced += 1,
+                        Interruption::LeaseLapsed => report.lease_lapsed += 1,
+                        Interruption::StoreUnavailable { .. } => report.store_unavailable += 1,
+                        Interruption::ShuttingDown => report.shut_down += 1,
+                        _ => {}
+                    }
+                    tracing::info!(saga_id = %saga, reason = %cause, "saga run interrupted");
                 }
                 Err(err) => {
                     report.errors += 1;

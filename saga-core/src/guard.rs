@@ -153,7 +153,7 @@ impl IdempotencyGuard {
         let token = match claim {
             GuardClaim::Claimed { token } => token,
             GuardClaim::Completed { result } => {
-                metrics::counter!("saga_idempotency_hits_total").increment(1);
+                crate::telemetry::idempotency_hit();
                 tracing::debug!(
                     idempotency_key = key,
                     "idempotency hit: returning recorded result"
@@ -161,7 +161,7 @@ impl IdempotencyGuard {
                 return serde_json::from_str(&result).map_err(encoding);
             }
             GuardClaim::InProgress => {
-                metrics::counter!("saga_idempotency_hits_total").increment(1);
+                crate::telemetry::idempotency_hit();
                 return Err(GuardError::InProgress {
                     key: key.to_owned(),
                     retry_after: self.in_progress_ttl,

@@ -56,7 +56,7 @@ async fn purge_round(store: &dyn SagaStore, keep: Duration, stop: &mut watch::Re
         match store.purge(keep, PURGE_BATCH).await {
             Ok(n) => {
                 purged += n;
-                metrics::counter!("saga_purged_total").increment(n);
+                crate::telemetry::purged(n);
                 if n < PURGE_BATCH as u64 {
                     break;
                 }
@@ -78,7 +78,7 @@ async fn publish_gauges(store: &dyn SagaStore) {
     match store.count_by_status().await {
         Ok(counts) => {
             for (status, n) in counts {
-                metrics::gauge!("saga_stored_sagas", "status" => status.as_str()).set(n as f64);
+                crate::telemetry::stored_sagas(status, n);
             }
         }
         Err(err) => tracing::debug!(error = %err, "could not count stored sagas for the gauges"),
@@ -86,8 +86,7 @@ async fn publish_gauges(store: &dyn SagaStore) {
     match store.due_backlog().await {
         Ok(Some(backlog)) => {
             for (partition, n) in backlog.into_iter().enumerate() {
-                metrics::gauge!("saga_due_sagas", "partition" => partition.to_string())
-                    .set(n as f64);
+                crate::telemetry::due_sagas(partition, n);
             }
         }
         Ok(None) => {}

@@ -18,6 +18,7 @@ mod state;
 mod status;
 mod step;
 pub mod store;
+pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod timeline;
@@ -27,8 +28,8 @@ pub use clock::{Clock, Timestamp, TokioClock};
 pub use context::StepContext;
 pub use coordinator::{Coordinator, CoordinatorReport, DEFAULT_RETENTION};
 pub use engine::{
-    ClientRetry, Engine, EngineBuilder, EngineConfig, EngineError, RetryNotice, RetryingStore,
-    RunOutcome, Saga, SagaContext, SagaError, SagaOutcome, StartOptions, Started,
+    ClientRetry, Engine, EngineBuilder, EngineConfig, EngineError, Interruption, RetryNotice,
+    RetryingStore, RunOutcome, Saga, SagaContext, SagaError, SagaOutcome, StartOptions, Started,
 };
 pub use event::{CompensationReason, EventKind, FailureKind, SagaEvent, StepError};
 pub use guard::{DEFAULT_IN_PROGRESS_TTL, GuardError, IdempotencyGuard};
@@ -42,7 +43,7 @@ pub use state::{
 };
 pub use status::{SagaStatus, UnknownStatus};
 pub use step::{Compensation, Reconciled, Step};
-pub use store::{MemoryStore, SagaStore, StoreError};
+pub use store::{CancelOutcome, Lease, ListQuery, MemoryStore, SagaStore, StoreError};
 
 #[cfg(feature = "macros")]
 pub use saga_macros::{Classify, saga_step};

@@ -478,7 +478,8 @@ pub(crate) async fn require_scope(
         },
     };
     if !principal.may(scope) {
-        metrics::counter!("saga_http_auth_failures_total", "reason" => "forbidden").increment(1);
+        metrics::counter!(crate::metrics::HTTP_AUTH_FAILURES_TOTAL, "reason" => "forbidden")
+            .increment(1);
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -524,7 +525,8 @@ fn unauthenticated(message: String, oauth_error: &str) -> Response {
     } else {
         oauth_error
     };
-    metrics::counter!("saga_http_auth_failures_total", "reason" => reason.to_owned()).increment(1);
+    metrics::counter!(crate::metrics::HTTP_AUTH_FAILURES_TOTAL, "reason" => reason.to_owned())
+        .increment(1);
     let code = if oauth_error == "invalid_token" {
         "bad_token"
     } else {

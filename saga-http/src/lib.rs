@@ -396,7 +396,7 @@ async fn bound_request(
         bounds.request_timeout
     };
     let Ok(response) = tokio::time::timeout(timeout, next.run(request)).await else {
-        ::metrics::counter!("saga_http_requests_timed_out_total").increment(1);
+        ::metrics::counter!(crate::metrics::HTTP_REQUESTS_TIMED_OUT_TOTAL).increment(1);
         let mut response = ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",

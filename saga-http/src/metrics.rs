@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use metrics::Unit;
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use saga_core::telemetry;
 
 /// Histogram buckets (seconds) for `saga_step_duration_seconds`: 1 ms to 60 s.
 pub const STEP_DURATION_BUCKETS: &[f64] = &[
@@ -16,6 +17,21 @@ pub const SAGA_DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     120.0, 300.0, 600.0, 1800.0, 3600.0,
 ];
+
+/// Counter `saga_http_requests_timed_out_total`.
+pub(crate) const HTTP_REQUESTS_TIMED_OUT_TOTAL: &str = "saga_http_requests_timed_out_total";
+/// Counter `saga_http_auth_failures_total{reason}`.
+pub(crate) const HTTP_AUTH_FAILURES_TOTAL: &str = "saga_http_auth_failures_total";
+/// Gauge `saga_http_connections_open{pool}`.
+pub(crate) const HTTP_CONNECTIONS_OPEN: &str = "saga_http_connections_open";
+/// Counter `saga_http_connections_timed_out_total{phase}`.
+pub(crate) const HTTP_CONNECTIONS_TIMED_OUT_TOTAL: &str = "saga_http_connections_timed_out_total";
+/// Counter `saga_http_connections_overflow_total`.
+pub(crate) const HTTP_CONNECTIONS_OVERFLOW_TOTAL: &str = "saga_http_connections_overflow_total";
+/// Counter `saga_http_connections_refused_total`.
+pub(crate) const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "saga_http_connections_refused_total";
+/// Counter `saga_http_accept_errors_total`.
+pub(crate) const HTTP_ACCEPT_ERRORS_TOTAL: &str = "saga_http_accept_errors_total";
 
 /// How often histogram samples are folded into their buckets when nobody scrapes.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -36,16 +52,8 @@ pub enum MetricsError {
 /// Installs the process-wide `metrics` recorder that renders Prometheus text, with explicit
 /// histogram buckets for `saga_duration_seconds` ([`SAGA_DURATION_BUCKETS`]) and
 /// `saga_step_duration_seconds` ([`STEP_DURATION_BUCKETS`]), and describes the metrics the
-/// engine emits:
-///
-/// - `saga_started_total{saga_type}`
-/// - `saga_finished_total{status}`
-/// - `saga_step_attempts_total{step,outcome}` (`outcome`: success, retry, failure, compensated)
-/// - `saga_idempotency_hits_total`
-/// - `saga_resumed_total{reason}` (`reason`: recovery, timer)
-/// - `saga_quarantined_total`
-/// - `saga_fenced_writes_total`
-/// - `saga_duration_seconds{status}` and `saga_step_duration_seconds{step}` (histograms)
+/// engine emits (their names are the constants of [`saga_core::telemetry`]) and the HTTP
+/// ones (`saga_http_*`: request timeouts, auth failures, connections).
 ///
 /// Pass the handle to [`router`](crate::router) to serve it on `GET /metrics`. A background
 /// thread runs the recorder's upkeep every few seconds, so histograms stay compact between
@@ -57,11 +65,11 @@ pub enum MetricsError {
 pub fn install_metrics() -> Result<PrometheusHandle, MetricsError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
-            Matcher::Full("saga_duration_seconds".to_owned()),
+            Matcher::Full(telemetry::DURATION_SECONDS.to_owned()),
             SAGA_DURATION_BUCKETS,
         )?
         .set_buckets_for_metric(
-            Matcher::Full("saga_step_duration_seconds".to_owned()),
+            Matcher::Full(telemetry::STEP_DURATION_SECONDS.to_owned()),
             STEP_DURATION_BUCKETS,
         )?
         .install_recorder()?;
@@ -80,49 +88,40 @@ pub fn install_metrics() -> Result<PrometheusHandle, MetricsError> {
 }
 
 fn describe() {
+    saga_core::telemetry::describe();
     metrics::describe_counter!(
-        "saga_started_total",
+        HTTP_REQUESTS_TIMED_OUT_TOTAL,
         Unit::Count,
-        "Sagas started, by saga_type (idempotent repeats are counted in saga_idempotency_hits_total)."
-    );
-    metrics::describe_counter!(
-        "saga_finished_total",
-        Unit::Count,
-        "Sagas that reached a terminal status (completed, compensated, failed), by status."
+        "HTTP requests stopped because they ran past the request timeout."
     );
     metrics::describe_counter!(
-        "saga_step_attempts_total",
+        HTTP_AUTH_FAILURES_TOTAL,
         Unit::Count,
-        "Step attempts by step and outcome (success, retry, failure, compensated)."
+        "HTTP requests refused by authentication or authorisation, by reason."
+    );
+    metrics::describe_gauge!(
+        HTTP_CONNECTIONS_OPEN,
+        Unit::Count,
+        "Open HTTP connections, by pool."
     );
     metrics::describe_counter!(
-        "saga_idempotency_hits_total",
+        HTTP_CONNECTIONS_TIMED_OUT_TOTAL,
         Unit::Count,
-        "Starts and guarded effects that found their idempotency key already used."
+        "HTTP connections closed for being too slow, by phase."
     );
     metrics::describe_counter!(
-        "saga_resumed_total",
+        HTTP_CONNECTIONS_OVERFLOW_TOTAL,
         Unit::Count,
-        "Sagas resumed from their journal, by reason (recovery after a lost lease, or a durable timer)."
+        "HTTP connections served from the overflow pool because the main pool was full."
     );
     metrics::describe_counter!(
-        "saga_quarantined_total",
+        HTTP_CONNECTIONS_REFUSED_TOTAL,
         Unit::Count,
-        "Sagas set aside because their stored data is unusable; they need an operator."
+        "HTTP connections refused because every pool was full."
     );
     metrics::describe_counter!(
-        "saga_fenced_writes_total",
+        HTTP_ACCEPT_ERRORS_TOTAL,
         Unit::Count,
-        "Writes rejected because another coordinator had taken the saga's lease."
-    );
-    metrics::describe_histogram!(
-        "saga_duration_seconds",
-        Unit::Seconds,
-        "End-to-end saga duration from start to terminal status, by status."
-    );
-    metrics::describe_histogram!(
-        "saga_step_duration_seconds",
-        Unit::Seconds,
-        "Duration of one step attempt (forward or compensation), by step."
+        "Errors accepting HTTP connections."
     );
 }

@@ -194,10 +194,10 @@ where
                 let (slot, pool) = if let Ok(slot) = main_slots.clone().try_acquire_owned() {
                     (slot, connection::Pool::Main)
                 } else if let Ok(slot) = overflow_slots.clone().try_acquire_owned() {
-                    metrics::counter!("saga_http_connections_overflow_total").increment(1);
+                    metrics::counter!(crate::metrics::HTTP_CONNECTIONS_OVERFLOW_TOTAL).increment(1);
                     (slot, connection::Pool::Overflow)
                 } else {
-                    metrics::counter!("saga_http_connections_refused_total").increment(1);
+                    metrics::counter!(crate::metrics::HTTP_CONNECTIONS_REFUSED_TOTAL).increment(1);
                     tracing::debug!(%peer, "connection refused: every connection slot is taken");
                     drop(stream);
                     continue;
@@ -253,7 +253,7 @@ async fn accept_failed(err: &io::Error) {
         tracing::debug!(error = %err, "a connection failed before it was accepted");
         return;
     }
-    metrics::counter!("saga_http_accept_errors_total").increment(1);
+    metrics::counter!(crate::metrics::HTTP_ACCEPT_ERRORS_TOTAL).increment(1);
     tracing::warn!(error = %err, "cannot accept connections (out of file descriptors?); retrying shortly");
     tokio::time::sleep(Duration::from_millis(100)).await;
 }

@@ -133,7 +133,7 @@ pub(crate) async fn run_attempts<P: AttemptPhase>(
                     phase.suspending(ctx);
                     return Err(Halt::Suspended(next_retry_at));
                 }
-                tokio::time::sleep(delay).await;
+                backoff(ctx, P::PHASE, delay).await;
                 attempt += 1;
             }
             RetryDecision::GiveUp(reason) => {
@@ -164,10 +164,30 @@ pub(crate) async fn wait_for_retry(ctx: &mut SagaContext, at: Timestamp) -> Resu
         return Ok(());
     }
     if remaining <= ctx.shared.config.inline_wait_max {
-        tokio::time::sleep(remaining).await;
+        let phase = if ctx.state.status == crate::SagaStatus::Compensating {
+            Phase::Compensate
+        } else {
+            Phase::Forward
+        };
+        backoff(ctx, phase, remaining).await;
         return Ok(());
     }
     ctx.commit(Vec::new(), Schedule::WakeAfter(remaining))
         .await?;
     Err(Halt::Suspended(at))
+}
+
+/// Sleeps through an in-process backoff. A forward step's wait ends early when the saga is
+/// cancelled through this engine: the next attempt's start then sees the flag and the saga
+/// compensates at once. A compensation's wait is never cut short (a cancel changes nothing
+/// for it).
+async fn backoff(ctx: &mut SagaContext, phase: Phase, delay: std::time::Duration) {
+    if phase != Phase::Forward {
+        tokio::time::sleep(delay).await;
+        return;
+    }
+    let id = ctx.state.id;
+    if ctx.shared.sleep_unless_cancelled(id, delay, false).await {
+        ctx.state.cancel_requested = true;
+    }
 }

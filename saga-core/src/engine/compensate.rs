@@ -3,6 +3,7 @@
 use serde_json::Value;
 use tracing::Instrument;
 
+use super::Interruption;
 use super::attempt::{AttemptPhase, Current, FailedAttempt, Tried, run_attempts, wait_for_retry};
 use super::context::{AttemptLog, Halt, Mode, Registered, SagaContext};
 use super::guarded::{Guarded, run_guarded};
@@ -23,7 +24,7 @@ enum Undo {
     /// compensation attempt, never taken as "nothing to undo".
     CheckFailed(StepError),
     /// The lease was lost while asking the reconciliation check.
-    Lost(String),
+    Lost(Interruption),
 }
 
 /// What the compensation's own reconciliation check ([`crate::Step::reconcile_compensation`])
@@ -35,7 +36,7 @@ enum UndoCheck {
     /// The check failed or timed out: counted as a failed attempt, never as "applied".
     Failed(StepError),
     /// The lease was lost while asking.
-    Lost(String),
+    Lost(Interruption),
 }
 
 /// Runs the compensations still owed, newest first. Returns the terminal status reached
@@ -122,12 +123,14 @@ async fn decide(ctx: &mut SagaContext, registered: &Registered, record: &StepRec
                 }
                 Guarded::Done(Ok(Reconciled::Unknown)) => Undo::Skip(
                     "it did not complete, and it only compensates completed effects \
-                     (declare Compensation::Always or a reconcile check to undo partial effects)"
+                     (to undo partial effects: add `compensate_on_failure` to its \
+                     `#[saga_step]`, set `COMPENSATION = Compensation::Always` on a \
+                     hand-written `Step`, or give it a reconcile check)"
                         .into(),
                 ),
                 Guarded::Done(Err(err)) => Undo::CheckFailed(err),
                 Guarded::TimedOut(limit) => Undo::CheckFailed(StepError::timed_out(limit)),
-                Guarded::Lost(err) => Undo::Lost(err.to_string()),
+                Guarded::Lost(cause) => Undo::Lost(cause),
             }
         }
     }
@@ -175,7 +178,7 @@ async fn check_undo(
         Guarded::Done(Ok(Reconciled::Unknown)) => UndoCheck::Unknown,
         Guarded::Done(Err(err)) => check_failed(err),
         Guarded::TimedOut(limit) => check_failed(StepError::timed_out(limit)),
-        Guarded::Lost(err) => UndoCheck::Lost(err.to_string()),
+        Guarded::Lost(cause) => UndoCheck::Lost(cause),
     }
 }
 
@@ -328,7 +331,7 @@ impl Undoing<'_> {
                 self.doubtful = true;
                 StepError::timed_out(limit)
             }
-            Guarded::Lost(err) => return Err(Halt::Interrupted(err.to_string())),
+            Guarded::Lost(cause) => return Err(Halt::Interrupted(cause)),
         };
         let seconds = clock.elapsed().as_secs_f64();
         Ok(Tried::Failed { error, seconds })

@@ -9,7 +9,7 @@ use tracing::Instrument;
 use super::attempt::{AttemptPhase, Current, FailedAttempt, Tried, run_attempts, wait_for_retry};
 use super::definition::{ErasedStep, TypedStep, step_error};
 use super::guarded::{Guarded, run_guarded};
-use super::{SagaError, Shared};
+use super::{Interruption, SagaError, Shared};
 use crate::store::{CommitOutcome, Lease, Schedule, StoreError, Transition};
 use crate::{
     CompensationReason, ErrorClass, EventKind, Phase, RetryPolicy, SagaEvent, SagaState,
@@ -26,7 +26,7 @@ pub(crate) enum Halt {
     /// A durable timer was committed; the saga is due again at this time.
     Suspended(Timestamp),
     /// This run lost the saga (fenced) or the store failed; nothing more may be written.
-    Interrupted(String),
+    Interrupted(Interruption),
     /// The workflow diverged from its journal.
     NonDeterministic { position: u32, message: String },
     /// Stored data or a value cannot be decoded or encoded, or is too large.
@@ -41,7 +41,7 @@ impl Halt {
             Halt::StepFailed(err) => err.clone(),
             Halt::Cancelled => SagaError::Cancelled("cancel requested".into()),
             Halt::Suspended(until) => SagaError::Suspended { until: *until },
-            Halt::Interrupted(reason) => SagaError::Interrupted(reason.clone()),
+            Halt::Interrupted(cause) => SagaError::Interrupted(cause.to_string()),
             Halt::NonDeterministic { position, message } => SagaError::NonDeterministic {
                 position: *position,
                 message: message.clone(),
@@ -407,7 +407,7 @@ impl SagaContext {
                 Ok(outcome)
             }
             Err(err @ StoreError::TooLarge { .. }) => Err(Halt::BadData(err.to_string())),
-            Err(err) => Err(Halt::Interrupted(err.to_string())),
+            Err(err) => Err(Halt::Interrupted(Interruption::from_store(err))),
         }
     }
 
@@ -418,7 +418,7 @@ impl SagaContext {
             .commit(Vec::new(), Schedule::WakeAfter(Duration::ZERO))
             .await
         {
-            Ok(_) => Halt::Interrupted("the coordinator is shutting down; lease released".into()),
+            Ok(_) => Halt::Interrupted(Interruption::ShuttingDown),
             Err(halt) => halt,
         }
     }
@@ -479,7 +479,7 @@ impl SagaContext {
         let checked = match checked {
             Guarded::Done(result) => result.map_err(|err| step_error(&err)),
             Guarded::TimedOut(limit) => Err(StepError::timed_out(limit)),
-            Guarded::Lost(err) => return Err(self.stop(Halt::Interrupted(err.to_string()))),
+            Guarded::Lost(cause) => return Err(self.stop(Halt::Interrupted(cause))),
         };
         match checked {
             Ok(crate::Reconciled::Applied(output)) => {
@@ -765,7 +765,7 @@ impl<S: Step> AttemptPhase for ForwardStep<S> {
             }
             Guarded::Done(Err(err)) => step_error(&err),
             Guarded::TimedOut(limit) => StepError::timed_out(limit),
-            Guarded::Lost(err) => return Err(Halt::Interrupted(err.to_string())),
+            Guarded::Lost(cause) => return Err(Halt::Interrupted(cause)),
         };
         Ok(Tried::Failed { error, seconds })
     }

@@ -1,5 +1,7 @@
 //! Errors of the workflow channel ([`SagaError`]) and of the engine API ([`EngineError`]).
 
+use std::sync::Arc;
+
 use crate::{GiveUpReason, SagaId, SagaStatus, StoreError, Timestamp};
 
 /// Why a workflow's `run` call (or the workflow itself) stopped. Workflows propagate these
@@ -116,14 +118,16 @@ pub enum EngineError {
         /// Why.
         reason: String,
     },
-    /// This run of the saga stopped before a terminal state (fenced, store failure); the
-    /// saga itself is intact and resumes from its journal.
-    #[error("saga {saga} interrupted: {reason}")]
+    /// This run of the saga stopped before a terminal state; the saga itself is intact and
+    /// resumes from its journal. [`EngineError::interruption`] and the `is_*` predicates tell
+    /// the causes apart.
+    #[error("saga {saga} interrupted: {cause}")]
     Interrupted {
         /// The saga.
         saga: SagaId,
-        /// Why.
-        reason: String,
+        /// Why this run stopped.
+        #[source]
+        cause: Interruption,
     },
     /// A value could not be encoded or decoded.
     #[error("cannot encode or decode {what}: {source}")]
@@ -158,4 +162,150 @@ pub enum EngineError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Why a run of a saga stopped before a terminal state ([`EngineError::Interrupted`]). In
+/// every case the saga is left as last committed and resumes from its journal; the cause
+/// says who resumes it and when.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Interruption {
+    /// Another coordinator claimed the saga: the store rejected a write or a lease renewal
+    /// made under this run's (stale) lease token. This run wrote nothing more.
+    #[error(
+        "another coordinator took the saga over ({source}); this run wrote nothing more and the new owner carries on, nothing to do"
+    )]
+    Fenced {
+        /// The store's [`StoreError::Fenced`].
+        #[source]
+        source: Arc<StoreError>,
+    },
+    /// A write failed because the store could not be reached or did not answer in time
+    /// ([`StoreError::Unavailable`]).
+    #[error(
+        "the store is unavailable ({source}); the saga resumes from its last commit once the store answers again and its lease lapses"
+    )]
+    StoreUnavailable {
+        /// The store's error.
+        #[source]
+        source: Arc<StoreError>,
+    },
+    /// The store refused this run's write for another reason than fencing: the saga was
+    /// finished, quarantined or deleted meanwhile, its data is corrupt, or the store refused
+    /// the operation (permissions).
+    #[error(
+        "the store refused this run's write ({source}); look at the saga's history and the store's configuration"
+    )]
+    StoreRejected {
+        /// The store's error.
+        #[source]
+        source: Arc<StoreError>,
+    },
+    /// The lease could not be renewed (the store did not answer) before it lapsed, so the
+    /// attempt in flight was dropped: running on would let a second coordinator run the
+    /// same step at the same time.
+    #[error(
+        "the lease could not be renewed before it lapsed, so the attempt in flight was stopped; another coordinator resumes the saga once the store answers again"
+    )]
+    LeaseLapsed,
+    /// The coordinator is shutting down: progress was recorded and the lease released.
+    #[error(
+        "the coordinator is shutting down; progress was recorded and the lease released, so another coordinator resumes the saga at once"
+    )]
+    ShuttingDown,
+    /// The task running the saga (or starting it) ended abnormally.
+    #[error(
+        "{what} panicked; the saga resumes from its journal once its lease lapses (report the panic, it is a bug)"
+    )]
+    Panicked {
+        /// Which task, and the panic.
+        what: String,
+    },
+    /// The run stopped in a state the engine does not expect to stop in; the text says
+    /// where.
+    #[error("{0}; the saga resumes from its journal")]
+    Stopped(String),
+}
+
+impl Interruption {
+    /// The cause for a store error met while writing under a lease.
+    pub(crate) fn from_store(err: StoreError) -> Self {
+        let source = Arc::new(err);
+        match &*source {
+            StoreError::Fenced { .. } => Interruption::Fenced { source },
+            StoreError::Unavailable { .. } => Interruption::StoreUnavailable { source },
+            _ => Interruption::StoreRejected { source },
+        }
+    }
+
+    /// The store error behind this cause, if any.
+    #[must_use]
+    pub fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            Interruption::Fenced { source }
+            | Interruption::StoreUnavailable { source }
+            | Interruption::StoreRejected { source } => Some(source),
+            Interruption::LeaseLapsed
+            | Interruption::ShuttingDown
+            | Interruption::Panicked { .. }
+            | Interruption::Stopped(_) => None,
+        }
+    }
+}
+
+impl EngineError {
+    /// Why the run was interrupted, for [`EngineError::Interrupted`].
+    #[must_use]
+    pub fn interruption(&self) -> Option<&Interruption> {
+        match self {
+            EngineError::Interrupted { cause, .. } => Some(cause),
+            _ => None,
+        }
+    }
+
+    /// `true` for [`EngineError::Interrupted`], whatever the cause: the saga is intact and
+    /// resumes from its journal.
+    #[must_use]
+    pub fn is_interrupted(&self) -> bool {
+        self.interruption().is_some()
+    }
+
+    /// `true` when another coordinator owns the saga now: an interrupted run
+    /// ([`Interruption::Fenced`]) or a store call that was fenced.
+    #[must_use]
+    pub fn is_fenced(&self) -> bool {
+        matches!(
+            self,
+            EngineError::Interrupted {
+                cause: Interruption::Fenced { .. },
+                ..
+            } | EngineError::Store(StoreError::Fenced { .. })
+        )
+    }
+
+    /// `true` when the run stopped because its coordinator is shutting down.
+    #[must_use]
+    pub fn is_shutdown(&self) -> bool {
+        matches!(self.interruption(), Some(Interruption::ShuttingDown))
+    }
+
+    /// `true` when the run's lease lapsed before it could be renewed.
+    #[must_use]
+    pub fn is_lease_lapsed(&self) -> bool {
+        matches!(self.interruption(), Some(Interruption::LeaseLapsed))
+    }
+
+    /// `true` when the store could not be reached or did not answer in time: an interrupted
+    /// run ([`Interruption::StoreUnavailable`]) or a store call that failed so
+    /// ([`StoreError::Unavailable`]). Retrying later may succeed.
+    #[must_use]
+    pub fn is_store_unavailable(&self) -> bool {
+        matches!(
+            self,
+            EngineError::Interrupted {
+                cause: Interruption::StoreUnavailable { .. },
+                ..
+            } | EngineError::Store(StoreError::Unavailable { .. })
+        )
+    }
 }

@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::Interruption;
 use crate::store::{CommitOutcome, Lease, SagaStore, StoreError};
 
 pub(crate) enum Guarded<T> {
     Done(T),
     TimedOut(Duration),
     /// The lease was lost (fenced) or could not be kept alive; the attempt was dropped.
-    Lost(StoreError),
+    Lost(Interruption),
 }
 
 type Renewal<'a> = Pin<Box<dyn Future<Output = Result<CommitOutcome, StoreError>> + Send + 'a>>;
@@ -52,10 +53,10 @@ pub(crate) async fn run_guarded<T>(
                 Ok(_) => valid_until = sent + ttl,
                 Err(err @ (StoreError::Fenced { .. } | StoreError::NotWritable { .. } | StoreError::NotFound(_))) => {
                     if matches!(err, StoreError::Fenced { .. }) {
-                        metrics::counter!("saga_fenced_writes_total").increment(1);
+                        crate::telemetry::fenced_write();
                     }
                     tracing::warn!(saga_id = %lease.saga_id, fence = lease.fence, error = %err, "lease renewal rejected; dropping the attempt");
-                    return Guarded::Lost(err);
+                    return Guarded::Lost(Interruption::from_store(err));
                 }
                 Err(err) => {
                     tracing::warn!(saga_id = %lease.saga_id, error = %err, "lease renewal failed; will retry");
@@ -66,13 +67,7 @@ pub(crate) async fn run_guarded<T>(
             }
             () = tokio::time::sleep_until(valid_until.checked_sub(margin).unwrap_or(valid_until)) => {
                 tracing::warn!(saga_id = %lease.saga_id, "lease could not be renewed before it lapsed; dropping the attempt");
-                return Guarded::Lost(StoreError::Unavailable {
-                    message: format!(
-                        "saga {}: the lease could not be renewed before it lapsed, so the attempt was stopped (another coordinator may resume the saga)",
-                        lease.saga_id
-                    ),
-                    source: None,
-                });
+                return Guarded::Lost(Interruption::LeaseLapsed);
             }
         }
     }

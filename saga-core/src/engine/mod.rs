@@ -22,7 +22,7 @@ use tracing::Instrument;
 pub use client_retry::{ClientRetry, RetryNotice, RetryingStore};
 pub use context::SagaContext;
 pub use definition::Saga;
-pub use error::{EngineError, SagaError};
+pub use error::{EngineError, Interruption, SagaError};
 
 use context::{AttemptLog, Halt, Mode};
 use definition::{ErasedSaga, TypedSaga};
@@ -32,6 +32,7 @@ use crate::store::{
     CancelOutcome, ClaimOutcome, ClaimRequest, CommitOutcome, CreateOutcome, Lease, NewSaga,
     SagaStore, Schedule, StoreError, Transition,
 };
+use crate::telemetry;
 use crate::{
     Clock, CompensationReason, EventKind, FailureKind, Resources, RetryPolicy, SagaEvent, SagaId,
     SagaState, SagaStatus, StepStatus, Timestamp, TokioClock, fingerprint,
@@ -42,6 +43,8 @@ use crate::{
 pub struct EngineConfig {
     /// This coordinator's owner id, written into every lease it takes. Unique per live
     /// process; a restarted process that keeps its id reclaims its own sagas at once.
+    /// The default (`saga-<pid>-<random>`) is new on every start, so a restarted process
+    /// waits for its old leases to lapse: set a stable one with [`EngineBuilder::owner`].
     pub owner: String,
     /// Lease length; renewed while a step runs and extended by every commit.
     pub lease_ttl: Duration,
@@ -87,6 +90,9 @@ pub(crate) struct Shared {
     pub(crate) local: Arc<local::LocalState>,
     /// Set by [`Engine::begin_shutdown`]: running sagas stop at their next step boundary.
     pub(crate) shutting_down: std::sync::atomic::AtomicBool,
+    /// The ids of sagas cancelled through this engine, so that a run of one waiting here
+    /// (a backoff, a durable timer) wakes at once instead of at its retry time.
+    pub(crate) cancels: tokio::sync::broadcast::Sender<SagaId>,
 }
 
 impl Shared {
@@ -113,7 +119,7 @@ impl Shared {
                 Err(err @ StoreError::Fenced { .. }) => {
                     // Another coordinator owns the saga now: this run must stop. Counted so
                     // that rejected late writes (a paused or partitioned coordinator) show.
-                    metrics::counter!("saga_fenced_writes_total").increment(1);
+                    telemetry::fenced_write();
                     tracing::warn!(saga_id = %lease.saga_id, fence = lease.fence, error = %err, "write fenced; stopping this run");
                     return Err(err);
                 }
@@ -136,10 +142,10 @@ impl Shared {
     ) {
         let _entered = span.enter();
         let workflow_id = state.id.to_string();
-        metrics::histogram!("saga_step_duration_seconds", "step" => step).record(seconds);
+        telemetry::step_duration(step, seconds);
         match *outcome {
             AttemptLog::Succeeded => {
-                metrics::counter!("saga_step_attempts_total", "step" => step, "outcome" => "success").increment(1);
+                telemetry::step_attempt(step, "success");
                 tracing::info!(
                     workflow_id,
                     step = position,
@@ -151,7 +157,7 @@ impl Shared {
                 );
             }
             AttemptLog::Compensated => {
-                metrics::counter!("saga_step_attempts_total", "step" => step, "outcome" => "compensated").increment(1);
+                telemetry::step_attempt(step, "compensated");
                 tracing::info!(
                     workflow_id,
                     step = position,
@@ -167,8 +173,7 @@ impl Shared {
                 delay,
                 next_retry_at,
             } => {
-                metrics::counter!("saga_step_attempts_total", "step" => step, "outcome" => "retry")
-                    .increment(1);
+                telemetry::step_attempt(step, "retry");
                 tracing::warn!(
                     workflow_id,
                     step = position,
@@ -184,7 +189,7 @@ impl Shared {
                 );
             }
             AttemptLog::Failed { error, reason } => {
-                metrics::counter!("saga_step_attempts_total", "step" => step, "outcome" => "failure").increment(1);
+                telemetry::step_attempt(step, "failure");
                 tracing::error!(
                     workflow_id,
                     step = position,
@@ -235,7 +240,18 @@ impl EngineBuilder {
         self
     }
 
-    /// Sets the owner id written into leases (default: `saga-<pid>-<random>`).
+    /// Sets the owner id written into leases (default: `saga-<pid>-<random>`, new on every
+    /// start).
+    ///
+    /// Give each coordinator process an id of its own that it keeps across restarts (a
+    /// StatefulSet pod name, a systemd instance name, a name from its config): a store grants
+    /// a claim to the owner that already holds the lease, so a restarted process with the
+    /// same id reclaims its unfinished sagas at once, while with the random default they wait
+    /// for their leases to lapse ([`EngineConfig::lease_ttl`], 30 s by default). Never give
+    /// two live processes the same id: each would take the other's leases as its own, and
+    /// both would run the same saga. There is no stable default for that reason: nothing a
+    /// library can see (host name, process id) is both stable across restarts and unique
+    /// among live processes.
     #[must_use]
     pub fn owner(mut self, owner: impl Into<String>) -> Self {
         self.config.owner = owner.into();
@@ -319,6 +335,7 @@ impl EngineBuilder {
                 config,
                 local: Arc::default(),
                 shutting_down: std::sync::atomic::AtomicBool::new(false),
+                cancels: tokio::sync::broadcast::channel(operations::CANCEL_FEED).0,
             }),
         })
     }
@@ -548,7 +565,9 @@ impl Engine {
         });
         answered.await.map_err(|_| EngineError::Interrupted {
             saga: SagaId(uuid::Uuid::nil()),
-            reason: "the start task ended without answering (it panicked)".into(),
+            cause: Interruption::Panicked {
+                what: "the start task (it ended without answering)".into(),
+            },
         })?
     }
 
@@ -689,11 +708,11 @@ impl Engine {
             // Without a key the id is ours alone: finding it after a retry means our own
             // earlier attempt stored it.
             Ok(CreateOutcome::Existing { .. }) if key.is_none() && retried => {
-                metrics::counter!("saga_started_total", "saga_type" => name).increment(1);
+                telemetry::saga_started(name);
                 Ok((Started { id, created: true }, None))
             }
             Ok(CreateOutcome::Created { lease }) => {
-                metrics::counter!("saga_started_total", "saga_type" => name).increment(1);
+                telemetry::saga_started(name);
                 tracing::info!(saga_id = %id, saga_type = name, "saga started");
                 Ok((
                     Started { id, created: true },
@@ -701,7 +720,7 @@ impl Engine {
                 ))
             }
             Ok(CreateOutcome::Existing { .. }) => {
-                metrics::counter!("saga_idempotency_hits_total").increment(1);
+                telemetry::idempotency_hit();
                 tracing::info!(saga_id = %id, saga_type = name, "idempotent start: saga exists");
                 Ok((Started { id, created: false }, None))
             }
@@ -756,7 +775,7 @@ impl Engine {
         match first {
             Some(RunOutcome::Finished(outcome)) => Ok(outcome),
             Some(RunOutcome::Suspended(until)) => {
-                self.sleep_until(until).await;
+                self.sleep_until(started.id, until).await;
                 self.run_to_end(started.id).await
             }
             None => self.run_to_end(started.id).await,
@@ -775,8 +794,11 @@ impl Engine {
         }
     }
 
-    async fn sleep_until(&self, until: Timestamp) {
-        tokio::time::sleep(until.since(self.shared.clock.now())).await;
+    /// Sleeps through a durable timer of saga `id`, waking early when it is cancelled (from
+    /// this engine, or from another process when the store reports changes).
+    async fn sleep_until(&self, id: SagaId, until: Timestamp) {
+        let delay = until.since(self.shared.clock.now());
+        self.shared.sleep_unless_cancelled(id, delay, true).await;
     }
 
     /// Claims the saga and runs it once: to its end, or until it sets a durable timer.
@@ -818,7 +840,7 @@ impl Engine {
         loop {
             match self.run_once(id).await? {
                 RunOutcome::Finished(outcome) => return Ok(outcome),
-                RunOutcome::Suspended(until) => self.sleep_until(until).await,
+                RunOutcome::Suspended(until) => self.sleep_until(id, until).await,
             }
         }
     }
@@ -867,7 +889,9 @@ impl Engine {
                             id,
                             Err(EngineError::Interrupted {
                                 saga: id,
-                                reason: format!("its task panicked: {err}"),
+                                cause: Interruption::Panicked {
+                                    what: format!("its task ({err})"),
+                                },
                             }),
                         ));
                     }
@@ -878,7 +902,14 @@ impl Engine {
     }
 
     /// Asks for the saga to be cancelled: it stops before its next step and compensates every
-    /// completed step. Works from any process; needs no lease.
+    /// completed step. Works from any process; needs no lease. A run of the saga waiting in
+    /// this process (a forward step's retry backoff, or an [`Engine::execute`] /
+    /// [`Engine::run_to_end`] sleeping through a durable timer) wakes at once and compensates.
+    /// An `execute` sleeping through a durable timer in another process wakes too when the
+    /// store has a wake-up signal ([`SagaStore::wakeups`]: both bundled stores do), within
+    /// about 250 ms; a backoff in another process (at most `inline_wait_max`) learns of the
+    /// cancel when it ends, and a saga waiting for its timer with no process sleeping on it is
+    /// made due at once by the store.
     ///
     /// # Errors
     /// [`EngineError::NotFound`] or a store error.
@@ -895,7 +926,13 @@ impl Engine {
             source,
         })?;
         match self.shared.store.request_cancel(id, encoded).await {
-            Ok(outcome) => Ok(outcome),
+            Ok(outcome) => {
+                if outcome == CancelOutcome::Requested {
+                    // Nobody waiting is no error: a run notices the flag at its next commit.
+                    let _ = self.shared.cancels.send(id);
+                }
+                Ok(outcome)
+            }
             Err(StoreError::NotFound(id)) => Err(EngineError::NotFound(id)),
             Err(err) => Err(err.into()),
         }
@@ -1000,7 +1037,7 @@ impl Engine {
 
     async fn quarantine(&self, id: SagaId, reason: String) -> EngineError {
         tracing::error!(saga_id = %id, %reason, "saga quarantined");
-        metrics::counter!("saga_quarantined_total").increment(1);
+        telemetry::quarantined();
         match self.shared.store.quarantine(id, &reason).await {
             Ok(()) => EngineError::Quarantined { saga: id, reason },
             Err(err) => err.into(),
@@ -1088,7 +1125,7 @@ impl Engine {
         })
         .map_err(|h| halt_error(id, h))?;
         if let Some(reason) = resumed_from {
-            metrics::counter!("saga_resumed_total", "reason" => reason).increment(1);
+            telemetry::resumed(reason);
             tracing::info!(status = %ctx.state.status, reason, "resuming saga from its journal");
             let completed_steps = ctx
                 .state
@@ -1188,9 +1225,7 @@ impl Engine {
             .updated_at
             .since(ctx.state.created_at)
             .as_secs_f64();
-        metrics::counter!("saga_finished_total", "status" => outcome.status.as_str()).increment(1);
-        metrics::histogram!("saga_duration_seconds", "status" => outcome.status.as_str())
-            .record(seconds);
+        telemetry::saga_finished(outcome.status, seconds);
         tracing::info!(status = %outcome.status, "saga finished");
         Ok(RunOutcome::Finished(outcome))
     }
@@ -1243,7 +1278,12 @@ impl Engine {
         )
         .await
         .map_err(|h| halt_error(ctx.lease.saga_id, h))?;
-        metrics::counter!("saga_finished_total", "status" => "failed").increment(1);
+        let seconds = ctx
+            .state
+            .updated_at
+            .since(ctx.state.created_at)
+            .as_secs_f64();
+        telemetry::saga_finished(SagaStatus::Failed, seconds);
         Ok(RunOutcome::Finished(SagaOutcome::from_state(&ctx.state)))
     }
 
@@ -1257,7 +1297,8 @@ impl Engine {
 
 fn halt_error(id: SagaId, halt: Halt) -> EngineError {
     let reason = match halt {
-        Halt::Interrupted(reason) | Halt::BadData(reason) => reason,
+        Halt::Interrupted(cause) => return EngineError::Interrupted { saga: id, cause },
+        Halt::BadData(reason) => reason,
         Halt::StepFailed(err) => {
             format!("stopped after a step failed ({err}) before compensation was recorded")
         }
@@ -1270,7 +1311,10 @@ fn halt_error(id: SagaId, halt: Halt) -> EngineError {
         }
         Halt::Collected => "stopped while replaying for compensation".to_owned(),
     };
-    EngineError::Interrupted { saga: id, reason }
+    EngineError::Interrupted {
+        saga: id,
+        cause: Interruption::Stopped(reason),
+    }
 }
 
 /// Why a claimed saga counts as resumed, or `None` for its first run.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{Engine, EngineError, RunOutcome, SagaOutcome, StartOptions, Started};
+use super::{Engine, EngineError, RunOutcome, SagaOutcome, Shared, StartOptions, Started};
 use crate::store::{Lease, Schedule, StoreError, Transition};
 use crate::{EventKind, FailureKind, SagaEvent, SagaId, SagaState, SagaStatus};
 
@@ -16,6 +16,99 @@ const WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// How often `wait` re-reads a saga anyway when the store names the sagas that change.
 const WAIT_SAFETY: Duration = Duration::from_secs(1);
+
+/// How many cancel requests made through one engine may be waiting to be seen by its sleeping
+/// runs; a run that falls further behind reads its saga to check for itself.
+pub(crate) const CANCEL_FEED: usize = 64;
+
+/// The least time between two reads of a sleeping saga prompted by the store's wake-up signal
+/// (which changes for every saga, so a busy store would otherwise cost a read per change).
+const CANCEL_CHECK_GAP: Duration = Duration::from_millis(250);
+
+impl Shared {
+    /// Sleeps for `delay` while a run of saga `id` waits (a retry backoff, a durable timer),
+    /// and returns `true` early when the saga is cancelled meanwhile through this engine.
+    ///
+    /// `watch_store` also watches the store (for a wait that holds no lease, a durable timer):
+    /// the saga is read once after subscribing, so that a cancel made since the run last
+    /// heard from the store is not missed, and again after the store's wake-up signal
+    /// changes (at most every [`CANCEL_CHECK_GAP`]), so that a cancel from another process
+    /// wakes it too. Without it only this engine's cancels wake the wait (an in-process
+    /// backoff, short and holding the lease, learns of others at its next commit).
+    pub(crate) async fn sleep_unless_cancelled(
+        &self,
+        id: SagaId,
+        delay: Duration,
+        watch_store: bool,
+    ) -> bool {
+        use tokio::sync::broadcast::error::RecvError;
+        if delay.is_zero() {
+            return false;
+        }
+        // Subscribed before anything is read, so that a cancel right after is not missed.
+        let mut local = self.cancels.subscribe();
+        let mut wakeups = if watch_store {
+            self.store.wakeups()
+        } else {
+            None
+        };
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        if watch_store && self.cancel_stored(id).await {
+            return true;
+        }
+        let mut next_read = tokio::time::Instant::now() + CANCEL_CHECK_GAP;
+        let mut read_due = false;
+        let mut local_open = true;
+        loop {
+            tokio::select! {
+                () = &mut sleep => return false,
+                heard = local.recv(), if local_open => match heard {
+                    Ok(cancelled) if cancelled == id => return true,
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => {
+                        if self.cancel_stored(id).await {
+                            return true;
+                        }
+                    }
+                    Err(RecvError::Closed) => local_open = false,
+                },
+                changed = next_wakeup(&mut wakeups), if wakeups.is_some() => {
+                    if changed {
+                        read_due = true;
+                    } else {
+                        wakeups = None;
+                    }
+                }
+                () = tokio::time::sleep_until(next_read), if read_due => {
+                    read_due = false;
+                    if self.cancel_stored(id).await {
+                        return true;
+                    }
+                    next_read = tokio::time::Instant::now() + CANCEL_CHECK_GAP;
+                }
+            }
+        }
+    }
+
+    /// `true` when the store says a cancel of `id` was requested. A failed read is `false`:
+    /// the run then notices the flag when it next runs, as it would have without the wake.
+    async fn cancel_stored(&self, id: SagaId) -> bool {
+        match self.store.load(id).await {
+            Ok(Some(stored)) => stored.cancel_requested && !stored.status.is_terminal(),
+            Ok(None) | Err(_) => false,
+        }
+    }
+}
+
+/// Completes with `true` when the store's wake-up signal changes, with `false` when it closed
+/// (and never when there is none).
+async fn next_wakeup(signal: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
+    match signal {
+        Some(signal) => signal.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
 
 /// Completes with `true` when `id` changes (or the feed lagged and anything may have), and
 /// with `false` when the feed closed.
@@ -341,9 +434,15 @@ impl Engine {
         let event = EventKind::SagaAbandoned {
             reason: reason.to_owned(),
         };
+        let seconds = self
+            .shared
+            .clock
+            .now()
+            .since(state.created_at)
+            .as_secs_f64();
         self.operator_commit(id, stored.status, state, event, Schedule::Finished)
             .await?;
-        metrics::counter!("saga_finished_total", "status" => "failed").increment(1);
+        crate::telemetry::saga_finished(SagaStatus::Failed, seconds);
         tracing::warn!(saga_id = %id, %reason, "saga abandoned by an operator");
         Ok(())
     }

@@ -118,7 +118,9 @@ impl MemoryStore {
     }
 
     /// Replaces a saga's stored state with raw text, bypassing every check: for tests that
-    /// need corrupt data.
+    /// need corrupt data. Only with the `testkit` feature of `saga-core` (enable it in
+    /// `[dev-dependencies]`: `saga-core = { ..., features = ["testkit"] }`). Returns `false`
+    /// when no saga has that id.
     #[cfg(feature = "testkit")]
     pub fn corrupt_state(&self, id: SagaId, raw: &str) -> bool {
         let mut inner = self.lock();

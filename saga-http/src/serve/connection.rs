@@ -120,7 +120,7 @@ impl Serving {
             Ok(Ok(stream)) => self.serve(stream, activity, watched, peer).await,
             Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
             Err(_) => {
-                metrics::counter!("saga_http_connections_timed_out_total", "phase" => "tls_handshake").increment(1);
+                metrics::counter!(crate::metrics::HTTP_CONNECTIONS_TIMED_OUT_TOTAL, "phase" => "tls_handshake").increment(1);
                 tracing::debug!(%peer, "TLS handshake timed out");
             }
         }
@@ -166,7 +166,7 @@ impl Serving {
                     return;
                 }
                 phase = lapsed(&mut watched, &self.limits) => {
-                    metrics::counter!("saga_http_connections_timed_out_total", "phase" => phase).increment(1);
+                    metrics::counter!(crate::metrics::HTTP_CONNECTIONS_TIMED_OUT_TOTAL, "phase" => phase).increment(1);
                     tracing::debug!(%peer, phase, "closing a connection that outlasted its bound");
                     return;
                 }
@@ -266,14 +266,16 @@ struct OpenGauge(Pool);
 
 impl OpenGauge {
     fn new(pool: Pool) -> Self {
-        metrics::gauge!("saga_http_connections_open", "pool" => pool_name(pool)).increment(1.0);
+        metrics::gauge!(crate::metrics::HTTP_CONNECTIONS_OPEN, "pool" => pool_name(pool))
+            .increment(1.0);
         Self(pool)
     }
 }
 
 impl Drop for OpenGauge {
     fn drop(&mut self) {
-        metrics::gauge!("saga_http_connections_open", "pool" => pool_name(self.0)).decrement(1.0);
+        metrics::gauge!(crate::metrics::HTTP_CONNECTIONS_OPEN, "pool" => pool_name(self.0))
+            .decrement(1.0);
     }
 }
 
