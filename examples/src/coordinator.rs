@@ -8,7 +8,9 @@
 //!
 //! Stdout carries exactly two JSON lines, for scripts and tests:
 //! `{"event":"ready","owner":..,"http_addr":..}` once it serves and claims, and
-//! `{"event":"stopped","signal":..,"runs":..,"finished":..,...}` when it has stopped.
+//! `{"event":"stopped","signal":..,"runs":..,"finished":..,"interrupted":..,
+//! "interrupted_by":{"fenced":..,"lease_lapsed":..,"store_unavailable":..,"shut_down":..},...}`
+//! when it has stopped.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -200,6 +202,13 @@ pub async fn run(args: CoordinatorArgs) -> Result<CoordinatorReport, BoxError> {
         "finished": report.finished,
         "suspended": report.suspended,
         "interrupted": report.interrupted,
+        // Why runs were interrupted (they resume elsewhere from their journals).
+        "interrupted_by": {
+            "fenced": report.fenced,
+            "lease_lapsed": report.lease_lapsed,
+            "store_unavailable": report.store_unavailable,
+            "shut_down": report.shut_down,
+        },
         "errors": report.errors,
         "released_at_shutdown": report.released_at_shutdown,
     }))?;

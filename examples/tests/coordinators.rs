@@ -392,6 +392,19 @@ fn sigterm_releases_leases_and_another_coordinator_resumes_at_once() {
     let released =
         report["interrupted"].as_u64().unwrap() + report["released_at_shutdown"].as_u64().unwrap();
     assert!(released >= 1, "no saga was in flight at SIGTERM: {report}");
+    // Alone on the store with long leases, nothing fenced it and no lease lapsed: its runs
+    // were interrupted by the shutdown, and the report says so by cause.
+    let by = &report["interrupted_by"];
+    assert_eq!(by["fenced"], 0, "{report}");
+    assert_eq!(by["lease_lapsed"], 0, "{report}");
+    let counted: u64 = ["fenced", "lease_lapsed", "store_unavailable", "shut_down"]
+        .iter()
+        .map(|cause| by[cause].as_u64().unwrap())
+        .sum();
+    assert!(
+        counted <= report["interrupted"].as_u64().unwrap(),
+        "{report}"
+    );
 
     let mut second = coordinator(&dir, "second", &target, &prefix, &flags);
     let status = load.wait_exit(Duration::from_secs(120));
