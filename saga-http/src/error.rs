@@ -20,7 +20,7 @@ use serde_json::{Map, Value, json};
 /// | `IdempotencyConflict` | 409 (with `saga_id`) |
 /// | `Busy`, `Quarantined`, `WrongStatus` | 409 |
 /// | `WaitTimedOut` | 202 (with `id`, `status`) — not a failure: the saga is still running |
-/// | `Interrupted` | 503 |
+/// | `Interrupted` | 503 (with `id` and `cause`: `fenced`, `store_unavailable`, `store_rejected`, `lease_lapsed`, `shutting_down`, `other`) |
 /// | `Encoding`, `Config` | 500 |
 /// | `Store(..)` | see [`ApiError::from_store`] |
 /// | anything newer | 500 with its message |
@@ -158,9 +158,10 @@ impl From<EngineError> for ApiError {
                     .with("status", status.as_str())
                     .with("terminal", false)
             }
-            EngineError::Interrupted { saga, .. } => {
+            EngineError::Interrupted { saga, cause } => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "interrupted", message)
                     .with("id", saga.to_string())
+                    .with("cause", interruption_name(&cause))
             }
             EngineError::Encoding { .. } => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "encoding", message)
@@ -236,6 +237,20 @@ impl ApiError {
     }
 }
 
+/// A machine-readable name for why a run was interrupted (the `cause` of a 503
+/// `interrupted`).
+fn interruption_name(cause: &saga_core::Interruption) -> &'static str {
+    use saga_core::Interruption;
+    match cause {
+        Interruption::Fenced { .. } => "fenced",
+        Interruption::StoreUnavailable { .. } => "store_unavailable",
+        Interruption::StoreRejected { .. } => "store_rejected",
+        Interruption::LeaseLapsed => "lease_lapsed",
+        Interruption::ShuttingDown => "shutting_down",
+        _ => "other",
+    }
+}
+
 /// The JSON body of a rejection that axum produced (bad path, query or body).
 pub(crate) fn rejection(status: StatusCode, code: &'static str, text: String) -> ApiError {
     ApiError::new(status, code, text)
@@ -264,5 +279,18 @@ mod tests {
             source: None,
         });
         assert_eq!(unavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn an_interruption_names_its_cause() {
+        let saga = saga_core::SagaId::random();
+        let err = ApiError::from(EngineError::Interrupted {
+            saga,
+            cause: saga_core::Interruption::ShuttingDown,
+        });
+        assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(err.code(), "interrupted");
+        assert_eq!(err.details["cause"], "shutting_down");
+        assert_eq!(err.details["id"], saga.to_string());
     }
 }
