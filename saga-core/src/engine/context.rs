@@ -71,7 +71,7 @@ pub struct SagaContext {
     pub(crate) shared: Arc<Shared>,
     pub(crate) lease: Lease,
     pub(crate) state: SagaState,
-    pub(crate) pending: Vec<SagaEvent>,
+    pending: Vec<SagaEvent>,
     pub(crate) position: u32,
     pub(crate) halt: Option<Halt>,
     pub(crate) steps: Vec<Registered>,
@@ -82,10 +82,41 @@ pub struct SagaContext {
     /// cancel arrived with that very commit: it certainly has no effect to undo.
     pub(crate) unexecuted: Option<u32>,
     /// Commits made under this lease; with the fence it makes each commit id unique.
-    pub(crate) commits: u64,
+    commits: u64,
     /// Run the next attempt even though a cancel is pending: it resolves an attempt that was
     /// cut off mid-way (see `run`).
-    pub(crate) resolve_in_flight: bool,
+    resolve_in_flight: bool,
+}
+
+impl SagaContext {
+    /// The context for one run of a claimed saga: it replays the journal from its start,
+    /// and a saga already compensating is only replayed to learn what to undo.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        saga_type: &str,
+        lease: Lease,
+        state: SagaState,
+    ) -> Self {
+        Self {
+            shared,
+            saga_type: Arc::from(saga_type),
+            mode: if state.status == SagaStatus::Compensating {
+                Mode::Collect
+            } else {
+                Mode::Forward
+            },
+            lease,
+            state,
+            pending: Vec::new(),
+            position: 0,
+            halt: None,
+            steps: Vec::new(),
+            rng: fastrand::Rng::new(),
+            unexecuted: None,
+            commits: 0,
+            resolve_in_flight: false,
+        }
+    }
 }
 
 impl std::fmt::Debug for SagaContext {

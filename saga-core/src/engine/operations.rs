@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::{Engine, EngineError, RunOutcome, SagaOutcome, Shared, StartOptions, Started};
-use crate::store::{Lease, Schedule, StoreError, Transition};
+use crate::store::{CancelOutcome, Lease, Schedule, StoreError, Transition};
 use crate::{EventKind, FailureKind, SagaEvent, SagaId, SagaState, SagaStatus};
 
 /// How often `wait` looks at a saga when the store sends no wake-up signals (and, as a
@@ -497,6 +497,45 @@ impl Engine {
                 status,
                 message: "it changed status while the operator command ran; look again".into(),
             }),
+            Err(StoreError::NotFound(id)) => Err(EngineError::NotFound(id)),
+            Err(err) => Err(err.into()),
+        }
+    }
+}
+
+impl Engine {
+    /// Asks for the saga to be cancelled: it stops before its next step and compensates every
+    /// completed step. Works from any process; needs no lease. A run of the saga waiting in
+    /// this process (a forward step's retry backoff, or an [`Engine::execute`] /
+    /// [`Engine::run_to_end`] sleeping through a durable timer) wakes at once and compensates.
+    /// An `execute` sleeping through a durable timer in another process wakes too when the
+    /// store has a wake-up signal ([`SagaStore::wakeups`](crate::SagaStore::wakeups): both
+    /// bundled stores do), within about 250 ms; a backoff in another process (at most `inline_wait_max`) learns of the
+    /// cancel when it ends, and a saga waiting for its timer with no process sleeping on it is
+    /// made due at once by the store.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`] or a store error.
+    pub async fn cancel(&self, id: SagaId, reason: &str) -> Result<CancelOutcome, EngineError> {
+        let event = SagaEvent {
+            seq: 0,
+            at: self.shared.clock.now(),
+            kind: EventKind::CancelRequested {
+                reason: reason.to_owned(),
+            },
+        };
+        let encoded = serde_json::to_string(&event).map_err(|source| EngineError::Encoding {
+            what: "cancel event".into(),
+            source,
+        })?;
+        match self.shared.store.request_cancel(id, encoded).await {
+            Ok(outcome) => {
+                if outcome == CancelOutcome::Requested {
+                    // Nobody waiting is no error: a run notices the flag at its next commit.
+                    let _ = self.shared.cancels.send(id);
+                }
+                Ok(outcome)
+            }
             Err(StoreError::NotFound(id)) => Err(EngineError::NotFound(id)),
             Err(err) => Err(err.into()),
         }

@@ -1,0 +1,266 @@
+//! The drive state machine: loads a claimed saga, replays its journal through the workflow,
+//! and decides from how the workflow ended whether to complete, compensate, suspend, fail or
+//! stop.
+
+use std::sync::Arc;
+
+use tracing::Instrument;
+
+use super::context::Halt;
+use super::decide::{Decision, Ended, decide};
+use super::definition::ErasedSaga;
+use super::queries::decode_state;
+use super::{Engine, EngineError, Interruption, RunOutcome, SagaContext, SagaOutcome, compensate};
+use crate::store::{Lease, Schedule, StoreError};
+use crate::telemetry;
+use crate::{
+    CompensationReason, EventKind, FailureKind, SagaId, SagaState, SagaStatus, StepStatus,
+};
+
+impl Engine {
+    async fn quarantine(&self, id: SagaId, reason: String) -> EngineError {
+        tracing::error!(saga_id = %id, %reason, "saga quarantined");
+        telemetry::quarantined();
+        match self.shared.store.quarantine(id, &reason).await {
+            Ok(()) => EngineError::Quarantined { saga: id, reason },
+            Err(err) => err.into(),
+        }
+    }
+
+    /// Runs a claimed saga: replays its journal, executes what remains, compensates when it
+    /// must. The lease stays fenced against every other writer throughout.
+    pub(crate) async fn drive(&self, lease: Lease) -> Result<RunOutcome, EngineError> {
+        let id = lease.saga_id;
+        let stored = match self.shared.store.load(id).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return Err(EngineError::NotFound(id)),
+            Err(StoreError::Corrupt { problem, .. }) => {
+                return Err(self
+                    .quarantine(id, format!("stored saga is corrupt: {problem}"))
+                    .await);
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let state = match decode_state(&stored) {
+            Ok(state) => state,
+            Err(err) => {
+                return Err(self
+                    .quarantine(id, format!("stored state does not decode: {err}"))
+                    .await);
+            }
+        };
+        self.drive_state(lease, state).await
+    }
+
+    /// Runs a claimed saga whose current state is known.
+    pub(super) async fn drive_state(
+        &self,
+        lease: Lease,
+        state: SagaState,
+    ) -> Result<RunOutcome, EngineError> {
+        let id = lease.saga_id;
+        if state.status.is_terminal() {
+            return Ok(RunOutcome::Finished(SagaOutcome::from_state(&state)));
+        }
+        let Some(saga) = self.shared.registry.get(state.saga_type.as_str()).cloned() else {
+            let mut known: Vec<&str> = self.shared.registry.keys().copied().collect();
+            known.sort_unstable();
+            let reason = format!(
+                "unknown saga type `{}` (this coordinator runs {known:?})",
+                state.saga_type
+            );
+            return Err(self.quarantine(id, reason).await);
+        };
+        let span = tracing::info_span!("saga", saga_id = %id, saga_type = %state.saga_type);
+        self.drive_with(saga, lease, state).instrument(span).await
+    }
+
+    async fn drive_with(
+        &self,
+        saga: Arc<dyn ErasedSaga>,
+        lease: Lease,
+        state: SagaState,
+    ) -> Result<RunOutcome, EngineError> {
+        let id = lease.saga_id;
+        let input = state.input.clone();
+        let resumed_from = resumed_from(&state);
+        let mut ctx = SagaContext::new(Arc::clone(&self.shared), saga.name(), lease, state);
+        let owner = ctx.lease.owner.clone();
+        let fence = ctx.lease.fence;
+        ctx.record(EventKind::LeaseAcquired {
+            owner: owner.clone(),
+            fence,
+        })
+        .map_err(|h| halt_error(id, h))?;
+        if let Some(reason) = resumed_from {
+            telemetry::resumed(reason);
+            tracing::info!(status = %ctx.state.status, reason, "resuming saga from its journal");
+            let completed_steps = ctx
+                .state
+                .journal
+                .iter()
+                .filter(|r| !r.is_value && r.status == StepStatus::Succeeded)
+                .count() as u32;
+            let status = ctx.state.status;
+            ctx.record(EventKind::SagaResumed {
+                owner,
+                status,
+                completed_steps,
+            })
+            .map_err(|h| halt_error(id, h))?;
+        }
+        let result = saga.run_erased(&mut ctx, input).await;
+        let ended = Ended {
+            mode: ctx.mode,
+            halt: ctx.halt.take(),
+            result,
+            position: ctx.position,
+            journal: &ctx.state.journal,
+            seen: ctx.steps.iter().map(|r| r.position).collect(),
+        };
+        let compensating = match decide(ended) {
+            Decision::Complete(output) => {
+                ctx.commit(
+                    vec![EventKind::SagaCompleted { output }],
+                    Schedule::Finished,
+                )
+                .await
+                .map_err(|h| halt_error(id, h))?;
+                false
+            }
+            Decision::Abort(message) => {
+                let reason = CompensationReason::Aborted { message };
+                self.start_compensation(&mut ctx, reason).await?;
+                true
+            }
+            Decision::Cancel => {
+                let reason = self.cancel_reason(id).await;
+                self.start_compensation(&mut ctx, CompensationReason::Cancelled { reason })
+                    .await?;
+                true
+            }
+            Decision::Compensate => true,
+            Decision::Suspend(until) => return Ok(RunOutcome::Suspended(until)),
+            Decision::FailNondeterministic { position, message } => {
+                return self
+                    .fail_nondeterministic(&mut ctx, position, message)
+                    .await;
+            }
+            Decision::Stop(halt) => return Err(self.halted(id, halt).await),
+        };
+        if compensating {
+            match compensate::compensate(&mut ctx).await {
+                Ok(_) => {}
+                Err(Halt::Suspended(until)) => return Ok(RunOutcome::Suspended(until)),
+                Err(halt) => return Err(self.halted(id, halt).await),
+            }
+        }
+        let outcome = SagaOutcome::from_state(&ctx.state);
+        let seconds = ctx
+            .state
+            .updated_at
+            .since(ctx.state.created_at)
+            .as_secs_f64();
+        telemetry::saga_finished(outcome.status, seconds);
+        tracing::info!(status = %outcome.status, "saga finished");
+        Ok(RunOutcome::Finished(outcome))
+    }
+
+    async fn start_compensation(
+        &self,
+        ctx: &mut SagaContext,
+        reason: CompensationReason,
+    ) -> Result<(), EngineError> {
+        tracing::warn!(%reason, "compensating");
+        let ttl = self.shared.config.lease_ttl;
+        match ctx
+            .commit(
+                vec![EventKind::CompensationStarted { reason }],
+                Schedule::Continue { ttl },
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(halt) => Err(self.halted(ctx.lease.saga_id, halt).await),
+        }
+    }
+
+    async fn cancel_reason(&self, id: SagaId) -> String {
+        let history = self.history(id).await.unwrap_or_default();
+        history
+            .iter()
+            .rev()
+            .find_map(|event| match &event.kind {
+                EventKind::CancelRequested { reason } => Some(reason.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| "cancel requested".to_owned())
+    }
+
+    async fn fail_nondeterministic(
+        &self,
+        ctx: &mut SagaContext,
+        position: u32,
+        message: String,
+    ) -> Result<RunOutcome, EngineError> {
+        let error = format!("non-deterministic workflow at journal position {position}: {message}");
+        tracing::error!(%error, "saga failed");
+        ctx.commit(
+            vec![EventKind::SagaFailed {
+                kind: FailureKind::NonDeterministic,
+                error,
+            }],
+            Schedule::Finished,
+        )
+        .await
+        .map_err(|h| halt_error(ctx.lease.saga_id, h))?;
+        let seconds = ctx
+            .state
+            .updated_at
+            .since(ctx.state.created_at)
+            .as_secs_f64();
+        telemetry::saga_finished(SagaStatus::Failed, seconds);
+        Ok(RunOutcome::Finished(SagaOutcome::from_state(&ctx.state)))
+    }
+
+    async fn halted(&self, id: SagaId, halt: Halt) -> EngineError {
+        match halt {
+            Halt::BadData(reason) => self.quarantine(id, reason).await,
+            other => halt_error(id, other),
+        }
+    }
+}
+
+fn halt_error(id: SagaId, halt: Halt) -> EngineError {
+    let reason = match halt {
+        Halt::Interrupted(cause) => return EngineError::Interrupted { saga: id, cause },
+        Halt::BadData(reason) => reason,
+        Halt::StepFailed(err) => {
+            format!("stopped after a step failed ({err}) before compensation was recorded")
+        }
+        Halt::Cancelled => {
+            "stopped by a cancel request before compensation was recorded".to_owned()
+        }
+        Halt::Suspended(until) => format!("suspended until {until}"),
+        Halt::NonDeterministic { position, message } => {
+            format!("non-deterministic workflow at journal position {position}: {message}")
+        }
+        Halt::Collected => "stopped while replaying for compensation".to_owned(),
+    };
+    EngineError::Interrupted {
+        saga: id,
+        cause: Interruption::Stopped(reason),
+    }
+}
+
+/// Why a claimed saga counts as resumed, or `None` for its first run.
+fn resumed_from(state: &SagaState) -> Option<&'static str> {
+    state.owner.as_ref()?;
+    let waiting = state.journal.last().is_some_and(|r| {
+        r.status == StepStatus::Retrying
+            || r.compensation
+                .as_ref()
+                .is_some_and(|c| c.next_retry_at.is_some())
+    });
+    Some(if waiting { "timer" } else { "recovery" })
+}
