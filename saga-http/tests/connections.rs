@@ -305,96 +305,18 @@ async fn connections_beyond_the_limit_are_refused_and_health_still_answers() {
     server.stop().await;
 }
 
-/// A CA and a certificate for 127.0.0.1 it signed, made with `openssl`: returns (CA
-/// certificate, server certificate, server key), or `None` where openssl is missing.
-fn certificates(
-    dir: &std::path::Path,
-) -> Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
-    let path = |name: &str| dir.join(name);
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .ok()?;
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(())
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    openssl(
-        &[
-            &["req", "-x509"][..],
-            &ec,
-            &[
-                "-days",
-                "1",
-                "-subj",
-                "/CN=saga test CA",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-            ],
-        ]
-        .concat(),
-    )?;
-    openssl(
-        &[
-            &["req"][..],
-            &ec,
-            &[
-                "-subj",
-                "/CN=127.0.0.1",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-            ],
-        ]
-        .concat(),
-    )?;
-    std::fs::write(
-        path("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "server.pem",
-    ])?;
-    Some((path("ca.pem"), path("server.pem"), path("server.key")))
-}
-
 #[tokio::test]
 async fn https_serves_the_api_and_plain_http_gets_nothing() {
     if !saga_redis_testkit::openssl_available("https_serves_the_api_and_plain_http_gets_nothing") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = certificates(dir.path()).expect("openssl runs");
+    saga_redis_testkit::generate_certificates(dir.path()).unwrap();
+    let (ca, cert, key) = (
+        dir.path().join("ca.crt"),
+        dir.path().join("server.crt"),
+        dir.path().join("server.key"),
+    );
     let tls = TlsConfig::from_pem_files(&cert, &key).unwrap();
     let server = Server::start(
         ServeConfig::default()

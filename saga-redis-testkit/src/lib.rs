@@ -705,8 +705,12 @@ pub fn openssl_available(test: &str) -> bool {
 
 /// A CA, a server certificate for 127.0.0.1 and localhost and a client certificate, both
 /// signed by it, in `dir` (`ca.crt`, `server.crt`, `server.key`, `client.crt`,
-/// `client.key`), valid for a day.
-fn generate_certificates(dir: &Path) -> Result<(), String> {
+/// `client.key`), valid for a day. Made with the `openssl` command (see
+/// [`openssl_available`]); for any test that needs a private CA, not only Redis ones.
+///
+/// # Errors
+/// A file cannot be written, or `openssl` fails (its stderr is in the message).
+pub fn generate_certificates(dir: &Path) -> Result<(), String> {
     let extensions = "subjectAltName=IP:127.0.0.1,DNS:localhost\n\
                       basicConstraints=CA:FALSE\n\
                       keyUsage=digitalSignature,keyEncipherment\n\
