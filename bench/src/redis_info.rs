@@ -238,6 +238,7 @@ pub async fn commit_ceiling(
             .create(NewSaga {
                 id: SagaId::random(),
                 saga_type: "ceiling".into(),
+                version: 1,
                 idempotency_key: None,
                 fingerprint: "f".into(),
                 state: state.clone(),

@@ -31,6 +31,7 @@ fn new_saga(id: SagaId) -> NewSaga {
     NewSaga {
         id,
         saga_type: "claim_batch".into(),
+        version: 1,
         idempotency_key: None,
         fingerprint: "fp".into(),
         state: "{}".into(),

@@ -207,6 +207,7 @@ impl Engine {
         let new = NewSaga {
             id,
             saga_type: name.to_owned(),
+            version,
             idempotency_key: key.clone(),
             fingerprint: print,
             state: serde_json::to_string(&state).map_err(|e| encode("saga state", e))?,

@@ -29,6 +29,9 @@ pub struct NewSaga {
     pub id: SagaId,
     /// Registered type name.
     pub saga_type: String,
+    /// Version of the workflow code it was started under (the engine runs it only under
+    /// that version).
+    pub version: u32,
     /// The idempotency key, when the caller gave one.
     pub idempotency_key: Option<String>,
     /// Fingerprint of (type, version, input): the same key with another fingerprint is a

@@ -70,6 +70,7 @@ pub fn new_saga(id: SagaId) -> NewSaga {
     NewSaga {
         id,
         saga_type: "redis test".to_owned(),
+        version: 1,
         idempotency_key: None,
         fingerprint: "fp".to_owned(),
         state: state(0),

@@ -23,6 +23,7 @@ pub async fn create_and_load_round_trip(store: Arc<dyn SagaStore>) {
     let new = NewSaga {
         id,
         saga_type: SAGA_TYPE.to_owned(),
+        version: 1,
         idempotency_key: None,
         fingerprint: "fingerprint:{x}/1".to_owned(),
         state: saved_state.to_owned(),

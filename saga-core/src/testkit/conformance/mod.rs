@@ -309,6 +309,7 @@ fn new_saga() -> NewSaga {
     NewSaga {
         id: SagaId::random(),
         saga_type: SAGA_TYPE.to_owned(),
+        version: 1,
         idempotency_key: None,
         fingerprint: "fingerprint-1".to_owned(),
         state: state(0),
@@ -437,6 +438,7 @@ async fn claim_due(store: &dyn SagaStore, request: &ClaimRequest, limit: usize) 
 async fn create_in_status(store: &dyn SagaStore, saga_type: &str, status: SagaStatus) -> SagaId {
     let new = NewSaga {
         saga_type: saga_type.to_owned(),
+        version: 1,
         ..new_saga()
     };
     let id = new.id;
@@ -497,6 +499,7 @@ impl StoreClock {
     async fn new(store: &Arc<dyn SagaStore>) -> Self {
         let new = NewSaga {
             saga_type: "conformance clock probe".to_owned(),
+            version: 1,
             claim: Some(owner("clock-probe")),
             ..new_saga()
         };
