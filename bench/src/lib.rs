@@ -55,7 +55,6 @@ pub async fn undo(ctx: &StepContext, input: u64, output: u64) -> Result<(), Benc
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FourSteps;
 
-#[saga_core::async_trait]
 impl Saga for FourSteps {
     type Input = u64;
     type Output = u64;
@@ -92,7 +91,6 @@ pub async fn step_three_may_fail(ctx: &StepContext, input: (u64, bool)) -> Resul
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FourStepsMayFail;
 
-#[saga_core::async_trait]
 impl Saga for FourStepsMayFail {
     type Input = u64;
     type Output = u64;

@@ -184,7 +184,6 @@ pub async fn void_audit_entry(
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DealFlow;
 
-#[saga_core::async_trait]
 impl Saga for DealFlow {
     type Input = DealRequest;
     type Output = DealOutcome;

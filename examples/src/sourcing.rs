@@ -176,7 +176,6 @@ pub async fn notify_partners(ctx: &StepContext, scored: Scored) -> Result<(), Se
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sourcing;
 
-#[saga_core::async_trait]
 impl Saga for Sourcing {
     type Input = SourcingRequest;
     type Output = SourcingOutcome;

@@ -12,8 +12,6 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
-
-use async_trait::async_trait;
 use saga_core::{Coordinator, Engine, MemoryStore, Saga, SagaContext, SagaError};
 use saga_http::{ApiTokens, Auth, GeneratedToken, HttpApi, Principal, Scope, ServeConfig};
 use serde_json::Value;
@@ -21,7 +19,6 @@ use tokio::sync::Semaphore;
 
 struct Greet;
 
-#[async_trait]
 impl Saga for Greet {
     type Input = String;
     type Output = String;
@@ -34,7 +31,6 @@ impl Saga for Greet {
 /// Runs until the test opens its gate: certainly still running meanwhile.
 struct Hold(Arc<Semaphore>);
 
-#[async_trait]
 impl Saga for Hold {
     type Input = u32;
     type Output = u32;

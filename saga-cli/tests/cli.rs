@@ -22,7 +22,6 @@ use serde_json::Value;
 /// `undo_fails`.
 struct Reserve;
 
-#[async_trait::async_trait]
 impl Step for Reserve {
     type Input = String;
     type Output = String;
@@ -60,7 +59,6 @@ impl Step for Reserve {
 /// durable timer), anything else is declined for good.
 struct Charge;
 
-#[async_trait::async_trait]
 impl Step for Charge {
     type Input = String;
     type Output = String;
@@ -87,7 +85,6 @@ impl Step for Charge {
 
 struct Demo;
 
-#[async_trait::async_trait]
 impl Saga for Demo {
     type Input = String;
     type Output = String;
@@ -103,7 +100,6 @@ impl Saga for Demo {
 /// Another type, for `--type`.
 struct Other;
 
-#[async_trait::async_trait]
 impl Saga for Other {
     type Input = String;
     type Output = String;

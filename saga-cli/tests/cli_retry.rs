@@ -14,7 +14,6 @@ use saga_redis_testkit::{RedisServer, ServerConfig, can_spawn_servers, unique_pr
 /// A saga that nobody runs here: it stays `running` for `saga show` to print.
 struct Parked;
 
-#[async_trait::async_trait]
 impl Saga for Parked {
     type Input = String;
     type Output = String;

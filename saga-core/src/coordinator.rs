@@ -7,7 +7,6 @@
 //! use saga_core::{Coordinator, Engine, MemoryStore, Saga, SagaContext, SagaError, SagaStatus, StartOptions};
 //!
 //! struct Noop;
-//! #[saga_core::async_trait]
 //! impl Saga for Noop {
 //!     type Input = ();
 //!     type Output = ();

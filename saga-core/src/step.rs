@@ -9,7 +9,6 @@
 //!
 //! struct ReserveSeat;
 //!
-//! #[async_trait]
 //! impl Step for ReserveSeat {
 //!     type Input = String;
 //!     type Output = u32;
@@ -35,7 +34,6 @@
 use std::fmt::Display;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -75,7 +73,10 @@ pub enum Reconciled<T> {
 ///
 /// `NAME` is stored in the journal and compared on replay: renaming a step makes running
 /// sagas diverge from their journal, so keep names stable (or bump the saga's version).
-#[async_trait]
+///
+/// The methods return `impl Future + Send`: implement them with plain `async fn` (no
+/// `#[async_trait]` needed); the engine runs them on a multi-threaded runtime, so the futures
+/// must be `Send`.
 pub trait Step: Send + Sync + 'static {
     /// The step's input, recorded in the journal.
     type Input: Serialize + DeserializeOwned + Send + Sync + 'static;
@@ -93,35 +94,35 @@ pub trait Step: Send + Sync + 'static {
 
     /// The forward action. `ctx.idempotency_key()` is the same on every attempt: pass it to
     /// the systems the step calls.
-    async fn forward(
+    fn forward(
         &self,
         ctx: &StepContext,
         input: Self::Input,
-    ) -> Result<Self::Output, Self::Error>;
+    ) -> impl Future<Output = Result<Self::Output, Self::Error>> + Send;
 
     /// Undoes the forward action. `output` is `None` only for [`Compensation::Always`] steps
     /// whose forward action did not complete. The default does nothing (for
     /// [`Compensation::None`]).
-    async fn compensate(
+    fn compensate(
         &self,
         ctx: &StepContext,
         input: Self::Input,
         output: Option<Self::Output>,
-    ) -> Result<(), Self::Error> {
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
         let _ = (ctx, input, output);
-        Ok(())
+        std::future::ready(Ok(()))
     }
 
     /// Asks the systems the step touched whether the effect with `ctx.idempotency_key()`
     /// happened. Consulted before re-running an attempt whose outcome is unknown (its
     /// coordinator died mid-attempt) and before deciding whether a failed step needs undoing.
-    async fn reconcile(
+    fn reconcile(
         &self,
         ctx: &StepContext,
         input: &Self::Input,
-    ) -> Result<Reconciled<Self::Output>, Self::Error> {
+    ) -> impl Future<Output = Result<Reconciled<Self::Output>, Self::Error>> + Send {
         let _ = (ctx, input);
-        Ok(Reconciled::Unknown)
+        std::future::ready(Ok(Reconciled::Unknown))
     }
 
     /// Asks the systems the compensation touched whether the undo with
@@ -155,7 +156,6 @@ pub trait Step: Send + Sync + 'static {
     ///
     /// struct ReserveSeat;
     ///
-    /// #[async_trait]
     /// impl Step for ReserveSeat {
     ///     type Input = String;
     ///     type Output = u32;
@@ -195,14 +195,14 @@ pub trait Step: Send + Sync + 'static {
     ///     }
     /// }
     /// ```
-    async fn reconcile_compensation(
+    fn reconcile_compensation(
         &self,
         ctx: &StepContext,
         input: &Self::Input,
         output: Option<&Self::Output>,
-    ) -> Result<Reconciled<()>, Self::Error> {
+    ) -> impl Future<Output = Result<Reconciled<()>, Self::Error>> + Send {
         let _ = (ctx, input, output);
-        Ok(Reconciled::Unknown)
+        std::future::ready(Ok(Reconciled::Unknown))
     }
 
     /// The forward retry policy.

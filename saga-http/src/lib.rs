@@ -43,7 +43,6 @@
 //!
 //! struct Hello;
 //!
-//! #[saga_core::async_trait]
 //! impl Saga for Hello {
 //!     type Input = String;
 //!     type Output = String;

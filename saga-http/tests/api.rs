@@ -37,7 +37,6 @@ struct GreetInput {
 
 struct Shout;
 
-#[async_trait]
 impl Step for Shout {
     type Input = String;
     type Output = String;
@@ -61,7 +60,6 @@ impl Step for Shout {
 
 struct Greet;
 
-#[async_trait]
 impl Saga for Greet {
     type Input = GreetInput;
     type Output = String;

@@ -7,8 +7,6 @@
 use std::collections::BTreeSet;
 use std::sync::LazyLock;
 use std::time::Duration;
-
-use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
@@ -20,7 +18,6 @@ use tower::ServiceExt as _;
 
 struct Echo;
 
-#[async_trait]
 impl Saga for Echo {
     type Input = String;
     type Output = String;

@@ -9,8 +9,6 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-
-use async_trait::async_trait;
 use saga_core::{Coordinator, Engine, MemoryStore, Saga, SagaContext, SagaError};
 use saga_http::client::{ApiClient, ClientError, WaitOutcome};
 use saga_http::{
@@ -23,7 +21,6 @@ use tokio::sync::Semaphore;
 
 struct Echo;
 
-#[async_trait]
 impl Saga for Echo {
     type Input = String;
     type Output = String;
@@ -36,7 +33,6 @@ impl Saga for Echo {
 /// Runs until the test opens its gate: a saga that is certainly still running.
 struct Hold(Arc<Semaphore>);
 
-#[async_trait]
 impl Saga for Hold {
     type Input = u32;
     type Output = u32;

@@ -11,8 +11,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-
-use async_trait::async_trait;
 use saga_core::{Engine, MemoryStore, Saga, SagaContext, SagaError};
 use saga_http::{Auth, HttpApi, ServeConfig, TlsConfig};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -20,7 +18,6 @@ use tokio::net::TcpStream;
 
 struct Echo;
 
-#[async_trait]
 impl Saga for Echo {
     type Input = String;
     type Output = String;

@@ -251,7 +251,6 @@ fn step_type(
         #vis struct #type_ident;
 
         #(#cfgs)*
-        #[#p::async_trait]
         #[automatically_derived]
         impl #p::Step for #type_ident {
             type Input = #input_ty;

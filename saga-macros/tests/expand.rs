@@ -239,7 +239,6 @@ pub mod steps {
     #[derive(Debug)]
     pub struct DealFlow;
 
-    #[saga_core::async_trait]
     impl Saga for DealFlow {
         type Input = (String, bool);
         type Output = u64;
@@ -317,7 +316,6 @@ fn options_reach_the_step_impl() {
 #[test]
 fn defaults_are_the_traits() {
     struct ByHand;
-    #[saga_core::async_trait]
     impl Step for ByHand {
         type Input = ();
         type Output = ();

@@ -16,7 +16,6 @@ use saga_redis_testkit::shared_server;
 
 struct Echo;
 
-#[async_trait::async_trait]
 impl Step for Echo {
     type Input = String;
     type Output = String;
@@ -38,7 +37,6 @@ impl Step for Echo {
 
 struct Twice;
 
-#[async_trait::async_trait]
 impl Saga for Twice {
     type Input = String;
     type Output = String;
@@ -53,7 +51,6 @@ impl Saga for Twice {
 /// The same workflow under a name that the running coordinator does not know.
 struct Ghost;
 
-#[async_trait::async_trait]
 impl Saga for Ghost {
     type Input = String;
     type Output = String;

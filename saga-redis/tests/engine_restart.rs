@@ -22,7 +22,6 @@ static RESTARTED: AtomicBool = AtomicBool::new(false);
 
 struct Work;
 
-#[async_trait::async_trait]
 impl Step for Work {
     type Input = u64;
     type Output = u64;
@@ -47,7 +46,6 @@ impl Step for Work {
 
 struct Chain;
 
-#[async_trait::async_trait]
 impl Saga for Chain {
     type Input = u64;
     type Output = u64;

@@ -21,7 +21,6 @@ const BOUND: Duration = Duration::from_secs(30);
 /// Waits for the gate (a `watch<bool>` resource) when its input is odd.
 struct Work;
 
-#[async_trait::async_trait]
 impl Step for Work {
     type Input = u64;
     type Output = u64;
@@ -43,7 +42,6 @@ impl Step for Work {
 
 struct One;
 
-#[async_trait::async_trait]
 impl Saga for One {
     type Input = u64;
     type Output = u64;

@@ -1,8 +1,6 @@
 //! The scripted step type and the workflow that runs a plan of them.
 
 use std::time::Duration;
-
-use async_trait::async_trait;
 use saga_core::{
     Classify, Compensation, ErrorClass, Jitter, MissingResource, Phase, Reconciled, RetryPolicy,
     Saga, SagaContext, SagaError, Step, StepContext,
@@ -154,7 +152,6 @@ pub struct PlanSaga {
     pub plan: Plan,
 }
 
-#[async_trait]
 impl Saga for PlanSaga {
     type Input = u32;
     type Output = Vec<StepOutput>;
@@ -297,7 +294,6 @@ async fn act(
     }
 }
 
-#[async_trait]
 impl<const I: usize, const C: u8> Step for Scripted<I, C> {
     type Input = u32;
     type Output = StepOutput;

@@ -31,7 +31,6 @@ use tokio::time::Instant;
 /// A saga without steps: it completes as soon as someone runs it.
 struct Echo;
 
-#[async_trait]
 impl Saga for Echo {
     type Input = u32;
     type Output = u32;

@@ -70,7 +70,6 @@ async fn quick(ctx: &StepContext, value: u32) -> Result<u32, TestError> {
 
 struct GatedSaga;
 
-#[saga_core::async_trait]
 impl Saga for GatedSaga {
     type Input = u32;
     type Output = u32;
@@ -82,7 +81,6 @@ impl Saga for GatedSaga {
 
 struct QuickSaga;
 
-#[saga_core::async_trait]
 impl Saga for QuickSaga {
     type Input = u32;
     type Output = u32;

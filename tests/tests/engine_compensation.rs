@@ -306,7 +306,6 @@ async fn workflow_abort_compensates() {
     // A workflow that returns its own error after two steps: both are undone.
     struct Aborting;
 
-    #[async_trait::async_trait]
     impl saga_core::Saga for Aborting {
         type Input = u32;
         type Output = ();

@@ -9,8 +9,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use async_trait::async_trait;
 use saga_core::{
     CompensationRecord, CompensationStatus, Engine, EventKind, FailureKind, Phase,
     Phase::Compensate, Reconciled, RetryPolicy, Saga, SagaContext, SagaError, SagaEvent,
@@ -88,7 +86,6 @@ impl UndoChecks {
 #[derive(Clone, Debug)]
 struct Checked<const I: usize>(Scripted<I>);
 
-#[async_trait]
 impl<const I: usize> Step for Checked<I> {
     type Input = u32;
     type Output = StepOutput;
@@ -172,7 +169,6 @@ async fn run_checked(
     }
 }
 
-#[async_trait]
 impl Saga for CheckedSaga {
     type Input = u32;
     type Output = Vec<StepOutput>;

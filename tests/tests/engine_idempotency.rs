@@ -6,8 +6,6 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use async_trait::async_trait;
 use saga_core::{
     Compensation, EngineError, GuardError, IdempotencyGuard, MemoryStore, Phase, RunOutcome, Saga,
     SagaContext, SagaError, SagaStatus, SagaStore, StartOptions, Step, StepContext,
@@ -399,7 +397,6 @@ struct Bank {
 /// Charges through the idempotency guard, keyed by the step's idempotency key.
 struct Charge;
 
-#[async_trait]
 impl Step for Charge {
     type Input = u32;
     type Output = u32;
@@ -428,7 +425,6 @@ impl Step for Charge {
 
 struct Checkout;
 
-#[async_trait]
 impl Saga for Checkout {
     type Input = u32;
     type Output = u32;

@@ -19,7 +19,6 @@ use serde_json::json;
 /// A second saga type, so that engines know more than one name.
 struct Noop;
 
-#[async_trait::async_trait]
 impl Saga for Noop {
     type Input = ();
     type Output = ();

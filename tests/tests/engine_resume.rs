@@ -668,7 +668,6 @@ struct Stamped {
     seen: Arc<Mutex<Vec<(Timestamp, uuid::Uuid)>>>,
 }
 
-#[async_trait::async_trait]
 impl Saga for Stamped {
     type Input = u32;
     type Output = (Timestamp, uuid::Uuid, Timestamp);

@@ -18,7 +18,6 @@ use crate::{Classify, Compensation, Reconciled, RetryPolicy, Step, StepContext, 
 /// The workflow is re-executed on every resume, with completed steps replayed from the
 /// journal, so it must be deterministic given its step results: take time and randomness from
 /// [`SagaContext::now`] and [`SagaContext::uuid`], and make every side effect a step.
-#[async_trait]
 pub trait Saga: Send + Sync + 'static {
     /// The workflow input, stored with the saga.
     type Input: Serialize + DeserializeOwned + Send + Sync + 'static;
@@ -29,12 +28,12 @@ pub trait Saga: Send + Sync + 'static {
     /// Version of the workflow code; part of the idempotency fingerprint.
     const VERSION: u32 = 1;
 
-    /// The workflow.
-    async fn run(
+    /// The workflow. Implement it with a plain `async fn`; the future must be `Send`.
+    fn run(
         &self,
         saga: &mut SagaContext,
         input: Self::Input,
-    ) -> Result<Self::Output, SagaError>;
+    ) -> impl Future<Output = Result<Self::Output, SagaError>> + Send;
 }
 
 #[async_trait]

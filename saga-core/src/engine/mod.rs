@@ -46,7 +46,6 @@ use crate::store::{ClaimRequest, SagaStore};
 ///
 /// struct Hello;
 ///
-/// #[async_trait::async_trait]
 /// impl Saga for Hello {
 ///     type Input = String;
 ///     type Output = String;

@@ -9,7 +9,6 @@ pub async fn create_deal(_ctx: &StepContext, input: String) -> Result<String, Ht
 // their uses below compile.
 pub struct Flow;
 
-#[saga_core::async_trait]
 impl Saga for Flow {
     type Input = String;
     type Output = String;
