@@ -6,14 +6,15 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo};
+use saga_core::StoreError;
 use saga_core::store::DEFAULT_MAX_PAYLOAD;
 
 use crate::check::{ServerFinding, ServerIssue, UnsafeServerConfig, check_server};
 use crate::connection::Connection;
-use crate::error::{ConnectError, Reply, is_auth_error, redact_url as redact, redis_error};
+use crate::error::{ConnectError, is_auth_error, redact_url as redact};
 use crate::hints::DueHints;
 use crate::keys::{KeyLayout, LAYOUT_VERSION};
-use crate::scripts::SCRIPTS;
+use crate::scripts;
 use crate::store::{Inner, RedisStore};
 #[cfg(feature = "tls")]
 use crate::tls::{Pem, TlsSettings};
@@ -492,32 +493,9 @@ async fn check_meta(
     keys: &KeyLayout,
     node: &str,
 ) -> Result<(), ConnectError> {
-    let mut conn = connection.clone();
-    let meta = keys.meta();
-    let value: redis::Value = SCRIPTS
-        .meta
-        .key(&meta)
-        .arg(keys.partitions())
-        .arg(LAYOUT_VERSION)
-        .invoke_async(&mut conn)
+    let (recorded, layout) = scripts::meta::record(connection, keys)
         .await
-        .map_err(|err| {
-            if is_auth_error(&err) {
-                ConnectError::Auth {
-                    node: node.to_owned(),
-                    source: err,
-                }
-            } else {
-                ConnectError::Store(redis_error("meta", None, err))
-            }
-        })?;
-    let nil = saga_core::SagaId(uuid::Uuid::nil());
-    let (code, mut reply) = Reply::parse("meta", value)?;
-    if code != "ok" {
-        return Err(reply.into_error(&code, nil, 0).into());
-    }
-    let recorded = reply.uint()?;
-    let layout = reply.uint()?;
+        .map_err(|err| auth_refusal(err, node))?;
     if recorded != u64::from(keys.partitions()) {
         return Err(ConnectError::PartitionMismatch {
             prefix: keys.prefix().to_owned(),
@@ -533,6 +511,32 @@ async fn check_meta(
         });
     }
     Ok(())
+}
+
+/// Refused credentials are [`ConnectError::Auth`] (with the server's answer); any other
+/// store error stays one.
+fn auth_refusal(err: StoreError, node: &str) -> ConnectError {
+    let StoreError::Refused {
+        message,
+        source: Some(source),
+    } = err
+    else {
+        return ConnectError::Store(err);
+    };
+    match source.downcast::<redis::RedisError>() {
+        Ok(redis) if is_auth_error(&redis) => ConnectError::Auth {
+            node: node.to_owned(),
+            source: *redis,
+        },
+        Ok(redis) => ConnectError::Store(StoreError::Refused {
+            message,
+            source: Some(redis),
+        }),
+        Err(source) => ConnectError::Store(StoreError::Refused {
+            message,
+            source: Some(source),
+        }),
+    }
 }
 
 /// `rediss://` needs a rustls crypto provider: installs ring's as the process default when

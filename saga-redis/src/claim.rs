@@ -23,8 +23,8 @@ use saga_core::store::{ClaimRequest, Lease};
 use crate::connection::Connection;
 use crate::error::{redis_error, unexpected};
 use crate::hints::client_now_ms;
-use crate::scripts::SCRIPTS;
-use crate::store::{RedisStore, ms, nil_id};
+use crate::scripts::claim_due::claim_from;
+use crate::store::RedisStore;
 
 /// The most partitions one standalone claim call looks at; with more, partitions are peeked
 /// and claimed from one by one (concurrently), which bounds each script's run time.
@@ -32,12 +32,6 @@ const MAX_PARTITIONS_PER_CALL: usize = 64;
 
 /// The most sagas one claim call takes (the script's own bound).
 const MAX_BATCH: usize = 1000;
-
-/// What one claim call took.
-struct Claimed {
-    /// (id as text, lease), oldest due first.
-    leases: Vec<(String, Lease)>,
-}
 
 impl RedisStore {
     /// [`SagaStore::claim_due`](saga_core::SagaStore::claim_due) for Redis.
@@ -58,8 +52,8 @@ impl RedisStore {
         let one_call = visit.partitions.len() == 1
             || (standalone && visit.partitions.len() <= MAX_PARTITIONS_PER_CALL);
         let result = if one_call {
-            match self.claim_from(request, &visit.partitions, limit).await {
-                Ok(claimed) => Ok(claimed.leases.into_iter().map(|(_, l)| l).collect()),
+            match claim_from(self, request, &visit.partitions, limit).await {
+                Ok(leases) => Ok(leases.into_iter().map(|(_, l)| l).collect()),
                 // One partition's keys are damaged (a wrong type): claim from the others one
                 // by one, so that it does not stop claiming everywhere.
                 Err(StoreError::Corrupt { problem, .. }) if visit.partitions.len() > 1 => {
@@ -80,87 +74,6 @@ impl RedisStore {
         result
     }
 
-    /// One `claim_due.lua` call over `partitions` (on a cluster: exactly one partition).
-    async fn claim_from(
-        &self,
-        request: &ClaimRequest,
-        partitions: &[u16],
-        limit: usize,
-    ) -> Result<Claimed, StoreError> {
-        let keys = &self.inner.keys;
-        let mut invocation = SCRIPTS.claim_due.prepare_invoke();
-        for &p in partitions {
-            invocation.key(keys.due(p)).key(keys.quarantine(p));
-        }
-        invocation
-            .arg(&request.owner)
-            .arg(ms(request.ttl))
-            .arg(self.inner.max_payload)
-            .arg(limit);
-        for &p in partitions {
-            invocation.arg(keys.partition_base(p));
-        }
-        let (code, mut reply) = self.invoke("claim_due", None, invocation).await?;
-        if code != "ok" {
-            return Err(reply.into_error(&code, nil_id(), 0));
-        }
-        let server_now = reply.uint()?;
-        let client_now = client_now_ms();
-        let mut leases = Vec::new();
-        for _ in 0..reply.count()? {
-            let id = reply.string()?;
-            let fence = reply.uint()?;
-            let saga_id = id
-                .parse()
-                .map_err(|_| unexpected("claim_due", &format!("saga id {id:?}")))?;
-            leases.push((
-                id,
-                Lease {
-                    saga_id,
-                    owner: request.owner.clone(),
-                    fence,
-                },
-            ));
-        }
-        let mut set_aside = 0;
-        for _ in 0..reply.count()? {
-            let id = reply.string()?;
-            let reason = reply.string()?;
-            set_aside += 1;
-            tracing::warn!(saga_id = %id, %reason, "quarantined a corrupt saga found by claim_due");
-        }
-        let visited = reply.count()?;
-        if visited != partitions.len() {
-            return Err(unexpected(
-                "claim_due",
-                &format!(
-                    "{visited} next due times for {} partitions",
-                    partitions.len()
-                ),
-            ));
-        }
-        for &p in partitions {
-            let next = reply.string()?;
-            let next_due = if next.is_empty() {
-                None
-            } else {
-                let score = parse_score(&next, p)?;
-                // On the client's clock: the hints compare with it.
-                Some(client_now.saturating_add(score.saturating_sub(server_now)))
-            };
-            self.inner.hints.visited(p, next_due);
-        }
-        if (!leases.is_empty() || set_aside > 0)
-            && let Some(&first) = partitions.first()
-            && let Err(err) = self.replicate("claim_due", &keys.due(first)).await
-        {
-            // The leases are held on the primary: returning them keeps these sagas running
-            // instead of stranding them until the leases lapse.
-            tracing::warn!(error = %err, "claim_due: replicas did not acknowledge the claims");
-        }
-        Ok(Claimed { leases })
-    }
-
     /// Claims from each partition in turn until `limit` are taken, skipping (and logging)
     /// partitions that fail.
     async fn claim_one_by_one(
@@ -177,8 +90,8 @@ impl RedisStore {
                 self.inner.hints.mark_dirty(p);
                 continue;
             }
-            match self.claim_from(request, &[p], limit - leases.len()).await {
-                Ok(claimed) => leases.extend(claimed.leases.into_iter().map(|(_, l)| l)),
+            match claim_from(self, request, &[p], limit - leases.len()).await {
+                Ok(claimed) => leases.extend(claimed.into_iter().map(|(_, l)| l)),
                 Err(err) => {
                     tracing::warn!(partition = p, error = %err, "claim_due: a partition could not be claimed from");
                     failure.get_or_insert(err);
@@ -252,12 +165,12 @@ impl RedisStore {
         }
         let claims = shares
             .iter()
-            .map(|(&p, &share)| async move { (p, self.claim_from(request, &[p], share).await) });
+            .map(|(&p, &share)| async move { (p, claim_from(self, request, &[p], share).await) });
         let mut leases = Vec::new();
         let mut failure = None;
         for (p, result) in join_all(claims).await {
             match result {
-                Ok(claimed) => leases.extend(claimed.leases),
+                Ok(claimed) => leases.extend(claimed),
                 // One partition failing must not drop the leases already taken in others
                 // (those sagas would stall until their leases lapse).
                 Err(err) => {
@@ -299,7 +212,7 @@ impl RedisStore {
 
 /// A due score (whole milliseconds by construction; garbage is saturated, never trusted
 /// for more than a hint).
-fn parse_score(text: &str, p: u16) -> Result<u64, StoreError> {
+pub(crate) fn parse_score(text: &str, p: u16) -> Result<u64, StoreError> {
     let score = text
         .parse::<f64>()
         .map_err(|_| unexpected("claim_due", &format!("due score {text:?} in partition {p}")))?;

@@ -1,7 +1,8 @@
-//! Errors: connecting, and mapping Redis errors and script replies to [`StoreError`].
+//! Errors: connecting, and mapping Redis errors to [`StoreError`] (script replies: see
+//! `scripts::reply`).
 
-use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
-use saga_core::{SagaId, SagaStatus, StoreError};
+use redis::{ErrorKind, RedisError, ServerErrorKind};
+use saga_core::{SagaId, StoreError};
 use uuid::Uuid;
 
 /// Why [`RedisStoreBuilder::connect`](crate::RedisStoreBuilder::connect) failed.
@@ -158,125 +159,6 @@ pub(crate) fn redis_error(op: &str, saga: Option<SagaId>, err: RedisError) -> St
     StoreError::Unavailable {
         message: format!("{op}: {err}{hint}"),
         source: Some(Box::new(err)),
-    }
-}
-
-/// A script reply: an array whose first element names the outcome.
-pub(crate) struct Reply {
-    op: &'static str,
-    items: std::vec::IntoIter<Value>,
-}
-
-impl Reply {
-    /// Splits a script's reply into its outcome code and the rest.
-    pub(crate) fn parse(op: &'static str, value: Value) -> Result<(String, Reply), StoreError> {
-        let Value::Array(items) = value else {
-            return Err(unexpected(
-                op,
-                &format!("a reply that is not an array: {value:?}"),
-            ));
-        };
-        let mut reply = Reply {
-            op,
-            items: items.into_iter(),
-        };
-        let code = reply.string()?;
-        Ok((code, reply))
-    }
-
-    /// The next element as text.
-    pub(crate) fn string(&mut self) -> Result<String, StoreError> {
-        match self.items.next() {
-            Some(Value::BulkString(bytes)) => String::from_utf8(bytes)
-                .map_err(|err| unexpected(self.op, &format!("a reply that is not UTF-8: {err}"))),
-            Some(Value::SimpleString(text)) => Ok(text),
-            Some(Value::Int(n)) => Ok(n.to_string()),
-            other => Err(unexpected(
-                self.op,
-                &format!("{other:?} where text was expected"),
-            )),
-        }
-    }
-
-    /// The next element as a non-negative integer (an integer reply or its text).
-    pub(crate) fn uint(&mut self) -> Result<u64, StoreError> {
-        match self.items.next() {
-            Some(Value::Int(n)) => {
-                u64::try_from(n).map_err(|_| unexpected(self.op, &format!("negative number {n}")))
-            }
-            Some(Value::BulkString(bytes)) => std::str::from_utf8(&bytes)
-                .ok()
-                .and_then(|text| text.parse().ok())
-                .ok_or_else(|| {
-                    unexpected(self.op, &format!("{bytes:?} where a number was expected"))
-                }),
-            other => Err(unexpected(
-                self.op,
-                &format!("{other:?} where a number was expected"),
-            )),
-        }
-    }
-
-    /// The next element as a count of following items.
-    pub(crate) fn count(&mut self) -> Result<usize, StoreError> {
-        let n = self.uint()?;
-        usize::try_from(n).map_err(|_| unexpected(self.op, &format!("count {n} too large")))
-    }
-
-    /// The next element as a saga status name.
-    pub(crate) fn status(&mut self, saga: SagaId) -> Result<SagaStatus, StoreError> {
-        let text = self.string()?;
-        text.parse().map_err(|err| StoreError::Corrupt {
-            saga,
-            problem: format!("{err}"),
-        })
-    }
-
-    /// The next element as a flag (0 or 1).
-    pub(crate) fn flag(&mut self) -> Result<bool, StoreError> {
-        Ok(self.uint()? != 0)
-    }
-
-    /// The remaining elements as text.
-    pub(crate) fn rest(&mut self) -> Result<Vec<String>, StoreError> {
-        let mut out = Vec::with_capacity(self.items.len());
-        while self.items.len() > 0 {
-            out.push(self.string()?);
-        }
-        Ok(out)
-    }
-
-    /// Turns the outcomes every script may answer with into their [`StoreError`]s:
-    /// `not_found`, `fenced`, `not_writable`, `too_large`, `corrupt`, `invalid`; anything else
-    /// is an unexpected reply.
-    pub(crate) fn into_error(mut self, code: &str, saga: SagaId, fence: u64) -> StoreError {
-        let decoded = match code {
-            "not_found" => Ok(StoreError::NotFound(saga)),
-            "fenced" => self.uint().and_then(|current_fence| {
-                let owner = self.string()?;
-                Ok(StoreError::Fenced {
-                    saga,
-                    fence,
-                    current_fence,
-                    current_owner: (!owner.is_empty()).then_some(owner),
-                })
-            }),
-            "not_writable" => self
-                .status(saga)
-                .map(|status| StoreError::NotWritable { saga, status }),
-            "too_large" => (|| {
-                let what = self.string()?;
-                let size = self.count()?;
-                let limit = self.count()?;
-                Ok(StoreError::TooLarge { what, size, limit })
-            })(),
-            "corrupt" => self
-                .string()
-                .map(|problem| StoreError::Corrupt { saga, problem }),
-            "invalid" => self.string().map(StoreError::Invalid),
-            other => Err(unexpected(self.op, &format!("outcome {other:?}"))),
-        };
-        decoded.unwrap_or_else(|err| err)
     }
 }
 

@@ -1,37 +1,36 @@
-//! [`RedisStore`]: the [`SagaStore`] implementation.
+//! [`RedisStore`]: the [`SagaStore`] implementation, delegating each operation to its
+//! script's module in [`crate::scripts`] (and the counts to plain commands).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
-use redis::{ScriptInvocation, Value};
 use saga_core::store::{
     CancelOutcome, ClaimOutcome, ClaimRequest, CommitOutcome, CreateOutcome, GuardClaim, Lease,
-    LeaseInfo, ListPage, ListQuery, NewSaga, SagaSummary, Schedule, StoredSaga, Transition,
+    ListPage, ListQuery, NewSaga, Schedule, StoredSaga, Transition, VersionCount,
 };
-use saga_core::{SagaId, SagaStatus, SagaStore, StoreError, Timestamp};
+use saga_core::{SagaId, SagaStatus, SagaStore, StoreError};
 use uuid::Uuid;
 
 use crate::builder::{RedisStoreBuilder, ReplicaWait};
 use crate::check::{ServerFinding, check_server};
 use crate::connection::Connection;
-use crate::error::{Reply, redis_error, unexpected};
+use crate::error::redis_error;
 use crate::hints::{DueHints, client_now_ms};
 use crate::keys::KeyLayout;
-use crate::scripts::SCRIPTS;
+use crate::scripts::call::{Answer, Call, ReplyCode};
+use crate::scripts::reply::Reply;
+use crate::scripts::{
+    claim, commit, count_versions, create, events, guard_claim, guard_complete, guard_release,
+    list, load, operator_transition, purge, quarantine, release, renew, request_cancel,
+};
 use crate::wake::Wakeups;
 
 /// The longest duration sent to a script, in milliseconds (about 3000 years): longer ones are
 /// clamped, so that `now + duration` stays an exact integer in Lua.
 const MAX_DURATION_MS: u64 = 99_999_999_999_999;
-
-/// The largest page a listing returns.
-const MAX_PAGE: usize = 1000;
-
-/// Ids one `list.lua` call examines at most (bounds the script's run time).
-const LIST_BUDGET: usize = 2000;
 
 /// The Redis store. Cheap to clone: clones share one connection.
 ///
@@ -57,28 +56,14 @@ pub(crate) struct Inner {
     pub(crate) hints: Arc<DueHints>,
 }
 
-/// The KEYS of the scripts that rewrite a saga (`commit`, `operator_transition`), in the order
-/// their headers state: the saga hash, its events, the partition's due set, quarantine hash
-/// and terminal index, then one index per status.
-fn saga_write_keys(invocation: &mut ScriptInvocation<'_>, keys: &KeyLayout, id: SagaId) {
-    let p = keys.partition_of(id);
-    invocation
-        .key(keys.saga(id))
-        .key(keys.events(id))
-        .key(keys.due(p))
-        .key(keys.quarantine(p))
-        .key(keys.terminal(p));
-    for status_key in keys.statuses(p) {
-        invocation.key(status_key);
-    }
-}
-
+/// `duration` in whole milliseconds, clamped to what the scripts accept.
 pub(crate) fn ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .min(MAX_DURATION_MS)
 }
 
+/// The nil id, for errors about data that belongs to no one saga.
 pub(crate) fn nil_id() -> SagaId {
     SagaId(Uuid::nil())
 }
@@ -125,26 +110,28 @@ impl RedisStore {
         check_server(&self.inner.conn, &self.inner.node_name, &self.inner.keys).await
     }
 
-    fn check_size(&self, what: &str, value: &str) -> Result<(), StoreError> {
+    pub(crate) fn check_size(&self, what: &str, value: &str) -> Result<(), StoreError> {
         saga_core::store::check_payload(what, value, self.inner.max_payload)
     }
 
-    pub(crate) async fn invoke(
+    /// Runs a script call on this store's connection, with its replica wait (see
+    /// [`Call::run`]).
+    pub(crate) async fn call<T>(
         &self,
-        op: &'static str,
-        saga: Option<SagaId>,
-        invocation: ScriptInvocation<'_>,
-    ) -> Result<(String, Reply), StoreError> {
-        let mut conn = self.inner.conn.clone();
-        let value: Value = invocation
-            .invoke_async(&mut conn)
+        call: Call,
+        decode: impl FnOnce(ReplyCode, &mut Reply) -> Result<Answer<T>, StoreError>,
+    ) -> Result<T, StoreError> {
+        call.run(&self.inner.conn, self.inner.replica_wait, decode)
             .await
-            .map_err(|err| redis_error(op, saga, err))?;
-        Reply::parse(op, value)
+    }
+
+    /// Which partitions may have due work.
+    pub(crate) fn hints(&self) -> &DueHints {
+        &self.inner.hints
     }
 
     /// Tells the due hints when a saga this store just wrote becomes due without a lease.
-    fn note_schedule(&self, id: SagaId, schedule: Schedule) {
+    pub(crate) fn note_schedule(&self, id: SagaId, schedule: Schedule) {
         let p = self.inner.keys.partition_of(id);
         match schedule {
             Schedule::WakeAfter(delay) if delay.is_zero() => self.inner.hints.mark_dirty(p),
@@ -155,256 +142,24 @@ impl RedisStore {
             _ => {}
         }
     }
-
-    /// With a replica wait configured: `WAIT` on the node that holds `key`, and fail when
-    /// too few replicas acknowledged.
-    pub(crate) async fn replicate(&self, op: &str, key: &str) -> Result<(), StoreError> {
-        let Some(wait) = self.inner.replica_wait else {
-            return Ok(());
-        };
-        let mut conn = self.inner.conn.clone();
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(wait.replicas).arg(ms(wait.timeout));
-        let acked = conn
-            .on_node_of(key, cmd)
-            .await
-            .map_err(|err| redis_error(op, None, err))?;
-        let acked: u64 = redis::from_redis_value(acked)
-            .map_err(|err| unexpected(op, &format!("WAIT answered {err}")))?;
-        if acked < u64::from(wait.replicas) {
-            return Err(StoreError::Unavailable {
-                message: format!(
-                    "{op}: the write was acknowledged by {acked} of {} replicas within {:?}; it is applied on the primary but may be lost on failover (retrying is safe)",
-                    wait.replicas, wait.timeout
-                ),
-                source: None,
-            });
-        }
-        Ok(())
-    }
-
-    /// Lists one partition: up to `want` matching rows after `after`, in id order.
-    async fn list_partition(
-        &self,
-        p: u16,
-        query: &ListQuery,
-        want: usize,
-    ) -> Result<Vec<SagaSummary>, StoreError> {
-        let keys = &self.inner.keys;
-        let index = match (&query.status, &query.saga_type) {
-            (Some(status), _) => keys.status(p, *status),
-            (None, Some(saga_type)) => keys.type_index(p, saga_type),
-            (None, None) => keys.ids(p),
-        };
-        let status = query.status.map_or("", SagaStatus::as_str);
-        let saga_type = query.saga_type.as_deref().unwrap_or("");
-        let mut cursor = query.after.map(|id| id.to_string()).unwrap_or_default();
-        let mut rows = Vec::new();
-        loop {
-            let mut invocation = SCRIPTS.list.prepare_invoke();
-            invocation
-                .key(&index)
-                .key(keys.quarantine(p))
-                .arg(keys.partition_base(p))
-                .arg(&cursor)
-                .arg(want - rows.len())
-                .arg(LIST_BUDGET)
-                .arg(status)
-                .arg(saga_type);
-            let (code, mut reply) = self.invoke("list", None, invocation).await?;
-            if code != "ok" {
-                return Err(reply.into_error(&code, nil_id(), 0));
-            }
-            let exhausted = reply.flag()?;
-            let last = reply.string()?;
-            let count = reply.count()?;
-            let mut page = Vec::with_capacity(count);
-            for _ in 0..count {
-                let id_text = reply.string()?;
-                let id: SagaId = id_text
-                    .parse()
-                    .map_err(|_| unexpected("list", &format!("saga id {id_text:?} in {index}")))?;
-                let saga_type = reply.string()?;
-                let status = reply.status(id)?;
-                let updated = reply.string()?;
-                let updated_at =
-                    updated
-                        .parse()
-                        .map(Timestamp)
-                        .map_err(|_| StoreError::Corrupt {
-                            saga: id,
-                            problem: format!(
-                                "field updated_at is {updated:?}, expected milliseconds"
-                            ),
-                        })?;
-                let reason = reply.string()?;
-                page.push((
-                    SagaSummary {
-                        id,
-                        saga_type,
-                        status,
-                        updated_at,
-                        quarantined: None,
-                    },
-                    reason,
-                ));
-            }
-            for (row, reason) in page {
-                let quarantined = reply.flag()?;
-                rows.push(SagaSummary {
-                    quarantined: quarantined.then_some(reason),
-                    ..row
-                });
-            }
-            if exhausted || rows.len() >= want || last.is_empty() {
-                return Ok(rows);
-            }
-            cursor = last;
-        }
-    }
 }
 
 #[async_trait]
 impl SagaStore for RedisStore {
     async fn create(&self, new: NewSaga) -> Result<CreateOutcome, StoreError> {
-        new.validate(self.inner.max_payload)?;
-        let keys = &self.inner.keys;
-        let id = new.id;
-        let p = keys.partition_of(id);
-        let saga_key = keys.saga(id);
-        let mut invocation = SCRIPTS.create.prepare_invoke();
-        invocation
-            .key(&saga_key)
-            .key(keys.events(id))
-            .key(keys.due(p))
-            .key(keys.ids(p))
-            .key(keys.status(p, SagaStatus::Running))
-            .key(keys.type_index(p, &new.saga_type))
-            .arg(id.to_string())
-            .arg(&new.saga_type)
-            .arg(KeyLayout::type_key(&new.saga_type).to_string())
-            .arg(&new.fingerprint)
-            .arg(new.idempotency_key.as_deref().unwrap_or(""))
-            .arg(&new.state)
-            .arg(self.inner.max_payload)
-            .arg(new.claim.as_ref().map_or("", |claim| claim.owner.as_str()))
-            .arg(new.claim.as_ref().map_or(0, |claim| ms(claim.ttl)))
-            .arg(new.events.len());
-        for event in &new.events {
-            invocation.arg(event);
-        }
-        let (code, mut reply) = self.invoke("create", Some(id), invocation).await?;
-        match code.as_str() {
-            "created" => {
-                let fence = reply.uint()?;
-                if new.claim.is_none() {
-                    self.inner.hints.mark_dirty(p);
-                }
-                self.replicate("create", &saga_key).await?;
-                let lease = new.claim.map(|claim| Lease {
-                    saga_id: id,
-                    owner: claim.owner,
-                    fence,
-                });
-                Ok(CreateOutcome::Created { lease })
-            }
-            "existing" => Ok(CreateOutcome::Existing {
-                status: reply.status(id)?,
-            }),
-            "conflict" => Err(StoreError::IdempotencyConflict { saga: id }),
-            _ => Err(reply.into_error(&code, id, 0)),
-        }
+        create::create(self, new).await
     }
 
     async fn load(&self, id: SagaId) -> Result<Option<StoredSaga>, StoreError> {
-        let keys = &self.inner.keys;
-        let p = keys.partition_of(id);
-        let mut invocation = SCRIPTS.load.prepare_invoke();
-        invocation
-            .key(keys.saga(id))
-            .key(keys.due(p))
-            .key(keys.quarantine(p))
-            .arg(id.to_string());
-        let (code, mut reply) = self.invoke("load", Some(id), invocation).await?;
-        match code.as_str() {
-            "ok" => {}
-            "not_found" => return Ok(None),
-            "corrupt" => {
-                let problem = reply.string()?;
-                let quarantined = reply.flag()?;
-                let reason = reply.string()?;
-                let problem = if quarantined {
-                    format!("{problem} (quarantined: {reason})")
-                } else {
-                    problem
-                };
-                return Err(StoreError::Corrupt { saga: id, problem });
-            }
-            _ => return Err(reply.into_error(&code, id, 0)),
-        }
-        let now = reply.uint()?;
-        let due = reply.string()?;
-        let quarantined = reply.flag()?;
-        let reason = reply.string()?;
-        let mut fields: HashMap<String, String> = HashMap::new();
-        let rest = reply.rest()?;
-        for pair in rest.chunks_exact(2) {
-            fields.insert(pair[0].clone(), pair[1].clone());
-        }
-        decode_saga(id, now, &due, quarantined.then_some(reason), fields).map(Some)
+        load::load(self, id).await
     }
 
     async fn events(&self, id: SagaId) -> Result<Vec<String>, StoreError> {
-        let keys = &self.inner.keys;
-        let mut invocation = SCRIPTS.events.prepare_invoke();
-        invocation.key(keys.saga(id)).key(keys.events(id));
-        let (code, mut reply) = self.invoke("events", Some(id), invocation).await?;
-        match code.as_str() {
-            "ok" => reply.rest(),
-            _ => Err(reply.into_error(&code, id, 0)),
-        }
+        events::events(self, id).await
     }
 
     async fn claim(&self, id: SagaId, request: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-        let keys = &self.inner.keys;
-        let p = keys.partition_of(id);
-        let saga_key = keys.saga(id);
-        let mut invocation = SCRIPTS.claim.prepare_invoke();
-        invocation
-            .key(&saga_key)
-            .key(keys.due(p))
-            .key(keys.quarantine(p))
-            .arg(id.to_string())
-            .arg(&request.owner)
-            .arg(ms(request.ttl))
-            .arg(self.inner.max_payload);
-        let (code, mut reply) = self.invoke("claim", Some(id), invocation).await?;
-        match code.as_str() {
-            "claimed" => {
-                let fence = reply.uint()?;
-                self.replicate("claim", &saga_key).await?;
-                Ok(ClaimOutcome::Claimed(Lease {
-                    saga_id: id,
-                    owner: request.owner.clone(),
-                    fence,
-                }))
-            }
-            "busy" => {
-                let owner = reply.string()?;
-                let expires_at = Timestamp(reply.uint()?);
-                Ok(ClaimOutcome::Busy(LeaseInfo { owner, expires_at }))
-            }
-            "not_runnable" => {
-                let status = reply.status(id)?;
-                let quarantined = reply.flag()?;
-                let reason = reply.string()?;
-                Ok(ClaimOutcome::NotRunnable {
-                    status,
-                    quarantined: quarantined.then_some(reason),
-                })
-            }
-            _ => Err(reply.into_error(&code, id, 0)),
-        }
+        claim::claim(self, id, request).await
     }
 
     async fn claim_due(
@@ -416,51 +171,11 @@ impl SagaStore for RedisStore {
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<CommitOutcome, StoreError> {
-        let keys = &self.inner.keys;
-        let id = lease.saga_id;
-        let p = keys.partition_of(id);
-        let saga_key = keys.saga(id);
-        let mut invocation = SCRIPTS.renew.prepare_invoke();
-        invocation
-            .key(&saga_key)
-            .key(keys.due(p))
-            .key(keys.quarantine(p))
-            .arg(id.to_string())
-            .arg(&lease.owner)
-            .arg(lease.fence)
-            .arg(ms(ttl))
-            .arg(self.inner.max_payload);
-        let (code, mut reply) = self.invoke("renew", Some(id), invocation).await?;
-        match code.as_str() {
-            "ok" => {
-                let cancel_requested = reply.flag()?;
-                self.replicate("renew", &saga_key).await?;
-                Ok(CommitOutcome { cancel_requested })
-            }
-            _ => Err(reply.into_error(&code, id, lease.fence)),
-        }
+        renew::renew(self, lease, ttl).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
-        let keys = &self.inner.keys;
-        let id = lease.saga_id;
-        let p = keys.partition_of(id);
-        let saga_key = keys.saga(id);
-        let mut invocation = SCRIPTS.release.prepare_invoke();
-        invocation
-            .key(&saga_key)
-            .key(keys.due(p))
-            .key(keys.quarantine(p))
-            .arg(id.to_string())
-            .arg(lease.fence);
-        let (code, reply) = self.invoke("release", Some(id), invocation).await?;
-        match code.as_str() {
-            "ok" => {
-                self.inner.hints.mark_dirty(p);
-                self.replicate("release", &saga_key).await
-            }
-            _ => Err(reply.into_error(&code, id, lease.fence)),
-        }
+        release::release(self, lease).await
     }
 
     async fn commit(
@@ -468,101 +183,15 @@ impl SagaStore for RedisStore {
         lease: &Lease,
         transition: Transition,
     ) -> Result<CommitOutcome, StoreError> {
-        transition.check_sizes(self.inner.max_payload)?;
-        let (schedule, span) = match transition.schedule {
-            Schedule::Continue { ttl } => ("continue", ms(ttl)),
-            Schedule::WakeAfter(delay) => ("wake", ms(delay)),
-            Schedule::Finished => ("finished", 0),
-            other => {
-                return Err(StoreError::Invalid(format!(
-                    "schedule {other:?} is not supported by saga-redis"
-                )));
-            }
-        };
-        if transition.status.is_terminal() != (schedule == "finished") {
-            return Err(StoreError::Invalid(format!(
-                "status {} does not go with schedule {:?}",
-                transition.status, transition.schedule
-            )));
-        }
-        let keys = &self.inner.keys;
-        let id = lease.saga_id;
-        let saga_key = keys.saga(id);
-        let mut invocation = SCRIPTS.commit.prepare_invoke();
-        saga_write_keys(&mut invocation, keys, id);
-        invocation
-            .arg(id.to_string())
-            .arg(&lease.owner)
-            .arg(lease.fence)
-            .arg(&transition.commit_id)
-            .arg(transition.status.as_str())
-            .arg(schedule)
-            .arg(span)
-            .arg(self.inner.max_payload)
-            .arg(&transition.state)
-            .arg(transition.events.len());
-        for event in &transition.events {
-            invocation.arg(event);
-        }
-        let (code, mut reply) = self.invoke("commit", Some(id), invocation).await?;
-        match code.as_str() {
-            "ok" => {
-                self.note_schedule(id, transition.schedule);
-                let cancel_requested = reply.flag()?;
-                self.replicate("commit", &saga_key).await?;
-                Ok(CommitOutcome { cancel_requested })
-            }
-            _ => Err(reply.into_error(&code, id, lease.fence)),
-        }
+        commit::commit(self, lease, transition).await
     }
 
     async fn request_cancel(&self, id: SagaId, event: String) -> Result<CancelOutcome, StoreError> {
-        self.check_size("event", &event)?;
-        let keys = &self.inner.keys;
-        let p = keys.partition_of(id);
-        let saga_key = keys.saga(id);
-        let mut invocation = SCRIPTS.request_cancel.prepare_invoke();
-        invocation
-            .key(&saga_key)
-            .key(keys.events(id))
-            .key(keys.due(p))
-            .key(keys.quarantine(p))
-            .arg(id.to_string())
-            .arg(&event)
-            .arg(self.inner.max_payload);
-        let (code, mut reply) = self.invoke("request_cancel", Some(id), invocation).await?;
-        match code.as_str() {
-            "requested" => {
-                self.inner.hints.mark_dirty(p);
-                if reply.flag()? {
-                    self.replicate("request_cancel", &saga_key).await?;
-                }
-                Ok(CancelOutcome::Requested)
-            }
-            "finished" => Ok(CancelOutcome::AlreadyFinished(reply.status(id)?)),
-            _ => Err(reply.into_error(&code, id, 0)),
-        }
+        request_cancel::request_cancel(self, id, &event).await
     }
 
     async fn quarantine(&self, id: SagaId, reason: &str) -> Result<(), StoreError> {
-        self.check_size("quarantine reason", reason)?;
-        let keys = &self.inner.keys;
-        let p = keys.partition_of(id);
-        let saga_key = keys.saga(id);
-        let mut invocation = SCRIPTS.quarantine.prepare_invoke();
-        invocation
-            .key(&saga_key)
-            .key(keys.due(p))
-            .key(keys.quarantine(p))
-            .key(keys.terminal(p))
-            .arg(id.to_string())
-            .arg(reason)
-            .arg(self.inner.max_payload);
-        let (code, reply) = self.invoke("quarantine", Some(id), invocation).await?;
-        match code.as_str() {
-            "ok" => self.replicate("quarantine", &saga_key).await,
-            _ => Err(reply.into_error(&code, id, 0)),
-        }
+        quarantine::quarantine(self, id, reason).await
     }
 
     async fn guard_claim(
@@ -571,30 +200,7 @@ impl SagaStore for RedisStore {
         fingerprint: &str,
         in_progress_ttl: Duration,
     ) -> Result<GuardClaim, StoreError> {
-        self.check_size("idempotency key", key)?;
-        self.check_size("fingerprint", fingerprint)?;
-        let guard_key = self.inner.keys.guard(key);
-        let token = Uuid::new_v4().to_string();
-        let mut invocation = SCRIPTS.guard_claim.prepare_invoke();
-        invocation
-            .key(&guard_key)
-            .arg(fingerprint)
-            .arg(&token)
-            .arg(ms(in_progress_ttl))
-            .arg(self.inner.max_payload);
-        let (code, mut reply) = self.invoke("guard_claim", None, invocation).await?;
-        match code.as_str() {
-            "claimed" => {
-                self.replicate("guard_claim", &guard_key).await?;
-                Ok(GuardClaim::Claimed { token })
-            }
-            "completed" => Ok(GuardClaim::Completed {
-                result: reply.string()?,
-            }),
-            "in_progress" => Ok(GuardClaim::InProgress),
-            "conflict" => Ok(GuardClaim::Conflict),
-            _ => Err(reply.into_error(&code, nil_id(), 0)),
-        }
+        guard_claim::guard_claim(self, key, fingerprint, in_progress_ttl).await
     }
 
     async fn guard_complete(
@@ -604,58 +210,15 @@ impl SagaStore for RedisStore {
         result: &str,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.check_size("idempotency result", result)?;
-        let guard_key = self.inner.keys.guard(key);
-        let mut invocation = SCRIPTS.guard_complete.prepare_invoke();
-        invocation
-            .key(&guard_key)
-            .arg(token)
-            .arg(result)
-            .arg(ms(ttl))
-            .arg(self.inner.max_payload);
-        let (code, reply) = self.invoke("guard_complete", None, invocation).await?;
-        match code.as_str() {
-            "ok" => self.replicate("guard_complete", &guard_key).await,
-            "lost" => Err(StoreError::Invalid(format!(
-                "idempotency key {key}: the claim expired and was taken over before the result was recorded"
-            ))),
-            _ => Err(reply.into_error(&code, nil_id(), 0)),
-        }
+        guard_complete::guard_complete(self, key, token, result, ttl).await
     }
 
     async fn guard_release(&self, key: &str, token: &str) -> Result<(), StoreError> {
-        let guard_key = self.inner.keys.guard(key);
-        let mut invocation = SCRIPTS.guard_release.prepare_invoke();
-        invocation.key(&guard_key).arg(token);
-        let (code, mut reply) = self.invoke("guard_release", None, invocation).await?;
-        match code.as_str() {
-            "ok" => {
-                if reply.flag()? {
-                    self.replicate("guard_release", &guard_key).await?;
-                }
-                Ok(())
-            }
-            _ => Err(reply.into_error(&code, nil_id(), 0)),
-        }
+        guard_release::guard_release(self, key, token).await
     }
 
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
-        let limit = query.limit.clamp(1, MAX_PAGE);
-        let want = limit + 1;
-        let partitions =
-            (0..self.inner.keys.partitions()).map(|p| self.list_partition(p, query, want));
-        let mut rows = Vec::new();
-        for result in join_all(partitions).await {
-            rows.extend(result?);
-        }
-        rows.sort_by_key(|row| row.id);
-        let next = if rows.len() > limit {
-            rows.truncate(limit);
-            rows.last().map(|row| row.id)
-        } else {
-            None
-        };
-        Ok(ListPage { sagas: rows, next })
+        list::list(self, query).await
     }
 
     async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>, StoreError> {
@@ -702,41 +265,14 @@ impl SagaStore for RedisStore {
         Ok(total)
     }
 
+    /// One read-only `count_versions.lua` pass per partition, concurrently, over the
+    /// `running` and `compensating` indexes only, in bounded slices.
+    async fn count_active_by_version(&self) -> Result<Vec<VersionCount>, StoreError> {
+        count_versions::count_active_by_version(self).await
+    }
+
     async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64, StoreError> {
-        let keys = &self.inner.keys;
-        let mut deleted: u64 = 0;
-        for p in 0..keys.partitions() {
-            let remaining = u64::try_from(limit)
-                .unwrap_or(u64::MAX)
-                .saturating_sub(deleted);
-            if remaining == 0 {
-                break;
-            }
-            let terminal = keys.terminal(p);
-            let mut invocation = SCRIPTS.purge.prepare_invoke();
-            invocation
-                .key(&terminal)
-                .key(keys.ids(p))
-                .key(keys.due(p))
-                .key(keys.quarantine(p));
-            for status_key in keys.statuses(p) {
-                invocation.key(status_key);
-            }
-            invocation
-                .arg(keys.partition_base(p))
-                .arg(ms(older_than))
-                .arg(remaining);
-            let (code, mut reply) = self.invoke("purge", None, invocation).await?;
-            if code != "ok" {
-                return Err(reply.into_error(&code, nil_id(), 0));
-            }
-            let n = reply.uint()?;
-            if n > 0 {
-                self.replicate("purge", &terminal).await?;
-            }
-            deleted += n;
-        }
-        Ok(deleted)
+        purge::purge(self, older_than, limit).await
     }
 
     async fn operator_transition(
@@ -745,52 +281,7 @@ impl SagaStore for RedisStore {
         expected: &[SagaStatus],
         transition: Transition,
     ) -> Result<CommitOutcome, StoreError> {
-        transition.check_sizes(self.inner.max_payload)?;
-        let terminal = transition.status.is_terminal();
-        let (schedule, delay) = match transition.schedule {
-            Schedule::WakeAfter(delay) if !terminal => ("wake", ms(delay)),
-            Schedule::Finished if terminal => ("finished", 0),
-            other => {
-                return Err(StoreError::Invalid(format!(
-                    "an operator transition to {} cannot use schedule {other:?}",
-                    transition.status
-                )));
-            }
-        };
-        let expected = expected
-            .iter()
-            .map(|status| status.as_str())
-            .collect::<Vec<_>>()
-            .join(",");
-        let keys = &self.inner.keys;
-        let saga_key = keys.saga(id);
-        let mut invocation = SCRIPTS.operator_transition.prepare_invoke();
-        saga_write_keys(&mut invocation, keys, id);
-        invocation
-            .arg(id.to_string())
-            .arg(&transition.commit_id)
-            .arg(transition.status.as_str())
-            .arg(schedule)
-            .arg(delay)
-            .arg(self.inner.max_payload)
-            .arg(&transition.state)
-            .arg(expected)
-            .arg(transition.events.len());
-        for event in &transition.events {
-            invocation.arg(event);
-        }
-        let (code, mut reply) = self
-            .invoke("operator_transition", Some(id), invocation)
-            .await?;
-        match code.as_str() {
-            "ok" => {
-                self.note_schedule(id, transition.schedule);
-                let cancel_requested = reply.flag()?;
-                self.replicate("operator_transition", &saga_key).await?;
-                Ok(CommitOutcome { cancel_requested })
-            }
-            _ => Err(reply.into_error(&code, id, 0)),
-        }
+        operator_transition::operator_transition(self, id, expected, transition).await
     }
 
     /// `ZCOUNT` of each partition's due set up to now (a leased saga's entry is due at its
@@ -831,79 +322,4 @@ impl SagaStore for RedisStore {
     fn saga_changes(&self) -> Option<tokio::sync::broadcast::Receiver<SagaId>> {
         self.inner.wake.subscribe_changes()
     }
-}
-
-/// Builds a [`StoredSaga`] from the fields of its hash; a missing or malformed field is
-/// [`StoreError::Corrupt`] naming it.
-fn decode_saga(
-    id: SagaId,
-    now: u64,
-    due: &str,
-    quarantined: Option<String>,
-    mut fields: HashMap<String, String>,
-) -> Result<StoredSaga, StoreError> {
-    let corrupt = |problem: String| StoreError::Corrupt { saga: id, problem };
-    let mut take = |name: &str| {
-        fields
-            .remove(name)
-            .ok_or_else(|| corrupt(format!("field {name} is missing from the saga hash")))
-    };
-    let number = |name: &str, text: &str| {
-        text.parse::<u64>().map_err(|_| {
-            corrupt(format!(
-                "field {name} is {text:?}, expected a non-negative integer"
-            ))
-        })
-    };
-    let saga_type = take("type")?;
-    let status_text = take("status")?;
-    let status: SagaStatus = status_text
-        .parse()
-        .map_err(|err| corrupt(format!("field status: {err}")))?;
-    let state = take("state")?;
-    let fingerprint = take("fingerprint")?;
-    let cancel = take("cancel")?;
-    let cancel_requested = match cancel.as_str() {
-        "0" => false,
-        "1" => true,
-        other => {
-            return Err(corrupt(format!(
-                "field cancel is {other:?}, expected 0 or 1"
-            )));
-        }
-    };
-    let fence = number("fence", &take("fence")?)?;
-    let updated_at = Timestamp(number("updated_at", &take("updated_at")?)?);
-    let lease = match (fields.remove("owner"), fields.remove("lease_until")) {
-        (Some(owner), Some(until)) => {
-            let expires_at = number("lease_until", &until)?;
-            (expires_at > now).then_some(LeaseInfo {
-                owner,
-                expires_at: Timestamp(expires_at),
-            })
-        }
-        _ => None,
-    };
-    let due_at = if due.is_empty() {
-        None
-    } else {
-        let score: f64 = due
-            .parse()
-            .map_err(|_| corrupt(format!("due time {due:?} is not a number")))?;
-        // Whole milliseconds by construction.
-        Some(Timestamp(score.max(0.0) as u64))
-    };
-    Ok(StoredSaga {
-        id,
-        saga_type,
-        status,
-        state,
-        fingerprint,
-        cancel_requested,
-        fence,
-        lease,
-        due_at,
-        quarantined,
-        updated_at,
-    })
 }

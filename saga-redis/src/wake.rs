@@ -254,8 +254,9 @@ impl Listener {
     }
 
     /// Passes on what a message says (messages are `<what> <id>`, see `publish_wake` in
-    /// `lua/prelude.lua`): the id of a saga that finished or was changed by an operator goes
-    /// to the change feed; the partition of a saga that became due is marked for `claim_due`.
+    /// `src/scripts/prelude.lua`): the id of a saga that finished or was changed by an
+    /// operator goes to the change feed; the partition of a saga that became due is marked
+    /// for `claim_due`.
     /// Returns `true` for a `finished` message (which carries nothing else).
     fn forward_change(&self, message: &redis::Msg) -> bool {
         let Ok(payload) = message.get_payload::<String>() else {

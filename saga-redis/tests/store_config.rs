@@ -12,7 +12,7 @@ use saga_redis::{ConnectError, RedisStore};
 use saga_redis_testkit::{
     RedisServer, ServerConfig, can_spawn_servers, shared_server, unique_prefix,
 };
-use support::{LONG, builder, new_saga, owner, raw, step};
+use support::{LONG, builder, new_saga, owner, raw, raw_create, step};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_different_partition_count_is_refused() {
@@ -171,34 +171,7 @@ async fn the_payload_limit_is_checked_in_the_scripts_too() {
     // Straight to the script, bypassing the client-side check: a raw EVAL of create.lua is
     // what a client without the check would send; the script's own check must hold.
     let mut conn = raw(&url).await;
-    let script = redis::Script::new(concat!(
-        include_str!("../lua/prelude.lua"),
-        "\n",
-        include_str!("../lua/create.lua")
-    ));
-    let keys = strict.keys();
-    let p = keys.partition_of(id);
-    let reply: redis::Value = script
-        .key(keys.saga(id))
-        .key(keys.events(id))
-        .key(keys.due(p))
-        .key(keys.ids(p))
-        .key(keys.status(p, saga_core::SagaStatus::Running))
-        .key(keys.type_index(p, "t"))
-        .arg(id.to_string())
-        .arg("t")
-        .arg(saga_redis::KeyLayout::type_key("t").to_string())
-        .arg("fp")
-        .arg("")
-        .arg(&big)
-        .arg(1024)
-        .arg("")
-        .arg(0)
-        .arg(1)
-        .arg("{}")
-        .invoke_async(&mut conn)
-        .await
-        .unwrap();
+    let reply = raw_create(&mut conn, &strict, id, &big, 1024, "1").await;
     let text = format!("{reply:?}");
     assert!(
         text.contains("too_large") && text.contains("2048") && text.contains("1024"),

@@ -1,15 +1,16 @@
-//! `saga stats`: counts by status, and what the most recently failed sagas failed of.
+//! `saga stats`: counts by status, the active sagas per type and workflow version, and what
+//! the most recently failed sagas failed of.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use saga_core::store::{ListQuery, SagaSummary};
+use saga_core::store::{ListQuery, SagaSummary, VersionCount};
 use saga_core::{FailureKind, SagaState, SagaStatus, SagaStore};
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::CliError;
-use crate::output::{Report, Table};
+use crate::output::{Report, Table, or_dash};
 
 /// At most this many failed sagas are listed to find the most recent ones.
 const SCAN_CAP: usize = 10_000;
@@ -23,6 +24,10 @@ pub(crate) struct StatsReport {
     /// Sagas set aside for bad data (also counted under their status, usually `running`):
     /// they will not run again until an operator retries or abandons them.
     quarantined: u64,
+    /// Running and compensating sagas per type and workflow version (sorted by type, then
+    /// version; `version` is absent for sagas stored before versions were kept): which
+    /// versions' code must still be deployed.
+    active_by_version: Vec<VersionCount>,
     recent_failures: RecentFailures,
 }
 
@@ -62,6 +67,7 @@ pub(crate) async fn run(store: &dyn SagaStore, failures: usize) -> Result<StatsR
     let counts = store.count_by_status().await?;
     let total = counts.values().sum();
     let quarantined = store.count_quarantined().await?;
+    let active_by_version = store.count_active_by_version().await?;
     let recent = most_recent_failed(store, failures).await?;
     let mut reasons: Vec<ReasonCount> = Vec::new();
     let mut compensation: Vec<ReasonCount> = Vec::new();
@@ -99,6 +105,7 @@ pub(crate) async fn run(store: &dyn SagaStore, failures: usize) -> Result<StatsR
             .collect(),
         total,
         quarantined,
+        active_by_version,
         recent_failures: RecentFailures {
             scanned,
             reasons,
@@ -171,6 +178,7 @@ impl Report for StatsReport {
                 self.quarantined
             );
         }
+        out.push_str(&active_text(&self.active_by_version));
         let recent = &self.recent_failures;
         let _ = writeln!(
             out,
@@ -200,4 +208,24 @@ impl Report for StatsReport {
         }
         out
     }
+}
+
+/// The active sagas per type and version, as a table under a heading.
+fn active_text(rows: &[VersionCount]) -> String {
+    let mut out = String::from("\nactive sagas by type and version\n");
+    if rows.is_empty() {
+        out.push_str("  none\n");
+        return out;
+    }
+    let mut table = Table::new(&["TYPE", "VERSION", "RUNNING", "COMPENSATING"]);
+    for row in rows {
+        table.row(vec![
+            row.saga_type.clone(),
+            or_dash(row.version),
+            row.running.to_string(),
+            row.compensating.to_string(),
+        ]);
+    }
+    out.push_str(&table.render(2));
+    out
 }

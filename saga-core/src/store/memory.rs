@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use super::{
     CancelOutcome, ClaimOutcome, ClaimRequest, CommitOutcome, CreateOutcome, GuardClaim, Lease,
     LeaseInfo, ListPage, ListQuery, NewSaga, SagaStore, SagaSummary, Schedule, StoreError,
-    StoredSaga, Transition,
+    StoredSaga, Transition, VersionCount,
 };
 use crate::{Clock, SagaId, SagaStatus, Timestamp, TokioClock};
 
@@ -40,6 +40,7 @@ struct Inner {
 #[derive(Debug)]
 struct Entry {
     saga_type: String,
+    version: u32,
     status: SagaStatus,
     state: String,
     events: Vec<String>,
@@ -223,6 +224,7 @@ impl SagaStore for MemoryStore {
             new.id,
             Entry {
                 saga_type: new.saga_type,
+                version: new.version,
                 status: SagaStatus::Running,
                 state: new.state,
                 events: new.events,
@@ -540,6 +542,7 @@ impl SagaStore for MemoryStore {
                 id: *id,
                 saga_type: entry.saga_type.clone(),
                 status: entry.status,
+                version: Some(entry.version),
                 updated_at: entry.updated_at,
                 quarantined: entry.quarantined.clone(),
             });
@@ -565,6 +568,18 @@ impl SagaStore for MemoryStore {
             .filter(|e| e.quarantined.is_some())
             .count();
         Ok(u64::try_from(count).unwrap_or(u64::MAX))
+    }
+
+    async fn count_active_by_version(&self) -> Result<Vec<VersionCount>, StoreError> {
+        let inner = self.lock();
+        Ok(VersionCount::tally(inner.sagas.values().map(|entry| {
+            (
+                entry.saga_type.clone(),
+                Some(entry.version),
+                entry.status,
+                1,
+            )
+        })))
     }
 
     async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64, StoreError> {

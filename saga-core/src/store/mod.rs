@@ -285,11 +285,60 @@ pub struct SagaSummary {
     pub saga_type: String,
     /// Status.
     pub status: SagaStatus,
+    /// Version of the workflow code it was started under; `None` only for a saga stored
+    /// before stores kept the version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
     /// Last write.
     pub updated_at: Timestamp,
     /// Quarantine reason, if set aside.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantined: Option<String>,
+}
+
+/// How many active (non-terminal) sagas of one type run under one workflow version, from
+/// [`SagaStore::count_active_by_version`]. Quarantined sagas count under their status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionCount {
+    /// Registered type name.
+    pub saga_type: String,
+    /// The workflow version; `None` for sagas stored before stores kept the version.
+    pub version: Option<u32>,
+    /// Sagas `Running`.
+    pub running: u64,
+    /// Sagas `Compensating`.
+    pub compensating: u64,
+}
+
+impl VersionCount {
+    /// Adds up tallies of `(type, version, status, sagas)` into one row per type and
+    /// version, sorted by type then version (`None` first). Tallies of terminal statuses
+    /// are ignored; a (type, version) seen only with them gets no row.
+    pub fn tally(
+        tallies: impl IntoIterator<Item = (String, Option<u32>, SagaStatus, u64)>,
+    ) -> Vec<VersionCount> {
+        let mut rows: BTreeMap<(String, Option<u32>), (u64, u64)> = BTreeMap::new();
+        for (saga_type, version, status, sagas) in tallies {
+            let counter = match status {
+                SagaStatus::Running => 0,
+                SagaStatus::Compensating => 1,
+                _ => continue,
+            };
+            let row = rows.entry((saga_type, version)).or_default();
+            let slot = if counter == 0 { &mut row.0 } else { &mut row.1 };
+            *slot = slot.saturating_add(sagas);
+        }
+        rows.into_iter()
+            .map(
+                |((saga_type, version), (running, compensating))| VersionCount {
+                    saga_type,
+                    version,
+                    running,
+                    compensating,
+                },
+            )
+            .collect()
+    }
 }
 
 /// A page of a listing.
@@ -554,6 +603,35 @@ pub trait SagaStore: Send + Sync + 'static {
                 None => return Ok(count),
             }
         }
+    }
+
+    /// Counts the active sagas (`Running` and `Compensating`, quarantined ones included under
+    /// their status) per type and workflow version, sorted by type then version; terminal
+    /// sagas are not counted, and a type and version with no active saga has no row. The
+    /// default pages through [`list`](Self::list) with a status filter; stores override it
+    /// with a cheaper count.
+    async fn count_active_by_version(&self) -> Result<Vec<VersionCount>, StoreError> {
+        let mut tallies = Vec::new();
+        for status in [SagaStatus::Running, SagaStatus::Compensating] {
+            let mut query = ListQuery {
+                status: Some(status),
+                limit: 1000,
+                ..ListQuery::default()
+            };
+            loop {
+                let page = self.list(&query).await?;
+                tallies.extend(
+                    page.sagas
+                        .into_iter()
+                        .map(|s| (s.saga_type, s.version, s.status, 1)),
+                );
+                match page.next {
+                    Some(next) => query.after = Some(next),
+                    None => break,
+                }
+            }
+        }
+        Ok(VersionCount::tally(tallies))
     }
 
     /// Deletes up to `limit` terminal sagas last written at least `older_than` ago (so

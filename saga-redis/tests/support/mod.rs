@@ -97,3 +97,45 @@ pub fn ids_in_partition(store: &RedisStore, p: u16, count: usize) -> Vec<SagaId>
         .take(count)
         .collect()
 }
+
+/// Sends `create.lua` (after the prelude, as the store does) straight to the server,
+/// bypassing the client-side checks, for a saga of type `t` with one event `{}`, no claim
+/// and no idempotency key: what a client without those checks would send.
+pub async fn raw_create(
+    conn: &mut redis::aio::MultiplexedConnection,
+    store: &RedisStore,
+    id: SagaId,
+    state: &str,
+    max_payload: usize,
+    version: &str,
+) -> redis::Value {
+    let script = redis::Script::new(concat!(
+        include_str!("../../src/scripts/prelude.lua"),
+        "\n",
+        include_str!("../../src/scripts/create.lua")
+    ));
+    let keys = store.keys();
+    let p = keys.partition_of(id);
+    script
+        .key(keys.saga(id))
+        .key(keys.events(id))
+        .key(keys.due(p))
+        .key(keys.ids(p))
+        .key(keys.status(p, SagaStatus::Running))
+        .key(keys.type_index(p, "t"))
+        .arg(id.to_string())
+        .arg("t")
+        .arg(saga_redis::KeyLayout::type_key("t").to_string())
+        .arg("fp")
+        .arg("")
+        .arg(state)
+        .arg(max_payload)
+        .arg("")
+        .arg(0)
+        .arg(version)
+        .arg(1)
+        .arg("{}")
+        .invoke_async(conn)
+        .await
+        .unwrap_or_else(|err| panic!("create.lua: {err}"))
+}

@@ -47,6 +47,7 @@ mod lease;
 mod limits;
 mod listing;
 mod operator;
+mod versions;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -61,6 +62,7 @@ pub use lease::*;
 pub use limits::*;
 pub use listing::*;
 pub use operator::*;
+pub use versions::*;
 
 use crate::store::{
     ClaimOutcome, ClaimRequest, CommitOutcome, CreateOutcome, Lease, NewSaga, SagaStore, Schedule,
@@ -209,6 +211,7 @@ macro_rules! store_conformance_tests {
                 list_filters_and_pages,
                 count_by_status_counts_every_status,
                 count_quarantined_counts_the_sagas_set_aside,
+                count_active_by_version_counts_running_and_compensating,
                 purge_deletes_only_finished_sagas,
                 purge_respects_the_retention_period,
                 concurrent_claims_have_one_winner,
@@ -436,9 +439,19 @@ async fn claim_due(store: &dyn SagaStore, request: &ClaimRequest, limit: usize) 
 /// Creates a saga of `saga_type` and brings it to `status`: a running one is left due and
 /// unheld; a compensating one is due at once, unheld; a terminal one is finished.
 async fn create_in_status(store: &dyn SagaStore, saga_type: &str, status: SagaStatus) -> SagaId {
+    create_versioned(store, saga_type, 1, status).await
+}
+
+/// [`create_in_status`] for a saga started under workflow `version`.
+async fn create_versioned(
+    store: &dyn SagaStore,
+    saga_type: &str,
+    version: u32,
+    status: SagaStatus,
+) -> SagaId {
     let new = NewSaga {
         saga_type: saga_type.to_owned(),
-        version: 1,
+        version,
         ..new_saga()
     };
     let id = new.id;

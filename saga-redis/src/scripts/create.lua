@@ -17,7 +17,8 @@
 -- ARGV[7]  max payload bytes
 -- ARGV[8]  claim owner ('' for no claim)
 -- ARGV[9]  claim lease ttl, ms
--- ARGV[10] event count n (>= 1), then ARGV[11 .. 10+n] the encoded events
+-- ARGV[10] workflow version (an unsigned 32-bit integer; kept in the hash's `version` field)
+-- ARGV[11] event count n (>= 1), then ARGV[12 .. 11+n] the encoded events
 --
 -- A saga created without a claim PUBLISHes 'created <id>' on the prefix's wake channel
 -- (<prefix>:wake), so that a coordinator claims it; one claimed by its creator does not (its
@@ -32,35 +33,32 @@
 if #KEYS ~= 6 then
   return { 'invalid', 'create: expected 6 keys, got ' .. #KEYS }
 end
-if #ARGV < 11 then
-  return { 'invalid', 'create: expected at least 11 arguments, got ' .. #ARGV }
+if #ARGV < 12 then
+  return { 'invalid', 'create: expected at least 12 arguments, got ' .. #ARGV }
 end
 local id, saga_type, type_key, fingerprint, idem, state = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local owner = ARGV[8]
+local owner, version = ARGV[8], ARGV[10]
 if not is_saga_id(id) or not is_saga_id(type_key) then
   return { 'invalid', 'create: saga id and type key must be UUIDs' }
 end
-if not is_uint(ARGV[7]) or not is_ms(ARGV[9]) or not is_uint(ARGV[10]) then
+if not is_uint(ARGV[7]) or not is_ms(ARGV[9]) or not is_uint(ARGV[11]) then
   return { 'invalid', 'create: max payload, ttl and event count must be non-negative integers' }
 end
-local max, ttl, n = tonumber(ARGV[7]), tonumber(ARGV[9]), tonumber(ARGV[10])
+if not is_version(version) then
+  return { 'invalid', 'create: the workflow version must be an unsigned 32-bit integer, got ' .. describe(version) }
+end
+local max, ttl, n = tonumber(ARGV[7]), tonumber(ARGV[9]), tonumber(ARGV[11])
 if n < 1 then
   return { 'invalid', 'a new saga needs at least its SagaStarted event' }
 end
-if #ARGV ~= 10 + n then
-  return { 'invalid', 'create: expected ' .. (10 + n) .. ' arguments, got ' .. #ARGV }
+if #ARGV ~= 11 + n then
+  return { 'invalid', 'create: expected ' .. (11 + n) .. ' arguments, got ' .. #ARGV }
 end
 local err = too_large('saga state', state, max) or too_large('saga type name', saga_type, max)
   or too_large('fingerprint', fingerprint, max) or too_large('idempotency key', idem, max)
-  or too_large('owner', owner, max)
+  or too_large('owner', owner, max) or events_too_large(12, 11 + n, max)
 if err then
   return err
-end
-for i = 11, 10 + n do
-  err = too_large('event', ARGV[i], max)
-  if err then
-    return err
-  end
 end
 err = expect_type(KEYS[1], 'hash') or expect_type(KEYS[2], 'list') or expect_type(KEYS[3], 'zset')
   or expect_type(KEYS[4], 'zset') or expect_type(KEYS[5], 'zset') or expect_type(KEYS[6], 'zset')
@@ -86,7 +84,8 @@ end
 local now = now_ms()
 local fence, due = 0, now
 local fields = { 'type', saga_type, 'type_key', type_key, 'status', 'running', 'state', state,
-  'fingerprint', fingerprint, 'cancel', '0', 'created_at', int(now), 'updated_at', int(now), 'last_commit', '' }
+  'fingerprint', fingerprint, 'cancel', '0', 'created_at', int(now), 'updated_at', int(now), 'last_commit', '',
+  'version', version }
 if idem ~= '' then
   table.insert(fields, 'idempotency_key')
   table.insert(fields, idem)
@@ -102,7 +101,7 @@ end
 table.insert(fields, 'fence')
 table.insert(fields, int(fence))
 redis.call('HSET', KEYS[1], unpack(fields))
-for i = 11, 10 + n do
+for i = 12, 11 + n do
   redis.call('RPUSH', KEYS[2], ARGV[i])
 end
 redis.call('ZADD', KEYS[3], int(due), id)

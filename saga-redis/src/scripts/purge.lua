@@ -37,15 +37,9 @@ if not is_ms(ARGV[2]) or not is_uint(ARGV[3]) then
 end
 local older_than, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
 local err = expect_type(KEYS[1], 'zset') or expect_type(KEYS[2], 'zset') or expect_type(KEYS[3], 'zset')
-  or expect_type(KEYS[4], 'hash')
+  or expect_type(KEYS[4], 'hash') or expect_types(KEYS, 5, 9, 'zset')
 if err then
   return err
-end
-for i = 5, 9 do
-  err = expect_type(KEYS[i], 'zset')
-  if err then
-    return err
-  end
 end
 if limit == 0 then
   return { 'ok', 0 }

@@ -61,26 +61,9 @@ if (TERMINAL[status] ~= nil) ~= (schedule == 'finished') then
   return { 'invalid', 'status ' .. status .. ' does not go with schedule ' .. schedule }
 end
 local err = too_large('saga state', state, max) or too_large('owner', owner, max)
-  or too_large('commit id', commit_id, max)
+  or too_large('commit id', commit_id, max) or events_too_large(11, 10 + n, max) or expect_rewrite_keys()
 if err then
   return err
-end
-for i = 11, 10 + n do
-  err = too_large('event', ARGV[i], max)
-  if err then
-    return err
-  end
-end
-err = expect_type(KEYS[2], 'list') or expect_type(KEYS[3], 'zset') or expect_type(KEYS[4], 'hash')
-  or expect_type(KEYS[5], 'zset')
-if err then
-  return err
-end
-for i = 6, 10 do
-  err = expect_type(KEYS[i], 'zset')
-  if err then
-    return err
-  end
 end
 
 local refused, f = writable_saga(KEYS[1], KEYS[4], id, fence)

@@ -24,19 +24,9 @@ if not is_ms(ARGV[3]) or not is_uint(ARGV[4]) then
 end
 local ttl, max = tonumber(ARGV[3]), tonumber(ARGV[4])
 local err = too_large('owner', owner, max) or expect_type(KEYS[2], 'zset') or expect_type(KEYS[3], 'hash')
-if err then
-  return err
-end
-local t = key_type(KEYS[1])
-if t == 'none' then
-  return { 'not_found' }
-end
-if t ~= 'hash' then
-  return { 'corrupt', 'key ' .. KEYS[1] .. ' has type ' .. t .. ', expected hash' }
-end
-local f, problem = read_saga(KEYS[1])
-if not f then
-  return { 'corrupt', problem }
+local f, refused = load_saga_or_reply(KEYS[1], err)
+if refused then
+  return refused
 end
 local reason = redis.call('HGET', KEYS[3], id)
 if reason or TERMINAL[f.status] then

@@ -24,19 +24,9 @@ if not is_uint(ARGV[3]) then
 end
 local err = too_large('event', event, tonumber(ARGV[3])) or expect_type(KEYS[2], 'list')
   or expect_type(KEYS[3], 'zset') or expect_type(KEYS[4], 'hash')
-if err then
-  return err
-end
-local t = key_type(KEYS[1])
-if t == 'none' then
-  return { 'not_found' }
-end
-if t ~= 'hash' then
-  return { 'corrupt', 'key ' .. KEYS[1] .. ' has type ' .. t .. ', expected hash' }
-end
-local f, problem = read_saga(KEYS[1])
-if not f then
-  return { 'corrupt', problem }
+local f, refused = load_saga_or_reply(KEYS[1], err)
+if refused then
+  return refused
 end
 if TERMINAL[f.status] then
   return { 'finished', f.status }

@@ -73,36 +73,10 @@ for name in string.gmatch(ARGV[8], '[^,]+') do
   expected[name] = true
 end
 local err = too_large('saga state', state, max) or too_large('commit id', commit_id, max)
-if err then
-  return err
-end
-for i = 10, 9 + n do
-  err = too_large('event', ARGV[i], max)
-  if err then
-    return err
-  end
-end
-err = expect_type(KEYS[2], 'list') or expect_type(KEYS[3], 'zset') or expect_type(KEYS[4], 'hash')
-  or expect_type(KEYS[5], 'zset')
-if err then
-  return err
-end
-for i = 6, 10 do
-  err = expect_type(KEYS[i], 'zset')
-  if err then
-    return err
-  end
-end
-local t = key_type(KEYS[1])
-if t == 'none' then
-  return { 'not_found' }
-end
-if t ~= 'hash' then
-  return { 'corrupt', 'key ' .. KEYS[1] .. ' has type ' .. t .. ', expected hash' }
-end
-local f, problem = read_saga(KEYS[1])
-if not f then
-  return { 'corrupt', problem }
+  or events_too_large(10, 9 + n, max) or expect_rewrite_keys()
+local f, refused = load_saga_or_reply(KEYS[1], err)
+if refused then
+  return refused
 end
 if commit_id ~= '' and f.last_commit == commit_id then
   -- Applied earlier (its reply was lost).

@@ -1,5 +1,5 @@
--- prelude.lua: helpers shared by every script. src/scripts.rs prepends this file to each
--- script's body before hashing and loading it, so every script is self-contained on the
+-- prelude.lua: helpers shared by every script. src/scripts/call.rs prepends this file to
+-- each script's body before hashing and loading it, so every script is self-contained on the
 -- server. It defines functions and constants only; it reads and writes no key.
 --
 -- Conventions of every script:
@@ -44,6 +44,11 @@ end
 -- A non-negative integer of at most 15 digits (exact as a Lua number).
 local function is_uint(s)
   return type(s) == 'string' and string.match(s, '^%d+$') ~= nil and #s <= 15
+end
+
+-- A workflow version: an unsigned 32-bit integer.
+local function is_version(s)
+  return is_uint(s) and tonumber(s) <= 4294967295
 end
 
 -- A duration in milliseconds: at most 14 digits (about 3000 years), so that now + duration
@@ -115,19 +120,66 @@ local function read_saga(key)
   return f, nil
 end
 
--- Reads the saga at `key` for a fenced write: nil and the fields when `fence` may write,
--- otherwise the reply that refuses it. Never writes.
-local function writable_saga(key, quarantine, id, fence)
+-- Reads the saga at `key`: its fields (as read_saga returns them) and nil, or nil and the
+-- reply that refuses the operation: `earlier` when it is not nil (a refusal the script's
+-- earlier checks found, so that they keep their order; the saga is not read then),
+-- {'not_found'} when the key is absent, {'corrupt', problem} when it is not a hash or a
+-- field is missing or malformed. Never writes.
+local function load_saga_or_reply(key, earlier)
+  if earlier then
+    return nil, earlier
+  end
   local t = key_type(key)
   if t == 'none' then
-    return { 'not_found' }, nil
+    return nil, { 'not_found' }
   end
   if t ~= 'hash' then
-    return { 'corrupt', 'key ' .. key .. ' has type ' .. t .. ', expected hash' }, nil
+    return nil, { 'corrupt', 'key ' .. key .. ' has type ' .. t .. ', expected hash' }
   end
   local f, problem = read_saga(key)
   if not f then
-    return { 'corrupt', problem }, nil
+    return nil, { 'corrupt', problem }
+  end
+  return f, nil
+end
+
+-- The first non-nil reply of check(first) .. check(last), or nil.
+local function first_refusal(first, last, check)
+  for i = first, last do
+    local err = check(i)
+    if err then
+      return err
+    end
+  end
+  return nil
+end
+
+-- nil when every key of keys[first .. last] is absent or of type `want`; otherwise the
+-- 'corrupt' reply naming the first that is not.
+local function expect_types(keys, first, last, want)
+  return first_refusal(first, last, function(i) return expect_type(keys[i], want) end)
+end
+
+-- nil when every event of ARGV[first .. last] fits in `max` bytes; otherwise the
+-- 'too_large' reply for the first that does not.
+local function events_too_large(first, last, max)
+  return first_refusal(first, last, function(i) return too_large('event', ARGV[i], max) end)
+end
+
+-- nil when the index KEYS of a saga rewrite (commit, operator_transition: KEYS[2] events
+-- list, KEYS[3] due zset, KEYS[4] quarantine hash, KEYS[5] terminal zset, KEYS[6..10]
+-- status zsets) are absent or of their types; otherwise the 'corrupt' reply.
+local function expect_rewrite_keys()
+  return expect_type(KEYS[2], 'list') or expect_type(KEYS[3], 'zset') or expect_type(KEYS[4], 'hash')
+    or expect_type(KEYS[5], 'zset') or expect_types(KEYS, 6, 10, 'zset')
+end
+
+-- Reads the saga at `key` for a fenced write: nil and the fields when `fence` may write,
+-- otherwise the reply that refuses it. Never writes.
+local function writable_saga(key, quarantine, id, fence)
+  local f, refused = load_saga_or_reply(key)
+  if refused then
+    return refused, nil
   end
   if f.fence ~= fence then
     return { 'fenced', f.fence, f.owner or '' }, f

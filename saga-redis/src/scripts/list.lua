@@ -8,7 +8,9 @@
 -- key base (ARGV[1]) and each id. They share the partition's hash tag, so they are in the
 -- same slot as KEYS by construction (Redis Cluster safe); the script checks that KEYS start
 -- with that base. Ids whose saga is corrupt (key not a hash, type, status or updated_at
--- missing or malformed) are skipped: one bad saga never breaks a listing.
+-- missing or malformed, a version that is not an unsigned 32-bit integer) are skipped: one bad saga never
+-- breaks a listing. A saga stored before versions were kept has no `version` field: its
+-- row says '' for it.
 --
 -- KEYS[1]  index zset         <prefix>:{pNN}:ids | :status:<status> | :type:<type key>
 -- KEYS[2]  quarantine hash    <prefix>:{pNN}:quarantine
@@ -20,7 +22,8 @@
 -- ARGV[6]  type filter ('' = any)
 --
 -- Returns {'ok', exhausted (0|1), last examined id ('' = none), row count r,
---          then r rows of 5: id, type, status, updated_at, quarantine reason ('' = none),
+--          then r rows of 6: id, type, status, updated_at, version ('' = not stored),
+--          quarantine reason ('' = none),
 --          then r flags: quarantined (0|1)}
 --       | {'corrupt', problem} | {'invalid', message}
 
@@ -59,14 +62,15 @@ while count < want and examined < budget do
     last = id
     local key = base .. 'saga:' .. id
     if key_type(key) == 'hash' then
-      local v = redis.call('HMGET', key, 'type', 'status', 'updated_at')
-      if v[1] and STATUS_INDEX[v[2]] and is_uint(v[3]) and (status_filter == '' or v[2] == status_filter)
-          and (type_filter == '' or v[1] == type_filter) then
+      local v = redis.call('HMGET', key, 'type', 'status', 'updated_at', 'version')
+      if v[1] and STATUS_INDEX[v[2]] and is_uint(v[3]) and (not v[4] or is_version(v[4]))
+          and (status_filter == '' or v[2] == status_filter) and (type_filter == '' or v[1] == type_filter) then
         local reason = redis.call('HGET', KEYS[2], id)
         rows[#rows + 1] = id
         rows[#rows + 1] = v[1]
         rows[#rows + 1] = v[2]
         rows[#rows + 1] = v[3]
+        rows[#rows + 1] = v[4] or ''
         rows[#rows + 1] = reason or ''
         flags[#flags + 1] = reason and 1 or 0
         count = count + 1
