@@ -103,6 +103,10 @@ pub enum FailureKind {
     BadData,
     /// An operator abandoned it: it was stopped without (further) compensation.
     Abandoned,
+    /// A step failed for good (or the workflow returned an error) after a pivot step had
+    /// succeeded: nothing was compensated, because the saga can only go forward. Fix the cause
+    /// and retry it (the failed step runs again with a fresh retry budget).
+    AfterPivot,
 }
 
 /// What happened to a saga. Field names follow the structured log record of the design brief.

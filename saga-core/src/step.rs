@@ -43,7 +43,8 @@ use crate::{Classify, RetryPolicy, StepContext};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Compensation {
-    /// No compensation: a pivot (the point of no return) or a read-only step.
+    /// Nothing to undo: a read-only step (a lookup, a score) or one whose effect needs no
+    /// undoing. It changes nothing about what happens to the other steps.
     None,
     /// Undo the step when it completed.
     OnSuccess,
@@ -51,6 +52,15 @@ pub enum Compensation {
     /// its outcome is unknown (for steps that can fail half-way); the compensation then gets
     /// no output.
     Always,
+    /// The point of no return (a *pivot*: charging the card, signing the term sheet). It has
+    /// nothing to undo, and once it has succeeded the saga only goes forward: a later step that
+    /// fails for good ends the saga `Failed` ([`FailureKind::AfterPivot`](crate::FailureKind::AfterPivot))
+    /// without compensating anything, so that an operator fixes the cause and retries it
+    /// forward, and a cancel request is refused. Give the steps after a pivot generous retry
+    /// policies: they must eventually succeed. If the pivot itself fails for good, the steps
+    /// before it are compensated as usual. When a saga has several pivot steps, the first one
+    /// that succeeds is the point of no return (the later ones are then forward-only anyway).
+    Pivot,
 }
 
 /// What a reconciliation check found out about an attempt whose outcome is unknown: the
