@@ -4,9 +4,18 @@ use std::fmt;
 
 use saga_core::{EngineError, SagaId, StoreError};
 
+/// The exit status of a command that failed.
+pub(crate) const EXIT_FAILURE: u8 = 1;
+/// The exit status of an action the saga's state refuses (a cancel past the pivot): nothing
+/// was changed, and trying again will not help.
+pub(crate) const EXIT_REFUSED: u8 = 3;
+
 /// A failed command. Its message is a single line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct CliError(String);
+pub(crate) struct CliError {
+    message: String,
+    exit: u8,
+}
 
 impl CliError {
     /// An error with this message (newlines are folded into spaces).
@@ -18,7 +27,23 @@ impl CliError {
             .filter(|part| !part.is_empty())
             .collect::<Vec<_>>()
             .join(" ");
-        Self(one_line)
+        Self {
+            message: one_line,
+            exit: EXIT_FAILURE,
+        }
+    }
+
+    /// An action the saga's state refuses; exits with [`EXIT_REFUSED`].
+    pub(crate) fn refused(message: impl Into<String>) -> Self {
+        Self {
+            exit: EXIT_REFUSED,
+            ..Self::new(message)
+        }
+    }
+
+    /// The process exit status for this error.
+    pub(crate) fn exit_code(&self) -> u8 {
+        self.exit
     }
 
     /// The unknown-id error.
@@ -29,7 +54,7 @@ impl CliError {
 
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
@@ -39,6 +64,7 @@ impl From<EngineError> for CliError {
             EngineError::NotFound(id) | EngineError::Store(StoreError::NotFound(id)) => {
                 Self::not_found(id)
             }
+            refused @ EngineError::PastPivot { .. } => Self::refused(refused.to_string()),
             other => Self::new(other.to_string()),
         }
     }

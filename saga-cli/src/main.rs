@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Every command prints one table (or, with `--json`, one JSON document) on stdout. A failure
-//! prints one line on stderr and exits with status 1.
+//! prints one line on stderr and exits with status 1; an action the saga's state refuses (a
+//! cancel once the saga is past its pivot) exits with status 3 and changes nothing.
 
 mod cli;
 mod commands;
@@ -30,7 +31,7 @@ fn main() -> ExitCode {
         }
         Err(err) => {
             output::print_error(&err);
-            ExitCode::FAILURE
+            ExitCode::from(err.exit_code())
         }
     }
 }

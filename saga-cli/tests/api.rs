@@ -6,15 +6,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use saga_core::{Coordinator, Engine, MemoryStore, Saga, SagaContext, SagaError};
+use saga_http::{ApiTokens, Auth, GeneratedToken, HttpApi, Principal, Scope, ServeConfig};
+use serde_json::Value;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
-use saga_core::{Coordinator, Engine, MemoryStore, Saga, SagaContext, SagaError};
-use saga_http::{ApiTokens, Auth, GeneratedToken, HttpApi, Principal, Scope, ServeConfig};
-use serde_json::Value;
 use tokio::sync::Semaphore;
 
 struct Greet;

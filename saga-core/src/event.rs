@@ -170,6 +170,11 @@ pub enum EventKind {
         /// `true` when the output came from the step's reconciliation check rather than a run.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         reconciled: bool,
+        /// `true` when this step is the saga's pivot (the first
+        /// [`Compensation::Pivot`](crate::Compensation::Pivot) step to succeed): from here on
+        /// the saga only goes forward. Absent in histories written before pivots existed.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pivot: bool,
     },
     /// A step attempt failed with a transient error and will be retried.
     StepAttemptFailed {
@@ -258,6 +263,15 @@ pub enum EventKind {
         /// Why it needs no undo.
         why: String,
     },
+    /// A cancel request reached the saga after its pivot had succeeded: it is not acted on,
+    /// because the saga can only go forward (requests made once the pivot is recorded are
+    /// refused up front; this records one that raced with the pivot).
+    CancelRefused {
+        /// The pivot step.
+        step: String,
+        /// Its journal position.
+        position: u32,
+    },
     /// Terminal: every step succeeded.
     SagaCompleted {
         /// The workflow output.
@@ -303,6 +317,7 @@ impl EventKind {
             EventKind::StepFailed { .. } => "StepFailed",
             EventKind::ValueRecorded { .. } => "ValueRecorded",
             EventKind::CancelRequested { .. } => "CancelRequested",
+            EventKind::CancelRefused { .. } => "CancelRefused",
             EventKind::CompensationStarted { .. } => "CompensationStarted",
             EventKind::CompensationAttemptFailed { .. } => "CompensationAttemptFailed",
             EventKind::StepCompensated { .. } => "StepCompensated",

@@ -39,7 +39,8 @@ pub use retry::{
     DEFAULT_CLIENT_RETRY_FOR, GiveUpReason, Jitter, RetryDecision, RetryPolicy, RetryPolicyError,
 };
 pub use state::{
-    CompensationRecord, CompensationStatus, FoldError, SagaState, StepRecord, StepStatus,
+    CompensationRecord, CompensationStatus, FoldError, PivotPoint, SagaState, StepRecord,
+    StepStatus,
 };
 pub use status::{SagaStatus, UnknownStatus};
 pub use step::{Compensation, Reconciled, Step};

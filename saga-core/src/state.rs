@@ -132,7 +132,8 @@ pub struct SagaState {
     pub created_at: Timestamp,
     /// When its last event happened.
     pub updated_at: Timestamp,
-    /// A cancel was requested.
+    /// A cancel was requested (see [`SagaState::cancel_pending`]: past the pivot it is not
+    /// acted on).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_requested: bool,
     /// Why it is compensating (or was).
@@ -153,6 +154,24 @@ pub struct SagaState {
     /// How many times a coordinator resumed it.
     #[serde(default)]
     pub resumes: u32,
+    /// The pivot it passed, once its first [`Compensation::Pivot`](crate::Compensation::Pivot)
+    /// step has succeeded: from then on it only goes forward (no compensation, no cancel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub past_pivot: Option<PivotPoint>,
+    /// A cancel request that arrived past the pivot was recorded as refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_refused: bool,
+}
+
+/// The pivot step a saga passed: its point of no return.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PivotPoint {
+    /// Journal position of the pivot step.
+    pub position: u32,
+    /// Its name.
+    pub step: String,
+    /// When it succeeded.
+    pub at: Timestamp,
 }
 
 /// An event that does not fit the state it is applied to: the history is corrupt or was
@@ -198,6 +217,8 @@ impl SagaState {
             owner: None,
             fence: 0,
             resumes: 0,
+            past_pivot: None,
+            cancel_refused: false,
         }
     }
 
@@ -262,6 +283,13 @@ impl SagaState {
             state.apply(seq as u64, event)?;
         }
         Ok(state)
+    }
+
+    /// Whether a cancel request is to be acted on: one was requested and the saga has not
+    /// passed its pivot (past the pivot the saga only goes forward).
+    #[must_use]
+    pub fn cancel_pending(&self) -> bool {
+        self.cancel_requested && self.past_pivot.is_none()
     }
 
     /// The record at `position`, if the journal reaches it.
@@ -421,6 +449,7 @@ impl SagaState {
                 position,
                 output,
                 attempt,
+                pivot,
                 ..
             } => {
                 let record = self.open_record(seq, name, *position, step)?;
@@ -429,6 +458,13 @@ impl SagaState {
                 record.output = Some(output.clone());
                 record.finished_at = Some(event.at);
                 record.next_retry_at = None;
+                if *pivot && self.past_pivot.is_none() {
+                    self.past_pivot = Some(PivotPoint {
+                        position: *position,
+                        step: step.clone(),
+                        at: event.at,
+                    });
+                }
             }
             EventKind::StepAttemptFailed {
                 step,
@@ -489,6 +525,9 @@ impl SagaState {
             }
             EventKind::CancelRequested { .. } => {
                 self.cancel_requested = true;
+            }
+            EventKind::CancelRefused { .. } => {
+                self.cancel_refused = true;
             }
             EventKind::CompensationStarted { reason } => {
                 if self.status != SagaStatus::Running {
@@ -589,8 +628,21 @@ impl SagaState {
                 if !matches!(status, SagaStatus::Running | SagaStatus::Compensating) {
                     return Err(fail(format!("a saga cannot be retried into {status}")));
                 }
+                let after_pivot = matches!(self.failure, Some((FailureKind::AfterPivot, _)));
                 self.status = *status;
                 self.failure = None;
+                if after_pivot {
+                    // The step that gave up past the pivot runs again, with a fresh budget.
+                    for record in &mut self.journal {
+                        if record.status == StepStatus::Failed {
+                            record.status = StepStatus::Retrying;
+                            record.attempts = 0;
+                            record.next_retry_at = None;
+                            record.first_started_at = None;
+                            record.finished_at = None;
+                        }
+                    }
+                }
                 // Compensations that gave up get a fresh budget.
                 for record in &mut self.journal {
                     if let Some(undo) = &mut record.compensation

@@ -100,9 +100,10 @@ pub fn describe(kind: &EventKind) -> String {
             step,
             attempt,
             reconciled,
+            pivot,
             ..
         } => {
-            if *reconciled {
+            let done = if *reconciled {
                 format!(
                     "{} found applied by its reconciliation check (not re-run)",
                     step_label(*position, step)
@@ -112,6 +113,11 @@ pub fn describe(kind: &EventKind) -> String {
                     "{} succeeded on attempt {attempt}",
                     step_label(*position, step)
                 )
+            };
+            if *pivot {
+                format!("{done}; PAST THE PIVOT: the saga only goes forward now")
+            } else {
+                done
             }
         }
         EventKind::StepAttemptFailed {
@@ -148,6 +154,10 @@ pub fn describe(kind: &EventKind) -> String {
             format!("#{position} journaled {name}() = {value}")
         }
         EventKind::CancelRequested { reason } => format!("cancel requested: {reason}"),
+        EventKind::CancelRefused { step, position } => format!(
+            "cancel refused: past the pivot {}, the saga only goes forward",
+            step_label(*position, step)
+        ),
         EventKind::CompensationStarted { reason } => format!("COMPENSATING: {reason}"),
         EventKind::CompensationAttemptFailed {
             position,

@@ -152,6 +152,14 @@ impl From<EngineError> for ApiError {
                     .with("id", saga.to_string())
                     .with("status", status.as_str())
             }
+            EngineError::PastPivot {
+                saga,
+                step,
+                position,
+            } => Self::new(StatusCode::CONFLICT, "past_pivot", message)
+                .with("id", saga.to_string())
+                .with("pivot_step", step)
+                .with("pivot_position", position),
             EngineError::WaitTimedOut { saga, status } => {
                 Self::new(StatusCode::ACCEPTED, "still_running", message)
                     .with("id", saga.to_string())

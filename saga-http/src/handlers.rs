@@ -480,6 +480,11 @@ fn state_json(state: &SagaState, quarantined: Option<&str>) -> Value {
         "created_at": time(state.created_at),
         "updated_at": time(state.updated_at),
         "cancel_requested": state.cancel_requested,
+        "past_pivot": state.past_pivot.as_ref().map(|p| json!({
+            "step": p.step,
+            "position": p.position,
+            "at": time(p.at),
+        })),
         "quarantined": quarantined,
         "output": state.output,
         "compensation_reason": state.compensation_reason,

@@ -4,9 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeSet;
-use std::sync::LazyLock;
-use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
@@ -14,6 +11,9 @@ use http_body_util::BodyExt as _;
 use saga_core::{Coordinator, Engine, MemoryStore, Saga, SagaContext, SagaError, SagaId};
 use saga_http::{ApiTokens, Auth, GeneratedToken, HttpApi, Principal, PrometheusHandle, Scope};
 use serde_json::Value;
+use std::collections::BTreeSet;
+use std::sync::LazyLock;
+use std::time::Duration;
 use tower::ServiceExt as _;
 
 struct Echo;

@@ -5,16 +5,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
 use saga_core::{Coordinator, Engine, MemoryStore, Saga, SagaContext, SagaError};
 use saga_http::client::{ApiClient, ClientError, WaitOutcome};
 use saga_http::{
     ApiTokens, Auth, GeneratedToken, HttpApi, Principal, Scope, ServeConfig, TlsConfig,
 };
 use serde_json::json;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;

@@ -8,11 +8,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use saga_core::{Engine, MemoryStore, Saga, SagaContext, SagaError};
+use saga_http::{Auth, HttpApi, ServeConfig, TlsConfig};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use saga_core::{Engine, MemoryStore, Saga, SagaContext, SagaError};
-use saga_http::{Auth, HttpApi, ServeConfig, TlsConfig};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 

@@ -41,8 +41,8 @@ pub use ledger::{Call, Effect, Ledger};
 pub use script::{Behavior, Gate, Script};
 pub use slow::SlowStore;
 pub use steps::{
-    ALWAYS, NAMES, NONE, ON_SUCCESS, Plan, PlanSaga, ScriptError, Scripted, StepOutput, StepSpec,
-    compensation_mode, fast_policy, run_spec,
+    ALWAYS, NAMES, NONE, ON_SUCCESS, PIVOT, Plan, PlanSaga, ScriptError, Scripted, StepOutput,
+    StepSpec, compensation_mode, fast_policy, run_spec,
 };
 
 #[doc(no_inline)]

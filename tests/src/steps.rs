@@ -1,11 +1,11 @@
 //! The scripted step type and the workflow that runs a plan of them.
 
-use std::time::Duration;
 use saga_core::{
     Classify, Compensation, ErrorClass, Jitter, MissingResource, Phase, Reconciled, RetryPolicy,
     Saga, SagaContext, SagaError, Step, StepContext,
 };
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 use crate::{Behavior, Call, Effect, Ledger, Script};
 
@@ -18,6 +18,8 @@ pub const NONE: u8 = 0;
 pub const ON_SUCCESS: u8 = 1;
 /// `Scripted<_, ALWAYS>` declares [`Compensation::Always`].
 pub const ALWAYS: u8 = 2;
+/// `Scripted<_, PIVOT>` declares [`Compensation::Pivot`].
+pub const PIVOT: u8 = 3;
 
 /// The compensation mode a `Scripted<_, C>` declares.
 #[must_use]
@@ -25,6 +27,7 @@ pub const fn compensation_mode(c: u8) -> Compensation {
     match c {
         NONE => Compensation::None,
         ALWAYS => Compensation::Always,
+        PIVOT => Compensation::Pivot,
         _ => Compensation::OnSuccess,
     }
 }
@@ -182,6 +185,7 @@ pub async fn run_spec(
                 $(
                     ($i, Compensation::None) => saga.run(Scripted::<$i, NONE>::new(spec), input).await,
                     ($i, Compensation::Always) => saga.run(Scripted::<$i, ALWAYS>::new(spec), input).await,
+                    ($i, Compensation::Pivot) => saga.run(Scripted::<$i, PIVOT>::new(spec), input).await,
                     ($i, _) => saga.run(Scripted::<$i, ON_SUCCESS>::new(spec), input).await,
                 )*
                 (other, _) => Err(SagaError::abort(format!("no scripted step with index {other}"))),
@@ -193,7 +197,7 @@ pub async fn run_spec(
 
 /// A step whose every invocation follows the [`Script`] resource and is recorded in the
 /// [`Ledger`] resource. `I` picks its name from [`NAMES`]; `C` its compensation mode
-/// ([`NONE`], [`ON_SUCCESS`], [`ALWAYS`]).
+/// ([`NONE`], [`ON_SUCCESS`], [`ALWAYS`], [`PIVOT`]).
 #[derive(Clone, Debug)]
 pub struct Scripted<const I: usize, const C: u8 = ON_SUCCESS> {
     policy: RetryPolicy,

@@ -6,9 +6,6 @@
 // Tests: a failed unwrap is a failed test, with the error in the message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use saga_core::{
     CompensationRecord, CompensationStatus, Engine, EventKind, FailureKind, Phase,
     Phase::Compensate, Reconciled, RetryPolicy, Saga, SagaContext, SagaError, SagaEvent,
@@ -19,6 +16,9 @@ use saga_tests::{
     Behavior, Gate, Harness, Ledger, Plan, PlanSaga, ScriptError, Scripted, StepOutput, StepSpec,
     assert_fold_matches, compensated_positions, count, events_named, fast_policy, single_terminal,
 };
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// What one call of a compensation's reconciliation check answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,14 +3,14 @@
 // Tests: a failed unwrap is a failed test, with the error in the message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use saga_core::{
     Compensation, EngineError, GuardError, IdempotencyGuard, MemoryStore, Phase, RunOutcome, Saga,
     SagaContext, SagaError, SagaStatus, SagaStore, StartOptions, Step, StepContext,
 };
 use saga_tests::{Behavior, Gate, Harness, Plan, PlanSaga, ScriptError, assert_fold_matches};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 #[tokio::test(start_paused = true)]
 async fn same_key_same_input_returns_the_existing_saga_without_a_second_run() {

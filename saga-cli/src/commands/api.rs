@@ -110,7 +110,12 @@ pub(crate) async fn run(
 }
 
 fn api_error(err: &saga_http::ClientError) -> CliError {
-    CliError::new(err.to_string())
+    match err {
+        saga_http::ClientError::Api { code, .. } if code == "past_pivot" => {
+            CliError::refused(err.to_string())
+        }
+        _ => CliError::new(err.to_string()),
+    }
 }
 
 /// The client from the flags: URL, CA, and the token from its file or the environment.
@@ -206,6 +211,7 @@ impl Report for StatusReport {
         for key in [
             "idempotency_key",
             "cancel_requested",
+            "past_pivot",
             "quarantined",
             "output",
             "compensation_reason",

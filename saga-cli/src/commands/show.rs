@@ -26,6 +26,8 @@ pub(crate) struct ShowReport {
     quarantined: Option<String>,
     idempotency_key: Option<String>,
     cancel_requested: bool,
+    /// The pivot step it passed (`#position name`): it only goes forward now.
+    past_pivot: Option<String>,
     created_at: Option<String>,
     updated_at: String,
     /// When it is next due to run (lease expiry while held).
@@ -173,6 +175,9 @@ fn build(
         quarantined: stored.quarantined.clone(),
         idempotency_key: state.and_then(|s| s.idempotency_key.clone()),
         cancel_requested: stored.cancel_requested || state.is_some_and(|s| s.cancel_requested),
+        past_pivot: state
+            .and_then(|s| s.past_pivot.as_ref())
+            .map(|p| format!("#{} {}", p.position, p.step)),
         created_at: state.map(|s| s.created_at.to_rfc3339()),
         updated_at: stored.updated_at.to_rfc3339(),
         due_at: stored.due_at.map(|at| at.to_rfc3339()),
@@ -323,8 +328,21 @@ impl Report for ShowReport {
         if let Some(reason) = &self.compensation_reason {
             fields.row(vec!["compensating".into(), reason.clone()]);
         }
+        if let Some(pivot) = &self.past_pivot {
+            fields.row(vec![
+                "pivot".into(),
+                format!(
+                    "past the pivot {pivot}: it only goes forward (no compensation, no cancel)"
+                ),
+            ]);
+        }
         if self.cancel_requested {
-            fields.row(vec!["cancel".into(), "requested".into()]);
+            let refused = if self.past_pivot.is_some() {
+                "requested, refused past the pivot"
+            } else {
+                "requested"
+            };
+            fields.row(vec!["cancel".into(), refused.into()]);
         }
         let lease = match &self.lease {
             Some(lease) => format!(

@@ -179,10 +179,11 @@ pub(crate) async fn wait_for_retry(ctx: &mut SagaContext, at: Timestamp) -> Resu
 
 /// Sleeps through an in-process backoff. A forward step's wait ends early when the saga is
 /// cancelled through this engine: the next attempt's start then sees the flag and the saga
-/// compensates at once. A compensation's wait is never cut short (a cancel changes nothing
-/// for it).
+/// compensates at once. A compensation's wait, or one past the pivot, is never cut short (a
+/// cancel changes nothing for them).
 async fn backoff(ctx: &mut SagaContext, phase: Phase, delay: std::time::Duration) {
-    if phase != Phase::Forward {
+    // Past the pivot a cancel changes nothing either: the wait runs its course.
+    if phase != Phase::Forward || ctx.state.past_pivot.is_some() {
         tokio::time::sleep(delay).await;
         return;
     }

@@ -78,8 +78,14 @@ pub(crate) async fn compensate(ctx: &mut SagaContext) -> Result<SagaStatus, Halt
 
 async fn decide(ctx: &mut SagaContext, registered: &Registered, record: &StepRecord) -> Undo {
     let mode = registered.step.compensation();
-    if mode == Compensation::None {
-        return Undo::Skip("declares no compensation (pivot or read-only step)".into());
+    match mode {
+        Compensation::None => {
+            return Undo::Skip("declares no compensation (read-only step)".into());
+        }
+        Compensation::Pivot => {
+            return Undo::Skip("is a pivot step, which declares no compensation".into());
+        }
+        _ => {}
     }
     match record.status {
         StepStatus::Succeeded => Undo::Run(record.output.clone()),

@@ -21,6 +21,9 @@ use crate::{
 pub(crate) enum Halt {
     /// A step failed for good; `StepFailed` and `CompensationStarted` are committed.
     StepFailed(SagaError),
+    /// A step failed for good after the pivot; `StepFailed` is committed and the saga ends
+    /// `Failed` without compensating.
+    FailedAfterPivot(SagaError),
     /// A cancel request was seen; compensation has not been recorded yet.
     Cancelled,
     /// A durable timer was committed; the saga is due again at this time.
@@ -38,7 +41,7 @@ pub(crate) enum Halt {
 impl Halt {
     fn to_error(&self) -> SagaError {
         match self {
-            Halt::StepFailed(err) => err.clone(),
+            Halt::StepFailed(err) | Halt::FailedAfterPivot(err) => err.clone(),
             Halt::Cancelled => SagaError::Cancelled("cancel requested".into()),
             Halt::Suspended(until) => SagaError::Suspended { until: *until },
             Halt::Interrupted(cause) => SagaError::Interrupted(cause.to_string()),
@@ -159,9 +162,18 @@ impl SagaContext {
         self.mode == Mode::Collect
     }
 
+    /// The pivot step this saga has passed, if any (see
+    /// [`Compensation::Pivot`](crate::Compensation::Pivot)): from then on a failure ends the
+    /// saga `Failed` without compensating, and cancel requests are refused.
+    #[must_use]
+    pub fn past_pivot(&self) -> Option<&crate::PivotPoint> {
+        self.state.past_pivot.as_ref()
+    }
+
     /// Runs `step` with `input`, or returns its recorded output if the journal already has
     /// it. Transient failures are retried under the step's policy; a permanent failure (or
-    /// exhausted retries) returns [`SagaError::StepFailed`] and the saga compensates.
+    /// exhausted retries) returns [`SagaError::StepFailed`] and the saga compensates (past
+    /// its pivot it ends `Failed` instead, compensating nothing).
     ///
     /// # Errors
     /// [`SagaError`]: propagate it with `?`. Once one is returned every later call returns
@@ -213,7 +225,7 @@ impl SagaContext {
                 self.execute(&step, erased, position, Some(input), input_value, 1, true).await
             }
             (Mode::Forward, Slot::InFlight { attempts, ambiguous, interruptions, next_retry_at }) => {
-                if self.state.cancel_requested && !ambiguous {
+                if self.state.cancel_pending() && !ambiguous {
                     self.steps.push(Registered { position, step: erased });
                     return Err(self.stop(Halt::Cancelled));
                 }
@@ -221,7 +233,7 @@ impl SagaContext {
                     // Even under a cancel, an attempt cut off mid-way is resolved first (asked
                     // of its reconciliation check, else run again with the same key), so that
                     // the compensation knows whether there is an effect to undo.
-                    self.resolve_in_flight = self.state.cancel_requested;
+                    self.resolve_in_flight = self.state.cancel_pending();
                     if let Some(output) =
                         self.reconcile(&*step, position, attempts, &input).await?
                     {
@@ -434,12 +446,32 @@ impl SagaContext {
                 self.pending.clear();
                 if outcome.cancel_requested {
                     self.state.cancel_requested = true;
+                    self.refuse_cancel_past_pivot()?;
                 }
                 Ok(outcome)
             }
             Err(err @ StoreError::TooLarge { .. }) => Err(Halt::BadData(err.to_string())),
             Err(err) => Err(Halt::Interrupted(Interruption::from_store(err))),
         }
+    }
+
+    /// Whether a success of step `S` now is the saga's pivot: the first pivot step to succeed.
+    fn passes_pivot<S: Step>(&self) -> bool {
+        S::COMPENSATION == crate::Compensation::Pivot && self.state.past_pivot.is_none()
+    }
+
+    /// Records (once, with the next commit) that a cancel request reached the saga after its
+    /// pivot, so the history says why the saga went on.
+    pub(crate) fn refuse_cancel_past_pivot(&mut self) -> Result<(), Halt> {
+        let Some(pivot) = &self.state.past_pivot else {
+            return Ok(());
+        };
+        if !self.state.cancel_requested || self.state.cancel_refused {
+            return Ok(());
+        }
+        let (step, position) = (pivot.step.clone(), pivot.position);
+        tracing::warn!(pivot = %step, position, "cancel request refused: the saga is past its pivot and only goes forward");
+        self.record(EventKind::CancelRefused { step, position })
     }
 
     /// Records the progress made so far and releases the lease with the saga due at once, so
@@ -520,12 +552,14 @@ impl SagaContext {
                         S::NAME
                     )))
                 })?;
+                let pivot = self.passes_pivot::<S>();
                 self.record(EventKind::StepSucceeded {
                     position,
                     step: S::NAME.to_owned(),
                     attempt,
                     output: value,
                     reconciled: true,
+                    pivot,
                 })
                 .map_err(|halt| self.stop(halt))?;
                 tracing::info!(
@@ -597,23 +631,23 @@ impl SagaContext {
             step: erased,
         });
         let ttl = self.shared.config.lease_ttl;
-        let committed = self
-            .commit(
-                vec![
-                    EventKind::StepFailed {
-                        position,
-                        step: step.to_owned(),
-                        attempt,
-                        error: failure,
-                        reason,
-                    },
-                    EventKind::CompensationStarted { reason: cause },
-                ],
-                Schedule::Continue { ttl },
-            )
-            .await;
-        match committed {
-            Ok(_) => Halt::StepFailed(error),
+        let failed = EventKind::StepFailed {
+            position,
+            step: step.to_owned(),
+            attempt,
+            error: failure,
+            reason,
+        };
+        // Past the pivot the saga only goes forward: nothing is compensated, the saga ends
+        // `Failed` for an operator to fix and retry (the drive records that).
+        let (events, halt) = if self.state.past_pivot.is_some() {
+            (vec![failed], Halt::FailedAfterPivot(error))
+        } else {
+            let started = EventKind::CompensationStarted { reason: cause };
+            (vec![failed, started], Halt::StepFailed(error))
+        };
+        match self.commit(events, Schedule::Continue { ttl }).await {
+            Ok(_) => halt,
             Err(halt) => halt,
         }
     }
@@ -645,7 +679,7 @@ impl<S: Step> ForwardStep<S> {
     /// Commits the attempt's `StepStarted`; `Err(Cancelled)` when a cancel stops it first.
     async fn start(&mut self, ctx: &mut SagaContext, attempt: u32, key: &str) -> Result<(), Halt> {
         let resolving = std::mem::take(&mut ctx.resolve_in_flight);
-        if ctx.state.cancel_requested && !resolving {
+        if ctx.state.cancel_pending() && !resolving {
             self.register(ctx);
             return Err(Halt::Cancelled);
         }
@@ -669,7 +703,7 @@ impl<S: Step> ForwardStep<S> {
                 Schedule::Continue { ttl },
             )
             .await?;
-        if started.cancel_requested && !resolving {
+        if started.cancel_requested && ctx.state.cancel_pending() && !resolving {
             // Only a step that never ran is known to have no effect: an earlier attempt
             // (failed, timed out, or cut off by a crash) may have left one, which the
             // compensation phase must then judge like any unfinished step.
@@ -699,12 +733,14 @@ impl<S: Step> ForwardStep<S> {
         })?;
         // Recorded with the next commit (the next step's start, or the saga's end), which
         // always precedes the next effect: one store write per step.
+        let pivot = ctx.passes_pivot::<S>();
         ctx.record(EventKind::StepSucceeded {
             position: self.position,
             step: S::NAME.to_owned(),
             attempt,
             output: value,
             reconciled: false,
+            pivot,
         })?;
         let log = AttemptLog::Succeeded;
         ctx.shared.observe_attempt(

@@ -24,6 +24,8 @@ pub(super) struct Ended<'a> {
     pub(super) journal: &'a [StepRecord],
     /// The journal positions of the steps the workflow reached in this run.
     pub(super) seen: HashSet<u32>,
+    /// Whether the saga has passed its pivot (it then only goes forward).
+    pub(super) past_pivot: bool,
 }
 
 /// What the run does next.
@@ -42,6 +44,9 @@ pub(super) enum Decision {
     Suspend(Timestamp),
     /// The workflow diverged from its journal: the saga fails without compensating.
     FailNondeterministic { position: u32, message: String },
+    /// A step failed for good, or the workflow returned an error, past the pivot: the saga
+    /// fails without compensating, for an operator to retry forward.
+    FailAfterPivot(String),
     /// This run must stop without writing more.
     Stop(Halt),
 }
@@ -55,6 +60,7 @@ pub(super) fn decide(ended: Ended<'_>) -> Decision {
         position,
         journal,
         seen,
+        past_pivot,
     } = ended;
     match (mode, halt, result) {
         (Mode::Forward, None, Ok(output)) => {
@@ -67,7 +73,9 @@ pub(super) fn decide(ended: Ended<'_>) -> Decision {
             }
             Decision::Complete(output)
         }
+        (Mode::Forward, None, Err(err)) if past_pivot => Decision::FailAfterPivot(err.to_string()),
         (Mode::Forward, None, Err(err)) => Decision::Abort(err.to_string()),
+        (_, Some(Halt::FailedAfterPivot(err)), _) => Decision::FailAfterPivot(err.to_string()),
         (Mode::Forward, Some(Halt::Cancelled), _) => Decision::Cancel,
         (_, Some(Halt::StepFailed(_)), _) => Decision::Compensate,
         (Mode::Collect, None | Some(Halt::Collected | Halt::Cancelled), _) => {
@@ -126,6 +134,9 @@ mod tests {
         &'static str,
     );
 
+    /// Past the pivot: halt, what `run` returned, journal position, expected decision.
+    type PivotCase = (Option<Halt>, Result<Value, SagaError>, u32, &'static str);
+
     /// A short, comparable name for a decision.
     fn label(decision: &Decision) -> String {
         match decision {
@@ -137,7 +148,43 @@ mod tests {
             Decision::FailNondeterministic { position, message } => {
                 format!("fail at {position}: {message}")
             }
+            Decision::FailAfterPivot(message) => format!("fail after pivot: {message}"),
             Decision::Stop(halt) => format!("stop {halt:?}"),
+        }
+    }
+
+    #[test]
+    fn past_the_pivot_a_run_only_goes_forward() {
+        let journal = vec![
+            entry(0, "reserve", "succeeded", false),
+            entry(1, "charge", "succeeded", false),
+            entry(2, "ship", "failed", false),
+        ];
+        let all = || HashSet::from([0, 1, 2]);
+        let failed = || SagaError::Aborted("out of stock".into());
+        let stopped = || Halt::Interrupted(Interruption::Stopped("test".into()));
+        #[rustfmt::skip]
+        let table: Vec<PivotCase> = vec![
+            (None, Ok(json!("done")), 3, "complete \"done\""),
+            (None, Err(failed()), 3,
+                "fail after pivot: saga aborted by its workflow: out of stock"),
+            (Some(Halt::FailedAfterPivot(failed())), Err(failed()), 3,
+                "fail after pivot: saga aborted by its workflow: out of stock"),
+            (Some(Halt::Suspended(crate::Timestamp(9))), Err(failed()), 3, "suspend 9"),
+            (Some(stopped()), Err(failed()), 3, "stop Interrupted(Stopped(\"test\"))"),
+        ];
+        for (halt, result, position, expected) in table {
+            let case = format!("{halt:?} {result:?} at {position}");
+            let decision = decide(Ended {
+                mode: Mode::Forward,
+                halt,
+                result,
+                position,
+                journal: &journal,
+                seen: all(),
+                past_pivot: true,
+            });
+            assert_eq!(label(&decision), expected, "{case}");
         }
     }
 
@@ -198,6 +245,7 @@ mod tests {
                 position,
                 journal: &journal,
                 seen,
+                past_pivot: false,
             });
             assert_eq!(label(&decision), expected, "{case}");
         }
@@ -216,6 +264,7 @@ mod tests {
             position: 1,
             journal: &journal,
             seen: [0].into(),
+            past_pivot: false,
         });
         assert_eq!(label(&decision), "compensate");
     }
@@ -233,6 +282,7 @@ mod tests {
             position: 1,
             journal: &journal,
             seen: [0].into(),
+            past_pivot: false,
         });
         assert_eq!(label(&decision), "compensate");
     }

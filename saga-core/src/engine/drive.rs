@@ -92,6 +92,8 @@ impl Engine {
             fence,
         })
         .map_err(|h| halt_error(id, h))?;
+        ctx.refuse_cancel_past_pivot()
+            .map_err(|h| halt_error(id, h))?;
         if let Some(reason) = resumed_from {
             telemetry::resumed(reason);
             tracing::info!(status = %ctx.state.status, reason, "resuming saga from its journal");
@@ -117,6 +119,7 @@ impl Engine {
             position: ctx.position,
             journal: &ctx.state.journal,
             seen: ctx.steps.iter().map(|r| r.position).collect(),
+            past_pivot: ctx.state.past_pivot.is_some(),
         };
         let compensating = match decide(ended) {
             Decision::Complete(output) => {
@@ -142,9 +145,15 @@ impl Engine {
             Decision::Compensate => true,
             Decision::Suspend(until) => return Ok(RunOutcome::Suspended(until)),
             Decision::FailNondeterministic { position, message } => {
+                let error =
+                    format!("non-deterministic workflow at journal position {position}: {message}");
                 return self
-                    .fail_nondeterministic(&mut ctx, position, message)
+                    .fail(&mut ctx, FailureKind::NonDeterministic, error)
                     .await;
+            }
+            Decision::FailAfterPivot(message) => {
+                let error = after_pivot_error(&ctx.state, &message);
+                return self.fail(&mut ctx, FailureKind::AfterPivot, error).await;
             }
             Decision::Stop(halt) => return Err(self.halted(id, halt).await),
         };
@@ -197,19 +206,16 @@ impl Engine {
             .unwrap_or_else(|| "cancel requested".to_owned())
     }
 
-    async fn fail_nondeterministic(
+    /// Ends the saga `Failed` without compensating.
+    async fn fail(
         &self,
         ctx: &mut SagaContext,
-        position: u32,
-        message: String,
+        kind: FailureKind,
+        error: String,
     ) -> Result<RunOutcome, EngineError> {
-        let error = format!("non-deterministic workflow at journal position {position}: {message}");
-        tracing::error!(%error, "saga failed");
+        tracing::error!(%error, ?kind, "saga failed");
         ctx.commit(
-            vec![EventKind::SagaFailed {
-                kind: FailureKind::NonDeterministic,
-                error,
-            }],
+            vec![EventKind::SagaFailed { kind, error }],
             Schedule::Finished,
         )
         .await
@@ -238,6 +244,11 @@ fn halt_error(id: SagaId, halt: Halt) -> EngineError {
         Halt::StepFailed(err) => {
             format!("stopped after a step failed ({err}) before compensation was recorded")
         }
+        Halt::FailedAfterPivot(err) => {
+            format!(
+                "stopped after a step failed past the pivot ({err}) before the saga's failure was recorded"
+            )
+        }
         Halt::Cancelled => {
             "stopped by a cancel request before compensation was recorded".to_owned()
         }
@@ -251,6 +262,20 @@ fn halt_error(id: SagaId, halt: Halt) -> EngineError {
         saga: id,
         cause: Interruption::Stopped(reason),
     }
+}
+
+/// The failure message of a saga that failed past its pivot: what failed, which pivot it had
+/// passed, and what an operator does about it.
+fn after_pivot_error(state: &SagaState, message: &str) -> String {
+    let pivot = match &state.past_pivot {
+        Some(p) => format!("`{}` (journal position {})", p.step, p.position),
+        None => "step".to_owned(),
+    };
+    format!(
+        "{message}; this happened after the pivot {pivot} had succeeded, so nothing was \
+         compensated (the saga only goes forward): fix the cause, then retry the saga to run \
+         the failed step again"
+    )
 }
 
 /// Why a claimed saga counts as resumed, or `None` for its first run.

@@ -110,6 +110,19 @@ pub enum EngineError {
         /// The key.
         key: String,
     },
+    /// A cancel was refused: the saga has passed its pivot (its point of no return) and only
+    /// goes forward now. Nothing was changed. To stop it anyway, abandon it (no compensation).
+    #[error(
+        "saga {saga} cannot be cancelled: it is past its pivot step `{step}` (journal position {position}), the point of no return, and only goes forward now; to stop it without compensating, abandon it"
+    )]
+    PastPivot {
+        /// The saga.
+        saga: SagaId,
+        /// The pivot step it passed.
+        step: String,
+        /// Its journal position.
+        position: u32,
+    },
     /// The saga was set aside because its data is unusable.
     #[error("saga {saga} is quarantined: {reason}")]
     Quarantined {

@@ -514,9 +514,32 @@ impl Engine {
     /// cancel when it ends, and a saga waiting for its timer with no process sleeping on it is
     /// made due at once by the store.
     ///
+    /// A saga past its pivot (a [`Compensation::Pivot`](crate::Compensation::Pivot) step
+    /// succeeded) only goes forward: the cancel is refused with [`EngineError::PastPivot`] and
+    /// nothing changes. A request that races with the pivot's success is recorded and then
+    /// refused by the saga itself (`CancelRefused` in its history).
+    ///
     /// # Errors
-    /// [`EngineError::NotFound`] or a store error.
+    /// [`EngineError::PastPivot`], [`EngineError::NotFound`] or a store error.
     pub async fn cancel(&self, id: SagaId, reason: &str) -> Result<CancelOutcome, EngineError> {
+        let stored = self
+            .shared
+            .store
+            .load(id)
+            .await?
+            .ok_or(EngineError::NotFound(id))?;
+        // A state that does not decode (a quarantined saga) cannot be past a pivot anyone
+        // can see: the request goes ahead, as it did before pivots existed.
+        if !stored.status.is_terminal()
+            && let Ok(state) = self.decode(id, &stored.state)
+            && let Some(pivot) = state.past_pivot
+        {
+            return Err(EngineError::PastPivot {
+                saga: id,
+                step: pivot.step,
+                position: pivot.position,
+            });
+        }
         let event = SagaEvent {
             seq: 0,
             at: self.shared.clock.now(),
