@@ -47,7 +47,7 @@ pub use step::{Compensation, Reconciled, Step};
 pub use store::{CancelOutcome, Lease, ListQuery, MemoryStore, SagaStore, StoreError};
 
 #[cfg(feature = "macros")]
-pub use saga_macros::{Classify, saga_step};
+pub use saga_macros::{Classify, saga, saga_step};
 
 /// Re-exports of `async_trait` and `serde` for code that implements the traits by hand.
 pub use async_trait::async_trait;

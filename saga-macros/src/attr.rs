@@ -44,7 +44,9 @@ impl Errors {
 pub(crate) enum Compensation {
     /// `compensate = path`, with `compensate_on_failure` when `always`.
     Undo { path: Path, always: bool },
-    /// `pivot` or `no_compensation`.
+    /// `pivot`: the point of no return.
+    Pivot,
+    /// `no_compensation`: nothing to undo.
     Nothing,
 }
 
@@ -235,60 +237,75 @@ fn parse_option(meta: &ParseNestedMeta<'_>, raw: &mut Raw, errors: &mut Errors) 
 
 /// Applies the rules that involve several options.
 fn combine(raw: Raw, errors: &mut Errors) -> StepArgs {
-    let mut compensation = None;
-    let mut no_undo = None;
-    for marker in [&raw.pivot, &raw.no_compensation].into_iter().flatten() {
-        match &no_undo {
-            None => no_undo = Some(marker.clone()),
-            Some(first) => errors.push(syn::Error::new_spanned(
-                marker,
-                format!(
-                    "`{}` and `{}` mean the same thing (the step has no compensation); give one",
-                    path_key(first),
-                    path_key(marker)
-                ),
-            )),
-        }
+    if let (Some(_), Some(second)) = (&raw.pivot, &raw.no_compensation) {
+        errors.push(syn::Error::new_spanned(
+            second,
+            "choose one of `pivot` and `no_compensation`: `pivot` marks the point of no return \
+             (once it has succeeded the saga only goes forward, and nothing is compensated \
+             after a later failure), `no_compensation` a step with nothing to undo that leaves \
+             the compensation of the other steps as it is",
+        ));
     }
+    // The marker that counts when both were given (and reported): `pivot`.
+    let (marker, nothing) = match (&raw.pivot, &raw.no_compensation) {
+        (Some(pivot), _) => (Some(pivot), Some(Compensation::Pivot)),
+        (None, Some(no_compensation)) => (Some(no_compensation), Some(Compensation::Nothing)),
+        (None, None) => (None, None),
+    };
+    let mut compensation = nothing;
     if let Some(path) = &raw.compensate {
-        if let Some(marker) = &no_undo {
+        if let Some(marker) = marker {
+            let why = if raw.pivot.is_some() {
+                "a pivot is the point of no return and has nothing to undo; remove `pivot`, \
+                 or `compensate` if the step cannot be undone"
+            } else {
+                "a step either has a compensation or has nothing to undo; remove one of them"
+            };
             errors.push(syn::Error::new_spanned(
                 marker,
-                format!(
-                    "`{}` contradicts `compensate`: a step either has a compensation or has none; \
-                     remove one of them",
-                    path_key(marker)
-                ),
+                format!("`{}` contradicts `compensate`: {why}", path_key(marker)),
             ));
         }
         compensation = Some(Compensation::Undo {
             path: path.clone(),
             always: raw.on_failure.is_some(),
         });
-    } else if no_undo.is_some() {
-        compensation = Some(Compensation::Nothing);
     }
     // A `compensate` with a bad value was reported already.
     if !raw.seen.contains("compensate") {
+        // Why the option has nothing to work on, when the step says it has no compensation.
+        let without = match (&raw.pivot, &raw.no_compensation) {
+            (Some(_), _) => {
+                "; a `pivot` step (the point of no return) has no compensation: remove the option"
+            }
+            (None, Some(_)) => "; a `no_compensation` step has no compensation: remove the option",
+            (None, None) => "",
+        };
         if let Some(flag) = &raw.on_failure {
             errors.push(syn::Error::new_spanned(
                 flag,
-                "`compensate_on_failure` needs `compensate = <async fn>`: it makes that \
-                 compensation run also when the forward action fails",
+                format!(
+                    "`compensate_on_failure` needs `compensate = <async fn>`: it makes that \
+                     compensation run also when the forward action fails{without}"
+                ),
             ));
         }
         if let Some((path, _)) = &raw.compensate_retry {
             errors.push(syn::Error::new_spanned(
                 path,
-                "`compensate_retry` needs `compensate = <async fn>`: a step without a \
-                 compensation has nothing to retry",
+                format!(
+                    "`compensate_retry` needs `compensate = <async fn>`: a step without a \
+                     compensation has nothing to retry{without}"
+                ),
             ));
         }
         if let Some(path) = &raw.reconcile_compensation {
             errors.push(syn::Error::new_spanned(
                 path,
-                "`reconcile_compensation` needs `compensate = <async fn>`: it checks whether \
-                 that compensation's undo was applied",
+                format!(
+                    "`reconcile_compensation` needs `compensate = <async fn>`: it checks \
+                     whether that compensation's undo was applied{without}"
+                ),
             ));
         }
     }
@@ -403,7 +420,7 @@ fn parse_retry(
 }
 
 /// The option's name as written: a single identifier, or the whole path.
-fn path_key(path: &Path) -> String {
+pub(crate) fn path_key(path: &Path) -> String {
     match path.get_ident() {
         Some(ident) => ident.to_string(),
         None => quote::quote!(#path).to_string().replace(' ', ""),
@@ -418,7 +435,7 @@ fn span_of<T: quote::ToTokens>(tokens: &T) -> Span {
         .map_or_else(Span::call_site, |token| token.span())
 }
 
-fn unknown(
+pub(crate) fn unknown(
     path: &Path,
     key: &str,
     what: &str,
@@ -455,7 +472,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// Consumes whatever follows an option that is being rejected, to reach the next one.
-fn skip_value(meta: &ParseNestedMeta<'_>) -> syn::Result<()> {
+pub(crate) fn skip_value(meta: &ParseNestedMeta<'_>) -> syn::Result<()> {
     if meta.input.peek(Token![=]) {
         meta.value()?.parse::<Expr>()?;
     } else if meta.input.peek(syn::token::Paren) {
@@ -477,7 +494,7 @@ fn flag(meta: &ParseNestedMeta<'_>, key: &str, errors: &mut Errors) -> syn::Resu
 }
 
 /// The expression after `key =`, or `None` (with an error) when there is no `=`.
-fn expr_value(
+pub(crate) fn expr_value(
     meta: &ParseNestedMeta<'_>,
     key: &str,
     example: &str,
@@ -708,6 +725,19 @@ mod tests {
         assert_eq!(retry.max_elapsed, Some(Duration::from_secs(60)));
         assert!(args.reconcile.is_some());
         assert!(args.reconcile_compensation.is_some());
+    }
+
+    #[test]
+    fn pivot_and_no_compensation_differ() {
+        let (args, errors) = parse_step_args(quote::quote!(pivot));
+        assert!(errors.into_error().is_none());
+        assert!(matches!(args.compensation, Some(Compensation::Pivot)));
+        let (args, errors) = parse_step_args(quote::quote!(no_compensation));
+        assert!(errors.into_error().is_none());
+        assert!(matches!(args.compensation, Some(Compensation::Nothing)));
+        let (_, errors) = parse_step_args(quote::quote!(pivot, no_compensation));
+        let message = errors.into_error().map(|error| error.to_string());
+        assert!(message.is_some_and(|message| message.starts_with("choose one")));
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub(crate) fn saga_step(args: TokenStream, item: &TokenStream) -> TokenStream {
     }
 }
 
-fn item_span(item: &Item) -> Span {
+pub(crate) fn item_span(item: &Item) -> Span {
     // The whole item would underline pages of code; its first token is enough.
     quote::ToTokens::to_token_stream(item)
         .into_iter()
@@ -55,8 +55,9 @@ fn generate(item_fn: &syn::ItemFn, args: &StepArgs, errors: &mut Errors) -> Toke
             format!(
                 "step `{fn_name}` does not say how its effect is undone when a later step \
                  fails: add `compensate = <async fn(ctx: &StepContext, input: Input, output: \
-                 Output) -> Result<(), Error>>`, or mark it `pivot` (or `no_compensation`) if \
-                 there is nothing to undo"
+                 Output) -> Result<(), Error>>`; or mark it `no_compensation` if there is nothing \
+                 to undo, or `pivot` if it is the point of no return (once it has succeeded, \
+                 nothing is compensated after a later failure)"
             ),
         ));
     }
@@ -67,7 +68,7 @@ fn generate(item_fn: &syn::ItemFn, args: &StepArgs, errors: &mut Errors) -> Toke
             return TokenStream::new();
         }
     };
-    let type_ident = match parse::type_name(&step.ident) {
+    let type_ident = match parse::type_name(&step.ident, &parse::STEP) {
         Ok(ident) => ident,
         Err(error) => {
             errors.push(error);
@@ -139,10 +140,21 @@ fn step_type(
             };
             (variant, method, doc)
         }
+        Some(Compensation::Pivot) => (
+            quote!(Pivot),
+            TokenStream::new(),
+            "Pivot: the point of no return: once it has succeeded the saga only goes forward; \
+             nothing is compensated after a later failure."
+                .to_owned(),
+        ),
+        // `None`: the missing option was reported; the type still exists so that its uses
+        // do not fail too.
         Some(Compensation::Nothing) | None => (
             quote!(None),
             TokenStream::new(),
-            "No compensation: a pivot or read-only step.".to_owned(),
+            "No compensation: nothing to undo (a read-only step); the other steps are \
+             compensated as usual."
+                .to_owned(),
         ),
     };
 

@@ -1,12 +1,13 @@
 //! Procedural macros for [saga-core]: `#[saga_step]` turns an async fn into a saga step type,
-//! `#[derive(Classify)]` states per error variant whether a failure is worth retrying.
+//! `#[saga]` turns the async fn of a workflow into a saga type, and `#[derive(Classify)]`
+//! states per error variant whether a failure is worth retrying.
 //!
-//! Use them through saga-core, which re-exports both behind its default `macros` feature:
+//! Use them through saga-core, which re-exports them behind its default `macros` feature:
 //! the generated code names items as `::saga_core::__private::…`, so the `saga-core`
 //! dependency must keep its name (do not rename it in `Cargo.toml`).
 //!
 //! ```no_run
-//! use saga_core::{saga_step, Classify, StepContext};
+//! use saga_core::{saga, saga_step, Classify, SagaContext, SagaError, StepContext};
 //! # #[derive(serde::Serialize, serde::Deserialize)]
 //! # pub struct NewDeal;
 //! # #[derive(serde::Serialize, serde::Deserialize)]
@@ -38,12 +39,20 @@
 //!     crm(ctx).delete(deal.id).await
 //! }
 //!
-//! // In a workflow: `let deal = saga.run(CreateDeal, new_deal).await?;`
+//! /// Opens the deal: the workflow, registered as the saga type `OpenDeal`.
+//! #[saga(name = "open_deal", version = 1)]
+//! pub async fn open_deal(saga: &mut SagaContext, input: NewDeal) -> Result<u64, SagaError> {
+//!     let deal = saga.run(CreateDeal, input).await?;
+//!     Ok(deal.id)
+//! }
+//!
+//! // Run it with `Engine::builder(store).register(OpenDeal).build()?.execute::<OpenDeal>(..)`.
 //! ```
 //!
 //! Mistakes are compile errors that point at the offending tokens: a fn that is not `async`,
 //! an unknown option, a bad duration, a compensation with the wrong signature, a step that
-//! does not say what undoes it, an error variant that does not say whether it is transient.
+//! does not say what undoes it, a workflow that does not take the saga context, an error
+//! variant that does not say whether it is transient.
 //!
 //! [saga-core]: https://docs.rs/saga-core
 
@@ -53,6 +62,7 @@ mod attr;
 mod classify;
 mod expand;
 mod parse;
+mod workflow;
 
 use proc_macro::TokenStream;
 
@@ -74,12 +84,15 @@ use proc_macro::TokenStream;
 ///
 /// Every option may be given at most once. Exactly one of `compensate`, `pivot` and
 /// `no_compensation` is required: a step that does not say what undoes it is a compile error.
+/// `pivot` and `no_compensation` both mean the step has nothing to undo; they differ in what a
+/// later failure does to the steps before it.
 ///
 /// | option | meaning |
 /// |---|---|
 /// | `compensate = path` | `async fn(ctx: &StepContext, input: In, output: Out) -> Result<(), Err>` undoes a completed step (`Compensation::OnSuccess`). |
 /// | `compensate_on_failure` | with `compensate`: also undo when the forward action failed for good or its outcome is unknown (`Compensation::Always`); the compensation then takes `output: Option<Out>`. |
-/// | `pivot`, `no_compensation` | nothing to undo: the point of no return, or a read-only step (`Compensation::None`). |
+/// | `pivot` | the point of no return (`Compensation::Pivot`): nothing to undo, and once it has succeeded the saga only goes forward; nothing is compensated after a later failure. If the pivot itself fails for good, the steps before it are compensated as usual. |
+/// | `no_compensation` | nothing to undo, such as a read-only step (`Compensation::None`); the other steps are compensated as usual. |
 /// | `name = "create_deal"` | the step's stable name in the journal (default: the fn's name). Renaming a step makes running sagas diverge from their journal. |
 /// | `timeout = "10s"` / `timeout = "none"` | per-attempt timeout, a [humantime] duration above zero, or no timeout (default: the trait's, 30 s). |
 /// | `retry(...)` | the forward retry policy, built on `RetryPolicy::default()`. |
@@ -165,7 +178,8 @@ use proc_macro::TokenStream;
 ///     })
 /// }
 ///
-/// /// Sends the committee its invitation: nothing to take back once sent.
+/// /// Sends the committee its invitation: the point of no return. Once it is sent, the
+/// /// booking stands even if a later step fails.
 /// #[saga_step(pivot)]
 /// pub async fn notify_committee(ctx: &StepContext, input: Booking) -> Result<(), MailError> {
 ///     mail(ctx).send(ctx.idempotency_key(), input).await
@@ -180,6 +194,85 @@ use proc_macro::TokenStream;
 #[proc_macro_attribute]
 pub fn saga_step(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::saga_step(args.into(), &item.into()).into()
+}
+
+/// Turns an `async fn(saga: &mut SagaContext, input: In) -> Result<Out, SagaError>`, a
+/// workflow, into a saga type.
+///
+/// The fn stays as written (it can still be called directly). Next to it the macro defines a
+/// unit struct named in PascalCase after the fn (`deal_flow` → `DealFlow`), with the fn's
+/// visibility, docs and `cfg` attributes, deriving `Clone, Copy, Debug, Default`, that
+/// implements `saga_core::Saga` with `Input = In`, `Output = Out`, and `run` calling the fn.
+/// Register it with `Engine::builder(store).register(DealFlow)` and start it with
+/// `engine.start::<DealFlow>(&input, options)` (or `execute`).
+///
+/// The fn must be a free `async fn` without generics, taking exactly the saga context by
+/// mutable reference and the input by value, and returning `Result<Out, SagaError>` spelled
+/// out with both types. `In` and `Out` are stored with the saga, so they own their data
+/// (`'static`, serde-serializable). The workflow is re-executed on every resume, completed
+/// steps replayed from the journal, so it must be deterministic given its step results
+/// (see `saga_core::Saga`).
+///
+/// # Options
+///
+/// Both are optional; each may be given at most once.
+///
+/// | option | meaning |
+/// |---|---|
+/// | `name = "deal_flow"` | the saga type's registered name, `Saga::NAME`, stored with every saga of this type (default: the fn's name). Not empty, no leading or trailing whitespace. Renaming a saga type leaves the sagas stored under the old name without code to run them. |
+/// | `version = 2` | the workflow version, `Saga::VERSION` (default 1): an integer from 1 to `u32::MAX`. Part of the idempotency fingerprint and stored with every saga started under it; raise it when a change would make running sagas diverge from their journal. |
+///
+/// # Example
+///
+/// ```
+/// use saga_core::{saga, saga_step, Engine, MemoryStore, Saga, SagaContext, SagaError};
+/// use saga_core::{SagaStatus, StartOptions, StepContext};
+/// # #[derive(Debug, thiserror::Error, saga_core::Classify)]
+/// # #[error("crm")] #[classify(transient)] pub struct CrmError;
+///
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// pub struct DealRequest { client: String }
+///
+/// /// Opens the deal in the CRM.
+/// #[saga_step(compensate = delete_deal)]
+/// pub async fn create_deal(ctx: &StepContext, input: String) -> Result<u64, CrmError> {
+///     Ok(7)
+/// }
+///
+/// async fn delete_deal(ctx: &StepContext, input: String, deal: u64) -> Result<(), CrmError> {
+///     Ok(())
+/// }
+///
+/// /// Opens a deal and returns its id.
+/// #[saga(name = "deal_flow", version = 2)]
+/// pub async fn deal_flow(saga: &mut SagaContext, input: DealRequest) -> Result<u64, SagaError> {
+///     let deal = saga.run(CreateDeal, input.client).await?;
+///     Ok(deal)
+/// }
+///
+/// assert_eq!((DealFlow::NAME, DealFlow::VERSION), ("deal_flow", 2));
+///
+/// # tokio::runtime::Runtime::new()?.block_on(async {
+/// let engine = Engine::builder(MemoryStore::new()).register(DealFlow).build()?;
+/// let request = DealRequest { client: "acme".into() };
+/// let outcome = engine.execute::<DealFlow>(&request, StartOptions::key("deal-acme")).await?;
+/// assert_eq!(outcome.status, SagaStatus::Completed);
+/// assert_eq!(outcome.output::<u64>()?, Some(7));
+/// # Ok::<_, saga_core::EngineError>(())
+/// # })?;
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+///
+/// Misuse is reported at the offending tokens, and the fn itself is always emitted: a fn that
+/// is not `async`, is generic or takes `self`; parameters other than `&mut SagaContext` and an
+/// owned input; a return type other than `Result<Out, SagaError>`; an unknown or repeated
+/// option; an empty name; a version that is not an integer from 1 to `u32::MAX`. A context
+/// or error of the wrong type is a type mismatch reported at that type in the signature.
+#[proc_macro_attribute]
+pub fn saga(args: TokenStream, item: TokenStream) -> TokenStream {
+    workflow::saga(args.into(), &item.into()).into()
 }
 
 /// Implements `saga_core::Classify` for an error enum or struct from `#[classify(...)]`

@@ -1,13 +1,38 @@
-//! Reading a step's types from the signature of the fn under `#[saga_step]`.
+//! Reading a step's types from the signature of the fn under `#[saga_step]`, with the checks
+//! that `#[saga]` shares.
 
 use proc_macro2::{Spacing, Span, TokenStream, TokenTree};
 use quote::ToTokens;
 use syn::{
-    Attribute, FnArg, GenericArgument, Ident, ItemFn, PathArguments, ReturnType, Type, TypePath,
-    Visibility,
+    Attribute, FnArg, GenericArgument, Ident, ItemFn, PathArguments, ReturnType, Signature, Type,
+    TypePath, Visibility,
 };
 
 use crate::attr::Errors;
+
+/// Which macro checks a fn, for the wording of its messages.
+pub(crate) struct FnKind {
+    /// What the fn becomes: `"step"` or `"saga"`.
+    pub(crate) noun: &'static str,
+    /// The attribute's name, `"saga_step"` or `"saga"`.
+    pub(crate) attribute: &'static str,
+    /// The signature the attribute expects, quoted in messages.
+    pub(crate) shape: &'static str,
+    /// Why the fn cannot be generic.
+    pub(crate) not_generic: &'static str,
+    /// Where its input and output are kept, which is why they must own their data.
+    pub(crate) stored: &'static str,
+}
+
+/// `#[saga_step]`.
+pub(crate) const STEP: FnKind = FnKind {
+    noun: "step",
+    attribute: "saga_step",
+    shape: "a step is `async fn name(ctx: &StepContext, input: Input) -> Result<Output, Error>`",
+    not_generic: "the step type has one Input, Output and Error type (and the context is taken \
+                  as `&StepContext` with an elided lifetime)",
+    stored: "it is recorded in the journal",
+};
 
 /// What the step type needs from the fn.
 pub(crate) struct StepFn {
@@ -28,72 +53,15 @@ pub(crate) struct StepFn {
 pub(crate) fn step_fn(item: &ItemFn) -> Result<StepFn, syn::Error> {
     let sig = &item.sig;
     let mut errors = Errors::default();
-    let shape = "a step is `async fn name(ctx: &StepContext, input: Input) -> Result<Output, \
-                 Error>`";
+    check_qualifiers(sig, &STEP, &mut errors);
 
-    if sig.asyncness.is_none() {
-        errors.push(syn::Error::new_spanned(
-            sig.fn_token,
-            format!("`#[saga_step]` needs an `async fn`: add `async` before `fn` ({shape})"),
-        ));
-    }
-    if let Some(constness) = &sig.constness {
-        errors.push(syn::Error::new_spanned(
-            constness,
-            "a step fn cannot be `const`",
-        ));
-    }
-    if let Some(unsafety) = &sig.unsafety {
-        errors.push(syn::Error::new_spanned(
-            unsafety,
-            "a step fn cannot be `unsafe`: the engine calls it with no way to uphold its contract",
-        ));
-    }
-    if let Some(abi) = &sig.abi {
-        errors.push(syn::Error::new_spanned(
-            abi,
-            "a step fn cannot have an `extern` ABI",
-        ));
-    }
-    if !sig.generics.params.is_empty() {
-        errors.push(syn::Error::new_spanned(
-            &sig.generics,
-            "a step fn cannot be generic: the step type has one Input, Output and Error type \
-             (and the context is taken as `&StepContext` with an elided lifetime)",
-        ));
-    } else if let Some(where_clause) = &sig.generics.where_clause {
-        errors.push(syn::Error::new_spanned(
-            where_clause,
-            "a step fn cannot have a `where` clause",
-        ));
-    }
-    if let Some(variadic) = &sig.variadic {
-        errors.push(syn::Error::new_spanned(
-            variadic,
-            "a step fn cannot be variadic",
-        ));
-    }
-
-    let mut typed = Vec::new();
-    for arg in &sig.inputs {
-        match arg {
-            FnArg::Receiver(receiver) => errors.push(syn::Error::new_spanned(
-                receiver,
-                format!(
-                    "a step fn cannot take `self`: write a free fn outside any `impl` block \
-                     ({shape})"
-                ),
-            )),
-            FnArg::Typed(pat) => typed.push(&*pat.ty),
-        }
-    }
     let mut ctx_ty = None;
     let mut input_ty = None;
-    if typed.len() == sig.inputs.len() {
+    if let Some(typed) = typed_params(sig, &STEP, &mut errors) {
         match typed.as_slice() {
             [ctx, input] => {
                 ctx_ty = check_ctx(ctx, &mut errors);
-                input_ty = check_owned(input, "input", &mut errors);
+                input_ty = check_owned(input, &STEP, "input", &mut errors);
             }
             _ => errors.push(syn::Error::new(
                 sig.paren_token.span.join(),
@@ -116,8 +84,8 @@ pub(crate) fn step_fn(item: &ItemFn) -> Result<StepFn, syn::Error> {
         }
         ReturnType::Type(_, ty) => match result_types(ty) {
             Some((output, error)) => (
-                check_owned(output, "output", &mut errors),
-                check_owned(error, "error", &mut errors),
+                check_owned(output, &STEP, "output", &mut errors),
+                check_owned(error, &STEP, "error", &mut errors),
             ),
             None => {
                 errors.push(syn::Error::new_spanned(
@@ -138,18 +106,8 @@ pub(crate) fn step_fn(item: &ItemFn) -> Result<StepFn, syn::Error> {
         (Some(ctx_ty), Some(input_ty), Some(output_ty), Some(error_ty)) => Ok(StepFn {
             ident: sig.ident.clone(),
             vis: item.vis.clone(),
-            docs: item
-                .attrs
-                .iter()
-                .filter(|attr| attr.path().is_ident("doc"))
-                .cloned()
-                .collect(),
-            cfgs: item
-                .attrs
-                .iter()
-                .filter(|attr| attr.path().is_ident("cfg"))
-                .cloned()
-                .collect(),
+            docs: attributes(item, "doc"),
+            cfgs: attributes(item, "cfg"),
             ctx_ty,
             input_ty,
             output_ty,
@@ -161,6 +119,99 @@ pub(crate) fn step_fn(item: &ItemFn) -> Result<StepFn, syn::Error> {
             "unsupported step fn signature",
         )),
     }
+}
+
+/// Reports what no generated type can call: a fn that is not `async`, or is `const`,
+/// `unsafe`, `extern`, generic or variadic.
+pub(crate) fn check_qualifiers(sig: &Signature, kind: &FnKind, errors: &mut Errors) {
+    let FnKind {
+        noun,
+        attribute,
+        shape,
+        not_generic,
+        ..
+    } = kind;
+    if sig.asyncness.is_none() {
+        errors.push(syn::Error::new_spanned(
+            sig.fn_token,
+            format!("`#[{attribute}]` needs an `async fn`: add `async` before `fn` ({shape})"),
+        ));
+    }
+    if let Some(constness) = &sig.constness {
+        errors.push(syn::Error::new_spanned(
+            constness,
+            format!("a {noun} fn cannot be `const`"),
+        ));
+    }
+    if let Some(unsafety) = &sig.unsafety {
+        errors.push(syn::Error::new_spanned(
+            unsafety,
+            format!(
+                "a {noun} fn cannot be `unsafe`: the engine calls it with no way to uphold its \
+                 contract"
+            ),
+        ));
+    }
+    if let Some(abi) = &sig.abi {
+        errors.push(syn::Error::new_spanned(
+            abi,
+            format!("a {noun} fn cannot have an `extern` ABI"),
+        ));
+    }
+    if !sig.generics.params.is_empty() {
+        errors.push(syn::Error::new_spanned(
+            &sig.generics,
+            format!("a {noun} fn cannot be generic: {not_generic}"),
+        ));
+    } else if let Some(where_clause) = &sig.generics.where_clause {
+        errors.push(syn::Error::new_spanned(
+            where_clause,
+            format!("a {noun} fn cannot have a `where` clause"),
+        ));
+    }
+    if let Some(variadic) = &sig.variadic {
+        errors.push(syn::Error::new_spanned(
+            variadic,
+            format!("a {noun} fn cannot be variadic"),
+        ));
+    }
+}
+
+/// The types of the parameters, or `None` when there is a `self` receiver (reported).
+pub(crate) fn typed_params<'a>(
+    sig: &'a Signature,
+    kind: &FnKind,
+    errors: &mut Errors,
+) -> Option<Vec<&'a Type>> {
+    let mut typed = Vec::new();
+    let mut receiver = false;
+    for arg in &sig.inputs {
+        match arg {
+            FnArg::Receiver(self_arg) => {
+                receiver = true;
+                errors.push(syn::Error::new_spanned(
+                    self_arg,
+                    format!(
+                        "a {} fn cannot take `self`: write a free fn outside any `impl` block \
+                         ({})",
+                        kind.noun, kind.shape
+                    ),
+                ));
+            }
+            FnArg::Typed(pat) => typed.push(&*pat.ty),
+        }
+    }
+    (!receiver).then_some(typed)
+}
+
+/// The fn's attributes with this name (`doc`, `cfg`), to copy to the generated type: docs so
+/// that it is documented, `cfg`s so that it exists exactly when the fn does.
+pub(crate) fn attributes(item: &ItemFn, name: &str) -> Vec<Attribute> {
+    item.attrs
+        .iter()
+        .filter(|attr| attr.path().is_ident(name))
+        .cloned()
+        .collect()
 }
 
 /// The context parameter: a shared reference.
@@ -185,12 +236,18 @@ fn check_ctx(ty: &Type, errors: &mut Errors) -> Option<Type> {
     }
 }
 
-/// The input, output and error types: owned (they are journaled or cross an `async_trait`
-/// boundary), so no references, borrowed lifetimes or `impl Trait`.
-fn check_owned(ty: &Type, what: &str, errors: &mut Errors) -> Option<Type> {
+/// The input, output and error types: owned (they are stored, or named as associated
+/// types), so no references, borrowed lifetimes or `impl Trait`.
+pub(crate) fn check_owned(
+    ty: &Type,
+    kind: &FnKind,
+    what: &str,
+    errors: &mut Errors,
+) -> Option<Type> {
+    let noun = kind.noun;
     let why = match what {
-        "error" => "the step's Error type must be `'static`",
-        _ => "it is recorded in the journal, so it must own its data (`'static`)",
+        "error" => format!("the {noun}'s Error type must be `'static`"),
+        _ => format!("{}, so it must own its data (`'static`)", kind.stored),
     };
     if let Type::Reference(_) = ungroup(ty) {
         let by_value = if what == "input" {
@@ -200,17 +257,17 @@ fn check_owned(ty: &Type, what: &str, errors: &mut Errors) -> Option<Type> {
         };
         errors.push(syn::Error::new_spanned(
             ty,
-            format!("the step {what} cannot be a reference: {why}; use an owned type{by_value}"),
+            format!("the {noun} {what} cannot be a reference: {why}; use an owned type{by_value}"),
         ));
         return None;
     }
     if let Some((span, found)) = forbidden_token(ty.to_token_stream()) {
         let message = match found {
             Forbidden::Lifetime(lifetime) => format!(
-                "the step {what} type cannot borrow (`'{lifetime}`): {why}; use an owned type"
+                "the {noun} {what} type cannot borrow (`'{lifetime}`): {why}; use an owned type"
             ),
             Forbidden::ImplTrait => format!(
-                "the step {what} type cannot be `impl Trait`: the step type names it as an \
+                "the {noun} {what} type cannot be `impl Trait`: the {noun} type names it as an \
                  associated type; write the concrete type"
             ),
         };
@@ -254,7 +311,7 @@ fn forbidden_token(tokens: TokenStream) -> Option<(Span, Forbidden)> {
 }
 
 /// The type inside the invisible groups that `macro_rules!` fragments (`$ty:ty`) leave.
-fn ungroup(mut ty: &Type) -> &Type {
+pub(crate) fn ungroup(mut ty: &Type) -> &Type {
     while let Type::Group(group) = ty {
         ty = &group.elem;
     }
@@ -262,7 +319,7 @@ fn ungroup(mut ty: &Type) -> &Type {
 }
 
 /// `T` and `E` of `Result<T, E>` (any path ending in `Result` with two type arguments).
-fn result_types(ty: &Type) -> Option<(&Type, &Type)> {
+pub(crate) fn result_types(ty: &Type) -> Option<(&Type, &Type)> {
     let Type::Path(TypePath { qself: None, path }) = ungroup(ty) else {
         return None;
     };
@@ -283,10 +340,11 @@ fn result_types(ty: &Type) -> Option<(&Type, &Type)> {
     }
 }
 
-/// `create_deal` → `CreateDeal`, at the fn name's span. `None` when the name has no letter
+/// `create_deal` → `CreateDeal`, at the fn name's span. An error when the name has no letter
 /// to start a type name with, or is already the type name (a fn and a unit struct of the same
 /// name would clash).
-pub(crate) fn type_name(ident: &Ident) -> Result<Ident, syn::Error> {
+pub(crate) fn type_name(ident: &Ident, kind: &FnKind) -> Result<Ident, syn::Error> {
+    let noun = kind.noun;
     let name = ident.to_string();
     let name = name.strip_prefix("r#").unwrap_or(&name);
     let pascal: String = name
@@ -302,16 +360,18 @@ pub(crate) fn type_name(ident: &Ident) -> Result<Ident, syn::Error> {
     if !pascal.starts_with(|c: char| c.is_alphabetic()) {
         return Err(syn::Error::new_spanned(
             ident,
-            "cannot derive a step type name from this fn name: start it with a letter, like \
-             `create_deal` (which becomes `CreateDeal`)",
+            format!(
+                "cannot derive a {noun} type name from this fn name: start it with a letter, \
+                 like `create_deal` (which becomes `CreateDeal`)"
+            ),
         ));
     }
     if pascal == name {
         return Err(syn::Error::new_spanned(
             ident,
             format!(
-                "the step type would be named `{pascal}` like the fn itself; name the fn in \
-                 snake_case (its PascalCase form names the step type)"
+                "the {noun} type would be named `{pascal}` like the fn itself; name the fn in \
+                 snake_case (its PascalCase form names the {noun} type)"
             ),
         ));
     }
@@ -329,7 +389,8 @@ mod tests {
 
     #[test]
     fn type_names() {
-        let name = |s: &str| type_name(&Ident::new(s, Span::call_site())).map(|i| i.to_string());
+        let name =
+            |s: &str| type_name(&Ident::new(s, Span::call_site()), &STEP).map(|i| i.to_string());
         assert_eq!(name("create_deal").ok().as_deref(), Some("CreateDeal"));
         assert_eq!(name("http_2_call").ok().as_deref(), Some("Http2Call"));
         assert_eq!(name("_private_step").ok().as_deref(), Some("PrivateStep"));

@@ -200,8 +200,9 @@ pub mod steps {
         Ok(Reconciled::NotApplied)
     }
 
-    /// Tells the committee: nothing to take back once sent.
-    #[saga_core::saga_step(pivot)]
+    /// Tells the committee: nothing to take back once sent, and no reason to stop the deal
+    /// from being undone.
+    #[saga_core::saga_step(no_compensation)]
     pub async fn notify_committee(ctx: &StepContext, input: u32) -> Result<(), CrmError> {
         ledger(ctx)?.record(format!("notify_committee {input}"));
         Ok(())
@@ -212,6 +213,14 @@ pub mod steps {
     pub async fn check_credit(ctx: &StepContext, input: u64) -> Result<bool, CrmError> {
         ledger(ctx)?.record(format!("check_credit {input}"));
         Ok(true)
+    }
+
+    /// Signs the term sheet: the point of no return. Not part of the deal flow (what the
+    /// engine does after a pivot is tested in saga-core).
+    #[saga_core::saga_step(pivot)]
+    pub async fn sign_term_sheet(ctx: &StepContext, input: u64) -> Result<(), CrmError> {
+        ledger(ctx)?.record(format!("sign_term_sheet {input}"));
+        Ok(())
     }
 
     /// Writes the audit entry; refused for good when the deal is flagged.
@@ -310,6 +319,15 @@ fn options_reach_the_step_impl() {
     assert_eq!(NotifyCommittee::COMPENSATION, Compensation::None);
     assert_eq!(CheckCredit::COMPENSATION, Compensation::None);
     assert_eq!(WriteAudit::COMPENSATION, Compensation::Always);
+}
+
+/// `pivot` and `no_compensation` both leave nothing to undo, but only a pivot is the point
+/// of no return.
+#[test]
+fn pivot_is_not_no_compensation() {
+    assert_eq!(<SignTermSheet as Step>::COMPENSATION, Compensation::Pivot);
+    assert_eq!(<NotifyCommittee as Step>::COMPENSATION, Compensation::None);
+    assert_eq!(<CheckCredit as Step>::COMPENSATION, Compensation::None);
 }
 
 /// Options left out keep the trait's defaults.
@@ -546,7 +564,7 @@ async fn a_permanent_failure_compensates_in_reverse_order() -> Result<(), saga_c
         ]
     );
     // The failed step is `compensate_on_failure`: undone with no output. Then the completed
-    // steps in reverse: the pivot and the read-only step have nothing to undo.
+    // steps in reverse: the notification and the read-only step have nothing to undo.
     assert_eq!(
         entries[6..],
         [
