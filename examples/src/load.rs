@@ -199,7 +199,7 @@ impl Submit {
             Self::Store(engine) => {
                 let key = content_key(&["deal-flow-load", run_id, &index.to_string()]);
                 let started = engine
-                    .start::<DealFlow>(request, StartOptions::key(key))
+                    .start_with::<DealFlow>(request, StartOptions::key(key))
                     .await?;
                 Ok((started.id, started.created))
             }

@@ -192,8 +192,8 @@ async fn pipeline(
         search_date: date.to_owned(),
     };
     let key = StartOptions::key(content_key(&["sourcing", &company.id, date]));
-    let started = engine.start::<Sourcing>(&request, key.clone()).await?;
-    if duplicate && !engine.start::<Sourcing>(&request, key).await?.created {
+    let started = engine.start_with::<Sourcing>(&request, key.clone()).await?;
+    if duplicate && !engine.start_with::<Sourcing>(&request, key).await?.created {
         duplicates += 1;
     }
     let sourced = engine.run_to_end(started.id).await?;
@@ -211,8 +211,8 @@ async fn pipeline(
         watchlisted: company.watchlisted,
     };
     let key = StartOptions::key(content_key(&["deal", &company.id, date]));
-    let started = engine.start::<DealFlow>(&deal, key.clone()).await?;
-    if duplicate && !engine.start::<DealFlow>(&deal, key).await?.created {
+    let started = engine.start_with::<DealFlow>(&deal, key.clone()).await?;
+    if duplicate && !engine.start_with::<DealFlow>(&deal, key).await?.created {
         duplicates += 1;
     }
     engine.run_to_end(started.id).await?;

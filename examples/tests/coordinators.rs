@@ -473,7 +473,7 @@ fn a_durable_backoff_survives_restarting_every_coordinator() {
     let engine = client(&rt, &target, &prefix);
     let request = deal_request(3, 0, 0.0);
     let started = rt
-        .block_on(engine.start::<DealFlow>(&request, StartOptions::key("durable-backoff-1")))
+        .block_on(engine.start_with::<DealFlow>(&request, StartOptions::key("durable-backoff-1")))
         .unwrap();
     let failed_at = || {
         rt.block_on(engine.history(started.id))
@@ -539,7 +539,7 @@ fn a_saga_from_a_client_only_process_is_picked_up() {
     let engine = client(&rt, &target, &prefix);
     let request = deal_request(9, 1, 0.0);
     let started = rt
-        .block_on(engine.start::<DealFlow>(&request, StartOptions::key("client-1")))
+        .block_on(engine.start_with::<DealFlow>(&request, StartOptions::key("client-1")))
         .unwrap();
     let outcome = rt
         .block_on(engine.wait(started.id, Duration::from_secs(30)))

@@ -262,7 +262,7 @@ async fn prepare(url: &str, prefix: &str) -> (RedisStore, Engine, [SagaId; 5]) {
     // Running: its charge failed transiently and waits on a one-hour durable timer; then
     // another coordinator takes its lease.
     let running = engine
-        .start::<Demo>(&"slow".to_owned(), StartOptions::default())
+        .start_with::<Demo>(&"slow".to_owned(), StartOptions::default())
         .await
         .unwrap_or_else(|err| panic!("start: {err}"))
         .id;
@@ -280,7 +280,7 @@ async fn prepare(url: &str, prefix: &str) -> (RedisStore, Engine, [SagaId; 5]) {
         .unwrap_or_else(|err| panic!("claim: {err}"));
 
     let quarantined = engine
-        .start::<Other>(&"ok".to_owned(), StartOptions::default())
+        .start_with::<Other>(&"ok".to_owned(), StartOptions::default())
         .await
         .unwrap_or_else(|err| panic!("start: {err}"))
         .id;

@@ -41,7 +41,7 @@ fn start_parked(url: &str, prefix: &str) -> SagaId {
             .build()
             .unwrap_or_else(|err| panic!("engine: {err}"));
         engine
-            .start::<Parked>(&"parked".to_owned(), StartOptions::key("cli-retry"))
+            .start_with::<Parked>(&"parked".to_owned(), StartOptions::key("cli-retry"))
             .await
             .unwrap_or_else(|err| panic!("start: {err}"))
             .id

@@ -19,7 +19,7 @@
 //! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
 //! let workers = tokio::spawn(Coordinator::new(engine.clone()).workers(8).run(async { let _ = stopped.await; }));
 //! // Any process can submit; the coordinator picks the saga up.
-//! let started = engine.start::<Noop>(&(), StartOptions::default()).await?;
+//! let started = engine.start_with::<Noop>(&(), StartOptions::default()).await?;
 //! let outcome = engine.wait(started.id, Duration::from_secs(5)).await?;
 //! assert_eq!(outcome.status, SagaStatus::Completed);
 //! let _ = stop.send(());

@@ -1,15 +1,18 @@
 //! A coordinator's background chores, beside its workers: retention (purging terminal sagas
 //! older than the retention period, in small batches) and the store gauges an operator sizes
-//! a deployment by (`saga_stored_sagas{status}`, `saga_due_sagas{partition}`).
+//! a deployment by (`saga_stored_sagas{status}`, `saga_due_sagas{partition}`,
+//! `saga_active_sagas{saga_type, version, status}`).
 //!
 //! Several coordinators may do this at once on one store: a purge only deletes terminal
 //! sagas, each batch atomically per partition, so racing purges just split the work.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::SagaStatus;
 use crate::store::SagaStore;
 
 /// Sagas deleted per purge call: small, so that one call never holds the store for long.
@@ -33,6 +36,7 @@ pub(crate) async fn run(
     chores: Chores,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut active = ActiveGauges::default();
     let mut tick = tokio::time::interval(chores.every.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -44,6 +48,51 @@ pub(crate) async fn run(
             purge_round(&*store, keep, &mut stop).await;
         }
         publish_gauges(&*store).await;
+        active.publish(&*store).await;
+    }
+}
+
+/// The per type and version gauges. A version that has drained is published as 0 once (and
+/// then no more), so the gauge shows it went to zero instead of keeping its last value.
+#[derive(Default)]
+struct ActiveGauges {
+    last: BTreeSet<(String, String)>,
+}
+
+impl ActiveGauges {
+    async fn publish(&mut self, store: &dyn SagaStore) {
+        let counts = match store.count_active_by_version().await {
+            Ok(counts) => counts,
+            Err(err) => {
+                tracing::debug!(error = %err, "could not count active sagas per version for the gauges");
+                return;
+            }
+        };
+        let mut now = BTreeSet::new();
+        for count in counts {
+            let version = count
+                .version
+                .map_or_else(|| "unknown".to_owned(), |v| v.to_string());
+            crate::telemetry::active_sagas(
+                &count.saga_type,
+                &version,
+                SagaStatus::Running,
+                count.running,
+            );
+            crate::telemetry::active_sagas(
+                &count.saga_type,
+                &version,
+                SagaStatus::Compensating,
+                count.compensating,
+            );
+            now.insert((count.saga_type, version));
+        }
+        for (saga_type, version) in self.last.difference(&now) {
+            for status in [SagaStatus::Running, SagaStatus::Compensating] {
+                crate::telemetry::active_sagas(saga_type, version, status, 0);
+            }
+        }
+        self.last = now;
     }
 }
 

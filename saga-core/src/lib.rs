@@ -28,8 +28,9 @@ pub use clock::{Clock, Timestamp, TokioClock};
 pub use context::StepContext;
 pub use coordinator::{Coordinator, CoordinatorReport, DEFAULT_RETENTION};
 pub use engine::{
-    ClientRetry, Engine, EngineBuilder, EngineConfig, EngineError, Interruption, RetryNotice,
-    RetryingStore, RunOutcome, Saga, SagaContext, SagaError, SagaOutcome, StartOptions, Started,
+    ClientRetry, Engine, EngineBuilder, EngineConfig, EngineError, Interruption, Outcome,
+    RetryNotice, RetryingStore, RunOutcome, Saga, SagaContext, SagaError, SagaHandle, SagaOutcome,
+    StartOptions, StartSaga, Started,
 };
 pub use event::{CompensationReason, EventKind, FailureKind, SagaEvent, StepError};
 pub use guard::{DEFAULT_IN_PROGRESS_TTL, GuardError, IdempotencyGuard};

@@ -37,6 +37,10 @@ pub const PURGED_TOTAL: &str = "saga_purged_total";
 pub const STORED_SAGAS: &str = "saga_stored_sagas";
 /// Gauge `saga_due_sagas{partition}`: sagas due to run, by due-index partition.
 pub const DUE_SAGAS: &str = "saga_due_sagas";
+/// Gauge `saga_active_sagas{saga_type, version, status}`: running and compensating sagas by
+/// type and workflow version (`version="unknown"` for sagas stored before versions were
+/// kept), so an operator sees when an old version has drained.
+pub const ACTIVE_SAGAS: &str = "saga_active_sagas";
 
 /// Describes every engine metric (unit and help text) to the installed recorder.
 pub fn describe() {
@@ -89,6 +93,11 @@ pub fn describe() {
         DUE_SAGAS,
         Unit::Count,
         "Sagas due to run, by due-index partition (published by coordinator housekeeping)."
+    );
+    metrics::describe_gauge!(
+        ACTIVE_SAGAS,
+        Unit::Count,
+        "Running and compensating sagas by saga_type and version (published by coordinator housekeeping)."
     );
     metrics::describe_histogram!(
         DURATION_SECONDS,
@@ -144,6 +153,17 @@ pub(crate) fn purged(n: u64) {
 #[allow(clippy::cast_precision_loss)]
 pub(crate) fn stored_sagas(status: SagaStatus, n: u64) {
     metrics::gauge!(STORED_SAGAS, "status" => status.as_str()).set(n as f64);
+}
+
+#[allow(clippy::cast_precision_loss)]
+pub(crate) fn active_sagas(saga_type: &str, version: &str, status: SagaStatus, n: u64) {
+    metrics::gauge!(
+        ACTIVE_SAGAS,
+        "saga_type" => saga_type.to_owned(),
+        "version" => version.to_owned(),
+        "status" => status.as_str()
+    )
+    .set(n as f64);
 }
 
 #[allow(clippy::cast_precision_loss)]

@@ -109,7 +109,7 @@ async fn every_route_needs_a_token_with_its_scope() {
     let callers = Callers::new();
     let app = api(&engine, &callers).router();
     let started = engine
-        .start::<Echo>(&"hello".to_owned(), Default::default())
+        .start_with::<Echo>(&"hello".to_owned(), Default::default())
         .await
         .unwrap();
     let id = started.id;

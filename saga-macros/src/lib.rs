@@ -204,7 +204,7 @@ pub fn saga_step(args: TokenStream, item: TokenStream) -> TokenStream {
 /// visibility, docs and `cfg` attributes, deriving `Clone, Copy, Debug, Default`, that
 /// implements `saga_core::Saga` with `Input = In`, `Output = Out`, and `run` calling the fn.
 /// Register it with `Engine::builder(store).register(DealFlow)` and start it with
-/// `engine.start::<DealFlow>(&input, options)` (or `execute`).
+/// `engine.start(DealFlow, input)` (then `.key(..)`, `.await` or `.execute()`).
 ///
 /// The fn must be a free `async fn` without generics, taking exactly the saga context by
 /// mutable reference and the input by value, and returning `Result<Out, SagaError>` spelled

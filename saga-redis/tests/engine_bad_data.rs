@@ -96,28 +96,28 @@ async fn bad_sagas_are_quarantined_and_the_others_complete() {
     let mut good = Vec::new();
     for n in 0..6 {
         let started = engine
-            .start::<Twice>(&format!("deal-{n}"), StartOptions::default())
+            .start_with::<Twice>(&format!("deal-{n}"), StartOptions::default())
             .await
             .unwrap_or_else(|err| panic!("start: {err}"));
         good.push(started.id);
     }
     let malformed = engine
-        .start::<Twice>(&"malformed".into(), StartOptions::default())
+        .start_with::<Twice>(&"malformed".into(), StartOptions::default())
         .await
         .unwrap_or_else(|e| panic!("{e}"))
         .id;
     let wrong_type = engine
-        .start::<Twice>(&"wrong-type".into(), StartOptions::default())
+        .start_with::<Twice>(&"wrong-type".into(), StartOptions::default())
         .await
         .unwrap_or_else(|e| panic!("{e}"))
         .id;
     let oversized = engine
-        .start::<Twice>(&"big:100000".into(), StartOptions::default())
+        .start_with::<Twice>(&"big:100000".into(), StartOptions::default())
         .await
         .unwrap_or_else(|e| panic!("{e}"))
         .id;
     let unknown = starter
-        .start::<Ghost>(&"boo".into(), StartOptions::default())
+        .start_with::<Ghost>(&"boo".into(), StartOptions::default())
         .await
         .unwrap_or_else(|e| panic!("{e}"))
         .id;

@@ -74,7 +74,7 @@ async fn retention_keeps_what_it_must(store: RedisStore) {
     let mut old = Vec::new();
     for i in 0..6 {
         let id = engine
-            .start::<One>(&(i * 2), StartOptions::default())
+            .start_with::<One>(&(i * 2), StartOptions::default())
             .await
             .unwrap()
             .id;
@@ -85,7 +85,7 @@ async fn retention_keeps_what_it_must(store: RedisStore) {
         old.push(id);
     }
     let running = engine
-        .start::<One>(&1, StartOptions::default())
+        .start_with::<One>(&1, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -100,7 +100,7 @@ async fn retention_keeps_what_it_must(store: RedisStore) {
     }
     // A saga that finished just now is kept (it is younger than the period).
     let recent = engine
-        .start::<One>(&100, StartOptions::default())
+        .start_with::<One>(&100, StartOptions::default())
         .await
         .unwrap()
         .id;

@@ -287,7 +287,7 @@ async fn a_keyless_start_retries_with_the_id_it_drew_once() {
     let store = FlakyStore::new();
     store.fail(Op::Create, [Fault::Before; 3]);
     let started = engine(&store)
-        .start::<Echo>(&1, StartOptions::default())
+        .start_with::<Echo>(&1, StartOptions::default())
         .await
         .unwrap();
     assert!(started.created);
@@ -307,7 +307,7 @@ async fn a_keyless_start_whose_create_reply_was_lost_is_one_saga() {
     store.fail(Op::Create, [Fault::After]);
     let client = engine(&store);
     let started = client
-        .start::<Echo>(&2, StartOptions::default())
+        .start_with::<Echo>(&2, StartOptions::default())
         .await
         .unwrap();
     // The retry found the saga its lost attempt stored: nobody else knows a random id.
@@ -327,7 +327,7 @@ async fn a_keyed_start_whose_create_reply_was_lost_is_one_saga() {
     store.fail(Op::Create, [Fault::After]);
     let client = engine(&store);
     let started = client
-        .start::<Echo>(&3, StartOptions::key("order-3"))
+        .start_with::<Echo>(&3, StartOptions::key("order-3"))
         .await
         .unwrap();
     assert_eq!(started.id, SagaId::from_idempotency_key("echo", "order-3"));
@@ -336,12 +336,12 @@ async fn a_keyed_start_whose_create_reply_was_lost_is_one_saga() {
     assert_eq!(store.total_sagas().await, 1);
     // A repeat of the start is the same saga, and a different input is still a conflict.
     let again = client
-        .start::<Echo>(&3, StartOptions::key("order-3"))
+        .start_with::<Echo>(&3, StartOptions::key("order-3"))
         .await
         .unwrap();
     assert_eq!((again.id, again.created), (started.id, false));
     let conflict = client
-        .start::<Echo>(&4, StartOptions::key("order-3"))
+        .start_with::<Echo>(&4, StartOptions::key("order-3"))
         .await
         .unwrap_err();
     assert!(
@@ -357,7 +357,7 @@ async fn a_start_gives_up_with_the_last_error_at_its_bound() {
     store.set_down(Op::Create, true);
     let began = Instant::now();
     let err = engine(&store)
-        .start::<Echo>(&5, StartOptions::default())
+        .start_with::<Echo>(&5, StartOptions::default())
         .await
         .unwrap_err();
     let waited = began.elapsed();
@@ -382,7 +382,7 @@ async fn errors_a_retry_cannot_fix_fail_at_once() {
     let store = FlakyStore::new();
     store.fail(Op::Create, [Fault::Refuse]);
     let err = engine(&store)
-        .start::<Echo>(&6, StartOptions::default())
+        .start_with::<Echo>(&6, StartOptions::default())
         .await
         .unwrap_err();
     assert!(
@@ -403,7 +403,7 @@ async fn a_no_retry_client_policy_fails_at_the_first_error() {
         .build()
         .unwrap();
     let err = client
-        .start::<Echo>(&7, StartOptions::default())
+        .start_with::<Echo>(&7, StartOptions::default())
         .await
         .unwrap_err();
     assert!(err.is_transient(), "{err:?}");
@@ -415,7 +415,7 @@ async fn wait_rides_out_a_store_blip() {
     let store = FlakyStore::new();
     let client = engine(&store);
     let id = client
-        .start::<Echo>(&8, StartOptions::default())
+        .start_with::<Echo>(&8, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -438,7 +438,7 @@ async fn wait_gives_up_with_the_store_error_at_its_deadline() {
     let store = FlakyStore::new();
     let client = engine(&store);
     let id = client
-        .start::<Echo>(&9, StartOptions::default())
+        .start_with::<Echo>(&9, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -487,7 +487,7 @@ async fn a_local_start_whose_create_reply_was_lost_runs_here() {
     store.fail(Op::Create, [Fault::After]);
     store.fail(Op::Claim, [Fault::Before, Fault::Before]);
     let started = local
-        .start::<Echo>(&10, StartOptions::default())
+        .start_with::<Echo>(&10, StartOptions::default())
         .await
         .unwrap();
     assert!(started.created);
@@ -516,7 +516,7 @@ async fn operator_commands_through_a_retrying_store_apply_once() {
     let store = FlakyStore::new();
     let plain = engine(&store);
     let id = plain
-        .start::<Echo>(&11, StartOptions::default())
+        .start_with::<Echo>(&11, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -551,7 +551,7 @@ async fn operator_commands_through_a_retrying_store_apply_once() {
 
     // Without the wrapper the same lost reply is an error for the operator.
     let other = plain
-        .start::<Echo>(&12, StartOptions::default())
+        .start_with::<Echo>(&12, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -564,7 +564,7 @@ async fn operator_commands_through_a_retrying_store_apply_once() {
 async fn a_retrying_store_fails_at_once_on_a_refusal_and_stops_at_its_deadline() {
     let store = FlakyStore::new();
     let id = engine(&store)
-        .start::<Echo>(&13, StartOptions::default())
+        .start_with::<Echo>(&13, StartOptions::default())
         .await
         .unwrap()
         .id;

@@ -55,7 +55,7 @@ fn engine_as(h: &Harness, plan: Plan, owner: &str, lease: Duration) -> Engine {
 
 async fn start(client: &Engine, seed: u32) -> SagaId {
     client
-        .start::<PlanSaga>(&seed, StartOptions::default())
+        .start_with::<PlanSaga>(&seed, StartOptions::default())
         .await
         .unwrap()
         .id

@@ -134,7 +134,7 @@ impl Running {
 
 async fn start<S: Saga<Input = u32>>(engine: &Engine, input: u32) -> SagaId {
     engine
-        .start::<S>(&input, StartOptions::default())
+        .start_with::<S>(&input, StartOptions::default())
         .await
         .unwrap()
         .id

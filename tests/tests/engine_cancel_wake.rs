@@ -176,7 +176,7 @@ async fn a_cancel_of_another_saga_does_not_wake_the_wait() {
     let retry_at = first_retry_time(&engine, id).await;
     // Started without a coordinator, it never runs: it only needs to exist and be cancelled.
     let bystander = engine
-        .start::<PlanSaga>(&1, StartOptions::key("bystander"))
+        .start_with::<PlanSaga>(&1, StartOptions::key("bystander"))
         .await
         .unwrap();
     engine.cancel(bystander.id, "not this one").await.unwrap();

@@ -358,7 +358,7 @@ async fn cancel_while_a_step_is_blocked_compensates_what_completed() {
     h.script.forward(1, [Behavior::WaitThenOk(gate.clone())]);
     let engine = h.engine(Plan::linear(4).with_all(|s| s.timeout = None));
     let id = engine
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -427,7 +427,7 @@ async fn cancel_of_a_suspended_saga_compensates_on_its_next_run() {
         .build()
         .unwrap();
     let id = engine
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -487,7 +487,7 @@ async fn cancel_between_attempts_still_undoes_an_always_step() {
     });
     let engine = h.engine(plan);
     let id = engine
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -531,7 +531,7 @@ async fn cancel_before_a_step_first_runs_skips_it() {
     });
     let engine = h.engine(plan);
     let id = engine
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;

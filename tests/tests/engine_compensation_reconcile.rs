@@ -486,7 +486,7 @@ async fn crash_mid_undo(
     h.script.compensate(1, [hang]);
     let engine = engine(h, checks, plan);
     let id = engine
-        .start::<CheckedSaga>(&0, StartOptions::default())
+        .start_with::<CheckedSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;

@@ -82,7 +82,7 @@ async fn folded_history_equals_the_stored_state_for_every_ending() {
     h.script.forward(2, [Behavior::WaitThenOk(gate.clone())]);
     let engine = h.engine(Plan::linear(4).with_all(|s| s.timeout = None));
     let id = engine
-        .start::<PlanSaga>(&0, StartOptions::key("c"))
+        .start_with::<PlanSaga>(&0, StartOptions::key("c"))
         .await
         .unwrap()
         .id;
@@ -121,7 +121,7 @@ async fn folded_history_equals_the_stored_state_for_every_ending() {
     };
     let first = timer(Plan::linear(3));
     let id = first
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -148,7 +148,7 @@ async fn folding_a_prefix_gives_the_state_at_that_point() {
         .build()
         .unwrap();
     let id = engine
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -199,7 +199,7 @@ async fn workflow_futures_are_send() {
         let engine = engine.clone();
         async move {
             let id = engine
-                .start::<PlanSaga>(&2, StartOptions::default())
+                .start_with::<PlanSaga>(&2, StartOptions::default())
                 .await?
                 .id;
             engine.run_due(10).await.map(|runs| (id, runs))

@@ -25,7 +25,7 @@ async fn same_key_same_input_returns_the_existing_saga_without_a_second_run() {
     let history = engine.history(first.id).await.unwrap();
 
     let again = engine
-        .start::<PlanSaga>(&7, StartOptions::key("deal-42"))
+        .start_with::<PlanSaga>(&7, StartOptions::key("deal-42"))
         .await
         .unwrap();
     assert_eq!(again.id, first.id);
@@ -54,7 +54,7 @@ async fn same_key_same_input_returns_the_existing_saga_without_a_second_run() {
 
     // Another key is another saga.
     let other = engine
-        .start::<PlanSaga>(&7, StartOptions::key("deal-43"))
+        .start_with::<PlanSaga>(&7, StartOptions::key("deal-43"))
         .await
         .unwrap();
     assert!(other.created);
@@ -66,13 +66,13 @@ async fn same_key_different_input_is_a_conflict() {
     let h = Harness::new();
     let engine = h.engine(Plan::linear(2));
     let first = engine
-        .start::<PlanSaga>(&7, StartOptions::key("deal-42"))
+        .start_with::<PlanSaga>(&7, StartOptions::key("deal-42"))
         .await
         .unwrap();
     assert!(first.created);
 
     let conflict = engine
-        .start::<PlanSaga>(&8, StartOptions::key("deal-42"))
+        .start_with::<PlanSaga>(&8, StartOptions::key("deal-42"))
         .await;
     match conflict {
         Err(EngineError::IdempotencyConflict { saga, key }) => {
@@ -113,7 +113,7 @@ async fn repeated_start_of_a_waiting_saga_does_not_run_it_again() {
         .build()
         .unwrap();
     let started = engine
-        .start::<PlanSaga>(&1, StartOptions::key("k"))
+        .start_with::<PlanSaga>(&1, StartOptions::key("k"))
         .await
         .unwrap();
     assert!(matches!(
@@ -122,7 +122,7 @@ async fn repeated_start_of_a_waiting_saga_does_not_run_it_again() {
     ));
 
     let again = engine
-        .start::<PlanSaga>(&1, StartOptions::key("k"))
+        .start_with::<PlanSaga>(&1, StartOptions::key("k"))
         .await
         .unwrap();
     assert_eq!((again.id, again.created), (started.id, false));
@@ -178,7 +178,7 @@ async fn run_to_end_of_a_saga_this_engine_is_running_waits_for_that_run() {
     h.script.forward(1, [Behavior::WaitThenOk(gate.clone())]);
     let engine = h.engine(Plan::linear(3).with_all(|s| s.timeout = None));
     let id = engine
-        .start::<PlanSaga>(&3, StartOptions::default())
+        .start_with::<PlanSaga>(&3, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -450,7 +450,7 @@ async fn guard_makes_a_re_run_step_apply_its_effect_once() {
     };
     let engine = build();
     let id = engine
-        .start::<Checkout>(&250, StartOptions::default())
+        .start_with::<Checkout>(&250, StartOptions::default())
         .await
         .unwrap()
         .id;

@@ -47,7 +47,7 @@ async fn run_until_step_one(
     tokio::task::JoinHandle<Result<saga_core::SagaOutcome, EngineError>>,
 ) {
     let id = engine
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -203,7 +203,7 @@ async fn the_coordinator_counts_interruptions_by_cause() {
             }),
     );
     client
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap();
     gate.entered.notified().await;

@@ -49,7 +49,7 @@ async fn start_json_starts_a_registered_type_by_name() {
     assert!(started.created);
     // The same request through the typed API finds the same saga.
     let typed = engine
-        .start::<PlanSaga>(&7, StartOptions::key("order-7"))
+        .start_with::<PlanSaga>(&7, StartOptions::key("order-7"))
         .await
         .unwrap();
     assert_eq!((typed.id, typed.created), (started.id, false));
@@ -169,7 +169,7 @@ async fn retry_gives_a_failed_compensation_a_fresh_budget() {
     let plan = Plan::linear(2).with(0, |s| s.compensation_policy = fast_policy(3));
     let engine = h.engine(plan);
     let id = engine
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -289,7 +289,7 @@ async fn retry_refuses_sagas_that_are_not_failed_or_quarantined() {
     // A saga that is running (not stuck) cannot be retried either.
     h.script.forward(0, [Behavior::WaitThenOk(gate.clone())]);
     let id = engine
-        .start::<PlanSaga>(&1, StartOptions::default())
+        .start_with::<PlanSaga>(&1, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -324,7 +324,7 @@ async fn retry_releases_a_quarantined_saga() {
     let plan = Plan::linear(2);
     let client = h.engine(plan.clone());
     let id = client
-        .start::<PlanSaga>(&3, StartOptions::default())
+        .start_with::<PlanSaga>(&3, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -406,7 +406,7 @@ async fn abandon_fences_out_the_running_holder_and_compensates_nothing() {
             }),
     );
     let id = client
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -518,7 +518,7 @@ async fn abandon_refuses_finished_sagas_and_ends_failed_ones_for_good() {
 
     // A saga nobody runs yet can be abandoned too; no step ever runs.
     let fresh = engine
-        .start::<PlanSaga>(&2, StartOptions::default())
+        .start_with::<PlanSaga>(&2, StartOptions::default())
         .await
         .unwrap()
         .id;

@@ -122,7 +122,7 @@ async fn retry_after_the_pivot_continues_forward(h: &Harness, build: &Build) {
     h.script.forward(3, [Behavior::Permanent, Behavior::Ok]);
     let engine = build(h, pivot_plan());
     let id = engine
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -161,7 +161,7 @@ async fn cancel_after_the_pivot_is_refused(h: &Harness, build: &Build) {
     h.script.forward(2, [Behavior::WaitThenOk(gate.clone())]);
     let engine = build(h, pivot_plan());
     let id = engine
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -198,7 +198,7 @@ async fn cancel_racing_the_pivot_is_refused_by_the_saga(h: &Harness, build: &Bui
     h.script.forward(1, [Behavior::WaitThenOk(gate.clone())]);
     let engine = build(h, pivot_plan());
     let id = engine
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;

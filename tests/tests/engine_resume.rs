@@ -41,7 +41,7 @@ async fn attempt_numbers_continue_after_a_resume() {
     let plan = Plan::linear(3).with(1, |s| s.policy = fast_policy(5));
     let first = timer_engine(&h, plan.clone());
     let id = first
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -100,7 +100,7 @@ async fn max_attempts_counts_attempts_made_before_a_resume() {
     let plan = Plan::linear(3).with(1, |s| s.policy = fast_policy(2));
     let first = timer_engine(&h, plan.clone());
     let id = first
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -128,7 +128,7 @@ async fn a_lapsed_lease_lets_another_coordinator_resume() {
     let plan = Plan::linear(3).with_all(|s| s.timeout = None);
     let engine = h.engine(plan.clone());
     let id = engine
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -176,7 +176,7 @@ async fn compensation_attempts_continue_after_a_resume() {
     let plan = Plan::linear(3).with(1, |s| s.compensation_policy = fast_policy(3));
     let first = timer_engine(&h, plan.clone());
     let id = first
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -232,7 +232,7 @@ async fn a_long_step_keeps_its_lease() {
     let engine = h.engine(plan.clone());
     let ttl = engine.config().lease_ttl;
     let id = engine
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -510,7 +510,7 @@ async fn reconcile_applied_prevents_re_running_an_ambiguous_step() {
     let plan = Plan::linear(4);
     let engine = h.engine(plan.clone());
     let id = engine
-        .start::<PlanSaga>(&5, StartOptions::default())
+        .start_with::<PlanSaga>(&5, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -567,7 +567,7 @@ async fn reconcile_not_applied_re_runs_the_step_once() {
     let plan = Plan::linear(3).with_all(|s| s.timeout = None);
     let engine = h.engine(plan.clone());
     let id = engine
-        .start::<PlanSaga>(&5, StartOptions::default())
+        .start_with::<PlanSaga>(&5, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -599,7 +599,7 @@ async fn diverging_workflow_fails_the_saga_without_compensating() {
         h.script.forward(2, [Behavior::RetryAfter(LONG)]);
         let original = timer_engine(&h, Plan::linear(4));
         let id = original
-            .start::<PlanSaga>(&0, StartOptions::default())
+            .start_with::<PlanSaga>(&0, StartOptions::default())
             .await
             .unwrap()
             .id;
@@ -643,7 +643,7 @@ async fn diverging_step_name_is_reported() {
     h.script.forward(1, [Behavior::RetryAfter(LONG)]);
     let original = timer_engine(&h, Plan::linear(3));
     let id = original
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -698,7 +698,7 @@ async fn journaled_now_and_uuid_replay_the_recorded_values() {
     };
     let first = build();
     let id = first
-        .start::<Stamped>(&0, StartOptions::default())
+        .start_with::<Stamped>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;
@@ -755,7 +755,7 @@ async fn a_cut_off_coordinator_is_fenced_when_it_comes_back() {
     let link = Arc::new(CrashingStore::healthy(h.store.clone()));
     let cut_off = h.builder_on(link.clone(), plan.clone()).build().unwrap();
     let id = cut_off
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;

@@ -77,7 +77,7 @@ fn timer_engine(h: &Harness, plan: Plan) -> Engine {
 /// Starts a saga whose step 1 waits on a durable timer, and runs it until it suspends.
 async fn suspended(engine: &Engine) -> SagaId {
     let id = engine
-        .start::<PlanSaga>(&0, StartOptions::default())
+        .start_with::<PlanSaga>(&0, StartOptions::default())
         .await
         .unwrap()
         .id;

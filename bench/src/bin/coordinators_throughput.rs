@@ -135,7 +135,7 @@ async fn measure(target: &Target, coordinators: usize, args: &Args) -> Row {
                 }
                 let begun = Instant::now();
                 let id = engine
-                    .start::<FourSteps>(&n, StartOptions::default())
+                    .start_with::<FourSteps>(&n, StartOptions::default())
                     .await
                     .unwrap_or_else(|err| panic!("start: {err}"))
                     .id;

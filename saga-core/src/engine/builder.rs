@@ -1,10 +1,10 @@
 //! Engine settings and the builder that checks them.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::definition::{ErasedSaga, TypedSaga};
+use super::definition::TypedSaga;
+use super::registry::Registry;
 use super::shared::Shared;
 use super::{Engine, EngineError, Saga, operations};
 use crate::store::SagaStore;
@@ -55,7 +55,7 @@ impl Default for EngineConfig {
 /// Builds an [`Engine`].
 pub struct EngineBuilder {
     store: Arc<dyn SagaStore>,
-    registry: HashMap<&'static str, Arc<dyn ErasedSaga>>,
+    registry: Registry,
     resources: Resources,
     clock: Arc<dyn Clock>,
     config: EngineConfig,
@@ -64,17 +64,22 @@ pub struct EngineBuilder {
 impl std::fmt::Debug for EngineBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EngineBuilder")
-            .field("sagas", &self.registry.keys().collect::<Vec<_>>())
+            .field("sagas", &self.registry)
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
 impl EngineBuilder {
-    /// Registers a saga type.
+    /// Registers a saga type under its `NAME` and `VERSION`. Register several versions of
+    /// one workflow side by side while sagas started under the old ones drain: each saga runs
+    /// under the version it was started with, and a start by name
+    /// ([`Engine::start_json`](crate::Engine::start_json)) uses the newest unless it picks one.
+    /// Registering the same name and version twice is a configuration error at
+    /// [`EngineBuilder::build`].
     #[must_use]
     pub fn register<S: Saga>(mut self, saga: S) -> Self {
-        self.registry.insert(S::NAME, Arc::new(TypedSaga(saga)));
+        self.registry.insert(Arc::new(TypedSaga(saga)));
         self
     }
 
@@ -153,8 +158,10 @@ impl EngineBuilder {
     ///
     /// # Errors
     /// [`EngineError::Config`] when the owner id is empty, the lease is shorter than 30 ms,
-    /// or in-process waits could outlast a third of the lease.
+    /// in-process waits could outlast a third of the lease, or a saga type's name and
+    /// version were registered twice (or its version is 0).
     pub fn build(self) -> Result<Engine, EngineError> {
+        self.registry.check().map_err(EngineError::Config)?;
         let config = self.config;
         if config.owner.trim().is_empty() {
             return Err(EngineError::Config("owner id must not be empty".into()));
@@ -196,7 +203,7 @@ impl Engine {
     pub fn builder_shared(store: Arc<dyn SagaStore>) -> EngineBuilder {
         EngineBuilder {
             store,
-            registry: HashMap::new(),
+            registry: Registry::default(),
             resources: Resources::default(),
             clock: Arc::new(TokioClock::new()),
             config: EngineConfig::default(),

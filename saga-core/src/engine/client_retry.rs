@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use super::EngineError;
 use crate::store::{
     CancelOutcome, ClaimOutcome, ClaimRequest, CommitOutcome, CreateOutcome, GuardClaim, Lease,
-    ListPage, ListQuery, NewSaga, SagaStore, StoredSaga, Transition,
+    ListPage, ListQuery, NewSaga, SagaStore, StoredSaga, Transition, VersionCount,
 };
 use crate::{RetryPolicy, SagaId, SagaStatus, StoreError};
 
@@ -416,6 +416,14 @@ impl SagaStore for RetryingStore {
     async fn count_quarantined(&self) -> Result<u64, StoreError> {
         self.retry
             .store("count_quarantined", || self.inner.count_quarantined())
+            .await
+    }
+
+    async fn count_active_by_version(&self) -> Result<Vec<VersionCount>, StoreError> {
+        self.retry
+            .store("count_active_by_version", || {
+                self.inner.count_active_by_version()
+            })
             .await
     }
 

@@ -62,16 +62,17 @@ impl Engine {
         if state.status.is_terminal() {
             return Ok(RunOutcome::Finished(SagaOutcome::from_state(&state)));
         }
-        let Some(saga) = self.shared.registry.get(state.saga_type.as_str()).cloned() else {
-            let mut known: Vec<&str> = self.shared.registry.keys().copied().collect();
-            known.sort_unstable();
-            let reason = format!(
-                "unknown saga type `{}` (this coordinator runs {known:?})",
-                state.saga_type
-            );
+        let registry = &self.shared.registry;
+        let Some(saga) = registry.get(&state.saga_type, state.version).cloned() else {
+            let reason = registry.missing_reason(&state.saga_type, state.version);
             return Err(self.quarantine(id, reason).await);
         };
-        let span = tracing::info_span!("saga", saga_id = %id, saga_type = %state.saga_type);
+        let span = tracing::info_span!(
+            "saga",
+            saga_id = %id,
+            saga_type = %state.saga_type,
+            version = state.version
+        );
         self.drive_with(saga, lease, state).instrument(span).await
     }
 

@@ -123,6 +123,16 @@ pub enum EngineError {
         /// Its journal position.
         position: u32,
     },
+    /// A typed handle was asked for a saga of another type.
+    #[error("saga {saga} is a `{actual}`, not a `{expected}`")]
+    WrongSagaType {
+        /// The saga.
+        saga: SagaId,
+        /// The type asked for.
+        expected: &'static str,
+        /// Its type.
+        actual: String,
+    },
     /// The saga was set aside because its data is unusable.
     #[error("saga {saga} is quarantined: {reason}")]
     Quarantined {

@@ -17,10 +17,12 @@ mod definition;
 mod drive;
 mod error;
 mod guarded;
+mod handle;
 mod local;
 mod operations;
 mod outcome;
 mod queries;
+mod registry;
 mod run;
 mod shared;
 mod start;
@@ -32,6 +34,7 @@ pub use client_retry::{ClientRetry, RetryNotice, RetryingStore};
 pub use context::SagaContext;
 pub use definition::Saga;
 pub use error::{EngineError, Interruption, SagaError};
+pub use handle::{Outcome, SagaHandle, StartSaga};
 pub use outcome::{RunOutcome, SagaOutcome, StartOptions, Started};
 
 pub(crate) use local::{Dispatch, Handoff, LocalState};
@@ -74,7 +77,7 @@ impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
             .field("owner", &self.shared.config.owner)
-            .field("sagas", &self.shared.registry.keys().collect::<Vec<_>>())
+            .field("sagas", &self.shared.registry)
             .finish_non_exhaustive()
     }
 }

@@ -128,9 +128,14 @@ impl Engine {
     /// The names of the registered saga types, sorted.
     #[must_use]
     pub fn saga_types(&self) -> Vec<&'static str> {
-        let mut names: Vec<&'static str> = self.shared.registry.keys().copied().collect();
-        names.sort_unstable();
-        names
+        self.shared.registry.names()
+    }
+
+    /// Every registered saga type with its version, sorted by name then version (several
+    /// versions of one type may run side by side).
+    #[must_use]
+    pub fn saga_versions(&self) -> Vec<(&'static str, u32)> {
+        self.shared.registry.all()
     }
 
     /// Starts a saga of a registered type by name, with a JSON input (for the HTTP API and
@@ -139,20 +144,37 @@ impl Engine {
     /// no longer decodes when the saga runs, data written by another version, quarantines
     /// the saga with the decoding error.)
     ///
+    /// The saga starts under the newest registered version of the type unless
+    /// [`StartOptions::version`] picks one.
+    ///
     /// # Errors
-    /// [`EngineError::UnknownSagaType`], [`EngineError::InvalidInput`],
-    /// [`EngineError::IdempotencyConflict`], or a store error.
+    /// [`EngineError::UnknownSagaType`] (also for a version that is not registered),
+    /// [`EngineError::InvalidInput`], [`EngineError::IdempotencyConflict`], or a store error.
     pub async fn start_json(
         &self,
         saga_type: &str,
         input: Value,
         options: StartOptions,
     ) -> Result<Started, EngineError> {
-        let Some(saga) = self.shared.registry.get(saga_type) else {
-            return Err(EngineError::UnknownSagaType {
-                name: saga_type.to_owned(),
-                known: self.saga_types().into_iter().map(str::to_owned).collect(),
-            });
+        let registry = &self.shared.registry;
+        let saga = match options.version {
+            Some(version) => registry.get(saga_type, version),
+            None => registry.newest(saga_type),
+        };
+        let Some(saga) = saga else {
+            let known = match options.version {
+                Some(_) if registry.knows(saga_type) => registry
+                    .versions(saga_type)
+                    .into_iter()
+                    .map(|v| format!("{saga_type} v{v}"))
+                    .collect(),
+                _ => self.saga_types().into_iter().map(str::to_owned).collect(),
+            };
+            let name = match options.version {
+                Some(version) => format!("{saga_type} v{version}"),
+                None => saga_type.to_owned(),
+            };
+            return Err(EngineError::UnknownSagaType { name, known });
         };
         if let Err((path, message)) = saga.check_input(&input) {
             return Err(EngineError::InvalidInput {

@@ -12,6 +12,10 @@ pub struct StartOptions {
     /// Starting twice with the same key returns the first saga; the same key with another
     /// input is a conflict.
     pub idempotency_key: Option<String>,
+    /// For a start by name ([`Engine::start_json`](crate::Engine::start_json)): the version
+    /// of the saga type to start (`None`: the newest registered). A typed start runs the
+    /// version of the type it names.
+    pub version: Option<u32>,
 }
 
 impl StartOptions {
@@ -20,7 +24,15 @@ impl StartOptions {
     pub fn key(key: impl Into<String>) -> Self {
         Self {
             idempotency_key: Some(key.into()),
+            version: None,
         }
+    }
+
+    /// These options, starting this version of the saga type (starts by name only).
+    #[must_use]
+    pub fn with_version(mut self, version: u32) -> Self {
+        self.version = Some(version);
+        self
     }
 }
 

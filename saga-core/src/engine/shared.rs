@@ -1,11 +1,10 @@
 //! What every clone of an engine and every running saga shares: the store, the registry,
 //! the settings, and the store writes and telemetry that running sagas go through.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::context::AttemptLog;
-use super::definition::ErasedSaga;
+use super::registry::Registry;
 use super::{EngineConfig, local};
 use crate::store::{CommitOutcome, Lease, SagaStore, StoreError, Transition};
 use crate::telemetry;
@@ -13,7 +12,7 @@ use crate::{Clock, Resources, SagaId, SagaState};
 
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn SagaStore>,
-    pub(crate) registry: HashMap<&'static str, Arc<dyn ErasedSaga>>,
+    pub(crate) registry: Registry,
     pub(crate) resources: Arc<Resources>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: EngineConfig,

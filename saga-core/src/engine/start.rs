@@ -32,7 +32,10 @@ impl Engine {
     /// one (the retry cannot tell its own lost create from another caller's); the saga is the
     /// same either way. A start that still fails may have stored its saga: repeat it with the
     /// same idempotency key to be sure of one saga. Other errors fail at once.
-    pub async fn start<S: Saga>(
+    ///
+    /// This is the untyped form (the input by reference, the id back); [`Engine::start`] is
+    /// the typed one, with a [`SagaHandle`](crate::SagaHandle) back.
+    pub async fn start_with<S: Saga>(
         &self,
         input: &S::Input,
         options: StartOptions,
