@@ -7,7 +7,7 @@
 //! undo applied on an attempt that timed out still ends the saga compensated, even when the
 //! next attempts are refused).
 
-use saga_core::{Saga, SagaContext, SagaError, StepContext, saga_step};
+use saga_core::{SagaContext, SagaError, StepContext, saga_step};
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::BookChange;
@@ -180,29 +180,21 @@ pub async fn void_audit_entry(
     office.effect(ctx, change).await
 }
 
-/// The deal saga.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct DealFlow;
-
-impl Saga for DealFlow {
-    type Input = DealRequest;
-    type Output = DealOutcome;
-    const NAME: &'static str = "deal_flow";
-
-    async fn run(
-        &self,
-        saga: &mut SagaContext,
-        request: DealRequest,
-    ) -> Result<DealOutcome, SagaError> {
-        let deal = saga.run(CreateDeal, request).await?;
-        saga.run(UpdatePortfolio, deal.clone()).await?;
-        saga.run(NotifyCommittee, deal.clone()).await?;
-        let audit_id = saga.run(WriteAuditEntry, deal.clone()).await?;
-        Ok(DealOutcome {
-            deal_id: deal.deal_id,
-            audit_id,
-        })
-    }
+/// The deal saga: create the deal, update the portfolio, notify the committee, write the
+/// audit entry.
+#[saga_core::saga(name = "deal_flow", version = 1)]
+pub async fn deal_flow(
+    saga: &mut SagaContext,
+    request: DealRequest,
+) -> Result<DealOutcome, SagaError> {
+    let deal = saga.run(CreateDeal, request).await?;
+    saga.run(UpdatePortfolio, deal.clone()).await?;
+    saga.run(NotifyCommittee, deal.clone()).await?;
+    let audit_id = saga.run(WriteAuditEntry, deal.clone()).await?;
+    Ok(DealOutcome {
+        deal_id: deal.deal_id,
+        audit_id,
+    })
 }
 
 #[cfg(test)]

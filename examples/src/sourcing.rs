@@ -3,7 +3,7 @@
 //! (keyed by company id and search date, so a re-run updates instead of duplicating), and
 //! notify the partners of a high score.
 
-use saga_core::{Saga, SagaContext, SagaError, StepContext, content_key, saga_step};
+use saga_core::{SagaContext, SagaError, StepContext, content_key, saga_step};
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::BookChange;
@@ -172,41 +172,32 @@ pub async fn notify_partners(ctx: &StepContext, scored: Scored) -> Result<(), Se
         .await
 }
 
-/// The sourcing saga.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Sourcing;
-
-impl Saga for Sourcing {
-    type Input = SourcingRequest;
-    type Output = SourcingOutcome;
-    const NAME: &'static str = "sourcing";
-
-    async fn run(
-        &self,
-        saga: &mut SagaContext,
-        request: SourcingRequest,
-    ) -> Result<SourcingOutcome, SagaError> {
-        let search_date = request.search_date.clone();
-        let Some(company) = saga.run(SearchCompanies, request).await? else {
-            return Ok(SourcingOutcome {
-                company: None,
-                score: 0,
-                high: false,
-            });
-        };
-        let financials = saga.run(PullFinancials, company.clone()).await?;
-        let scored = saga
-            .run(ScoreCompany, (company.clone(), financials, search_date))
-            .await?;
-        saga.run(UpsertDealRecord, scored.clone()).await?;
-        let high = scored.score >= HIGH_SCORE;
-        if high {
-            saga.run(NotifyPartners, scored.clone()).await?;
-        }
-        Ok(SourcingOutcome {
-            company: Some(company),
-            score: scored.score,
-            high,
-        })
+/// The sourcing saga: search, pull financials, score.
+#[saga_core::saga(name = "sourcing", version = 1)]
+pub async fn sourcing(
+    saga: &mut SagaContext,
+    request: SourcingRequest,
+) -> Result<SourcingOutcome, SagaError> {
+    let search_date = request.search_date.clone();
+    let Some(company) = saga.run(SearchCompanies, request).await? else {
+        return Ok(SourcingOutcome {
+            company: None,
+            score: 0,
+            high: false,
+        });
+    };
+    let financials = saga.run(PullFinancials, company.clone()).await?;
+    let scored = saga
+        .run(ScoreCompany, (company.clone(), financials, search_date))
+        .await?;
+    saga.run(UpsertDealRecord, scored.clone()).await?;
+    let high = scored.score >= HIGH_SCORE;
+    if high {
+        saga.run(NotifyPartners, scored.clone()).await?;
     }
+    Ok(SourcingOutcome {
+        company: Some(company),
+        score: scored.score,
+        high,
+    })
 }

@@ -134,16 +134,26 @@ async fn an_unregistered_version_is_set_aside_until_it_is_deployed(store: Arc<dy
     assert!(reason.contains("onboarding v2"), "{reason}");
     assert!(reason.contains("saga retry"), "{reason}");
     let stored = store.load(handle.id()).await.unwrap().unwrap();
-    assert_eq!(stored.status, SagaStatus::Running, "quarantined, not failed");
+    assert_eq!(
+        stored.status,
+        SagaStatus::Running,
+        "quarantined, not failed"
+    );
     assert!(stored.quarantined.is_some());
 
     // Version 1 is deployed again: a retry releases it and it runs under v1.
     assert_eq!(
-        old_fleet.retry(handle.id(), "v1 deployed again").await.unwrap(),
+        old_fleet
+            .retry(handle.id(), "v1 deployed again")
+            .await
+            .unwrap(),
         SagaStatus::Running
     );
     let outcome = handle.run_to_end().await.unwrap();
-    assert_eq!(outcome, Outcome::Completed("v1 onboarded globex".to_owned()));
+    assert_eq!(
+        outcome,
+        Outcome::Completed("v1 onboarded globex".to_owned())
+    );
     assert_eq!(
         running_v1(&store.count_active_by_version().await.unwrap()),
         0,

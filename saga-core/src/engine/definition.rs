@@ -25,7 +25,14 @@ pub trait Saga: Send + Sync + 'static {
     type Output: Serialize + DeserializeOwned + Send + Sync + 'static;
     /// Registered type name, stored with every saga of this type.
     const NAME: &'static str;
-    /// Version of the workflow code; part of the idempotency fingerprint.
+    /// Version of the workflow code, stored with every saga started under it (and part of the
+    /// idempotency fingerprint). A saga is only ever run by the registered type of its own
+    /// (name, version): when a change would make running sagas diverge from their journals
+    /// (steps added, removed, reordered or renamed before the end, a step's input or output
+    /// type changed), give the new code a new version and register both until the old
+    /// sagas have drained (`saga_active_sagas{version}`, `saga stats`). A saga whose
+    /// version no coordinator registers is quarantined, not failed, and resumes after
+    /// `saga retry` once its version is deployed again.
     const VERSION: u32 = 1;
 
     /// The workflow. Implement it with a plain `async fn`; the future must be `Send`.
