@@ -88,10 +88,10 @@ pub(crate) async fn run_attempts<P: AttemptPhase>(
 ) -> Result<P::Output, Halt> {
     let policy = phase.policy();
     let (step, position) = (phase.step(), phase.position());
-    let ttl = ctx.shared.config.lease_ttl;
+    let ttl = ctx.shared().config.lease_ttl;
     let mut attempt = first_attempt;
     loop {
-        let key = step_idempotency_key(ctx.state.id, position, step, P::PHASE);
+        let key = step_idempotency_key(ctx.state().id, position, step, P::PHASE);
         let span = phase.span(attempt, &key);
         let current = Current {
             number: attempt,
@@ -103,9 +103,9 @@ pub(crate) async fn run_attempts<P: AttemptPhase>(
             Tried::Failed { error, seconds } => (error, seconds),
         };
         let Current { key, span, .. } = current;
-        let now = ctx.shared.clock.now();
+        let now = ctx.shared().clock.now();
         let elapsed = now.since(phase.budget_start(ctx, now));
-        match policy.decide(attempt, error.class, elapsed, &mut ctx.rng) {
+        match policy.decide(attempt, error.class, elapsed, ctx.rng()) {
             RetryDecision::RetryAfter(delay) => {
                 let next_retry_at = now.plus(delay);
                 let log = AttemptLog::Retry {
@@ -113,10 +113,17 @@ pub(crate) async fn run_attempts<P: AttemptPhase>(
                     delay,
                     next_retry_at,
                 };
-                ctx.shared.observe_attempt(
-                    &span, &ctx.state, position, step, &key, attempt, seconds, &log,
+                ctx.shared().observe_attempt(
+                    &span,
+                    ctx.state(),
+                    position,
+                    step,
+                    &key,
+                    attempt,
+                    seconds,
+                    &log,
                 );
-                let inline = delay <= ctx.shared.config.inline_wait_max;
+                let inline = delay <= ctx.shared().config.inline_wait_max;
                 let schedule = if inline {
                     Schedule::Continue { ttl }
                 } else {
@@ -141,8 +148,15 @@ pub(crate) async fn run_attempts<P: AttemptPhase>(
                     error: &error,
                     reason,
                 };
-                ctx.shared.observe_attempt(
-                    &span, &ctx.state, position, step, &key, attempt, seconds, &log,
+                ctx.shared().observe_attempt(
+                    &span,
+                    ctx.state(),
+                    position,
+                    step,
+                    &key,
+                    attempt,
+                    seconds,
+                    &log,
                 );
                 let last = FailedAttempt {
                     attempt,
@@ -159,12 +173,12 @@ pub(crate) async fn run_attempts<P: AttemptPhase>(
 /// Waits for a recorded retry time before the next attempt: in process when it is close, as a
 /// durable timer otherwise (the run then halts `Suspended` and the saga is due again at `at`).
 pub(crate) async fn wait_for_retry(ctx: &mut SagaContext, at: Timestamp) -> Result<(), Halt> {
-    let remaining = at.since(ctx.shared.clock.now());
+    let remaining = at.since(ctx.shared().clock.now());
     if remaining.is_zero() {
         return Ok(());
     }
-    if remaining <= ctx.shared.config.inline_wait_max {
-        let phase = if ctx.state.status == crate::SagaStatus::Compensating {
+    if remaining <= ctx.shared().config.inline_wait_max {
+        let phase = if ctx.state().status == crate::SagaStatus::Compensating {
             Phase::Compensate
         } else {
             Phase::Forward
@@ -183,12 +197,12 @@ pub(crate) async fn wait_for_retry(ctx: &mut SagaContext, at: Timestamp) -> Resu
 /// cancel changes nothing for them).
 async fn backoff(ctx: &mut SagaContext, phase: Phase, delay: std::time::Duration) {
     // Past the pivot a cancel changes nothing either: the wait runs its course.
-    if phase != Phase::Forward || ctx.state.past_pivot.is_some() {
+    if phase != Phase::Forward || ctx.state().past_pivot.is_some() {
         tokio::time::sleep(delay).await;
         return;
     }
-    let id = ctx.state.id;
-    if ctx.shared.sleep_unless_cancelled(id, delay, false).await {
-        ctx.state.cancel_requested = true;
+    let id = ctx.state().id;
+    if ctx.shared().sleep_unless_cancelled(id, delay, false).await {
+        ctx.state_mut().cancel_requested = true;
     }
 }

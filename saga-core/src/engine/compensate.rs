@@ -42,14 +42,14 @@ enum UndoCheck {
 /// Runs the compensations still owed, newest first. Returns the terminal status reached
 /// (`Compensated`, or `Failed` when a compensation gave up), or the halt that stopped it.
 pub(crate) async fn compensate(ctx: &mut SagaContext) -> Result<SagaStatus, Halt> {
-    let steps = std::mem::take(&mut ctx.steps);
+    let steps = ctx.take_steps();
     // A saga loaded while `Compensating` may have had an undo running when its previous
     // coordinator stopped (a crash, a lost lease): the history records an undo's outcome, not
     // its start. That can only be the first undo this run gets to run (skips before it may
     // not have been committed yet), so that one's outcome is treated as unknown.
-    let mut maybe_in_flight = ctx.mode == Mode::Collect;
+    let mut maybe_in_flight = ctx.mode() == Mode::Collect;
     for registered in steps.iter().rev() {
-        let Some(record) = ctx.state.record(registered.position).cloned() else {
+        let Some(record) = ctx.state().record(registered.position).cloned() else {
             continue;
         };
         if record.compensation.as_ref().is_some_and(|c| {
@@ -61,7 +61,7 @@ pub(crate) async fn compensate(ctx: &mut SagaContext) -> Result<SagaStatus, Halt
             continue;
         }
         if ctx
-            .shared
+            .shared()
             .shutting_down
             .load(std::sync::atomic::Ordering::SeqCst)
         {
@@ -92,7 +92,7 @@ async fn decide(ctx: &mut SagaContext, registered: &Registered, record: &StepRec
         // A failed, in-flight or retrying step may have had its effect anyway (a timeout
         // after the effect, a crash mid-attempt): ask its reconciliation check.
         StepStatus::Failed | StepStatus::Started | StepStatus::Retrying => {
-            if ctx.unexecuted == Some(record.position) {
+            if ctx.unexecuted() == Some(record.position) {
                 return Undo::Skip("cancelled before its attempt ran".into());
             }
             let span = tracing::info_span!(
@@ -109,9 +109,9 @@ async fn decide(ctx: &mut SagaContext, registered: &Registered, record: &StepRec
             );
             let input = record.input.clone().unwrap_or(Value::Null);
             let checked = run_guarded(
-                &*ctx.shared.store,
-                &ctx.lease,
-                ctx.shared.config.lease_ttl,
+                &*ctx.shared().store,
+                ctx.lease(),
+                ctx.shared().config.lease_ttl,
                 registered.step.timeout(),
                 registered
                     .step
@@ -164,9 +164,9 @@ async fn check_undo(
     let step_ctx = ctx.step_context(name, position, attempt, Phase::Compensate, span.clone());
     span.record("idempotency_key", step_ctx.idempotency_key());
     let checked = run_guarded(
-        &*ctx.shared.store,
-        &ctx.lease,
-        ctx.shared.config.lease_ttl,
+        &*ctx.shared().store,
+        ctx.lease(),
+        ctx.shared().config.lease_ttl,
         registered.step.timeout(),
         registered
             .step
@@ -219,7 +219,7 @@ async fn undo(
     // The elapsed-time budget counts from the first attempt, across resumes.
     let first_started = previous
         .and_then(|c| c.started_at)
-        .unwrap_or_else(|| ctx.shared.clock.now());
+        .unwrap_or_else(|| ctx.shared().clock.now());
     let mut phase = Undoing {
         registered,
         record,
@@ -301,9 +301,9 @@ impl Undoing<'_> {
         self.unresolved = None;
         let span = step_ctx.span().clone();
         let outcome = run_guarded(
-            &*ctx.shared.store,
-            &ctx.lease,
-            ctx.shared.config.lease_ttl,
+            &*ctx.shared().store,
+            ctx.lease(),
+            ctx.shared().config.lease_ttl,
             self.registered.step.timeout(),
             self.registered
                 .step
@@ -317,8 +317,15 @@ impl Undoing<'_> {
                 let seconds = clock.elapsed().as_secs_f64();
                 let key = step_ctx.idempotency_key();
                 let log = AttemptLog::Compensated;
-                ctx.shared.observe_attempt(
-                    &span, &ctx.state, position, name, key, attempt, seconds, &log,
+                ctx.shared().observe_attempt(
+                    &span,
+                    ctx.state(),
+                    position,
+                    name,
+                    key,
+                    attempt,
+                    seconds,
+                    &log,
                 );
                 let done = EventKind::StepCompensated {
                     position,
@@ -326,7 +333,7 @@ impl Undoing<'_> {
                     attempt,
                     reconciled: false,
                 };
-                let ttl = ctx.shared.config.lease_ttl;
+                let ttl = ctx.shared().config.lease_ttl;
                 ctx.commit(vec![done], Schedule::Continue { ttl }).await?;
                 return Ok(Tried::Settled(None));
             }
@@ -496,7 +503,7 @@ async fn record_reconciled(
         attempt,
         reconciled: true,
     });
-    let ttl = ctx.shared.config.lease_ttl;
+    let ttl = ctx.shared().config.lease_ttl;
     ctx.commit(events, Schedule::Continue { ttl }).await?;
     Ok(())
 }

@@ -71,19 +71,19 @@ pub(crate) struct Registered {
 /// The context a workflow runs in: `run` executes a step (or replays its recorded output),
 /// `now` and `uuid` give journaled values.
 pub struct SagaContext {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) lease: Lease,
-    pub(crate) state: SagaState,
+    shared: Arc<Shared>,
+    lease: Lease,
+    state: SagaState,
     pending: Vec<SagaEvent>,
-    pub(crate) position: u32,
-    pub(crate) halt: Option<Halt>,
-    pub(crate) steps: Vec<Registered>,
-    pub(crate) mode: Mode,
-    pub(crate) rng: fastrand::Rng,
-    pub(crate) saga_type: Arc<str>,
+    position: u32,
+    halt: Option<Halt>,
+    steps: Vec<Registered>,
+    mode: Mode,
+    rng: fastrand::Rng,
+    saga_type: Arc<str>,
     /// A step whose first attempt's `StepStarted` was committed but never ran because a
     /// cancel arrived with that very commit: it certainly has no effect to undo.
-    pub(crate) unexecuted: Option<u32>,
+    unexecuted: Option<u32>,
     /// Commits made under this lease; with the fence it makes each commit id unique.
     commits: u64,
     /// Run the next attempt even though a cancel is pending: it resolves an attempt that was
@@ -119,6 +119,62 @@ impl SagaContext {
             commits: 0,
             resolve_in_flight: false,
         }
+    }
+}
+
+/// What the engine's other parts (the drive, the attempt loop, the compensation phase) read
+/// and change of a run, so that nothing reaches into its fields.
+impl SagaContext {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub(crate) fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// The saga's state as this run has folded it so far.
+    pub(crate) fn state(&self) -> &SagaState {
+        &self.state
+    }
+
+    /// For what a run learns outside a commit (a cancel announced in process).
+    pub(crate) fn state_mut(&mut self) -> &mut SagaState {
+        &mut self.state
+    }
+
+    pub(crate) fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// How many journal entries the workflow went through.
+    pub(crate) fn position(&self) -> u32 {
+        self.position
+    }
+
+    /// The steps this run saw, in the order it saw them.
+    pub(crate) fn steps(&self) -> &[Registered] {
+        &self.steps
+    }
+
+    /// The steps this run saw, handed to the compensation phase.
+    pub(crate) fn take_steps(&mut self) -> Vec<Registered> {
+        std::mem::take(&mut self.steps)
+    }
+
+    /// Why the workflow stopped making progress, once.
+    pub(crate) fn take_halt(&mut self) -> Option<Halt> {
+        self.halt.take()
+    }
+
+    /// The run's random numbers (retry jitter).
+    pub(crate) fn rng(&mut self) -> &mut fastrand::Rng {
+        &mut self.rng
+    }
+
+    /// The step that was cancelled before its first attempt ran, if any.
+    pub(crate) fn unexecuted(&self) -> Option<u32> {
+        self.unexecuted
     }
 }
 
@@ -335,7 +391,7 @@ impl SagaContext {
         }
     }
 
-    fn stop(&mut self, halt: Halt) -> SagaError {
+    pub(crate) fn stop(&mut self, halt: Halt) -> SagaError {
         let err = halt.to_error();
         if self.halt.is_none() {
             self.halt = Some(halt);

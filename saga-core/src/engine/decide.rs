@@ -74,6 +74,8 @@ pub(super) fn decide(ended: Ended<'_>) -> Decision {
             Decision::Complete(output)
         }
         (Mode::Forward, None, Err(err)) if past_pivot => Decision::FailAfterPivot(err.to_string()),
+        // The workflow's own words: `CompensationReason::Aborted` says "workflow aborted".
+        (Mode::Forward, None, Err(SagaError::Aborted(message))) => Decision::Abort(message),
         (Mode::Forward, None, Err(err)) => Decision::Abort(err.to_string()),
         (_, Some(Halt::FailedAfterPivot(err)), _) => Decision::FailAfterPivot(err.to_string()),
         (Mode::Forward, Some(Halt::Cancelled), _) => Decision::Cancel,
@@ -208,7 +210,7 @@ mod tests {
             (Mode::Forward, None, done(), 1, all(),
                 "fail at 1: the workflow finished after 1 journal entries but 3 are recorded"),
             (Mode::Forward, None, Err(failed()), 3, all(),
-                "abort: saga aborted by its workflow: card declined"),
+                "abort: card declined"),
             (Mode::Forward, Some(Halt::Cancelled), Err(failed()), 1, all(), "cancel"),
             (Mode::Forward, Some(Halt::StepFailed(failed())), Err(failed()), 1,
                 first_only(), "compensate"),

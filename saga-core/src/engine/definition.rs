@@ -81,8 +81,7 @@ impl<S: Saga> ErasedSaga for TypedSaga<S> {
                 );
                 // Bad data, not a business failure: the saga is quarantined rather than
                 // compensated (the engine acts on the halt, not on the returned error).
-                saga.halt = Some(Halt::BadData(reason.clone()));
-                return Err(SagaError::BadData(reason));
+                return Err(saga.stop(Halt::BadData(reason)));
             }
         };
         let output = self.0.run(saga, input).await?;

@@ -86,8 +86,8 @@ impl Engine {
         let input = state.input.clone();
         let resumed_from = resumed_from(&state);
         let mut ctx = SagaContext::new(Arc::clone(&self.shared), saga.name(), lease, state);
-        let owner = ctx.lease.owner.clone();
-        let fence = ctx.lease.fence;
+        let owner = ctx.lease().owner.clone();
+        let fence = ctx.lease().fence;
         ctx.record(EventKind::LeaseAcquired {
             owner: owner.clone(),
             fence,
@@ -97,14 +97,14 @@ impl Engine {
             .map_err(|h| halt_error(id, h))?;
         if let Some(reason) = resumed_from {
             telemetry::resumed(reason);
-            tracing::info!(status = %ctx.state.status, reason, "resuming saga from its journal");
+            tracing::info!(status = %ctx.state().status, reason, "resuming saga from its journal");
             let completed_steps = ctx
-                .state
+                .state()
                 .journal
                 .iter()
                 .filter(|r| !r.is_value && r.status == StepStatus::Succeeded)
                 .count() as u32;
-            let status = ctx.state.status;
+            let status = ctx.state().status;
             ctx.record(EventKind::SagaResumed {
                 owner,
                 status,
@@ -114,13 +114,13 @@ impl Engine {
         }
         let result = saga.run_erased(&mut ctx, input).await;
         let ended = Ended {
-            mode: ctx.mode,
-            halt: ctx.halt.take(),
+            mode: ctx.mode(),
+            halt: ctx.take_halt(),
             result,
-            position: ctx.position,
-            journal: &ctx.state.journal,
-            seen: ctx.steps.iter().map(|r| r.position).collect(),
-            past_pivot: ctx.state.past_pivot.is_some(),
+            position: ctx.position(),
+            journal: &ctx.state().journal,
+            seen: ctx.steps().iter().map(|r| r.position).collect(),
+            past_pivot: ctx.state().past_pivot.is_some(),
         };
         let compensating = match decide(ended) {
             Decision::Complete(output) => {
@@ -153,7 +153,7 @@ impl Engine {
                     .await;
             }
             Decision::FailAfterPivot(message) => {
-                let error = after_pivot_error(&ctx.state, &message);
+                let error = after_pivot_error(ctx.state(), &message);
                 return self.fail(&mut ctx, FailureKind::AfterPivot, error).await;
             }
             Decision::Stop(halt) => return Err(self.halted(id, halt).await),
@@ -165,11 +165,11 @@ impl Engine {
                 Err(halt) => return Err(self.halted(id, halt).await),
             }
         }
-        let outcome = SagaOutcome::from_state(&ctx.state);
+        let outcome = SagaOutcome::from_state(ctx.state());
         let seconds = ctx
-            .state
+            .state()
             .updated_at
-            .since(ctx.state.created_at)
+            .since(ctx.state().created_at)
             .as_secs_f64();
         telemetry::saga_finished(outcome.status, seconds);
         tracing::info!(status = %outcome.status, "saga finished");
@@ -191,7 +191,7 @@ impl Engine {
             .await
         {
             Ok(_) => Ok(()),
-            Err(halt) => Err(self.halted(ctx.lease.saga_id, halt).await),
+            Err(halt) => Err(self.halted(ctx.lease().saga_id, halt).await),
         }
     }
 
@@ -220,14 +220,14 @@ impl Engine {
             Schedule::Finished,
         )
         .await
-        .map_err(|h| halt_error(ctx.lease.saga_id, h))?;
+        .map_err(|h| halt_error(ctx.lease().saga_id, h))?;
         let seconds = ctx
-            .state
+            .state()
             .updated_at
-            .since(ctx.state.created_at)
+            .since(ctx.state().created_at)
             .as_secs_f64();
         telemetry::saga_finished(SagaStatus::Failed, seconds);
-        Ok(RunOutcome::Finished(SagaOutcome::from_state(&ctx.state)))
+        Ok(RunOutcome::Finished(SagaOutcome::from_state(ctx.state())))
     }
 
     async fn halted(&self, id: SagaId, halt: Halt) -> EngineError {

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::client_retry::Backoff;
 use super::context::AttemptLog;
 use super::registry::Registry;
 use super::{EngineConfig, local};
@@ -34,16 +35,14 @@ impl Shared {
         lease: &Lease,
         transition: Transition,
     ) -> Result<CommitOutcome, StoreError> {
-        let mut failed = 0;
-        let mut rng = fastrand::Rng::new();
+        // The policy's attempt count bounds the retries, not its elapsed time: the lease does.
+        let mut backoff = Backoff::until(&self.config.store_retry, None);
         loop {
             match self.store.commit(lease, transition.clone()).await {
-                Err(err)
-                    if err.is_transient()
-                        && failed + 1 < self.config.store_retry.max_attempts() =>
-                {
-                    failed += 1;
-                    let delay = self.config.store_retry.delay(failed, &mut rng);
+                Err(err) if err.is_transient() => {
+                    let Some(delay) = backoff.next_delay() else {
+                        return Err(err);
+                    };
                     tracing::warn!(saga_id = %lease.saga_id, error = %err, retry_in = ?delay, "store commit failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
