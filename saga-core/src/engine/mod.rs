@@ -26,6 +26,7 @@ mod registry;
 mod run;
 mod shared;
 mod start;
+mod wait;
 
 use std::sync::Arc;
 

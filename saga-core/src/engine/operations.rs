@@ -6,16 +6,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{Engine, EngineError, RunOutcome, SagaOutcome, Shared, StartOptions, Started};
+use super::{Engine, EngineError, RunOutcome, Shared, StartOptions, Started};
 use crate::store::{CancelOutcome, Lease, Schedule, StoreError, Transition};
 use crate::{EventKind, FailureKind, SagaEvent, SagaId, SagaState, SagaStatus};
-
-/// How often `wait` looks at a saga when the store sends no wake-up signals (and, as a
-/// safety net, when it does).
-const WAIT_POLL: Duration = Duration::from_millis(100);
-
-/// How often `wait` re-reads a saga anyway when the store names the sagas that change.
-const WAIT_SAFETY: Duration = Duration::from_secs(1);
 
 /// How many cancel requests made through one engine may be waiting to be seen by its sleeping
 /// runs; a run that falls further behind reads its saga to check for itself.
@@ -112,7 +105,10 @@ async fn next_wakeup(signal: &mut Option<tokio::sync::watch::Receiver<u64>>) -> 
 
 /// Completes with `true` when `id` changes (or the feed lagged and anything may have), and
 /// with `false` when the feed closed.
-async fn next_change_of(feed: &mut tokio::sync::broadcast::Receiver<SagaId>, id: SagaId) -> bool {
+pub(super) async fn next_change_of(
+    feed: &mut tokio::sync::broadcast::Receiver<SagaId>,
+    id: SagaId,
+) -> bool {
     use tokio::sync::broadcast::error::RecvError;
     loop {
         match feed.recv().await {
@@ -185,146 +181,6 @@ impl Engine {
         }
         let (name, version) = (saga.name(), saga.version());
         self.start_value(name, version, input, options).await
-    }
-
-    /// Waits until the saga is terminal and returns its outcome, for at most `timeout`.
-    /// Uses the store's wake-up signal when it has one, so a waiter learns of the end within
-    /// milliseconds without polling hard.
-    ///
-    /// # Errors
-    /// [`EngineError::WaitTimedOut`] with the status it still has,
-    /// [`EngineError::Quarantined`] for a saga set aside (bad data: it will not run until an
-    /// operator acts), [`EngineError::NotFound`], or a store error: a transient one only when
-    /// the store was still unavailable at the deadline.
-    ///
-    /// A saga that this engine runs itself (a coordinator on this engine took it) costs no
-    /// read at all: the outcome comes from the run. Otherwise the saga is read once, and once
-    /// more after each notification that it changed.
-    ///
-    /// A read that fails with a transient store error (a restart, a `CLIENT PAUSE`, a lost
-    /// connection) is retried until `timeout`, with the pauses of
-    /// [`EngineConfig::client_retry`](crate::EngineConfig::client_retry) (its attempt count
-    /// applies, its `max_elapsed` does not: the timeout is the bound), and the change
-    /// subscriptions are taken again before the next read, since the blip may have lost them.
-    pub async fn wait(&self, id: SagaId, timeout: Duration) -> Result<SagaOutcome, EngineError> {
-        let now = tokio::time::Instant::now();
-        // A timeout too long to represent waits as good as forever.
-        let deadline = now
-            .checked_add(timeout)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
-        if let Some(outcome) = self.shared.local.recent_outcome(id) {
-            return Ok(outcome);
-        }
-        // Registered before the check, so that a run ending in between is seen.
-        let mut end = self.shared.local.watch_end(id);
-        if self.shared.local.is_running(id) {
-            match tokio::time::timeout_at(deadline, end.ended()).await {
-                Ok(Some(outcome)) => return Ok(outcome),
-                // It ended here without finishing (a durable timer, an interruption): the
-                // store knows the rest.
-                Ok(None) => {}
-                Err(_) => {
-                    let outcome = self.look(id).await?;
-                    if outcome.status.is_terminal() {
-                        return Ok(outcome);
-                    }
-                    return Err(EngineError::WaitTimedOut {
-                        saga: id,
-                        status: outcome.status,
-                    });
-                }
-            }
-        }
-        drop(end);
-        // Subscribed before the first look, so that an end right after it is not missed.
-        let mut changes = self.shared.store.saga_changes();
-        let mut wakeups = if changes.is_some() {
-            None
-        } else {
-            self.shared.store.wakeups()
-        };
-        let mut backoff =
-            super::client_retry::Backoff::until(&self.shared.config.client_retry, Some(deadline));
-        let mut resubscribe = false;
-        loop {
-            if resubscribe {
-                // After a failed read: a feed that the blip closed or left behind is replaced
-                // before the next look, so that an end after that look is not missed.
-                resubscribe = false;
-                changes = self.shared.store.saga_changes();
-                wakeups = if changes.is_some() {
-                    None
-                } else {
-                    self.shared.store.wakeups()
-                };
-            }
-            if let Some(signal) = &mut wakeups {
-                // Marked seen before looking, so a change after the look wakes us.
-                signal.borrow_and_update();
-            }
-            let outcome = match self.look(id).await {
-                Ok(outcome) => {
-                    backoff.reset();
-                    outcome
-                }
-                Err(err) if err.is_transient() => {
-                    let Some(delay) = backoff.next_delay() else {
-                        return Err(err);
-                    };
-                    super::client_retry::log_retry(
-                        &format!("wait for saga {id}"),
-                        &err,
-                        backoff.retries(),
-                        delay,
-                    );
-                    tokio::time::sleep(delay).await;
-                    resubscribe = true;
-                    continue;
-                }
-                Err(err) => return Err(err),
-            };
-            if outcome.status.is_terminal() {
-                return Ok(outcome);
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(EngineError::WaitTimedOut {
-                    saga: id,
-                    status: outcome.status,
-                });
-            }
-            if let Some(feed) = &mut changes {
-                // Only this saga's changes wake us; a re-read every WAIT_SAFETY covers ids
-                // the feed may have missed (a lag, a reconnect).
-                let nap = (deadline - now).min(WAIT_SAFETY);
-                // `Ok(false)`: the feed closed; fall back to the wake-up signal.
-                if let Ok(false) = tokio::time::timeout(nap, next_change_of(feed, id)).await {
-                    changes = None;
-                }
-                if changes.is_none() {
-                    wakeups = self.shared.store.wakeups();
-                }
-                continue;
-            }
-            let nap = (deadline - now).min(WAIT_POLL);
-            match &mut wakeups {
-                Some(signal) => {
-                    // A timeout or a closed signal just means: look again.
-                    let _ = tokio::time::timeout(nap, signal.changed()).await;
-                }
-                None => tokio::time::sleep(nap).await,
-            }
-        }
-    }
-
-    /// One read for `wait`: the outcome so far, or [`EngineError::Quarantined`] for a saga
-    /// set aside (it will not run again until an operator acts, so a waiter stops).
-    async fn look(&self, id: SagaId) -> Result<SagaOutcome, EngineError> {
-        let (state, quarantined) = self.stored_with_quarantine(id).await?;
-        if let Some(reason) = quarantined {
-            return Err(EngineError::Quarantined { saga: id, reason });
-        }
-        Ok(SagaOutcome::from_state(&state))
     }
 
     /// Runs a saga whose lease the caller claimed (a coordinator's worker): replays its
