@@ -306,47 +306,31 @@ async fn the_first_pivot_to_succeed_is_the_point_of_no_return(h: &Harness, build
 }
 
 // ---------------------------------------------------------------------------------------
-// In memory, on tokio's paused clock.
+// In memory, on tokio's paused clock: one test per scenario, named `memory_<scenario>`.
 
-#[tokio::test(start_paused = true)]
-async fn memory_failure_after_the_pivot_compensates_nothing() {
-    failure_after_the_pivot_compensates_nothing(&Harness::new(), &on_memory).await;
+macro_rules! on_memory {
+    ($($scenario:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(start_paused = true)]
+                async fn $scenario() {
+                    super::$scenario(&super::Harness::new(), &super::on_memory).await;
+                }
+            )*
+        }
+    };
 }
 
-#[tokio::test(start_paused = true)]
-async fn memory_exhausted_retries_after_the_pivot_compensate_nothing() {
-    exhausted_retries_after_the_pivot_compensate_nothing(&Harness::new(), &on_memory).await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn memory_retry_after_the_pivot_continues_forward() {
-    retry_after_the_pivot_continues_forward(&Harness::new(), &on_memory).await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn memory_cancel_after_the_pivot_is_refused() {
-    cancel_after_the_pivot_is_refused(&Harness::new(), &on_memory).await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn memory_cancel_racing_the_pivot_is_refused_by_the_saga() {
-    cancel_racing_the_pivot_is_refused_by_the_saga(&Harness::new(), &on_memory).await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn memory_failure_before_the_pivot_compensates_as_usual() {
-    failure_before_the_pivot_compensates_as_usual(&Harness::new(), &on_memory).await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn memory_a_pivot_that_fails_compensates_the_steps_before_it() {
-    a_pivot_that_fails_compensates_the_steps_before_it(&Harness::new(), &on_memory).await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn memory_the_first_pivot_to_succeed_is_the_point_of_no_return() {
-    the_first_pivot_to_succeed_is_the_point_of_no_return(&Harness::new(), &on_memory).await;
-}
+on_memory!(
+    failure_after_the_pivot_compensates_nothing,
+    exhausted_retries_after_the_pivot_compensate_nothing,
+    retry_after_the_pivot_continues_forward,
+    cancel_after_the_pivot_is_refused,
+    cancel_racing_the_pivot_is_refused_by_the_saga,
+    failure_before_the_pivot_compensates_as_usual,
+    a_pivot_that_fails_compensates_the_steps_before_it,
+    the_first_pivot_to_succeed_is_the_point_of_no_return,
+);
 
 // ---------------------------------------------------------------------------------------
 // On a real redis-server (AOF, appendfsync always), in real time.

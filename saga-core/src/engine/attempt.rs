@@ -103,6 +103,12 @@ pub(crate) async fn run_attempts<P: AttemptPhase>(
             Tried::Failed { error, seconds } => (error, seconds),
         };
         let Current { key, span, .. } = current;
+        // The attempt's log line and metrics, once its fate is decided.
+        let observe = |ctx: &SagaContext, log: &AttemptLog<'_>| {
+            let state = ctx.state();
+            let shared = ctx.shared();
+            shared.observe_attempt(&span, state, position, step, &key, attempt, seconds, log);
+        };
         let now = ctx.shared().clock.now();
         let elapsed = now.since(phase.budget_start(ctx, now));
         match policy.decide(attempt, error.class, elapsed, ctx.rng()) {
@@ -113,16 +119,7 @@ pub(crate) async fn run_attempts<P: AttemptPhase>(
                     delay,
                     next_retry_at,
                 };
-                ctx.shared().observe_attempt(
-                    &span,
-                    ctx.state(),
-                    position,
-                    step,
-                    &key,
-                    attempt,
-                    seconds,
-                    &log,
-                );
+                observe(ctx, &log);
                 let inline = delay <= ctx.shared().config.inline_wait_max;
                 let schedule = if inline {
                     Schedule::Continue { ttl }
@@ -148,16 +145,7 @@ pub(crate) async fn run_attempts<P: AttemptPhase>(
                     error: &error,
                     reason,
                 };
-                ctx.shared().observe_attempt(
-                    &span,
-                    ctx.state(),
-                    position,
-                    step,
-                    &key,
-                    attempt,
-                    seconds,
-                    &log,
-                );
+                observe(ctx, &log);
                 let last = FailedAttempt {
                     attempt,
                     error,

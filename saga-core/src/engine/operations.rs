@@ -236,12 +236,7 @@ impl Engine {
     /// abandoned), [`EngineError::NotFound`], [`EngineError::Encoding`] for a state that does
     /// not decode, or a store error.
     pub async fn retry(&self, id: SagaId, reason: &str) -> Result<SagaStatus, EngineError> {
-        let stored = self
-            .shared
-            .store
-            .load(id)
-            .await?
-            .ok_or(EngineError::NotFound(id))?;
+        let stored = self.load_stored(id).await?;
         let state = self.decode(id, &stored.state)?;
         let resume = if state.compensation_reason.is_some() {
             SagaStatus::Compensating
@@ -290,12 +285,7 @@ impl Engine {
     /// [`EngineError::WrongStatus`] for a saga that completed or compensated (or was
     /// abandoned already), [`EngineError::NotFound`], or a store error.
     pub async fn abandon(&self, id: SagaId, reason: &str) -> Result<(), EngineError> {
-        let stored = self
-            .shared
-            .store
-            .load(id)
-            .await?
-            .ok_or(EngineError::NotFound(id))?;
+        let stored = self.load_stored(id).await?;
         let state = self.decode(id, &stored.state)?;
         let abandoned = matches!(state.failure, Some((FailureKind::Abandoned, _)));
         if matches!(
@@ -400,12 +390,7 @@ impl Engine {
     /// # Errors
     /// [`EngineError::PastPivot`], [`EngineError::NotFound`] or a store error.
     pub async fn cancel(&self, id: SagaId, reason: &str) -> Result<CancelOutcome, EngineError> {
-        let stored = self
-            .shared
-            .store
-            .load(id)
-            .await?
-            .ok_or(EngineError::NotFound(id))?;
+        let stored = self.load_stored(id).await?;
         // A state that does not decode (a quarantined saga) cannot be past a pivot anyone
         // can see: the request goes ahead, as it did before pivots existed.
         if !stored.status.is_terminal()

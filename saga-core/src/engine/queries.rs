@@ -51,17 +51,21 @@ impl Engine {
             .map(|(state, _)| state)
     }
 
+    /// The saga as stored, or [`EngineError::NotFound`].
+    pub(crate) async fn load_stored(&self, id: SagaId) -> Result<StoredSaga, EngineError> {
+        self.shared
+            .store
+            .load(id)
+            .await?
+            .ok_or(EngineError::NotFound(id))
+    }
+
     /// The state as stored, and the quarantine reason if the saga is set aside.
     pub(crate) async fn stored_with_quarantine(
         &self,
         id: SagaId,
     ) -> Result<(SagaState, Option<String>), EngineError> {
-        let stored = self
-            .shared
-            .store
-            .load(id)
-            .await?
-            .ok_or(EngineError::NotFound(id))?;
+        let stored = self.load_stored(id).await?;
         let state = decode_state(&stored).map_err(|source| EngineError::Encoding {
             what: format!("stored state of saga {id}"),
             source,
