@@ -19,6 +19,7 @@ use serde_json::{Map, Value, json};
 /// | `NotFound` | 404 |
 /// | `IdempotencyConflict` | 409 (with `saga_id`) |
 /// | `Busy`, `Quarantined`, `WrongStatus` | 409 |
+/// | `PastPivot` | 409 `past_pivot` (with `pivot_step`, `pivot_position`) |
 /// | `WaitTimedOut` | 202 (with `id`, `status`) — not a failure: the saga is still running |
 /// | `Interrupted` | 503 (with `id` and `cause`: `fenced`, `store_unavailable`, `store_rejected`, `lease_lapsed`, `shutting_down`, `other`) |
 /// | `Encoding`, `Config` | 500 |
@@ -26,7 +27,7 @@ use serde_json::{Map, Value, json};
 /// | anything newer | 500 with its message |
 ///
 /// Client mistakes found before the engine is called: 400 (`bad_json`, `bad_saga_id`,
-/// `bad_idempotency_key`, `bad_query`, `bad_format`, `bad_path`), 413 (`body_too_large`),
+/// `bad_idempotency_key`, `bad_query`, `bad_format`, `invalid_version`, `bad_path`), 413 (`body_too_large`),
 /// 415 (`unsupported_media_type`), 404 (`unknown_saga_type`, `no_route`), 405
 /// (`method_not_allowed`). Before the route: 401 (`unauthenticated` without a token or with a
 /// malformed `Authorization` header, `bad_token` for a token nobody issued; with a

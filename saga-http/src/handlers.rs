@@ -26,10 +26,20 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 /// The reason recorded for a cancel requested without one.
 const DEFAULT_CANCEL_REASON: &str = "cancel requested through the HTTP API";
 
+/// Query of `POST /sagas/{saga_type}`. Unknown parameters are refused: a misspelt
+/// `version` would otherwise start the newest version without a word.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StartQuery {
+    /// Kept as text so that a bad value gets its own message, not serde's.
+    version: Option<String>,
+}
+
 pub(crate) async fn start(
     State(app): State<AppState>,
     caller: Option<Extension<Caller>>,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<StartQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -44,6 +54,12 @@ pub(crate) async fn start(
         .with("saga_type", saga_type)
         .with("known_types", known));
     }
+    let Query(query) = query.map_err(|err| query_rejection(&err))?;
+    let version = query
+        .version
+        .as_deref()
+        .map(|raw| parse_version(&saga_type, raw))
+        .transpose()?;
     require_json(&headers, true)?;
     let body = body.map_err(|err| body_rejection(&err))?;
     let input = parse_json(&body)?;
@@ -56,7 +72,15 @@ pub(crate) async fn start(
         (Some(key), None) => StartOptions::key(key),
         (None, _) => StartOptions::default(),
     };
-    let started = app.engine.start_json(&saga_type, input, options).await?;
+    let options = match version {
+        Some(version) => options.with_version(version),
+        None => options,
+    };
+    let started = app
+        .engine
+        .start_json(&saga_type, input, options)
+        .await
+        .map_err(|err| unknown_version(&app, &saga_type, version, err))?;
     let id = started.id;
     let location = format!("/sagas/{id}");
     if started.created {
@@ -71,6 +95,43 @@ pub(crate) async fn start(
     let outcome = app.engine.outcome(id).await?;
     let body = json!({ "id": id, "created": false, "status": outcome.status });
     Ok((StatusCode::OK, [(header::LOCATION, location)], Json(body)).into_response())
+}
+
+/// The `version` query parameter of a start: a positive integer.
+fn parse_version(saga_type: &str, raw: &str) -> Result<u32, ApiError> {
+    match raw.trim().parse::<u32>() {
+        Ok(version) if version > 0 => Ok(version),
+        _ => Err(ApiError::bad_request(
+            "invalid_version",
+            format!(
+                "`version={raw}` is not a version of saga type `{saga_type}`: give a positive integer such as `?version=2`, or leave it out to start the newest"
+            ),
+        )
+        .with("version", raw)),
+    }
+}
+
+/// The engine's answer to a start of a version it does not register, with the version asked
+/// for and the registered ones as fields of their own (the engine's message names both).
+fn unknown_version(
+    app: &AppState,
+    saga_type: &str,
+    version: Option<u32>,
+    err: saga_core::EngineError,
+) -> ApiError {
+    let (saga_core::EngineError::UnknownSagaType { .. }, Some(asked)) = (&err, version) else {
+        return err.into();
+    };
+    let versions: Vec<u32> = app
+        .engine
+        .saga_versions()
+        .into_iter()
+        .filter(|(name, _)| *name == saga_type)
+        .map(|(_, v)| v)
+        .collect();
+    ApiError::from(err)
+        .with("version", asked)
+        .with("known_versions", versions)
 }
 
 pub(crate) async fn status(

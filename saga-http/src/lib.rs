@@ -12,7 +12,7 @@
 //!
 //! | route | scope | success | errors |
 //! |---|---|---|---|
-//! | `POST /sagas/{saga_type}[?version=N]` (JSON input, optional `Idempotency-Key`) | `start` | 201 `{"id","created":true,"status"}`; 200 with `created:false` for a repeated key and the same input; the newest registered version unless `version` picks one | 404 unknown type or version (lists `known_types`), 400 bad JSON, key or version, 409 key reused with another input, 413 body over the limit, 415 not JSON, 422 input not the type's `Input` |
+//! | `POST /sagas/{saga_type}[?version=N]` (JSON input, optional `Idempotency-Key`) | `start` | 201 `{"id","created":true,"status"}` (version N of the type, the newest without it); 200 with `created:false` for a repeated key and the same input | 404 unknown type (lists `known_types`) or unregistered version (with `version`, `known_versions`), 400 bad JSON, key, query or `version` (`invalid_version`: not a positive integer), 409 key reused with another input, 413 body over the limit, 415 not JSON, 422 input not the type's `Input` |
 //! | `GET /sagas/{id}` | `read` | 200 status, version, output, compensation reason, failure, `past_pivot`, journal summary | 400 bad id, 404 unknown |
 //! | `GET /sagas/{id}/history[?format=text]` | `read` | 200 `{"id","events","timeline"}`, or the timeline as `text/plain` | 400, 404 |
 //! | `GET /sagas/{id}/wait[?timeout_ms=N]` | `read` | 200 the outcome once terminal (or `quarantined`); 202 `{"id","status","terminal":false}` when the wait ends first | 400, 404 |
