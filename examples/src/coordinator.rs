@@ -17,7 +17,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use saga_core::{Coordinator, CoordinatorReport};
+use saga_core::{Coordinator, CoordinatorReport, Engine};
+use saga_http::{HttpApi, ServeConfig};
+use tokio::sync::watch;
+use tokio::task::{JoinError, JoinHandle};
 
 use crate::api::ApiArgs;
 use crate::ledger::OfficeStore;
@@ -119,35 +122,13 @@ pub async fn run(args: CoordinatorArgs) -> Result<CoordinatorReport, BoxError> {
         Some(addr) => Some((addr, args.api.prepare(addr)?)),
         None => None,
     };
-    let (store, office) = args.store.connect().await?;
-    let office: Arc<dyn OfficeStore> = office;
-    let engine = ops::engine_builder(store, &owner)
-        .resource(args.world.backoffice(office))
-        .lease_ttl(args.lease)
-        .inline_wait_max(args.inline_wait_max)
-        // A start through the API retries a store blip for at most half its request
-        // timeout, so the client hears why (503) before the request itself times out (408).
-        .client_retry(
-            saga_core::RetryPolicy::client_default()
-                .with_max_elapsed(args.api.http_request_timeout / 2),
-        )
-        .build()?;
+    let engine = build_engine(&args, &owner).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (http, http_addr) = match http {
         Some((addr, (auth, serve_config))) => {
-            let listener = tokio::net::TcpListener::bind(addr).await?;
-            let http_addr = listener.local_addr()?;
-            let router = args.api.api(engine.clone(), metrics, auth).router();
-            let mut http_stopped = stopped.clone();
-            let http = tokio::spawn(saga_http::serve_with(
-                router,
-                listener,
-                serve_config,
-                async move {
-                    let _ = http_stopped.wait_for(|s| *s).await;
-                },
-            ));
-            (Some(http), Some(http_addr.to_string()))
+            let api = args.api.api(engine.clone(), metrics, auth);
+            let (task, bound) = serve_http(api, addr, serve_config, &stopped).await?;
+            (Some(task), Some(bound.to_string()))
         }
         None => (None, None),
     };
@@ -184,16 +165,67 @@ pub async fn run(args: CoordinatorArgs) -> Result<CoordinatorReport, BoxError> {
     let report = coordinator.await?;
     // The API stays up while the coordinator drains (metrics stay readable), then stops.
     let _ = stop.send(true);
-    let http = match http {
-        Some(task) => Some(task.await),
-        None => None,
-    };
-    match http {
-        None | Some(Ok(Ok(()))) => {}
-        Some(Ok(Err(err))) => tracing::warn!(error = %err, "HTTP API stopped with an error"),
-        Some(Err(err)) => tracing::warn!(error = %err, "HTTP API task failed"),
+    if let Some(task) = http {
+        log_http_end(task.await);
     }
     drop(stopped);
+    print_stopped(signal, &owner, &report)?;
+    Ok(report)
+}
+
+/// Connects to the store and builds the engine with the back office and the flags' leases,
+/// waits and client retries.
+async fn build_engine(args: &CoordinatorArgs, owner: &str) -> Result<Engine, BoxError> {
+    let (store, office) = args.store.connect().await?;
+    let office: Arc<dyn OfficeStore> = office;
+    let engine = ops::engine_builder(store, owner)
+        .resource(args.world.backoffice(office))
+        .lease_ttl(args.lease)
+        .inline_wait_max(args.inline_wait_max)
+        // A start through the API retries a store blip for at most half its request
+        // timeout, so the client hears why (503) before the request itself times out (408).
+        .client_retry(
+            saga_core::RetryPolicy::client_default()
+                .with_max_elapsed(args.api.http_request_timeout / 2),
+        )
+        .build()?;
+    Ok(engine)
+}
+
+/// Binds `addr` and serves `api` until `stopped` turns true; returns the server's task and
+/// the address it listens on (a port 0 is resolved).
+async fn serve_http(
+    api: HttpApi,
+    addr: SocketAddr,
+    serve_config: ServeConfig,
+    stopped: &watch::Receiver<bool>,
+) -> Result<(JoinHandle<std::io::Result<()>>, SocketAddr), BoxError> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let http_addr = listener.local_addr()?;
+    let router = api.router();
+    let mut http_stopped = stopped.clone();
+    let http = tokio::spawn(saga_http::serve_with(
+        router,
+        listener,
+        serve_config,
+        async move {
+            let _ = http_stopped.wait_for(|s| *s).await;
+        },
+    ));
+    Ok((http, http_addr))
+}
+
+/// Logs how the HTTP API's task ended, when not cleanly.
+fn log_http_end(ended: Result<std::io::Result<()>, JoinError>) {
+    match ended {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "HTTP API stopped with an error"),
+        Err(err) => tracing::warn!(error = %err, "HTTP API task failed"),
+    }
+}
+
+/// The `stopped` line on stdout.
+fn print_stopped(signal: &str, owner: &str, report: &CoordinatorReport) -> std::io::Result<()> {
     print_line(&serde_json::json!({
         "event": "stopped",
         "signal": signal,
@@ -211,8 +243,7 @@ pub async fn run(args: CoordinatorArgs) -> Result<CoordinatorReport, BoxError> {
         },
         "errors": report.errors,
         "released_at_shutdown": report.released_at_shutdown,
-    }))?;
-    Ok(report)
+    }))
 }
 
 /// Writes one JSON line on stdout and flushes it (stdout may be a pipe read line by line).

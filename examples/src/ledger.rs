@@ -282,28 +282,16 @@ impl BookChange {
                 company_id,
                 amount_musd,
                 summary,
-            } => {
-                let before = books.portfolio.get(company_id).copied().unwrap_or_default();
-                let after = before + amount_musd;
-                let result = encode(&PortfolioChange {
-                    before_musd: before,
-                    after_musd: after,
-                })?;
-                books.portfolio.insert(company_id.clone(), after);
-                Ok((result, summary.clone()))
-            }
+            } => Ok((
+                books.add_to_portfolio(company_id, *amount_musd)?,
+                summary.clone(),
+            )),
             Self::TakeFromPortfolio {
                 company_id,
                 amount_musd,
                 summary,
             } => {
-                let before = books.portfolio.get(company_id).copied().unwrap_or_default();
-                let after = before - amount_musd;
-                if after.abs() < CLOSED_POSITION_MUSD {
-                    books.portfolio.remove(company_id);
-                } else {
-                    books.portfolio.insert(company_id.clone(), after);
-                }
+                books.take_from_portfolio(company_id, *amount_musd);
                 Ok((Value::Null, summary.clone()))
             }
             Self::NotifyCommittee { text } => {
@@ -318,19 +306,7 @@ impl BookChange {
                 deal_id,
                 company_name,
                 watchlisted,
-            } => {
-                if *watchlisted {
-                    return Err(ServiceError::Rejected(format!(
-                        "compliance hold on {company_name}: audit trail refuses the deal"
-                    )));
-                }
-                let audit_id = format!("audit-{}", books.audit.len() + 1);
-                books
-                    .audit
-                    .insert(audit_id.clone(), (format!("deal {deal_id} booked"), false));
-                let summary = format!("audit entry {audit_id} for deal {deal_id}");
-                Ok((Value::String(audit_id), summary))
-            }
+            } => books.write_audit_entry(deal_id, company_name, *watchlisted),
             Self::VoidAuditEntry { audit_id, summary } => {
                 if let Some(entry) = books.audit.get_mut(audit_id) {
                     entry.1 = true;
@@ -341,19 +317,7 @@ impl BookChange {
                 record_key,
                 company_id,
                 score,
-            } => {
-                let previous = books.deal_records.get(record_key).copied();
-                let version = previous.map_or(1, |(_, v)| v + 1);
-                let result = encode(&RecordWrite {
-                    record_key: record_key.clone(),
-                    previous,
-                })?;
-                books
-                    .deal_records
-                    .insert(record_key.clone(), (*score, version));
-                let summary = format!("deal record {company_id} score {score} (v{version})");
-                Ok((result, summary))
-            }
+            } => books.upsert_deal_record(record_key, company_id, *score),
             Self::RestoreDealRecord {
                 record_key,
                 previous,
@@ -370,6 +334,73 @@ impl BookChange {
                 Ok((Value::Null, text.clone()))
             }
         }
+    }
+}
+
+/// The changes of [`BookChange::apply`] that compute something from the record they change.
+impl Books {
+    /// Result: the [`PortfolioChange`].
+    fn add_to_portfolio(
+        &mut self,
+        company_id: &str,
+        amount_musd: f64,
+    ) -> Result<Value, ServiceError> {
+        let before = self.portfolio.get(company_id).copied().unwrap_or_default();
+        let after = before + amount_musd;
+        let result = encode(&PortfolioChange {
+            before_musd: before,
+            after_musd: after,
+        })?;
+        self.portfolio.insert(company_id.to_owned(), after);
+        Ok(result)
+    }
+
+    fn take_from_portfolio(&mut self, company_id: &str, amount_musd: f64) {
+        let before = self.portfolio.get(company_id).copied().unwrap_or_default();
+        let after = before - amount_musd;
+        if after.abs() < CLOSED_POSITION_MUSD {
+            self.portfolio.remove(company_id);
+        } else {
+            self.portfolio.insert(company_id.to_owned(), after);
+        }
+    }
+
+    /// Result: the audit id; summary: the entry written.
+    fn write_audit_entry(
+        &mut self,
+        deal_id: &str,
+        company_name: &str,
+        watchlisted: bool,
+    ) -> Result<(Value, String), ServiceError> {
+        if watchlisted {
+            return Err(ServiceError::Rejected(format!(
+                "compliance hold on {company_name}: audit trail refuses the deal"
+            )));
+        }
+        let audit_id = format!("audit-{}", self.audit.len() + 1);
+        self.audit
+            .insert(audit_id.clone(), (format!("deal {deal_id} booked"), false));
+        let summary = format!("audit entry {audit_id} for deal {deal_id}");
+        Ok((Value::String(audit_id), summary))
+    }
+
+    /// Result: the [`RecordWrite`]; summary: the record's new score and version.
+    fn upsert_deal_record(
+        &mut self,
+        record_key: &str,
+        company_id: &str,
+        score: u32,
+    ) -> Result<(Value, String), ServiceError> {
+        let previous = self.deal_records.get(record_key).copied();
+        let version = previous.map_or(1, |(_, v)| v + 1);
+        let result = encode(&RecordWrite {
+            record_key: record_key.to_owned(),
+            previous,
+        })?;
+        self.deal_records
+            .insert(record_key.to_owned(), (score, version));
+        let summary = format!("deal record {company_id} score {score} (v{version})");
+        Ok((result, summary))
     }
 }
 

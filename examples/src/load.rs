@@ -33,7 +33,7 @@ use tokio::task::JoinSet;
 
 use crate::coordinator::print_line;
 use crate::deal::{DealFlow, DealRequest};
-use crate::ledger::OfficeStore as _;
+use crate::ledger::{OfficeState, OfficeStore};
 use crate::ops::{self, BoxError, LogFormat, StoreArgs};
 use crate::report;
 
@@ -285,7 +285,39 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
         .client_retry(client_retry.clone())
         .build()?;
     let mut out = std::io::stdout();
-    let submit = match api {
+    let submit = announce(&mut out, &args, api, &engine)?;
+    let began = Instant::now();
+    let bar = progress_bar(args.count);
+    let acknowledged = start_all(&args, &submit, &bar).await?;
+    let submitted = began.elapsed();
+    let unfinished = wait_all(&acknowledged.ids, &submit, &bar, args.timeout, began).await?;
+    bar.finish_and_clear();
+    let figures = RunFigures {
+        elapsed: began.elapsed(),
+        submitted,
+        unfinished: unfinished.len(),
+        acknowledged,
+    };
+    // Report over every saga in the store (reads: repeated whole after a store blip).
+    let (sagas, office) = read_store(&engine, &*office, client_retry).await?;
+    let totals = report::totals(&sagas, figures.acknowledged.duplicate_starts, &office);
+    let check = report::check_ledger(&sagas, &office);
+    let latencies = Latencies::of(&sagas, &figures.acknowledged.ids);
+    print_report(&mut out, &figures, &totals, &check, &latencies)?;
+    out.flush()?;
+    let ok = check.holds() && figures.unfinished == 0 && figures.acknowledged.start_errors == 0;
+    print_summary(ok, &figures, &totals, &check, &latencies)?;
+    Ok(ok)
+}
+
+/// Says where the sagas go; returns the way there.
+fn announce(
+    out: &mut impl std::io::Write,
+    args: &LoadArgs,
+    api: Option<ApiClient>,
+    engine: &Engine,
+) -> std::io::Result<Submit> {
+    match api {
         Some(client) => {
             writeln!(
                 out,
@@ -296,7 +328,7 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
                 args.store.describe(),
                 args.store.key_prefix
             )?;
-            Submit::Api(client)
+            Ok(Submit::Api(client))
         }
         None => {
             writeln!(
@@ -307,12 +339,15 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
                 args.store.describe(),
                 args.store.key_prefix
             )?;
-            Submit::Store(engine.clone())
+            Ok(Submit::Store(engine.clone()))
         }
-    };
-    let began = Instant::now();
-    let bar = if std::io::stdout().is_terminal() || args.count > 20 {
-        let bar = ProgressBar::new(args.count as u64);
+    }
+}
+
+/// A bar of the sagas seen ending, hidden for a small batch written to a pipe.
+fn progress_bar(count: usize) -> ProgressBar {
+    if std::io::stdout().is_terminal() || count > 20 {
+        let bar = ProgressBar::new(count as u64);
         bar.set_style(
             ProgressStyle::with_template("{bar:40} {pos}/{len} sagas ended {elapsed_precise}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -320,8 +355,26 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
         bar
     } else {
         ProgressBar::hidden()
-    };
-    // Submit.
+    }
+}
+
+/// What the starts acknowledged.
+struct Acknowledged {
+    /// Sagas whose start returned: these must all end.
+    ids: Vec<SagaId>,
+    /// Starts answered with an existing saga.
+    duplicate_starts: u64,
+    /// Starts that failed for good; their sagas are not acknowledged.
+    start_errors: usize,
+}
+
+/// Starts every saga of the batch, `--concurrency` at a time, delivering every
+/// `--duplicate-every`-th twice.
+async fn start_all(
+    args: &LoadArgs,
+    submit: &Submit,
+    bar: &ProgressBar,
+) -> Result<Acknowledged, BoxError> {
     let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let mut starts = JoinSet::new();
     for index in 0..args.count {
@@ -340,15 +393,16 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
             Ok::<_, StartFailed>((id, duplicates))
         });
     }
-    // Acknowledged sagas (their start returned): these must all end.
-    let mut ids = Vec::with_capacity(args.count);
-    let mut duplicate_starts = 0;
-    let mut start_errors = 0_usize;
+    let mut acknowledged = Acknowledged {
+        ids: Vec::with_capacity(args.count),
+        duplicate_starts: 0,
+        start_errors: 0,
+    };
     while let Some(joined) = starts.join_next().await {
         match joined? {
             Ok((id, duplicates)) => {
-                ids.push(id);
-                duplicate_starts += duplicates;
+                acknowledged.ids.push(id);
+                acknowledged.duplicate_starts += duplicates;
             }
             // The API refused the token: no start can succeed, so stop here.
             Err(failed) if failed.fatal => {
@@ -358,12 +412,23 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
             Err(failed) => {
                 // Still failing after `--retry-for` (or not retryable): counted, not fatal.
                 tracing::error!(error = %failed.error, "a start failed; its saga is not acknowledged");
-                start_errors += 1;
+                acknowledged.start_errors += 1;
             }
         }
     }
-    let submitted = began.elapsed();
-    // Wait for every saga: a few waiters at a time (each polls its saga), in submission order.
+    Ok(acknowledged)
+}
+
+/// Waits for every saga of `ids` until `timeout` after `began`; returns those not seen
+/// ending.
+async fn wait_all(
+    ids: &[SagaId],
+    submit: &Submit,
+    bar: &ProgressBar,
+    timeout: Duration,
+    began: Instant,
+) -> Result<BTreeSet<SagaId>, BoxError> {
+    // A few waiters at a time (each polls its saga), in submission order.
     let mut unfinished: BTreeSet<SagaId> = BTreeSet::new();
     let mut pending = ids.iter().copied();
     let mut waits = JoinSet::new();
@@ -371,7 +436,7 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
         while waits.len() < WAITERS {
             let Some(id) = pending.next() else { break };
             let submit = submit.clone();
-            let timeout = args.timeout.saturating_sub(began.elapsed());
+            let timeout = timeout.saturating_sub(began.elapsed());
             waits.spawn(async move { (id, submit.wait(id, timeout).await) });
         }
         let Some(joined) = waits.join_next().await else {
@@ -388,15 +453,21 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
         }
         bar.inc(1);
     }
-    bar.finish_and_clear();
-    let elapsed = began.elapsed();
-    // Report over every saga in the store (reads: repeated whole after a store blip).
+    Ok(unfinished)
+}
+
+/// Every saga in the store and the books, each read retried whole after a store blip.
+async fn read_store(
+    engine: &Engine,
+    office: &dyn OfficeStore,
+    client_retry: RetryPolicy,
+) -> Result<(Vec<report::SagaReport>, OfficeState), BoxError> {
     let retry = ClientRetry::new(client_retry);
     let sagas = retry
         .run(
             "read the sagas for the report",
             EngineError::is_transient,
-            || report::collect(&engine),
+            || report::collect(engine),
         )
         .await?;
     let office = retry
@@ -406,36 +477,74 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
             || office.snapshot(),
         )
         .await?;
-    let totals = report::totals(&sagas, duplicate_starts, &office);
-    let check = report::check_ledger(&sagas, &office);
-    let mine: BTreeSet<SagaId> = ids.iter().copied().collect();
-    let latencies: Vec<report::SagaLatency> = sagas
-        .iter()
-        .filter(|s| mine.contains(&s.state.id))
-        .map(report::latency)
-        .collect();
-    let total: Vec<u64> = latencies.iter().filter_map(|l| l.total_ms).collect();
-    let first: Vec<u64> = latencies.iter().filter_map(|l| l.first_step_ms).collect();
-    let count = |status| totals.by_status.get(&status).copied().unwrap_or_default();
+    Ok((sagas, office))
+}
+
+/// This run's own figures.
+struct RunFigures {
+    elapsed: Duration,
+    submitted: Duration,
+    unfinished: usize,
+    acknowledged: Acknowledged,
+}
+
+impl RunFigures {
+    fn throughput_per_s(&self) -> f64 {
+        self.acknowledged.ids.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The latencies of this run's sagas, in milliseconds.
+struct Latencies {
+    /// Start to end, of the sagas that ended.
+    total: Vec<u64>,
+    /// Start to the first step, of the sagas that got there.
+    first: Vec<u64>,
+}
+
+impl Latencies {
+    fn of(sagas: &[report::SagaReport], ids: &[SagaId]) -> Self {
+        let mine: BTreeSet<SagaId> = ids.iter().copied().collect();
+        let latencies: Vec<report::SagaLatency> = sagas
+            .iter()
+            .filter(|s| mine.contains(&s.state.id))
+            .map(report::latency)
+            .collect();
+        Self {
+            total: latencies.iter().filter_map(|l| l.total_ms).collect(),
+            first: latencies.iter().filter_map(|l| l.first_step_ms).collect(),
+        }
+    }
+}
+
+/// The human-readable report: totals, this run's figures and the ledger check.
+fn print_report(
+    out: &mut impl std::io::Write,
+    figures: &RunFigures,
+    totals: &report::Totals,
+    check: &report::LedgerCheck,
+    latencies: &Latencies,
+) -> std::io::Result<()> {
     let ms = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v} ms"));
+    let (total, first) = (&latencies.total, &latencies.first);
     writeln!(
         out,
         "Totals ({:.2}s, submitted in {:.2}s, {:.1} sagas/s)",
-        elapsed.as_secs_f64(),
-        submitted.as_secs_f64(),
-        ids.len() as f64 / elapsed.as_secs_f64().max(1e-9)
+        figures.elapsed.as_secs_f64(),
+        figures.submitted.as_secs_f64(),
+        figures.throughput_per_s()
     )?;
     writeln!(out, "  store: {}", totals.line())?;
     writeln!(
         out,
         "  this run: {} sagas acknowledged, {} start errors, {} unfinished | saga latency p50 {} p99 {} | submit to first step p50 {} p99 {}",
-        ids.len(),
-        start_errors,
-        unfinished.len(),
-        ms(report::quantile(&total, 0.5)),
-        ms(report::quantile(&total, 0.99)),
-        ms(report::quantile(&first, 0.5)),
-        ms(report::quantile(&first, 0.99)),
+        figures.acknowledged.ids.len(),
+        figures.acknowledged.start_errors,
+        figures.unfinished,
+        ms(report::quantile(total, 0.5)),
+        ms(report::quantile(total, 0.99)),
+        ms(report::quantile(first, 0.5)),
+        ms(report::quantile(first, 0.99)),
     )?;
     if check.holds() {
         writeln!(
@@ -449,15 +558,27 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
             writeln!(out, "  - {problem}")?;
         }
     }
-    out.flush()?;
-    let ok = check.holds() && unfinished.is_empty() && start_errors == 0;
+    Ok(())
+}
+
+/// The `load_summary` JSON line, for scripts and tests.
+fn print_summary(
+    ok: bool,
+    figures: &RunFigures,
+    totals: &report::Totals,
+    check: &report::LedgerCheck,
+    latencies: &Latencies,
+) -> std::io::Result<()> {
+    let count = |status| totals.by_status.get(&status).copied().unwrap_or_default();
+    let (total, first) = (&latencies.total, &latencies.first);
+    let acknowledged = &figures.acknowledged;
     print_line(&serde_json::json!({
         "event": "load_summary",
         "ok": ok,
-        "submitted": ids.len(),
-        "acknowledged": ids.len(),
-        "start_errors": start_errors,
-        "unfinished": unfinished.len(),
+        "submitted": acknowledged.ids.len(),
+        "acknowledged": acknowledged.ids.len(),
+        "start_errors": acknowledged.start_errors,
+        "unfinished": figures.unfinished,
         "store_sagas": totals.sagas,
         "completed": count(SagaStatus::Completed),
         "compensated": count(SagaStatus::Compensated),
@@ -466,18 +587,17 @@ pub async fn run(args: LoadArgs) -> Result<bool, BoxError> {
         "retries": totals.retries,
         "compensations": totals.compensations,
         "idempotency_hits": totals.idempotency_hits,
-        "duplicate_starts": duplicate_starts,
+        "duplicate_starts": acknowledged.duplicate_starts,
         "resumes": totals.resumes,
-        "elapsed_s": elapsed.as_secs_f64(),
-        "throughput_per_s": ids.len() as f64 / elapsed.as_secs_f64().max(1e-9),
-        "latency_p50_ms": report::quantile(&total, 0.5),
-        "latency_p99_ms": report::quantile(&total, 0.99),
-        "first_step_p50_ms": report::quantile(&first, 0.5),
-        "first_step_p99_ms": report::quantile(&first, 0.99),
+        "elapsed_s": figures.elapsed.as_secs_f64(),
+        "throughput_per_s": figures.throughput_per_s(),
+        "latency_p50_ms": report::quantile(total, 0.5),
+        "latency_p99_ms": report::quantile(total, 0.99),
+        "first_step_p50_ms": report::quantile(first, 0.5),
+        "first_step_p99_ms": report::quantile(first, 0.99),
         "ledger_ok": check.holds(),
         "effects": check.effects,
         "ledger_compensations": check.compensations,
         "problems": check.problems,
-    }))?;
-    Ok(ok)
+    }))
 }

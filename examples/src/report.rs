@@ -203,108 +203,146 @@ pub fn check_ledger(sagas: &[SagaReport], office: &OfficeState) -> LedgerCheck {
             .iter()
             .filter(|e| e.phase == Phase::Compensate)
             .count(),
-        problems: Vec::new(),
+        problems: repeated_entries(entries),
     };
     let mut by_saga: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
     for entry in entries {
         by_saga.entry(entry.saga.as_str()).or_default().push(entry);
     }
+    for saga in sagas {
+        let id = saga.state.id.to_string();
+        let mine = by_saga.get(id.as_str()).cloned().unwrap_or_default();
+        check_saga(saga, &id, &mine, &mut check.problems);
+    }
+    check_books(sagas, office, &mut check.problems);
+    check
+}
+
+/// A problem for every effect or compensation applied more than once.
+fn repeated_entries(entries: &[Entry]) -> Vec<String> {
     let mut applied: BTreeMap<(&str, u32, Phase), usize> = BTreeMap::new();
     for entry in entries {
         *applied
             .entry((entry.saga.as_str(), entry.position, entry.phase))
             .or_default() += 1;
     }
-    for ((saga, position, phase), count) in &applied {
-        if *count > 1 {
-            check.problems.push(format!(
-                "saga {saga}: step #{position} {phase:?} applied {count} times"
+    applied
+        .iter()
+        .filter(|(_, count)| **count > 1)
+        .map(|((saga, position, phase), count)| {
+            format!("saga {saga}: step #{position} {phase:?} applied {count} times")
+        })
+        .collect()
+}
+
+/// Checks one saga's ledger entries (`mine`) against its outcome.
+fn check_saga(saga: &SagaReport, id: &str, mine: &[&Entry], problems: &mut Vec<String>) {
+    let forward: Vec<&Entry> = mine
+        .iter()
+        .copied()
+        .filter(|e| e.phase == Phase::Forward)
+        .collect();
+    let undone: Vec<&Entry> = mine
+        .iter()
+        .copied()
+        .filter(|e| e.phase == Phase::Compensate)
+        .collect();
+    match saga.state.status {
+        SagaStatus::Completed => check_completed(saga, id, &forward, &undone, problems),
+        SagaStatus::Compensated => check_compensated(saga, id, &forward, &undone, problems),
+        SagaStatus::Failed => {}
+        SagaStatus::Running | SagaStatus::Compensating => {
+            problems.push(format!("saga {id} did not finish ({})", saga.state.status));
+        }
+        _ => problems.push(format!(
+            "saga {id} has an unexpected status {}",
+            saga.state.status
+        )),
+    }
+}
+
+/// A completed saga: nothing undone, and every effect backed by a succeeded journal entry.
+fn check_completed(
+    saga: &SagaReport,
+    id: &str,
+    forward: &[&Entry],
+    undone: &[&Entry],
+    problems: &mut Vec<String>,
+) {
+    if !undone.is_empty() {
+        problems.push(format!(
+            "saga {id} completed but {} compensation(s) ran",
+            undone.len()
+        ));
+    }
+    for entry in forward {
+        let ok = saga
+            .state
+            .record(entry.position)
+            .is_some_and(|r| r.status == StepStatus::Succeeded);
+        if !ok {
+            problems.push(format!(
+                "saga {id}: effect of #{} has no succeeded journal entry",
+                entry.position
             ));
         }
     }
+}
+
+/// A compensated saga: its effects undone once each, newest first.
+fn check_compensated(
+    saga: &SagaReport,
+    id: &str,
+    forward: &[&Entry],
+    undone: &[&Entry],
+    problems: &mut Vec<String>,
+) {
+    // Every forward effect of a step that has a compensation must be undone once,
+    // newest first. Steps without compensation (notifications, reads) stay.
+    let skipped = |p: u32| {
+        saga.events.iter().any(|ev| {
+            matches!(&ev.kind, EventKind::CompensationSkipped { position, .. } if *position == p)
+        })
+    };
+    let compensable: Vec<u32> = forward
+        .iter()
+        .map(|e| e.position)
+        .filter(|p| !skipped(*p))
+        .collect();
+    let undone_positions: Vec<u32> = undone.iter().map(|e| e.position).collect();
+    let mut expected = compensable.clone();
+    expected.reverse();
+    if undone_positions != expected {
+        problems.push(format!(
+            "saga {id} compensated: effects at {compensable:?} but compensations ran at {undone_positions:?} (expected {expected:?})"
+        ));
+    }
+}
+
+/// The books against the completed deal sagas: one CRM deal each, and their amounts in the
+/// portfolio.
+fn check_books(sagas: &[SagaReport], office: &OfficeState, problems: &mut Vec<String>) {
     let mut completed_deals = 0;
     let mut booked_musd = 0.0;
     for saga in sagas {
-        let id = saga.state.id.to_string();
-        let mine = by_saga.get(id.as_str()).cloned().unwrap_or_default();
-        let forward: Vec<&&Entry> = mine.iter().filter(|e| e.phase == Phase::Forward).collect();
-        let undone: Vec<&&Entry> = mine
-            .iter()
-            .filter(|e| e.phase == Phase::Compensate)
-            .collect();
-        match saga.state.status {
-            SagaStatus::Completed => {
-                if !undone.is_empty() {
-                    check.problems.push(format!(
-                        "saga {id} completed but {} compensation(s) ran",
-                        undone.len()
-                    ));
-                }
-                for entry in &forward {
-                    let ok = saga
-                        .state
-                        .record(entry.position)
-                        .is_some_and(|r| r.status == StepStatus::Succeeded);
-                    if !ok {
-                        check.problems.push(format!(
-                            "saga {id}: effect of #{} has no succeeded journal entry",
-                            entry.position
-                        ));
-                    }
-                }
-                if saga.state.saga_type == "deal_flow" {
-                    completed_deals += 1;
-                    booked_musd += saga.state.input["amount_musd"].as_f64().unwrap_or_default();
-                }
-            }
-            SagaStatus::Compensated => {
-                // Every forward effect of a step that has a compensation must be undone once,
-                // newest first. Steps without compensation (notifications, reads) stay.
-                let skipped = |p: u32| {
-                    saga.events.iter().any(|ev| {
-                        matches!(&ev.kind, EventKind::CompensationSkipped { position, .. } if *position == p)
-                    })
-                };
-                let compensable: Vec<u32> = forward
-                    .iter()
-                    .map(|e| e.position)
-                    .filter(|p| !skipped(*p))
-                    .collect();
-                let undone_positions: Vec<u32> = undone.iter().map(|e| e.position).collect();
-                let mut expected = compensable.clone();
-                expected.reverse();
-                if undone_positions != expected {
-                    check.problems.push(format!(
-                        "saga {id} compensated: effects at {compensable:?} but compensations ran at {undone_positions:?} (expected {expected:?})"
-                    ));
-                }
-            }
-            SagaStatus::Failed => {}
-            SagaStatus::Running | SagaStatus::Compensating => {
-                check
-                    .problems
-                    .push(format!("saga {id} did not finish ({})", saga.state.status));
-            }
-            _ => check.problems.push(format!(
-                "saga {id} has an unexpected status {}",
-                saga.state.status
-            )),
+        if saga.state.status == SagaStatus::Completed && saga.state.saga_type == "deal_flow" {
+            completed_deals += 1;
+            booked_musd += saga.state.input["amount_musd"].as_f64().unwrap_or_default();
         }
     }
     let crm = &office.books.crm_deals;
     if crm.len() != completed_deals {
-        check.problems.push(format!(
+        problems.push(format!(
             "CRM holds {} deals but {completed_deals} deal sagas completed",
             crm.len()
         ));
     }
     let total: f64 = office.books.portfolio.values().sum();
     if (total - booked_musd).abs() > 1e-6 {
-        check.problems.push(format!(
+        problems.push(format!(
             "portfolio holds {total}M but completed deals booked {booked_musd}M"
         ));
     }
-    check
 }
 
 /// Whether a saga is worth showing in full.

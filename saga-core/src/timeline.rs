@@ -67,6 +67,7 @@ pub fn render(events: &[SagaEvent]) -> String {
 /// One line describing an event, without its time.
 #[must_use]
 pub fn describe(kind: &EventKind) -> String {
+    // No catch-all arm, so that a new kind cannot go undescribed.
     match kind {
         EventKind::SagaStarted {
             saga_type,
@@ -87,14 +88,41 @@ pub fn describe(kind: &EventKind) -> String {
         } => format!(
             "resumed by {owner} while {status}; {completed_steps} completed step(s) replayed from the journal"
         ),
+        EventKind::StepStarted { .. }
+        | EventKind::StepSucceeded { .. }
+        | EventKind::StepAttemptFailed { .. }
+        | EventKind::StepFailed { .. }
+        | EventKind::ValueRecorded { .. } => describe_step_event(kind),
+        EventKind::CancelRequested { reason } => format!("cancel requested: {reason}"),
+        EventKind::CancelRefused { step, position } => format!(
+            "cancel refused: past the pivot {}, the saga only goes forward",
+            step_label(*position, step)
+        ),
+        EventKind::CompensationStarted { .. }
+        | EventKind::CompensationAttemptFailed { .. }
+        | EventKind::StepCompensated { .. }
+        | EventKind::CompensationSkipped { .. } => describe_compensation_event(kind),
+        EventKind::SagaCompleted { .. } => "COMPLETED".to_owned(),
+        EventKind::SagaCompensated => "COMPENSATED: every completed step undone".to_owned(),
+        EventKind::SagaFailed { kind, error } => format!("FAILED ({kind:?}): {error}"),
+        EventKind::SagaRetried { reason, status } => {
+            format!("RETRIED by an operator ({reason}); resumes {status}")
+        }
+        EventKind::SagaAbandoned { reason } => {
+            format!("ABANDONED by an operator without compensating: {reason}")
+        }
+    }
+}
+
+/// A forward step's attempt, outcome or journaled value.
+fn describe_step_event(kind: &EventKind) -> String {
+    match kind {
         EventKind::StepStarted {
             position,
             step,
             attempt,
             ..
-        } => {
-            format!("{} attempt {attempt} started", step_label(*position, step))
-        }
+        } => format!("{} attempt {attempt} started", step_label(*position, step)),
         EventKind::StepSucceeded {
             position,
             step,
@@ -127,14 +155,12 @@ pub fn describe(kind: &EventKind) -> String {
             error,
             backoff_seconds,
             ..
-        } => {
-            format!(
-                "{} attempt {attempt} failed: {}; retry in {}",
-                step_label(*position, step),
-                describe_error(error),
-                format_seconds(*backoff_seconds)
-            )
-        }
+        } => format!(
+            "{} attempt {attempt} failed: {}; retry in {}",
+            step_label(*position, step),
+            describe_error(error),
+            format_seconds(*backoff_seconds)
+        ),
         EventKind::StepFailed {
             position,
             step,
@@ -150,14 +176,16 @@ pub fn describe(kind: &EventKind) -> String {
             position,
             name,
             value,
-        } => {
-            format!("#{position} journaled {name}() = {value}")
-        }
-        EventKind::CancelRequested { reason } => format!("cancel requested: {reason}"),
-        EventKind::CancelRefused { step, position } => format!(
-            "cancel refused: past the pivot {}, the saga only goes forward",
-            step_label(*position, step)
-        ),
+        } => format!("#{position} journaled {name}() = {value}"),
+        // `describe` sends only the kinds above here; shown raw rather than panicking in a
+        // display path should that ever change.
+        other => format!("{other:?}"),
+    }
+}
+
+/// The undo of a completed step: its attempts and how it ended.
+fn describe_compensation_event(kind: &EventKind) -> String {
+    match kind {
         EventKind::CompensationStarted { reason } => format!("COMPENSATING: {reason}"),
         EventKind::CompensationAttemptFailed {
             position,
@@ -166,14 +194,12 @@ pub fn describe(kind: &EventKind) -> String {
             error,
             backoff_seconds,
             ..
-        } => {
-            format!(
-                "{} undo attempt {attempt} failed: {}; retry in {}",
-                step_label(*position, step),
-                describe_error(error),
-                format_seconds(*backoff_seconds)
-            )
-        }
+        } => format!(
+            "{} undo attempt {attempt} failed: {}; retry in {}",
+            step_label(*position, step),
+            describe_error(error),
+            format_seconds(*backoff_seconds)
+        ),
         EventKind::StepCompensated {
             position,
             step,
@@ -196,18 +222,10 @@ pub fn describe(kind: &EventKind) -> String {
             position,
             step,
             why,
-        } => {
-            format!("{} not undone: {why}", step_label(*position, step))
-        }
-        EventKind::SagaCompleted { .. } => "COMPLETED".to_owned(),
-        EventKind::SagaCompensated => "COMPENSATED: every completed step undone".to_owned(),
-        EventKind::SagaFailed { kind, error } => format!("FAILED ({kind:?}): {error}"),
-        EventKind::SagaRetried { reason, status } => {
-            format!("RETRIED by an operator ({reason}); resumes {status}")
-        }
-        EventKind::SagaAbandoned { reason } => {
-            format!("ABANDONED by an operator without compensating: {reason}")
-        }
+        } => format!("{} not undone: {why}", step_label(*position, step)),
+        // `describe` sends only the kinds above here; shown raw rather than panicking in a
+        // display path should that ever change.
+        other => format!("{other:?}"),
     }
 }
 

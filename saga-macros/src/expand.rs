@@ -100,156 +100,22 @@ fn step_type(
         Some(name) => name.clone(),
         None => LitStr::new(fn_name, fn_ident.span()),
     };
-    let (variant, compensate, undo_doc) = match &args.compensation {
-        Some(Compensation::Undo { path, always }) => {
-            let path_text = quote!(#path).to_string().replace(' ', "");
-            // Located at the path, so that a compensation fn with the wrong signature is
-            // reported there; resolved at the call site, which marks the tokens as macro
-            // output so that rustc does not suggest editing them into the attribute.
-            let span = path.span().resolved_at(Span::call_site());
-            let (variant, body, doc) = if *always {
-                let body = quote_spanned!(span=> #path(ctx, input, output).await);
-                let doc = format!(
-                    "Compensation: `{path_text}`, also when the forward action fails for good \
-                     or its outcome is unknown."
-                );
-                (quote!(Always), body, doc)
-            } else {
-                let call = quote_spanned!(span=> #path(ctx, input, output).await);
-                let body = quote! {
-                    match output {
-                        #p::Option::Some(output) => #call,
-                        #p::Option::None => #p::Result::Ok(()),
-                    }
-                };
-                (
-                    quote!(OnSuccess),
-                    body,
-                    format!("Compensation: `{path_text}`."),
-                )
-            };
-            let method = quote! {
-                async fn compensate(
-                    &self,
-                    ctx: &#p::StepContext,
-                    input: Self::Input,
-                    output: #p::Option<Self::Output>,
-                ) -> #p::Result<(), Self::Error> {
-                    #body
-                }
-            };
-            (variant, method, doc)
-        }
-        Some(Compensation::Pivot) => (
-            quote!(Pivot),
-            TokenStream::new(),
-            "Pivot: the point of no return: once it has succeeded the saga only goes forward; \
-             nothing is compensated after a later failure."
-                .to_owned(),
-        ),
-        // `None`: the missing option was reported; the type still exists so that its uses
-        // do not fail too.
-        Some(Compensation::Nothing) | None => (
-            quote!(None),
-            TokenStream::new(),
-            "No compensation: nothing to undo (a read-only step); the other steps are \
-             compensated as usual."
-                .to_owned(),
-        ),
-    };
+    let CompensationParts {
+        variant,
+        method: compensate,
+        doc: undo_doc,
+    } = compensation_parts(args.compensation.as_ref());
+    let reconcile = args.reconcile.as_ref().map(reconcile_method);
+    let reconcile_compensation = reconcile_compensation_method(args);
+    let timeout = args.timeout.map(timeout_method);
+    let retry_policy = args.retry.as_ref().map(retry_policy_method);
+    let compensation_retry_policy = args
+        .compensate_retry
+        .as_ref()
+        .map(compensation_retry_policy_method);
 
-    let reconcile = args.reconcile.as_ref().map(|path| {
-        let span = path.span().resolved_at(Span::call_site());
-        let call = quote_spanned!(span=> #path(ctx, input).await);
-        quote! {
-            async fn reconcile(
-                &self,
-                ctx: &#p::StepContext,
-                input: &Self::Input,
-            ) -> #p::Result<#p::Reconciled<Self::Output>, Self::Error> {
-                #call
-            }
-        }
-    });
-
-    // Only with `compensate` (checked in `attr`); its output parameter follows the
-    // compensation's: `&Out`, or `Option<&Out>` with `compensate_on_failure`.
-    let reconcile_compensation = match (&args.reconcile_compensation, &args.compensation) {
-        (Some(path), Some(Compensation::Undo { always, .. })) => {
-            let span = path.span().resolved_at(Span::call_site());
-            let call = quote_spanned!(span=> #path(ctx, input, output).await);
-            let body = if *always {
-                call
-            } else {
-                // Without an output there is nothing this compensation undoes.
-                quote! {
-                    match output {
-                        #p::Option::Some(output) => #call,
-                        #p::Option::None => #p::Result::Ok(#p::Reconciled::Unknown),
-                    }
-                }
-            };
-            Some(quote! {
-                async fn reconcile_compensation(
-                    &self,
-                    ctx: &#p::StepContext,
-                    input: &Self::Input,
-                    output: #p::Option<&Self::Output>,
-                ) -> #p::Result<#p::Reconciled<()>, Self::Error> {
-                    #body
-                }
-            })
-        }
-        _ => None,
-    };
-
-    let timeout = args.timeout.map(|timeout| {
-        let value = match timeout {
-            Timeout::Off => quote!(#p::Option::None),
-            Timeout::After(duration) => {
-                let duration = duration_tokens(duration);
-                quote!(#p::Option::Some(#duration))
-            }
-        };
-        quote! {
-            fn timeout(&self) -> #p::Option<#p::Duration> {
-                #value
-            }
-        }
-    });
-
-    let retry_policy = args.retry.as_ref().map(|retry| {
-        let base = quote!(<#p::RetryPolicy as #p::Default>::default());
-        let policy = policy_tokens(&base, retry);
-        quote! {
-            fn retry_policy(&self) -> #p::RetryPolicy {
-                #policy
-            }
-        }
-    });
-
-    let compensation_retry_policy = args.compensate_retry.as_ref().map(|retry| {
-        // The trait's default compensation policy, with the given keys applied on top.
-        let base = quote! { #p::RetryPolicy::compensation_default() };
-        let policy = policy_tokens(&base, retry);
-        quote! {
-            fn compensation_retry_policy(&self) -> #p::RetryPolicy {
-                #policy
-            }
-        }
-    });
-
-    // Located at the context type, so that a context of the wrong type is reported there.
-    let ctx_span = match ctx_ty {
-        syn::Type::Reference(reference) => reference.elem.span(),
-        other => other.span(),
-    };
-    let ctx_arg = quote_spanned!(ctx_span.resolved_at(Span::call_site())=> ctx);
-    let summary = format!(
-        "Saga step `{}`, generated by `#[saga_step]` from `async fn {fn_name}`: run it with \
-         `saga.run({type_ident}, input)`.",
-        name.value()
-    );
+    let ctx_arg = ctx_arg(ctx_ty);
+    let summary = summary_doc(&name, fn_name, type_ident);
     let separator = (!docs.is_empty()).then(|| quote!(#[doc = ""]));
 
     quote! {
@@ -288,6 +154,192 @@ fn step_type(
             #timeout
         }
     }
+}
+
+/// The doc line that says where the type comes from and how to run it.
+fn summary_doc(name: &LitStr, fn_name: &str, type_ident: &syn::Ident) -> String {
+    format!(
+        "Saga step `{}`, generated by `#[saga_step]` from `async fn {fn_name}`: run it with \
+         `saga.run({type_ident}, input)`.",
+        name.value()
+    )
+}
+
+/// What the step's compensation option turns into.
+struct CompensationParts {
+    /// The `Compensation` variant named in `const COMPENSATION`.
+    variant: TokenStream,
+    /// The `compensate` method, or nothing when the trait's default applies.
+    method: TokenStream,
+    /// The doc line that says how the step is undone.
+    doc: String,
+}
+
+fn compensation_parts(compensation: Option<&Compensation>) -> CompensationParts {
+    match compensation {
+        Some(Compensation::Undo { path, always }) => undo_compensation(path, *always),
+        Some(Compensation::Pivot) => CompensationParts {
+            variant: quote!(Pivot),
+            method: TokenStream::new(),
+            doc: "Pivot: the point of no return: once it has succeeded the saga only goes \
+                  forward; nothing is compensated after a later failure."
+                .to_owned(),
+        },
+        // `None`: the missing option was reported; the type still exists so that its uses
+        // do not fail too.
+        Some(Compensation::Nothing) | None => CompensationParts {
+            variant: quote!(None),
+            method: TokenStream::new(),
+            doc: "No compensation: nothing to undo (a read-only step); the other steps are \
+                  compensated as usual."
+                .to_owned(),
+        },
+    }
+}
+
+/// `compensate = path`: a `compensate` method calling `path`, with every output or (without
+/// `compensate_on_failure`) only with the output of a forward action that succeeded.
+fn undo_compensation(path: &syn::Path, always: bool) -> CompensationParts {
+    let p = quote!(::saga_core::__private);
+    let path_text = quote!(#path).to_string().replace(' ', "");
+    // Located at the path, so that a compensation fn with the wrong signature is
+    // reported there; resolved at the call site, which marks the tokens as macro
+    // output so that rustc does not suggest editing them into the attribute.
+    let span = path.span().resolved_at(Span::call_site());
+    let (variant, body, doc) = if always {
+        let body = quote_spanned!(span=> #path(ctx, input, output).await);
+        let doc = format!(
+            "Compensation: `{path_text}`, also when the forward action fails for good \
+             or its outcome is unknown."
+        );
+        (quote!(Always), body, doc)
+    } else {
+        let call = quote_spanned!(span=> #path(ctx, input, output).await);
+        let body = quote! {
+            match output {
+                #p::Option::Some(output) => #call,
+                #p::Option::None => #p::Result::Ok(()),
+            }
+        };
+        (
+            quote!(OnSuccess),
+            body,
+            format!("Compensation: `{path_text}`."),
+        )
+    };
+    let method = quote! {
+        async fn compensate(
+            &self,
+            ctx: &#p::StepContext,
+            input: Self::Input,
+            output: #p::Option<Self::Output>,
+        ) -> #p::Result<(), Self::Error> {
+            #body
+        }
+    };
+    CompensationParts {
+        variant,
+        method,
+        doc,
+    }
+}
+
+fn reconcile_method(path: &syn::Path) -> TokenStream {
+    let p = quote!(::saga_core::__private);
+    let span = path.span().resolved_at(Span::call_site());
+    let call = quote_spanned!(span=> #path(ctx, input).await);
+    quote! {
+        async fn reconcile(
+            &self,
+            ctx: &#p::StepContext,
+            input: &Self::Input,
+        ) -> #p::Result<#p::Reconciled<Self::Output>, Self::Error> {
+            #call
+        }
+    }
+}
+
+fn reconcile_compensation_method(args: &StepArgs) -> Option<TokenStream> {
+    let p = quote!(::saga_core::__private);
+    // Only with `compensate` (checked in `attr`); its output parameter follows the
+    // compensation's: `&Out`, or `Option<&Out>` with `compensate_on_failure`.
+    let (Some(path), Some(Compensation::Undo { always, .. })) =
+        (&args.reconcile_compensation, &args.compensation)
+    else {
+        return None;
+    };
+    let span = path.span().resolved_at(Span::call_site());
+    let call = quote_spanned!(span=> #path(ctx, input, output).await);
+    let body = if *always {
+        call
+    } else {
+        // Without an output there is nothing this compensation undoes.
+        quote! {
+            match output {
+                #p::Option::Some(output) => #call,
+                #p::Option::None => #p::Result::Ok(#p::Reconciled::Unknown),
+            }
+        }
+    };
+    Some(quote! {
+        async fn reconcile_compensation(
+            &self,
+            ctx: &#p::StepContext,
+            input: &Self::Input,
+            output: #p::Option<&Self::Output>,
+        ) -> #p::Result<#p::Reconciled<()>, Self::Error> {
+            #body
+        }
+    })
+}
+
+fn timeout_method(timeout: Timeout) -> TokenStream {
+    let p = quote!(::saga_core::__private);
+    let value = match timeout {
+        Timeout::Off => quote!(#p::Option::None),
+        Timeout::After(duration) => {
+            let duration = duration_tokens(duration);
+            quote!(#p::Option::Some(#duration))
+        }
+    };
+    quote! {
+        fn timeout(&self) -> #p::Option<#p::Duration> {
+            #value
+        }
+    }
+}
+
+fn retry_policy_method(retry: &RetryArgs) -> TokenStream {
+    let p = quote!(::saga_core::__private);
+    let base = quote!(<#p::RetryPolicy as #p::Default>::default());
+    let policy = policy_tokens(&base, retry);
+    quote! {
+        fn retry_policy(&self) -> #p::RetryPolicy {
+            #policy
+        }
+    }
+}
+
+fn compensation_retry_policy_method(retry: &RetryArgs) -> TokenStream {
+    let p = quote!(::saga_core::__private);
+    // The trait's default compensation policy, with the given keys applied on top.
+    let base = quote! { #p::RetryPolicy::compensation_default() };
+    let policy = policy_tokens(&base, retry);
+    quote! {
+        fn compensation_retry_policy(&self) -> #p::RetryPolicy {
+            #policy
+        }
+    }
+}
+
+/// The `ctx` argument passed to the step fn, located at the context type so that a context
+/// of the wrong type is reported there.
+fn ctx_arg(ctx_ty: &syn::Type) -> TokenStream {
+    let ctx_span = match ctx_ty {
+        syn::Type::Reference(reference) => reference.elem.span(),
+        other => other.span(),
+    };
+    quote_spanned!(ctx_span.resolved_at(Span::call_site())=> ctx)
 }
 
 /// `base` with a `with_*` call for every key given. `initial` comes before `max`, because

@@ -371,106 +371,155 @@ impl RedisStoreBuilder {
             Target::Cluster(nodes) => nodes.as_slice(),
         };
         let tls = self.certificates(urls)?;
-        let (connection, node_name, pubsub_clients) = match &target {
+        ensure_tls_provider(urls)?;
+        let connected = match &target {
             Target::Standalone(url) => {
-                ensure_tls_provider(std::slice::from_ref(url))?;
-                let client = self.client(url, tls.as_ref())?;
-                let node = client.get_connection_info().addr().to_string();
-                // One plain connection first, so that wrong credentials or a dead server give
-                // a clear error at once instead of the manager's reconnect retries.
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.connection_timeout))
-                    .set_response_timeout(Some(response_timeout));
-                let mut probe = client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-                    .map_err(|source| connect_error(&node, source))?;
-                redis::cmd("PING")
-                    .query_async::<()>(&mut probe)
-                    .await
-                    .map_err(|source| connect_error(&node, source))?;
-                drop(probe);
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.connection_timeout))
-                    .set_response_timeout(Some(response_timeout))
-                    .set_number_of_retries(self.reconnect_retries)
-                    .set_max_delay(Duration::from_secs(2));
-                let pubsub = client.clone();
-                let manager = ConnectionManager::new_with_config(client, config)
-                    .await
-                    .map_err(|source| connect_error(&node, source))?;
-                (Connection::Standalone(manager), node, vec![pubsub])
+                self.connect_standalone(url, tls.as_ref(), response_timeout)
+                    .await?
             }
             Target::Cluster(nodes) => {
-                ensure_tls_provider(nodes)?;
-                let mut infos = Vec::with_capacity(nodes.len());
-                for url in nodes {
-                    infos.push(url.as_str().into_connection_info().map_err(|source| {
-                        ConnectError::Url {
-                            url: redact(url),
-                            source,
-                        }
-                    })?);
-                }
-                let node = nodes
-                    .iter()
-                    .map(|url| redact(url))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let cluster = ClusterClientBuilder::new(infos)
-                    .connection_timeout(self.connection_timeout)
-                    .response_timeout(response_timeout);
-                #[cfg(feature = "tls")]
-                let cluster = match &tls {
-                    Some(certificates) => cluster.certs(certificates.clone()),
-                    None => cluster,
-                };
-                let client = cluster.build().map_err(|source| ConnectError::Url {
-                    url: node.clone(),
-                    source,
-                })?;
-                let mut connection = client
-                    .get_async_connection()
-                    .await
-                    .map_err(|source| connect_error(&node, source))?;
-                redis::cmd("PING")
-                    .query_async::<()>(&mut connection)
-                    .await
-                    .map_err(|source| connect_error(&node, source))?;
-                // Wake-ups subscribe on one node (a cluster delivers PUBLISH to every node):
-                // a client per seed node, tried in turn.
-                let pubsub = nodes
-                    .iter()
-                    .map(|url| self.client(url, tls.as_ref()))
-                    .collect::<Result<Vec<_>, _>>()?;
-                (Connection::Cluster(connection), node, pubsub)
+                self.connect_cluster(nodes, tls.as_ref(), response_timeout)
+                    .await?
             }
         };
         let keys = KeyLayout::new(self.prefix.clone(), self.partitions);
         // Before the first write (the meta key): a server that would lose it is refused.
-        let findings = check_server(&connection, &node_name, &keys).await;
+        let findings = check_server(&connected.connection, &connected.node_name, &keys).await;
         self.refuse_unsafe(&findings)?;
-        check_meta(&connection, &keys, &node_name).await?;
+        check_meta(&connected.connection, &keys, &connected.node_name).await?;
+        Ok(self.store(connected, keys, findings))
+    }
+
+    /// A connection manager to one server, after a probe that the server answers.
+    async fn connect_standalone(
+        &self,
+        url: &str,
+        tls: Option<&Certificates>,
+        response_timeout: Duration,
+    ) -> Result<Connected, ConnectError> {
+        let client = self.client(url, tls)?;
+        let node = client.get_connection_info().addr().to_string();
+        // One plain connection first, so that wrong credentials or a dead server give
+        // a clear error at once instead of the manager's reconnect retries.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connection_timeout))
+            .set_response_timeout(Some(response_timeout));
+        let mut probe = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|source| connect_error(&node, source))?;
+        redis::cmd("PING")
+            .query_async::<()>(&mut probe)
+            .await
+            .map_err(|source| connect_error(&node, source))?;
+        drop(probe);
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connection_timeout))
+            .set_response_timeout(Some(response_timeout))
+            .set_number_of_retries(self.reconnect_retries)
+            .set_max_delay(Duration::from_secs(2));
+        let pubsub = client.clone();
+        let manager = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|source| connect_error(&node, source))?;
+        Ok(Connected {
+            connection: Connection::Standalone(manager),
+            node_name: node,
+            pubsub_clients: vec![pubsub],
+        })
+    }
+
+    /// A cluster connection through the seed `nodes`, checked with a `PING`.
+    async fn connect_cluster(
+        &self,
+        nodes: &[String],
+        tls: Option<&Certificates>,
+        response_timeout: Duration,
+    ) -> Result<Connected, ConnectError> {
+        let mut infos = Vec::with_capacity(nodes.len());
+        for url in nodes {
+            infos.push(url.as_str().into_connection_info().map_err(|source| {
+                ConnectError::Url {
+                    url: redact(url),
+                    source,
+                }
+            })?);
+        }
+        let node = nodes
+            .iter()
+            .map(|url| redact(url))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let cluster = ClusterClientBuilder::new(infos)
+            .connection_timeout(self.connection_timeout)
+            .response_timeout(response_timeout);
+        #[cfg(feature = "tls")]
+        let cluster = match tls {
+            Some(certificates) => cluster.certs(certificates.clone()),
+            None => cluster,
+        };
+        let client = cluster.build().map_err(|source| ConnectError::Url {
+            url: node.clone(),
+            source,
+        })?;
+        let mut connection = client
+            .get_async_connection()
+            .await
+            .map_err(|source| connect_error(&node, source))?;
+        redis::cmd("PING")
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|source| connect_error(&node, source))?;
+        // Wake-ups subscribe on one node (a cluster delivers PUBLISH to every node):
+        // a client per seed node, tried in turn.
+        let pubsub = nodes
+            .iter()
+            .map(|url| self.client(url, tls))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Connected {
+            connection: Connection::Cluster(connection),
+            node_name: node,
+            pubsub_clients: pubsub,
+        })
+    }
+
+    /// The store over a checked connection, with its wake-up subscription (not started yet).
+    fn store(
+        self,
+        connected: Connected,
+        keys: KeyLayout,
+        findings: Vec<ServerFinding>,
+    ) -> RedisStore {
         let hints = Arc::new(DueHints::new(keys.partitions(), self.due_sweep_interval));
         let wake = Wakeups::new(
-            pubsub_clients,
+            connected.pubsub_clients,
             keys.clone(),
             Arc::clone(&hints),
             self.connection_timeout,
         );
-        Ok(RedisStore {
+        RedisStore {
             inner: Arc::new(Inner {
-                conn: connection,
+                conn: connected.connection,
                 keys,
                 max_payload: self.max_payload,
                 replica_wait: self.replica_wait,
-                node_name,
+                node_name: connected.node_name,
                 findings,
                 wake,
                 hints,
             }),
-        })
+        }
     }
+}
+
+/// A connection the server answered, before the configuration and meta checks.
+struct Connected {
+    connection: Connection,
+    /// The server's address, or the seed nodes of a cluster: names the node in errors and
+    /// findings.
+    node_name: String,
+    /// The clients the wake-up subscription may use.
+    pubsub_clients: Vec<Client>,
 }
 
 fn connect_error(node: &str, source: redis::RedisError) -> ConnectError {

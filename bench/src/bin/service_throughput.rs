@@ -154,69 +154,129 @@ macro_rules! say {
 async fn run(args: Args) -> Result<(), BoxError> {
     let in_flight = args.in_flight.max(1);
     // Declared before the coordinators so that it is dropped after them.
-    let spawned;
-    let url = match &args.redis_url {
-        Some(url) => url.clone(),
-        None => {
-            let config = if args.no_fsync {
-                ServerConfig::new()
-            } else {
-                ServerConfig::new().durable()
-            };
-            spawned = RedisServer::start(config);
-            spawned.url()
-        }
-    };
+    let (_spawned, url) = redis_server(&args);
     let mut info_conn = redis_info::connect(&url).await?;
     let fsync = match server_fsyncs_always(&mut info_conn).await {
         Some(fsync) => fsync,
         None => args.redis_url.is_none() && !args.no_fsync,
     };
     let prefix = unique_prefix("svc");
-    say!(
-        "service-throughput: {in_flight} clients in closed loop over HTTP, {} coordinator(s) x {} workers, Redis {} ({}), {} s window after {} s warm-up, {}% fail at step 3",
-        args.coordinators.max(1),
-        args.workers,
-        saga_redis::redact_url(&url),
-        if fsync {
-            "AOF appendfsync always"
-        } else {
-            "no fsync per write"
-        },
-        args.seconds,
-        args.warmup_seconds,
-        args.fail_percent
-    );
-    // A client-side engine for the reads after the window (histories, outcomes, counts);
-    // it runs nothing.
+    say_setup(&args, in_flight, &url, fsync);
+    let engine = reader_engine(&url, &prefix).await?;
+    let sample_cost = memory_sample_cost(&args, &mut info_conn, &engine).await?;
+    let (mut coordinators, addrs) = start_coordinators(&args, &url, &prefix).await?;
+    // After the coordinators connected: their connections are not sagas.
+    let memory_before = used_memory(&mut info_conn).await?;
+    let (load, clients) = start_load(&args, &prefix, in_flight, &addrs);
+    let run_started = Instant::now();
+    let sampler = args.memory_samples.map(|every| {
+        MemorySampler::start(
+            url.clone(),
+            engine.clone(),
+            Duration::from_secs(every.max(1)),
+            run_started,
+        )
+    });
+    let window = measure_window(&args, &mut info_conn, &url).await?;
+    load.stop.store(true, Ordering::Relaxed);
+    let (mut records, http_errors) = drain_clients(clients, load.saga_timeout).await?;
+    let memory_timeline = match sampler {
+        Some(sampler) => sampler.stop().await,
+        None => Vec::new(),
+    };
+    let lost = recheck_unfinished(&engine, &mut records).await;
+    let stored = StoredCounts::read(&engine).await?;
+    let memory_after = used_memory(&mut info_conn).await?;
+    let figures = window_figures(
+        &engine,
+        &records,
+        &window,
+        &memory_timeline,
+        &sample_cost,
+        args.history_sample,
+    )
+    .await;
+    let outcomes = Outcomes::of(&records, lost, http_errors);
+
+    // The service is done: stop it before the ceiling so that it gets the machine alone.
+    drop(records);
+    let exits = coordinators.stop();
+    let ceiling_calls_per_s =
+        measure_ceiling(&url, &prefix, in_flight, args.ceiling_seconds).await?;
+    let results = Results {
+        in_flight,
+        fsync,
+        figures,
+        monitor_length: window.sample.as_ref().map(|sample| sample.length),
+        ceiling_calls_per_s,
+        outcomes,
+        stored,
+        memory_before,
+        memory_after,
+        memory_timeline,
+    };
+    results.print_table();
+    results.print_commands();
+    results.print_warnings(&exits);
+    say!("{}", results.json(&args));
+    Ok(())
+}
+
+/// The server to use: `--redis-url`, or a redis-server spawned here (returned so that the
+/// caller keeps it running).
+fn redis_server(args: &Args) -> (Option<RedisServer>, String) {
+    match &args.redis_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            let config = if args.no_fsync {
+                ServerConfig::new()
+            } else {
+                ServerConfig::new().durable()
+            };
+            let spawned = RedisServer::start(config);
+            let url = spawned.url();
+            (Some(spawned), url)
+        }
+    }
+}
+
+/// A client-side engine for the reads after the window (histories, outcomes, counts); it
+/// runs nothing.
+async fn reader_engine(url: &str, prefix: &str) -> Result<Engine, BoxError> {
     let store = RedisStore::builder()
-        .url(url.clone())
-        .key_prefix(prefix.clone())
+        .url(url.to_owned())
+        .key_prefix(prefix.to_owned())
         .connect()
         .await?;
-    let engine = Engine::builder(store).register(FourStepsMayFail).build()?;
-    // What one memory sample costs in commands, measured while nothing else talks to the
-    // server, to take the samples taken in the window off its counts.
-    let sample_cost = match args.memory_samples {
-        Some(_) => {
-            let before = commandstats(&mut info_conn).await?;
-            engine.store().count_by_status().await?;
-            delta(&before, &commandstats(&mut info_conn).await?)
-        }
-        None => CommandCounts::new(),
-    };
+    Ok(Engine::builder(store).register(FourStepsMayFail).build()?)
+}
 
+/// Spawns `--coordinators` bench-coordinator processes; returns them once every one is
+/// ready, with their HTTP addresses.
+async fn start_coordinators(
+    args: &Args,
+    url: &str,
+    prefix: &str,
+) -> Result<(Coordinators, Vec<SocketAddr>), BoxError> {
     let exe_dir = current_exe_dir()?;
     let mut coordinators = Coordinators::default();
     for n in 0..args.coordinators.max(1) {
-        coordinators.spawn(&exe_dir, &url, &prefix, n, &args)?;
+        coordinators.spawn(&exe_dir, url, prefix, n, args)?;
     }
     let addrs = coordinators.wait_ready(READY_BOUND).await?;
-    // After the coordinators connected: their connections are not sagas.
-    let memory_before = used_memory(&mut info_conn).await?;
+    Ok((coordinators, addrs))
+}
 
+/// Starts `in_flight` closed-loop clients, spread round-robin over `addrs`; returns the
+/// load they share (its `stop` ends them) and their tasks.
+fn start_load(
+    args: &Args,
+    prefix: &str,
+    in_flight: usize,
+    addrs: &[SocketAddr],
+) -> (Arc<Load>, tokio::task::JoinSet<ClientReport>) {
     let load = Arc::new(Load {
-        prefix: prefix.clone(),
+        prefix: prefix.to_owned(),
         next: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         fail_percent: args.fail_percent,
@@ -229,39 +289,89 @@ async fn run(args: Args) -> Result<(), BoxError> {
         let load = Arc::clone(&load);
         clients.spawn(async move { client_loop(addr, &load).await });
     }
-    let run_started = Instant::now();
-    let (stop_sampler, sampler) = match args.memory_samples {
-        Some(every) => {
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            let task = tokio::spawn(memory_sampler(
-                url.clone(),
-                engine.clone(),
-                Duration::from_secs(every.max(1)),
-                run_started,
-                stopped,
-            ));
-            (Some(stop), Some(task))
-        }
-        None => (None, None),
-    };
+    (load, clients)
+}
 
+/// The first line: what is measured, on what.
+fn say_setup(args: &Args, in_flight: usize, url: &str, fsync: bool) {
+    say!(
+        "service-throughput: {in_flight} clients in closed loop over HTTP, {} coordinator(s) x {} workers, Redis {} ({}), {} s window after {} s warm-up, {}% fail at step 3",
+        args.coordinators.max(1),
+        args.workers,
+        saga_redis::redact_url(url),
+        if fsync {
+            "AOF appendfsync always"
+        } else {
+            "no fsync per write"
+        },
+        args.seconds,
+        args.warmup_seconds,
+        args.fail_percent
+    );
+}
+
+/// What one memory sample costs in commands, measured while nothing else talks to the
+/// server, to take the samples taken in the window off its counts.
+async fn memory_sample_cost(
+    args: &Args,
+    info_conn: &mut redis::aio::MultiplexedConnection,
+    engine: &Engine,
+) -> Result<CommandCounts, BoxError> {
+    Ok(match args.memory_samples {
+        Some(_) => {
+            let before = commandstats(info_conn).await?;
+            engine.store().count_by_status().await?;
+            delta(&before, &commandstats(info_conn).await?)
+        }
+        None => CommandCounts::new(),
+    })
+}
+
+/// The measured window: its bounds and the server's counters around it.
+struct Window {
+    start: Instant,
+    end: Instant,
+    stats_before: CommandCounts,
+    stats_after: CommandCounts,
+    /// The MONITOR sample taken right after it.
+    sample: Option<MonitorSample>,
+}
+
+/// Lets the load warm up, then measures the window of `--seconds`.
+async fn measure_window(
+    args: &Args,
+    info_conn: &mut redis::aio::MultiplexedConnection,
+    url: &str,
+) -> Result<Window, BoxError> {
     // The window is timed by the clock on purpose: it is the measurement, not a wait for
     // something to happen.
     tokio::time::sleep(Duration::from_secs(args.warmup_seconds)).await;
-    let stats_before = commandstats(&mut info_conn).await?;
-    let window_start = Instant::now();
+    let stats_before = commandstats(info_conn).await?;
+    let start = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.seconds.max(1))).await;
-    let window_end = Instant::now();
-    let stats_after = commandstats(&mut info_conn).await?;
+    let end = Instant::now();
+    let stats_after = commandstats(info_conn).await?;
     let sample = if args.monitor_seconds > 0.0 {
-        Some(redis_info::monitor_sample(&url, Duration::from_secs_f64(args.monitor_seconds)).await?)
+        Some(redis_info::monitor_sample(url, Duration::from_secs_f64(args.monitor_seconds)).await?)
     } else {
         None
     };
-    load.stop.store(true, Ordering::Relaxed);
+    Ok(Window {
+        start,
+        end,
+        stats_before,
+        stats_after,
+        sample,
+    })
+}
 
+/// Waits for the stopped clients; returns their records and HTTP error count.
+async fn drain_clients(
+    mut clients: tokio::task::JoinSet<ClientReport>,
+    saga_timeout: Duration,
+) -> Result<(Vec<Record>, u64), BoxError> {
     // Each client finishes its saga in flight, bounded by its own saga timeout.
-    let drain_bound = load.saga_timeout + Duration::from_secs(30);
+    let drain_bound = saga_timeout + Duration::from_secs(30);
     let mut records = Vec::new();
     let mut http_errors = 0u64;
     let drained = tokio::time::timeout(drain_bound, async {
@@ -284,16 +394,32 @@ async fn run(args: Args) -> Result<(), BoxError> {
             return Err(format!("the clients did not finish within {drain_bound:?}").into());
         }
     }
-    let memory_timeline = match (stop_sampler, sampler) {
-        (Some(stop), Some(task)) => {
-            let _ = stop.send(true);
-            task.await.unwrap_or_default()
-        }
-        _ => Vec::new(),
-    };
+    Ok((records, http_errors))
+}
 
-    // Every acknowledged saga must be terminal; the ones whose client gave up get one more,
-    // bounded, look.
+/// The memory sampler task and the switch that stops it.
+struct MemorySampler {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Vec<MemorySample>>,
+}
+
+impl MemorySampler {
+    fn start(url: String, engine: Engine, every: Duration, since: Instant) -> Self {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(memory_sampler(url, engine, every, since, stopped));
+        Self { stop, task }
+    }
+
+    /// Stops it; returns its samples.
+    async fn stop(self) -> Vec<MemorySample> {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap_or_default()
+    }
+}
+
+/// Every acknowledged saga must be terminal; the ones whose client gave up get one more,
+/// bounded, look. Returns how many are still not terminal.
+async fn recheck_unfinished(engine: &Engine, records: &mut [Record]) -> u64 {
     let mut lost = 0u64;
     let recheck_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     for record in records.iter_mut().filter(|r| r.status.is_none()) {
@@ -306,46 +432,110 @@ async fn run(args: Args) -> Result<(), BoxError> {
             _ => lost += 1,
         }
     }
-    let counts = engine.store().count_by_status().await?;
-    let stored: u64 = counts.values().sum();
-    let stored_terminal: u64 = counts
-        .iter()
-        .filter(|(status, _)| status.is_terminal())
-        .map(|(_, n)| n)
-        .sum();
-    let memory_after = used_memory(&mut info_conn).await?;
+    lost
+}
 
+/// The store's own count of its sagas (`count_by_status`).
+struct StoredCounts {
+    stored: u64,
+    terminal: u64,
+}
+
+impl StoredCounts {
+    async fn read(engine: &Engine) -> Result<Self, BoxError> {
+        let counts = engine.store().count_by_status().await?;
+        Ok(Self {
+            stored: counts.values().sum(),
+            terminal: counts
+                .iter()
+                .filter(|(status, _)| status.is_terminal())
+                .map(|(_, n)| n)
+                .sum(),
+        })
+    }
+}
+
+/// What the sagas that ended in the window show.
+struct WindowFigures {
+    window: Duration,
+    finished_in_window: u64,
+    sagas_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    history: HistoryFigures,
+    calls: Calls,
+}
+
+async fn window_figures(
+    engine: &Engine,
+    records: &[Record],
+    window: &Window,
+    memory_timeline: &[MemorySample],
+    sample_cost: &CommandCounts,
+    history_limit: usize,
+) -> WindowFigures {
     let in_window: Vec<&Record> = records
         .iter()
-        .filter(|r| r.ended >= window_start && r.ended <= window_end)
+        .filter(|r| r.ended >= window.start && r.ended <= window.end)
         .collect();
-    let window = window_end.duration_since(window_start);
+    let length = window.end.duration_since(window.start);
     let finished_in_window = in_window.len() as u64;
-    let sagas_per_s = finished_in_window as f64 / window.as_secs_f64();
+    let sagas_per_s = finished_in_window as f64 / length.as_secs_f64();
     let (p50_ms, p99_ms) = percentiles_ms(in_window.iter().map(|r| r.ended - r.began).collect());
-    let history = history_sample(&engine, &in_window, args.history_sample).await;
-    let tally = |wanted: SagaStatus| records.iter().filter(|r| r.status == Some(wanted)).count();
-    let (completed, compensated, failed) = (
-        tally(SagaStatus::Completed),
-        tally(SagaStatus::Compensated),
-        tally(SagaStatus::Failed),
-    );
-    let acknowledged = records.len() as u64;
-
-    let mut window_commands = delta(&stats_before, &stats_after);
+    let history = history_sample(engine, &in_window, history_limit).await;
+    let mut window_commands = delta(&window.stats_before, &window.stats_after);
     let samples_in_window = memory_timeline
         .iter()
-        .filter(|s| s.at >= window_start && s.at <= window_end)
+        .filter(|s| s.at >= window.start && s.at <= window.end)
         .count() as u64;
-    subtract(&mut window_commands, &sample_cost, samples_in_window);
-    let calls = Calls::new(&window_commands, sample.as_ref(), finished_in_window);
+    subtract(&mut window_commands, sample_cost, samples_in_window);
+    let calls = Calls::new(&window_commands, window.sample.as_ref(), finished_in_window);
+    WindowFigures {
+        window: length,
+        finished_in_window,
+        sagas_per_s,
+        p50_ms,
+        p99_ms,
+        history,
+        calls,
+    }
+}
 
-    // The service is done: stop it before the ceiling so that it gets the machine alone.
-    drop(records);
-    let exits = coordinators.stop();
+/// How the acknowledged sagas ended, as their clients and the recheck saw them.
+struct Outcomes {
+    completed: usize,
+    compensated: usize,
+    failed: usize,
+    acknowledged: u64,
+    lost: u64,
+    http_errors: u64,
+}
 
+impl Outcomes {
+    fn of(records: &[Record], lost: u64, http_errors: u64) -> Self {
+        let tally =
+            |wanted: SagaStatus| records.iter().filter(|r| r.status == Some(wanted)).count();
+        Self {
+            completed: tally(SagaStatus::Completed),
+            compensated: tally(SagaStatus::Compensated),
+            failed: tally(SagaStatus::Failed),
+            acknowledged: records.len() as u64,
+            lost,
+            http_errors,
+        }
+    }
+}
+
+/// The store's commit script called directly at the service's concurrency: commits per
+/// second.
+async fn measure_ceiling(
+    url: &str,
+    prefix: &str,
+    in_flight: usize,
+    ceiling_seconds: u64,
+) -> Result<f64, BoxError> {
     let ceiling_store = RedisStore::builder()
-        .url(url.clone())
+        .url(url.to_owned())
         .key_prefix(format!("{prefix}-ceiling"))
         .connect()
         .await?;
@@ -353,170 +543,258 @@ async fn run(args: Args) -> Result<(), BoxError> {
         Arc::new(ceiling_store),
         in_flight as u64,
         u64::MAX,
-        Some(Duration::from_secs(args.ceiling_seconds.max(1))),
+        Some(Duration::from_secs(ceiling_seconds.max(1))),
     )
     .await?;
-    let ceiling_calls_per_s = ceiling.calls_per_s();
-    let ceiling_sagas_per_s = if calls.per_saga > 0.0 {
-        ceiling_calls_per_s / calls.per_saga
-    } else {
-        0.0
-    };
-    let ratio = if ceiling_sagas_per_s > 0.0 {
-        sagas_per_s / ceiling_sagas_per_s
-    } else {
-        0.0
-    };
-    let bytes_per_saga = if stored > 0 {
-        memory_after.saturating_sub(memory_before) as f64 / stored as f64
-    } else {
-        0.0
-    };
+    Ok(ceiling.calls_per_s())
+}
 
-    say!("");
-    say!("{:<34} {:>12}", "measure", "value");
-    let rows: &[(&str, String)] = &[
-        ("sagas/s (window)", format!("{sagas_per_s:.0}")),
-        ("sagas finished in window", finished_in_window.to_string()),
-        ("p50 end-to-end ms", format!("{p50_ms:.2}")),
-        ("p99 end-to-end ms", format!("{p99_ms:.2}")),
-        (
-            "submit→first step p50 ms (1 ms res)",
-            format!("{:.0}", history.submit_to_first_step.0),
-        ),
-        (
-            "submit→first step p99 ms",
-            format!("{:.0}", history.submit_to_first_step.1),
-        ),
-        (
-            "  submit→lease acquired p50 ms",
-            format!("{:.0}", history.submit_to_lease.0),
-        ),
-        (
-            "  lease→first step p50 ms",
-            format!("{:.0}", history.lease_to_first_step.0),
-        ),
-        (
-            "first step→terminal p50 ms",
-            format!("{:.0}", history.first_step_to_end.0),
-        ),
-        ("Redis calls/saga", format!("{:.2}", calls.per_saga)),
-        (
-            "  script calls/saga",
-            format!("{:.2}", calls.scripts_per_saga),
-        ),
-        (
-            "  other client commands/saga",
-            format!("{:.2}", calls.other_client_per_saga),
-        ),
-        (
-            "commands inside scripts/saga",
-            format!("{:.2}", calls.inside_per_saga),
-        ),
-        (
-            "ceiling commit calls/s",
-            format!("{ceiling_calls_per_s:.0}"),
-        ),
-        ("ceiling sagas/s", format!("{ceiling_sagas_per_s:.0}")),
-        ("ratio to ceiling", format!("{ratio:.3}")),
-        (
-            "completed / compensated / failed",
-            format!("{completed} / {compensated} / {failed}"),
-        ),
-        (
-            "acknowledged / lost / http errors",
-            format!("{acknowledged} / {lost} / {http_errors}"),
-        ),
-        (
-            "stored / terminal (count_by_status)",
-            format!("{stored} / {stored_terminal}"),
-        ),
-        ("bytes/saga (used_memory)", format!("{bytes_per_saga:.0}")),
-    ];
-    for (name, value) in rows {
-        say!("{name:<34} {value:>12}");
+/// Everything the run measured, for the table and the JSON line.
+struct Results {
+    in_flight: usize,
+    fsync: bool,
+    figures: WindowFigures,
+    /// How long the MONITOR sample lasted, when one was taken.
+    monitor_length: Option<Duration>,
+    ceiling_calls_per_s: f64,
+    outcomes: Outcomes,
+    stored: StoredCounts,
+    memory_before: u64,
+    memory_after: u64,
+    memory_timeline: Vec<MemorySample>,
+}
+
+impl Results {
+    /// The ceiling in sagas: commits per second over the service's calls per saga.
+    fn ceiling_sagas_per_s(&self) -> f64 {
+        if self.figures.calls.per_saga > 0.0 {
+            self.ceiling_calls_per_s / self.figures.calls.per_saga
+        } else {
+            0.0
+        }
     }
-    say!("");
-    say!(
-        "Redis commands in the window, per saga ({}):",
-        match &sample {
-            Some(s) => format!(
-                "client share from a {:.1} s MONITOR sample after the window",
-                s.length.as_secs_f64()
+
+    fn ratio(&self) -> f64 {
+        let ceiling_sagas_per_s = self.ceiling_sagas_per_s();
+        if ceiling_sagas_per_s > 0.0 {
+            self.figures.sagas_per_s / ceiling_sagas_per_s
+        } else {
+            0.0
+        }
+    }
+
+    fn bytes_per_saga(&self) -> f64 {
+        if self.stored.stored > 0 {
+            self.memory_after.saturating_sub(self.memory_before) as f64 / self.stored.stored as f64
+        } else {
+            0.0
+        }
+    }
+
+    /// The table of measures.
+    fn print_table(&self) {
+        say!("");
+        say!("{:<34} {:>12}", "measure", "value");
+        let rows = [self.speed_rows(), self.cost_rows(), self.outcome_rows()].concat();
+        for (name, value) in &rows {
+            say!("{name:<34} {value:>12}");
+        }
+    }
+
+    /// Throughput and latencies.
+    fn speed_rows(&self) -> Vec<(&'static str, String)> {
+        let WindowFigures {
+            finished_in_window,
+            sagas_per_s,
+            p50_ms,
+            p99_ms,
+            history,
+            ..
+        } = &self.figures;
+        vec![
+            ("sagas/s (window)", format!("{sagas_per_s:.0}")),
+            ("sagas finished in window", finished_in_window.to_string()),
+            ("p50 end-to-end ms", format!("{p50_ms:.2}")),
+            ("p99 end-to-end ms", format!("{p99_ms:.2}")),
+            (
+                "submit→first step p50 ms (1 ms res)",
+                format!("{:.0}", history.submit_to_first_step.0),
             ),
-            None => "no MONITOR sample: only script calls count as client calls".to_owned(),
-        }
-    );
-    say!(
-        "{:<24} {:>12} {:>12} {:>14}",
-        "command",
-        "total/saga",
-        "client share",
-        "client/saga"
-    );
-    for row in &calls.breakdown {
-        say!(
-            "{:<24} {:>12.3} {:>12.2} {:>14.3}",
-            row.name,
-            row.per_saga,
-            row.client_share,
-            row.per_saga * row.client_share
-        );
+            (
+                "submit→first step p99 ms",
+                format!("{:.0}", history.submit_to_first_step.1),
+            ),
+            (
+                "  submit→lease acquired p50 ms",
+                format!("{:.0}", history.submit_to_lease.0),
+            ),
+            (
+                "  lease→first step p50 ms",
+                format!("{:.0}", history.lease_to_first_step.0),
+            ),
+            (
+                "first step→terminal p50 ms",
+                format!("{:.0}", history.first_step_to_end.0),
+            ),
+        ]
     }
-    if lost > 0 || stored_terminal < acknowledged {
-        say!(
-            "WARNING: {lost} acknowledged saga(s) not terminal at the end; the store holds {stored_terminal} terminal of {acknowledged} acknowledged"
-        );
+
+    /// Redis calls per saga and the ceiling they imply.
+    fn cost_rows(&self) -> Vec<(&'static str, String)> {
+        let calls = &self.figures.calls;
+        let ceiling_calls_per_s = self.ceiling_calls_per_s;
+        vec![
+            ("Redis calls/saga", format!("{:.2}", calls.per_saga)),
+            (
+                "  script calls/saga",
+                format!("{:.2}", calls.scripts_per_saga),
+            ),
+            (
+                "  other client commands/saga",
+                format!("{:.2}", calls.other_client_per_saga),
+            ),
+            (
+                "commands inside scripts/saga",
+                format!("{:.2}", calls.inside_per_saga),
+            ),
+            (
+                "ceiling commit calls/s",
+                format!("{ceiling_calls_per_s:.0}"),
+            ),
+            (
+                "ceiling sagas/s",
+                format!("{:.0}", self.ceiling_sagas_per_s()),
+            ),
+            ("ratio to ceiling", format!("{:.3}", self.ratio())),
+        ]
     }
-    for (n, exit) in exits.iter().enumerate() {
-        if !exit.starts_with("exit status: 0") {
-            say!("note: coordinator {n} ended with {exit}");
+
+    /// How the sagas ended, what the store holds and what it costs in memory.
+    fn outcome_rows(&self) -> Vec<(&'static str, String)> {
+        let Outcomes {
+            completed,
+            compensated,
+            failed,
+            acknowledged,
+            lost,
+            http_errors,
+        } = &self.outcomes;
+        let StoredCounts { stored, terminal } = &self.stored;
+        vec![
+            (
+                "completed / compensated / failed",
+                format!("{completed} / {compensated} / {failed}"),
+            ),
+            (
+                "acknowledged / lost / http errors",
+                format!("{acknowledged} / {lost} / {http_errors}"),
+            ),
+            (
+                "stored / terminal (count_by_status)",
+                format!("{stored} / {terminal}"),
+            ),
+            (
+                "bytes/saga (used_memory)",
+                format!("{:.0}", self.bytes_per_saga()),
+            ),
+        ]
+    }
+
+    /// The Redis commands of the window, per saga, with their client share.
+    fn print_commands(&self) {
+        say!("");
+        say!(
+            "Redis commands in the window, per saga ({}):",
+            match self.monitor_length {
+                Some(length) => format!(
+                    "client share from a {:.1} s MONITOR sample after the window",
+                    length.as_secs_f64()
+                ),
+                None => "no MONITOR sample: only script calls count as client calls".to_owned(),
+            }
+        );
+        say!(
+            "{:<24} {:>12} {:>12} {:>14}",
+            "command",
+            "total/saga",
+            "client share",
+            "client/saga"
+        );
+        for row in &self.figures.calls.breakdown {
+            say!(
+                "{:<24} {:>12.3} {:>12.2} {:>14.3}",
+                row.name,
+                row.per_saga,
+                row.client_share,
+                row.per_saga * row.client_share
+            );
         }
     }
 
-    let json = serde_json::json!({
-        "sagas_per_s": sagas_per_s,
-        "p50_ms": p50_ms,
-        "p99_ms": p99_ms,
-        "submit_to_first_step_p50_ms": history.submit_to_first_step.0,
-        "submit_to_first_step_p99_ms": history.submit_to_first_step.1,
-        "submit_to_lease_p50_ms": history.submit_to_lease.0,
-        "lease_to_first_step_p50_ms": history.lease_to_first_step.0,
-        "first_step_to_end_p50_ms": history.first_step_to_end.0,
-        "history_sample": history.sampled,
-        "timestamp_resolution_ms": 1,
-        "redis_calls_per_saga": calls.per_saga,
-        "script_calls_per_saga": calls.scripts_per_saga,
-        "other_client_commands_per_saga": calls.other_client_per_saga,
-        "commands_inside_scripts_per_saga": calls.inside_per_saga,
-        "commands_per_saga": calls.breakdown.iter().map(|r| (r.name.clone(), r.per_saga)).collect::<BTreeMap<_, _>>(),
-        "calls_split": if sample.is_some() { "monitor_sample" } else { "script_calls_only" },
-        "ceiling_calls_per_s": ceiling_calls_per_s,
-        "ceiling_sagas_per_s": ceiling_sagas_per_s,
-        "ratio": ratio,
-        "completed": completed,
-        "compensated": compensated,
-        "failed": failed,
-        "lost": lost,
-        "acknowledged": acknowledged,
-        "http_errors": http_errors,
-        "stored_sagas": stored,
-        "stored_terminal": stored_terminal,
-        "sagas_in_window": finished_in_window,
-        "bytes_per_saga": bytes_per_saga,
-        "used_memory_before": memory_before,
-        "used_memory_after": memory_after,
-        "memory_samples": memory_timeline.iter().map(|s| &s.json).collect::<Vec<_>>(),
-        "in_flight": in_flight,
-        "coordinators": args.coordinators.max(1),
-        "workers": args.workers,
-        "fail_percent": args.fail_percent,
-        "fsync": fsync,
-        "seconds": args.seconds.max(1),
-        "window_s": window.as_secs_f64(),
-    });
-    say!("{json}");
-    Ok(())
+    /// Sagas not seen ending, and coordinators that did not exit cleanly (`exits`).
+    fn print_warnings(&self, exits: &[String]) {
+        let Outcomes {
+            acknowledged, lost, ..
+        } = self.outcomes;
+        let stored_terminal = self.stored.terminal;
+        if lost > 0 || stored_terminal < acknowledged {
+            say!(
+                "WARNING: {lost} acknowledged saga(s) not terminal at the end; the store holds {stored_terminal} terminal of {acknowledged} acknowledged"
+            );
+        }
+        for (n, exit) in exits.iter().enumerate() {
+            if !exit.starts_with("exit status: 0") {
+                say!("note: coordinator {n} ended with {exit}");
+            }
+        }
+    }
+
+    /// The last stdout line: every figure.
+    fn json(&self, args: &Args) -> serde_json::Value {
+        let figures = &self.figures;
+        let (history, calls, outcomes) = (&figures.history, &figures.calls, &self.outcomes);
+        serde_json::json!({
+            "sagas_per_s": figures.sagas_per_s,
+            "p50_ms": figures.p50_ms,
+            "p99_ms": figures.p99_ms,
+            "submit_to_first_step_p50_ms": history.submit_to_first_step.0,
+            "submit_to_first_step_p99_ms": history.submit_to_first_step.1,
+            "submit_to_lease_p50_ms": history.submit_to_lease.0,
+            "lease_to_first_step_p50_ms": history.lease_to_first_step.0,
+            "first_step_to_end_p50_ms": history.first_step_to_end.0,
+            "history_sample": history.sampled,
+            "timestamp_resolution_ms": 1,
+            "redis_calls_per_saga": calls.per_saga,
+            "script_calls_per_saga": calls.scripts_per_saga,
+            "other_client_commands_per_saga": calls.other_client_per_saga,
+            "commands_inside_scripts_per_saga": calls.inside_per_saga,
+            "commands_per_saga": calls.breakdown.iter().map(|r| (r.name.clone(), r.per_saga)).collect::<BTreeMap<_, _>>(),
+            "calls_split": if self.monitor_length.is_some() { "monitor_sample" } else { "script_calls_only" },
+            "ceiling_calls_per_s": self.ceiling_calls_per_s,
+            "ceiling_sagas_per_s": self.ceiling_sagas_per_s(),
+            "ratio": self.ratio(),
+            "completed": outcomes.completed,
+            "compensated": outcomes.compensated,
+            "failed": outcomes.failed,
+            "lost": outcomes.lost,
+            "acknowledged": outcomes.acknowledged,
+            "http_errors": outcomes.http_errors,
+            "stored_sagas": self.stored.stored,
+            "stored_terminal": self.stored.terminal,
+            "sagas_in_window": figures.finished_in_window,
+            "bytes_per_saga": self.bytes_per_saga(),
+            "used_memory_before": self.memory_before,
+            "used_memory_after": self.memory_after,
+            "memory_samples": self.memory_timeline.iter().map(|s| &s.json).collect::<Vec<_>>(),
+            "in_flight": self.in_flight,
+            "coordinators": args.coordinators.max(1),
+            "workers": args.workers,
+            "fail_percent": args.fail_percent,
+            "fsync": self.fsync,
+            "seconds": args.seconds.max(1),
+            "window_s": figures.window.as_secs_f64(),
+        })
+    }
 }
 
 /// The closed-loop load shared by every client.
