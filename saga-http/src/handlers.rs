@@ -541,6 +541,7 @@ fn state_json(state: &SagaState, quarantined: Option<&str>) -> Value {
         "created_at": time(state.created_at),
         "updated_at": time(state.updated_at),
         "cancel_requested": state.cancel_requested,
+        "cancel_refused": state.cancel_refused,
         "past_pivot": state.past_pivot.as_ref().map(|p| json!({
             "step": p.step,
             "position": p.position,

@@ -7,17 +7,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use saga_core::store::CancelOutcome;
 use saga_core::{
-    Compensation, Engine, EngineError, EventKind, FailureKind, GiveUpReason, Phase, SagaStatus,
-    SagaStore, StartOptions, StepStatus,
+    Compensation, Engine, EngineError, EventKind, FailureKind, GiveUpReason, Phase, RunOutcome,
+    Saga, SagaEvent, SagaId, SagaStatus, SagaStore, StartOptions, StepStatus,
 };
 use saga_redis::RedisStore;
 use saga_redis_testkit::{RedisServer, ServerConfig, can_spawn_servers};
 use saga_tests::{
-    Behavior, Gate, Harness, Plan, PlanSaga, assert_fold_matches, count, events_named, fast_policy,
-    single_terminal,
+    Behavior, CrashingStore, Gate, Harness, Plan, PlanSaga, assert_fold_matches, count,
+    events_named, fast_policy, single_terminal,
 };
 
 /// Four steps; step 1 is the pivot; steps after it retry quickly three times.
@@ -303,6 +304,175 @@ async fn the_first_pivot_to_succeed_is_the_point_of_no_return(h: &Harness, build
     assert_eq!(pivot_flags(&history), [(0, false), (1, true), (2, false)]);
     let state = assert_fold_matches(&engine, outcome.id).await;
     assert_eq!(state.past_pivot.unwrap().position, 1);
+}
+
+/// A crash at every commit of a saga whose step fails for good past the pivot: resumed by a
+/// fresh engine, every one ends `Failed` (`AfterPivot`), none is quarantined or compensated.
+#[tokio::test(start_paused = true)]
+async fn a_crash_at_any_commit_past_the_pivot_still_ends_failed_after_the_pivot() {
+    let mut crashes = 0;
+    for commits in 0.. {
+        let h = Harness::new();
+        h.script.forward(3, vec![Behavior::Permanent; 10]);
+        let crashing = Arc::new(CrashingStore::after_commits(h.store.clone(), commits));
+        let engine = h
+            .builder_on(crashing.clone(), pivot_plan())
+            .build()
+            .unwrap();
+        let key = format!("crash-{commits}");
+        let id = SagaId::from_idempotency_key(PlanSaga::NAME, &key);
+        let first = engine.execute::<PlanSaga>(&0, StartOptions::key(key)).await;
+        if !crashing.crashed() {
+            assert_eq!(first.unwrap().failure.unwrap().0, FailureKind::AfterPivot);
+            break;
+        }
+        crashes += 1;
+        let fresh = h.engine(pivot_plan());
+        let outcome = fresh
+            .run_to_end(id)
+            .await
+            .unwrap_or_else(|err| panic!("crash after {commits} commits: {err}"));
+        assert_eq!(
+            outcome.failure.as_ref().map(|f| f.0),
+            Some(FailureKind::AfterPivot),
+            "crash after {commits} commits: {outcome:?}"
+        );
+        assert!(h.ledger.effects_in(Phase::Compensate).is_empty());
+        let history = fresh.history(id).await.unwrap();
+        assert_eq!(single_terminal(&history), "SagaFailed");
+        assert_fold_matches(&fresh, id).await;
+    }
+    assert!(
+        crashes >= 5,
+        "the saga commits at least 5 times before it ends"
+    );
+}
+
+/// A cancel taken before the pivot, while the step before it was cut off by a crash: the step
+/// is found applied by its check on resume, and the cancel still stops the saga before the
+/// pivot (the resolution does not leak into the pivot's start).
+#[tokio::test(start_paused = true)]
+async fn a_cancel_before_the_pivot_survives_a_reconciled_step() {
+    let h = Harness::new();
+    h.script.reconcile_from_ledger(0);
+    let plan = Plan::linear(3)
+        .with(1, |s| s.compensation = Compensation::Pivot)
+        .with_all(|s| {
+            s.policy = fast_policy(3);
+            s.timeout = None;
+        });
+    let crashing = Arc::new(CrashingStore::after_commits(h.store.clone(), 1));
+    let engine = h
+        .builder_on(crashing.clone(), plan.clone())
+        .build()
+        .unwrap();
+    let id = SagaId::from_idempotency_key(PlanSaga::NAME, "k");
+    let _ = engine.execute::<PlanSaga>(&0, StartOptions::key("k")).await;
+    assert!(crashing.crashed());
+
+    let fresh = h.engine(plan);
+    assert_eq!(
+        fresh.cancel(id, "stop").await.unwrap(),
+        CancelOutcome::Requested
+    );
+    let outcome = fresh.run_to_end(id).await.unwrap();
+    assert_eq!(outcome.status, SagaStatus::Compensated);
+    assert!(
+        h.ledger.calls_of(1, Phase::Forward).is_empty(),
+        "the pivot never ran"
+    );
+    assert_eq!(h.ledger.effects_of(0, Phase::Compensate).len(), 1);
+    assert_fold_matches(&fresh, id).await;
+}
+
+/// A pivot whose attempt timed out (its effect may have happened) when a cancel arrives: it
+/// is settled first by running it again with its key; it goes through, so the saga is past
+/// its pivot and goes forward, and the steps before it are not undone.
+#[tokio::test(start_paused = true)]
+async fn a_pivot_that_timed_out_is_settled_before_a_cancel_is_acted_on() {
+    let h = Harness::new();
+    h.script.forward(1, [Behavior::Timeout, Behavior::Ok]);
+    let plan = Plan::linear(3).with(1, |s| {
+        s.compensation = Compensation::Pivot;
+        s.timeout = Some(Duration::from_millis(50));
+        s.policy = fast_policy(3).with_initial_delay(Duration::from_secs(5));
+    });
+    let engine = h
+        .builder(plan)
+        .inline_wait_max(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let id = engine
+        .start_with::<PlanSaga>(&0, StartOptions::default())
+        .await
+        .unwrap()
+        .id;
+    // The pivot's first attempt times out; its retry is a durable timer.
+    assert!(matches!(
+        engine.run_once(id).await.unwrap(),
+        RunOutcome::Suspended(_)
+    ));
+    assert_eq!(
+        engine.cancel(id, "customer withdrew").await.unwrap(),
+        CancelOutcome::Requested
+    );
+
+    let outcome = engine.run_to_end(id).await.unwrap();
+    assert_eq!(outcome.status, SagaStatus::Completed, "{outcome:?}");
+    assert!(h.ledger.effects_in(Phase::Compensate).is_empty());
+    let history = engine.history(id).await.unwrap();
+    assert_eq!(count(&history, "CancelRefused"), 1);
+    assert_fold_matches(&engine, id).await;
+}
+
+/// A cancel that raced with the pivot leaves the store's cancel flag set; a run sleeping
+/// through a durable timer past the pivot must not take that flag for a new cancel (it would
+/// claim and suspend the saga over and over until the timer is due).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_cancel_does_not_wake_a_sleep_past_the_pivot() {
+    let h = Harness::new();
+    h.script.forward(
+        2,
+        [Behavior::RetryAfter(Duration::from_secs(2)), Behavior::Ok],
+    );
+    let engine = h
+        .builder(pivot_plan())
+        .inline_wait_max(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let id = engine
+        .start_with::<PlanSaga>(&0, StartOptions::default())
+        .await
+        .unwrap()
+        .id;
+    assert!(matches!(
+        engine.run_once(id).await.unwrap(),
+        RunOutcome::Suspended(_)
+    ));
+    // The race: the flag reaches the store as if the request had been checked before the pivot.
+    let raced = SagaEvent {
+        seq: 0,
+        at: h.now(),
+        kind: EventKind::CancelRequested {
+            reason: "raced".into(),
+        },
+    };
+    h.store
+        .request_cancel(id, serde_json::to_string(&raced).unwrap())
+        .await
+        .unwrap();
+
+    let outcome = tokio::time::timeout(Duration::from_secs(60), engine.run_to_end(id))
+        .await
+        .expect("the saga ends once its timer is due")
+        .unwrap();
+    assert_eq!(outcome.status, SagaStatus::Completed);
+    let history = engine.history(id).await.unwrap();
+    assert!(
+        count(&history, "LeaseAcquired") <= 3,
+        "claimed again and again while its timer ran: {:?}",
+        saga_tests::kinds(&history)
+    );
 }
 
 // ---------------------------------------------------------------------------------------

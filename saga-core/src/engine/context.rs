@@ -21,8 +21,8 @@ use crate::{
 pub(crate) enum Halt {
     /// A step failed for good; `StepFailed` and `CompensationStarted` are committed.
     StepFailed(SagaError),
-    /// A step failed for good after the pivot; `StepFailed` is committed and the saga ends
-    /// `Failed` without compensating.
+    /// A step failed for good after the pivot; its `StepFailed` and the saga's `SagaFailed`
+    /// (kind `AfterPivot`, nothing compensated) are committed together: the saga has ended.
     FailedAfterPivot(SagaError),
     /// A cancel request was seen; compensation has not been recorded yet.
     Cancelled,
@@ -274,6 +274,13 @@ impl SagaContext {
                 self.steps.push(Registered { position, step: erased });
                 Err(self.stop(Halt::Collected))
             }
+            // Past the pivot a failed step ends the saga (a saga stored by a run that wrote the
+            // step's failure but not the saga's); before it this cannot be.
+            (Mode::Forward, Slot::Failed) if self.state.past_pivot.is_some() => {
+                let message = format!("step `{}` failed for good", S::NAME);
+                let halt = self.fail_after_pivot(Vec::new(), message).await;
+                Err(self.stop(halt))
+            }
             (Mode::Forward, Slot::Failed) => Err(self.stop(Halt::BadData(format!(
                 "journal position {position} is failed while the saga is still running"
             )))),
@@ -281,6 +288,7 @@ impl SagaContext {
                 self.execute(&step, erased, position, Some(input), input_value, 1, true).await
             }
             (Mode::Forward, Slot::InFlight { attempts, ambiguous, interruptions, next_retry_at }) => {
+                let ambiguous = ambiguous || self.pivot_outcome_unknown::<S>(position);
                 if self.state.cancel_pending() && !ambiguous {
                     self.steps.push(Registered { position, step: erased });
                     return Err(self.stop(Halt::Cancelled));
@@ -293,6 +301,8 @@ impl SagaContext {
                     if let Some(output) =
                         self.reconcile(&*step, position, attempts, &input).await?
                     {
+                        // Resolved without an attempt: the next step must see the cancel.
+                        self.resolve_in_flight = false;
                         self.steps.push(Registered { position, step: erased });
                         return Ok(output);
                     }
@@ -511,6 +521,18 @@ impl SagaContext {
         }
     }
 
+    /// Whether step `S` at `position` is a pivot whose last attempt timed out while a cancel
+    /// is pending: it may have happened, and past it the cancel would not apply, so it is
+    /// resolved (its check, else the attempt again with the same key) before the cancel is
+    /// acted on, instead of undoing the steps before a pivot that went through.
+    fn pivot_outcome_unknown<S: Step>(&self, position: u32) -> bool {
+        S::COMPENSATION == crate::Compensation::Pivot
+            && self.state.cancel_pending()
+            && self.state.record(position).is_some_and(|r| {
+                r.status == StepStatus::Retrying && r.error.as_ref().is_some_and(|e| e.timeout)
+            })
+    }
+
     /// Whether a success of step `S` now is the saga's pivot: the first pivot step to succeed.
     fn passes_pivot<S: Step>(&self) -> bool {
         S::COMPENSATION == crate::Compensation::Pivot && self.state.past_pivot.is_none()
@@ -695,15 +717,30 @@ impl SagaContext {
             reason,
         };
         // Past the pivot the saga only goes forward: nothing is compensated, the saga ends
-        // `Failed` for an operator to fix and retry (the drive records that).
-        let (events, halt) = if self.state.past_pivot.is_some() {
-            (vec![failed], Halt::FailedAfterPivot(error))
-        } else {
-            let started = EventKind::CompensationStarted { reason: cause };
-            (vec![failed, started], Halt::StepFailed(error))
-        };
-        match self.commit(events, Schedule::Continue { ttl }).await {
-            Ok(_) => halt,
+        // `Failed` for an operator to fix and retry, in the same commit as the failure.
+        if self.state.past_pivot.is_some() {
+            return self.fail_after_pivot(vec![failed], error.to_string()).await;
+        }
+        let started = EventKind::CompensationStarted { reason: cause };
+        match self
+            .commit(vec![failed, started], Schedule::Continue { ttl })
+            .await
+        {
+            Ok(_) => Halt::StepFailed(error),
+            Err(halt) => halt,
+        }
+    }
+
+    /// Ends the saga `Failed` (kind `AfterPivot`) with `events` before it, in one commit.
+    async fn fail_after_pivot(&mut self, mut events: Vec<EventKind>, message: String) -> Halt {
+        let error = after_pivot_error(&self.state, &message);
+        tracing::error!(%error, "saga failed after its pivot");
+        events.push(EventKind::SagaFailed {
+            kind: crate::FailureKind::AfterPivot,
+            error: error.clone(),
+        });
+        match self.commit(events, Schedule::Finished).await {
+            Ok(_) => Halt::FailedAfterPivot(SagaError::Aborted(error)),
             Err(halt) => halt,
         }
     }
@@ -935,4 +972,18 @@ pub(crate) enum AttemptLog<'a> {
         reason: crate::GiveUpReason,
     },
     Compensated,
+}
+
+/// The failure message of a saga that failed past its pivot: what failed, which pivot it had
+/// passed, and what an operator does about it.
+pub(crate) fn after_pivot_error(state: &SagaState, message: &str) -> String {
+    let pivot = match &state.past_pivot {
+        Some(p) => format!("`{}` (journal position {})", p.step, p.position),
+        None => "step".to_owned(),
+    };
+    format!(
+        "{message}; this happened after the pivot {pivot} had succeeded, so nothing was \
+         compensated (the saga only goes forward): fix the cause, then retry the saga to run \
+         the failed step again"
+    )
 }

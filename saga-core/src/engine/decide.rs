@@ -44,9 +44,12 @@ pub(super) enum Decision {
     Suspend(Timestamp),
     /// The workflow diverged from its journal: the saga fails without compensating.
     FailNondeterministic { position: u32, message: String },
-    /// A step failed for good, or the workflow returned an error, past the pivot: the saga
-    /// fails without compensating, for an operator to retry forward.
+    /// The workflow returned an error past the pivot: the saga fails without compensating,
+    /// for an operator to retry forward.
     FailAfterPivot(String),
+    /// The run already recorded the saga's end (a step gave up past the pivot: its
+    /// `StepFailed` and the `SagaFailed` went in one commit).
+    Ended,
     /// This run must stop without writing more.
     Stop(Halt),
 }
@@ -77,7 +80,7 @@ pub(super) fn decide(ended: Ended<'_>) -> Decision {
         // The workflow's own words: `CompensationReason::Aborted` says "workflow aborted".
         (Mode::Forward, None, Err(SagaError::Aborted(message))) => Decision::Abort(message),
         (Mode::Forward, None, Err(err)) => Decision::Abort(err.to_string()),
-        (_, Some(Halt::FailedAfterPivot(err)), _) => Decision::FailAfterPivot(err.to_string()),
+        (_, Some(Halt::FailedAfterPivot(_)), _) => Decision::Ended,
         (Mode::Forward, Some(Halt::Cancelled), _) => Decision::Cancel,
         (_, Some(Halt::StepFailed(_)), _) => Decision::Compensate,
         (Mode::Collect, None | Some(Halt::Collected | Halt::Cancelled), _) => {
@@ -151,6 +154,7 @@ mod tests {
                 format!("fail at {position}: {message}")
             }
             Decision::FailAfterPivot(message) => format!("fail after pivot: {message}"),
+            Decision::Ended => "ended".into(),
             Decision::Stop(halt) => format!("stop {halt:?}"),
         }
     }
@@ -170,8 +174,7 @@ mod tests {
             (None, Ok(json!("done")), 3, "complete \"done\""),
             (None, Err(failed()), 3,
                 "fail after pivot: saga aborted by its workflow: out of stock"),
-            (Some(Halt::FailedAfterPivot(failed())), Err(failed()), 3,
-                "fail after pivot: saga aborted by its workflow: out of stock"),
+            (Some(Halt::FailedAfterPivot(failed())), Err(failed()), 3, "ended"),
             (Some(Halt::Suspended(crate::Timestamp(9))), Err(failed()), 3, "suspend 9"),
             (Some(stopped()), Err(failed()), 3, "stop Interrupted(Stopped(\"test\"))"),
         ];

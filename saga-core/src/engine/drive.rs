@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tracing::Instrument;
 
-use super::context::Halt;
+use super::context::{Halt, after_pivot_error};
 use super::decide::{Decision, Ended, decide};
 use super::definition::ErasedSaga;
 use super::queries::decode_state;
@@ -156,6 +156,8 @@ impl Engine {
                 let error = after_pivot_error(ctx.state(), &message);
                 return self.fail(&mut ctx, FailureKind::AfterPivot, error).await;
             }
+            // The run recorded the saga's end itself (a step that gave up past the pivot).
+            Decision::Ended => false,
             Decision::Stop(halt) => return Err(self.halted(id, halt).await),
         };
         if compensating {
@@ -263,20 +265,6 @@ fn halt_error(id: SagaId, halt: Halt) -> EngineError {
         saga: id,
         cause: Interruption::Stopped(reason),
     }
-}
-
-/// The failure message of a saga that failed past its pivot: what failed, which pivot it had
-/// passed, and what an operator does about it.
-fn after_pivot_error(state: &SagaState, message: &str) -> String {
-    let pivot = match &state.past_pivot {
-        Some(p) => format!("`{}` (journal position {})", p.step, p.position),
-        None => "step".to_owned(),
-    };
-    format!(
-        "{message}; this happened after the pivot {pivot} had succeeded, so nothing was \
-         compensated (the saga only goes forward): fix the cause, then retry the saga to run \
-         the failed step again"
-    )
 }
 
 /// Why a claimed saga counts as resumed, or `None` for its first run.

@@ -123,15 +123,22 @@ pub enum EngineError {
         /// Its journal position.
         position: u32,
     },
-    /// A typed handle was asked for a saga of another type.
-    #[error("saga {saga} is a `{actual}`, not a `{expected}`")]
+    /// A typed handle was asked for a saga of another type, or of another version of it
+    /// (whose output may not decode as the asked type's).
+    #[error(
+        "saga {saga} is a `{actual}` v{actual_version}, not a `{expected}` v{expected_version}"
+    )]
     WrongSagaType {
         /// The saga.
         saga: SagaId,
         /// The type asked for.
         expected: &'static str,
-        /// Its type.
+        /// Its version.
+        expected_version: u32,
+        /// The saga's type.
         actual: String,
+        /// The version the saga was started under.
+        actual_version: u32,
     },
     /// The saga was set aside because its data is unusable.
     #[error("saga {saga} is quarantined: {reason}")]

@@ -326,14 +326,16 @@ impl Engine {
     ///
     /// # Errors
     /// [`EngineError::NotFound`], [`EngineError::WrongSagaType`] when the saga is of another
-    /// type, or a store error.
+    /// type or was started under another version of it, or a store error.
     pub async fn handle<S: Saga>(&self, id: SagaId) -> Result<SagaHandle<S>, EngineError> {
         let state = self.state(id).await?;
-        if state.saga_type != S::NAME {
+        if state.saga_type != S::NAME || state.version != S::VERSION {
             return Err(EngineError::WrongSagaType {
                 saga: id,
                 expected: S::NAME,
+                expected_version: S::VERSION,
                 actual: state.saga_type,
+                actual_version: state.version,
             });
         }
         Ok(SagaHandle {

@@ -84,12 +84,17 @@ impl Shared {
         }
     }
 
-    /// `true` when the store says a cancel of `id` was requested. A failed read is `false`:
+    /// `true` when the store says a cancel of `id` was requested and is to be acted on (not
+    /// past the saga's pivot, whose refused cancel stays flagged). A failed read is `false`:
     /// the run then notices the flag when it next runs, as it would have without the wake.
     async fn cancel_stored(&self, id: SagaId) -> bool {
         match self.store.load(id).await {
-            Ok(Some(stored)) => stored.cancel_requested && !stored.status.is_terminal(),
-            Ok(None) | Err(_) => false,
+            Ok(Some(stored)) if stored.cancel_requested && !stored.status.is_terminal() => {
+                // A state that does not decode is left to the run, which quarantines it.
+                serde_json::from_str::<SagaState>(&stored.state)
+                    .map_or(true, |state| state.past_pivot.is_none())
+            }
+            Ok(_) | Err(_) => false,
         }
     }
 }
