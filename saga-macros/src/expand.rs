@@ -13,15 +13,28 @@ use crate::parse::{self, StepFn};
 /// Expands `#[saga_step(args)] item`. The item is always emitted unchanged, followed by the
 /// step type when the signature allows one, and by every error found.
 pub(crate) fn saga_step(args: TokenStream, item: &TokenStream) -> TokenStream {
-    let (args, mut errors) = attr::parse_step_args(args);
+    let (args, errors) = attr::parse_step_args(args);
+    on_fn(
+        item,
+        errors,
+        "`#[saga_step]` goes on an `async fn(ctx: &StepContext, input: Input) -> \
+         Result<Output, Error>`",
+        |item_fn, errors| generate(item_fn, &args, errors),
+    )
+}
+
+/// What an attribute macro on a fn expands to: the item unchanged, then what `generate`
+/// makes of the fn, then every error found (`misuse` when the item is not a fn).
+pub(crate) fn on_fn(
+    item: &TokenStream,
+    mut errors: Errors,
+    misuse: &str,
+    generate: impl FnOnce(&syn::ItemFn, &mut Errors) -> TokenStream,
+) -> TokenStream {
     let generated = match syn::parse2::<Item>(item.clone()) {
-        Ok(Item::Fn(item_fn)) => generate(&item_fn, &args, &mut errors),
+        Ok(Item::Fn(item_fn)) => generate(&item_fn, &mut errors),
         Ok(other) => {
-            errors.push(syn::Error::new(
-                item_span(&other),
-                "`#[saga_step]` goes on an `async fn(ctx: &StepContext, input: Input) -> \
-                 Result<Output, Error>`",
-            ));
+            errors.push(syn::Error::new(item_span(&other), misuse));
             TokenStream::new()
         }
         Err(error) => {

@@ -7,10 +7,10 @@ mod signature;
 use proc_macro2::{Literal, Span, TokenStream};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned as _;
-use syn::{Ident, Item, ItemFn, LitStr};
+use syn::{Ident, ItemFn, LitStr};
 
 use crate::attr::Errors;
-use crate::expand::item_span;
+use crate::expand::on_fn;
 use crate::parse;
 use args::SagaArgs;
 use signature::{SAGA, SagaFn};
@@ -18,28 +18,14 @@ use signature::{SAGA, SagaFn};
 /// Expands `#[saga(args)] item`. The item is always emitted unchanged, followed by the saga
 /// type when the signature allows one, and by every error found.
 pub(crate) fn saga(args: TokenStream, item: &TokenStream) -> TokenStream {
-    let (args, mut errors) = args::parse_saga_args(args);
-    let generated = match syn::parse2::<Item>(item.clone()) {
-        Ok(Item::Fn(item_fn)) => generate(&item_fn, &args, &mut errors),
-        Ok(other) => {
-            errors.push(syn::Error::new(
-                item_span(&other),
-                "`#[saga]` goes on an `async fn(saga: &mut SagaContext, input: Input) -> \
-                 Result<Output, SagaError>`",
-            ));
-            TokenStream::new()
-        }
-        Err(error) => {
-            errors.push(error);
-            TokenStream::new()
-        }
-    };
-    let errors = errors.into_error().map(|error| error.into_compile_error());
-    quote! {
-        #item
-        #generated
-        #errors
-    }
+    let (args, errors) = args::parse_saga_args(args);
+    on_fn(
+        item,
+        errors,
+        "`#[saga]` goes on an `async fn(saga: &mut SagaContext, input: Input) -> \
+         Result<Output, SagaError>`",
+        |item_fn, errors| generate(item_fn, &args, errors),
+    )
 }
 
 /// The saga type and its `Saga` impl, or nothing when the signature does not allow one.
