@@ -34,42 +34,87 @@ pub(crate) const STEP: FnKind = FnKind {
     stored: "it is recorded in the journal",
 };
 
-/// What the step type needs from the fn.
-pub(crate) struct StepFn {
+/// What the generated type needs from an annotated fn's signature.
+pub(crate) struct FnSig {
     pub(crate) ident: Ident,
     pub(crate) vis: Visibility,
     pub(crate) docs: Vec<Attribute>,
-    /// `#[cfg(...)]` attributes, copied to the step type so it exists exactly when the fn does.
+    /// `#[cfg(...)]` attributes, copied to the generated type so it exists exactly when the
+    /// fn does.
     pub(crate) cfgs: Vec<Attribute>,
-    /// The `&StepContext` parameter's type, for spans.
+    /// The type behind the context parameter's reference, for spans.
     pub(crate) ctx_ty: Type,
     pub(crate) input_ty: Type,
     pub(crate) output_ty: Type,
+    /// The error type as written.
     pub(crate) error_ty: Type,
 }
+
+/// What the step type needs from the fn.
+pub(crate) type StepFn = FnSig;
+
+/// What a signature check needs to know of one macro beyond its [`FnKind`] wording.
+pub(crate) struct FnRules {
+    /// The wording.
+    pub(crate) kind: &'static FnKind,
+    /// The message for a fn with `n` parameters instead of two.
+    pub(crate) wrong_count: fn(usize) -> String,
+    /// The message for a fn that returns `()`.
+    pub(crate) returns_unit: &'static str,
+    /// The message for a return type that is not spelled `Result<_, _>`.
+    pub(crate) returns_alias: &'static str,
+    /// Checks the context parameter; returns the type behind its reference.
+    pub(crate) check_ctx: fn(&Type, &mut Errors) -> Option<Type>,
+    /// Whether the error type must own its data (a step's is recorded; a saga's is
+    /// `SagaError`).
+    pub(crate) owned_error: bool,
+    /// The last-resort message, never shown when the checks above reported.
+    pub(crate) unsupported: &'static str,
+}
+
+/// `#[saga_step]`'s rules.
+const STEP_RULES: FnRules = FnRules {
+    kind: &STEP,
+    wrong_count: |n| {
+        format!(
+            "a step fn takes exactly two parameters, the context by reference and the \
+             input by value (`ctx: &StepContext, input: Input`); this one takes {n}"
+        )
+    },
+    returns_unit: "a step fn returns `Result<Output, Error>`; this one returns `()`",
+    returns_alias: "a step fn returns `Result<Output, Error>`, spelled with both types so that \
+                    the step's Output and Error types can be read from it (an alias such as \
+                    `Result<T>` hides the error type)",
+    check_ctx,
+    owned_error: true,
+    unsupported: "unsupported step fn signature",
+};
 
 /// Checks the signature: a free `async fn(ctx: &StepContext, input: In) -> Result<Out, Err>`
 /// with no generics. Every problem found is reported.
 pub(crate) fn step_fn(item: &ItemFn) -> Result<StepFn, syn::Error> {
+    check_signature(item, &STEP_RULES)
+}
+
+/// Checks a signature by `rules`: a free async fn of a context and an input, returning a
+/// spelled-out `Result`, with no generics. Every problem found is reported.
+pub(crate) fn check_signature(item: &ItemFn, rules: &FnRules) -> Result<FnSig, syn::Error> {
     let sig = &item.sig;
+    let kind = rules.kind;
     let mut errors = Errors::default();
-    check_qualifiers(sig, &STEP, &mut errors);
+    check_qualifiers(sig, kind, &mut errors);
 
     let mut ctx_ty = None;
     let mut input_ty = None;
-    if let Some(typed) = typed_params(sig, &STEP, &mut errors) {
+    if let Some(typed) = typed_params(sig, kind, &mut errors) {
         match typed.as_slice() {
             [ctx, input] => {
-                ctx_ty = check_ctx(ctx, &mut errors);
-                input_ty = check_owned(input, &STEP, "input", &mut errors);
+                ctx_ty = (rules.check_ctx)(ctx, &mut errors);
+                input_ty = check_owned(input, kind, "input", &mut errors);
             }
             _ => errors.push(syn::Error::new(
                 sig.paren_token.span.join(),
-                format!(
-                    "a step fn takes exactly two parameters, the context by reference and the \
-                     input by value (`ctx: &StepContext, input: Input`); this one takes {}",
-                    typed.len()
-                ),
+                (rules.wrong_count)(typed.len()),
             )),
         }
     }
@@ -78,22 +123,21 @@ pub(crate) fn step_fn(item: &ItemFn) -> Result<StepFn, syn::Error> {
         ReturnType::Default => {
             errors.push(syn::Error::new(
                 sig.paren_token.span.close(),
-                "a step fn returns `Result<Output, Error>`; this one returns `()`",
+                rules.returns_unit,
             ));
             (None, None)
         }
         ReturnType::Type(_, ty) => match result_types(ty) {
             Some((output, error)) => (
-                check_owned(output, &STEP, "output", &mut errors),
-                check_owned(error, &STEP, "error", &mut errors),
+                check_owned(output, kind, "output", &mut errors),
+                if rules.owned_error {
+                    check_owned(error, kind, "error", &mut errors)
+                } else {
+                    Some(error.clone())
+                },
             ),
             None => {
-                errors.push(syn::Error::new_spanned(
-                    ty,
-                    "a step fn returns `Result<Output, Error>`, spelled with both types so that \
-                     the step's Output and Error types can be read from it (an alias such as \
-                     `Result<T>` hides the error type)",
-                ));
+                errors.push(syn::Error::new_spanned(ty, rules.returns_alias));
                 (None, None)
             }
         },
@@ -103,7 +147,7 @@ pub(crate) fn step_fn(item: &ItemFn) -> Result<StepFn, syn::Error> {
         return Err(error);
     }
     match (ctx_ty, input_ty, output_ty, error_ty) {
-        (Some(ctx_ty), Some(input_ty), Some(output_ty), Some(error_ty)) => Ok(StepFn {
+        (Some(ctx_ty), Some(input_ty), Some(output_ty), Some(error_ty)) => Ok(FnSig {
             ident: sig.ident.clone(),
             vis: item.vis.clone(),
             docs: attributes(item, "doc"),
@@ -114,10 +158,7 @@ pub(crate) fn step_fn(item: &ItemFn) -> Result<StepFn, syn::Error> {
             error_ty,
         }),
         // Every `None` above was reported.
-        _ => Err(syn::Error::new_spanned(
-            &sig.ident,
-            "unsupported step fn signature",
-        )),
+        _ => Err(syn::Error::new_spanned(&sig.ident, rules.unsupported)),
     }
 }
 

@@ -1,9 +1,9 @@
 //! Reading a saga's types from the signature of the fn under `#[saga]`.
 
-use syn::{Attribute, Ident, ItemFn, ReturnType, Type, Visibility};
+use syn::{ItemFn, Type};
 
 use crate::attr::Errors;
-use crate::parse::{self, FnKind};
+use crate::parse::{self, FnKind, FnRules, FnSig};
 
 /// `#[saga]`.
 pub(crate) const SAGA: FnKind = FnKind {
@@ -17,91 +17,31 @@ pub(crate) const SAGA: FnKind = FnKind {
 };
 
 /// What the saga type needs from the fn.
-pub(crate) struct SagaFn {
-    pub(crate) ident: Ident,
-    pub(crate) vis: Visibility,
-    pub(crate) docs: Vec<Attribute>,
-    pub(crate) cfgs: Vec<Attribute>,
-    /// The type behind the `&mut` of the context parameter, for spans.
-    pub(crate) ctx_ty: Type,
-    pub(crate) input_ty: Type,
-    pub(crate) output_ty: Type,
-    /// The error type as written, for spans.
-    pub(crate) error_ty: Type,
-}
+pub(crate) type SagaFn = FnSig;
+
+/// `#[saga]`'s rules.
+const SAGA_RULES: FnRules = FnRules {
+    kind: &SAGA,
+    wrong_count: |n| {
+        format!(
+            "a saga fn takes exactly two parameters, the saga context by mutable \
+             reference and the input by value (`saga: &mut SagaContext, input: \
+             Input`); this one takes {n}"
+        )
+    },
+    returns_unit: "a saga fn returns `Result<Output, SagaError>`; this one returns `()`",
+    returns_alias: "a saga fn returns `Result<Output, SagaError>`, spelled with both types so \
+                    that the saga's Output type can be read from it (an alias such as \
+                    `Result<T>` hides it)",
+    check_ctx,
+    owned_error: false,
+    unsupported: "unsupported saga fn signature",
+};
 
 /// Checks the signature: a free `async fn(saga: &mut SagaContext, input: In) ->
 /// Result<Out, SagaError>` with no generics. Every problem found is reported.
 pub(crate) fn saga_fn(item: &ItemFn) -> Result<SagaFn, syn::Error> {
-    let sig = &item.sig;
-    let mut errors = Errors::default();
-    parse::check_qualifiers(sig, &SAGA, &mut errors);
-
-    let mut ctx_ty = None;
-    let mut input_ty = None;
-    if let Some(typed) = parse::typed_params(sig, &SAGA, &mut errors) {
-        match typed.as_slice() {
-            [ctx, input] => {
-                ctx_ty = check_ctx(ctx, &mut errors);
-                input_ty = parse::check_owned(input, &SAGA, "input", &mut errors);
-            }
-            _ => errors.push(syn::Error::new(
-                sig.paren_token.span.join(),
-                format!(
-                    "a saga fn takes exactly two parameters, the saga context by mutable \
-                     reference and the input by value (`saga: &mut SagaContext, input: \
-                     Input`); this one takes {}",
-                    typed.len()
-                ),
-            )),
-        }
-    }
-
-    let (output_ty, error_ty) = match &sig.output {
-        ReturnType::Default => {
-            errors.push(syn::Error::new(
-                sig.paren_token.span.close(),
-                "a saga fn returns `Result<Output, SagaError>`; this one returns `()`",
-            ));
-            (None, None)
-        }
-        ReturnType::Type(_, ty) => match parse::result_types(ty) {
-            Some((output, error)) => (
-                parse::check_owned(output, &SAGA, "output", &mut errors),
-                Some(error.clone()),
-            ),
-            None => {
-                errors.push(syn::Error::new_spanned(
-                    ty,
-                    "a saga fn returns `Result<Output, SagaError>`, spelled with both types so \
-                     that the saga's Output type can be read from it (an alias such as \
-                     `Result<T>` hides it)",
-                ));
-                (None, None)
-            }
-        },
-    };
-
-    if let Some(error) = errors.into_error() {
-        return Err(error);
-    }
-    match (ctx_ty, input_ty, output_ty, error_ty) {
-        (Some(ctx_ty), Some(input_ty), Some(output_ty), Some(error_ty)) => Ok(SagaFn {
-            ident: sig.ident.clone(),
-            vis: item.vis.clone(),
-            docs: parse::attributes(item, "doc"),
-            cfgs: parse::attributes(item, "cfg"),
-            ctx_ty,
-            input_ty,
-            output_ty,
-            error_ty,
-        }),
-        // Every `None` above was reported.
-        _ => Err(syn::Error::new_spanned(
-            &sig.ident,
-            "unsupported saga fn signature",
-        )),
-    }
+    parse::check_signature(item, &SAGA_RULES)
 }
 
 /// The context parameter: a mutable reference. Returns the referenced type; whether it is
