@@ -176,7 +176,15 @@ fn describe_step_event(kind: &EventKind) -> String {
             position,
             name,
             value,
-        } => format!("#{position} journaled {name}() = {value}"),
+        } => match (name.as_str(), value.as_u64()) {
+            (crate::engine::SLEEP_UNTIL, Some(ms)) => {
+                format!(
+                    "#{position} sleeping until {}",
+                    crate::Timestamp(ms).to_rfc3339()
+                )
+            }
+            _ => format!("#{position} journaled {name}() = {value}"),
+        },
         // `describe` sends only the kinds above here; shown raw rather than panicking in a
         // display path should that ever change.
         other => format!("{other:?}"),

@@ -341,16 +341,89 @@ impl SagaContext {
     /// # Errors
     /// As [`SagaContext::run`].
     pub fn now(&mut self) -> Result<Timestamp, SagaError> {
-        let value = self.journaled_value("now", |shared| {
+        self.journaled_time("now", |now| now)
+    }
+
+    /// Sleeps durably for `duration`, counted from the first time the workflow gets here (the
+    /// wake-up time is journaled, so a replay never sleeps again, and a restart does not
+    /// restart the clock). A short sleep (at most
+    /// [`EngineConfig::inline_wait_max`](crate::EngineConfig::inline_wait_max)) waits in
+    /// process; a longer one commits a durable timer and ends this run: the saga holds no
+    /// lease and no worker while it sleeps, and any coordinator resumes it when it is due,
+    /// even after every coordinator restarted. A cancel request ends the sleep and the saga
+    /// compensates (past its pivot, the sleep runs its course).
+    ///
+    /// # Errors
+    /// As [`SagaContext::run`]: propagate it with `?` (a durable sleep returns
+    /// [`SagaError::Suspended`] to end the run; the saga continues when it wakes).
+    pub async fn sleep(&mut self, duration: Duration) -> Result<(), SagaError> {
+        let until = self.journaled_time(super::SLEEP_UNTIL, |now| now.plus(duration))?;
+        self.sleep_to(until).await
+    }
+
+    /// Sleeps durably until `at` (see [`SagaContext::sleep`]); a time already past returns at
+    /// once. `at` is journaled, so compute it from [`SagaContext::now`] to stay deterministic.
+    ///
+    /// # Errors
+    /// As [`SagaContext::sleep`].
+    pub async fn sleep_until(&mut self, at: Timestamp) -> Result<(), SagaError> {
+        let until = self.journaled_time(super::SLEEP_UNTIL, |_| at)?;
+        self.sleep_to(until).await
+    }
+
+    /// A time, journaled under `name`: `make` gets the clock's time on the first run.
+    fn journaled_time(
+        &mut self,
+        name: &'static str,
+        make: impl FnOnce(Timestamp) -> Timestamp,
+    ) -> Result<Timestamp, SagaError> {
+        let value = self.journaled_value(name, |shared| {
             // A timestamp is a plain integer: encoding it cannot fail.
-            serde_json::to_value(shared.clock.now()).unwrap_or(Value::Null)
+            serde_json::to_value(make(shared.clock.now())).unwrap_or(Value::Null)
         })?;
         serde_json::from_value(value).map_err(|err| {
             self.stop(Halt::NonDeterministic {
                 position: self.position - 1,
-                message: format!("the recorded `now` value does not decode: {err}"),
+                message: format!("the recorded `{name}` value does not decode: {err}"),
             })
         })
+    }
+
+    /// Waits until `until`: in process when it is close, else as a durable timer that ends
+    /// this run (`Halt::Suspended`). A pending cancel ends it (`Halt::Cancelled`).
+    async fn sleep_to(&mut self, until: Timestamp) -> Result<(), SagaError> {
+        if self.mode == Mode::Collect {
+            // Replaying for compensation: nothing waits.
+            return Ok(());
+        }
+        loop {
+            if self.state.cancel_pending() {
+                return Err(self.stop(Halt::Cancelled));
+            }
+            let remaining = until.since(self.shared.clock.now());
+            if remaining.is_zero() {
+                return Ok(());
+            }
+            if remaining > self.shared.config.inline_wait_max {
+                if let Err(halt) = self
+                    .commit(Vec::new(), Schedule::WakeAfter(remaining))
+                    .await
+                {
+                    return Err(self.stop(halt));
+                }
+                return Err(self.stop(Halt::Suspended(until)));
+            }
+            let cancellable = self.state.past_pivot.is_none();
+            let id = self.state.id;
+            if self
+                .shared
+                .sleep_unless_cancelled(id, remaining, false)
+                .await
+                && cancellable
+            {
+                self.state.cancel_requested = true;
+            }
+        }
     }
 
     /// A random UUID, journaled: a replay returns the one recorded on the first run.

@@ -272,6 +272,7 @@ fn resumed_from(state: &SagaState) -> Option<&'static str> {
     state.owner.as_ref()?;
     let waiting = state.journal.last().is_some_and(|r| {
         r.status == StepStatus::Retrying
+            || (r.is_value && r.name == super::SLEEP_UNTIL)
             || r.compensation
                 .as_ref()
                 .is_some_and(|c| c.next_retry_at.is_some())

@@ -36,6 +36,9 @@ pub use context::SagaContext;
 pub use definition::Saga;
 pub use error::{EngineError, Interruption, SagaError};
 pub use handle::{Outcome, SagaHandle, StartSaga};
+
+/// The journaled-value name of a durable sleep's wake-up time ([`SagaContext::sleep`]).
+pub(crate) const SLEEP_UNTIL: &str = "sleep_until";
 pub use outcome::{RunOutcome, SagaOutcome, StartOptions, Started};
 
 pub(crate) use local::{Dispatch, Handoff, LocalState};
