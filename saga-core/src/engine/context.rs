@@ -278,7 +278,8 @@ impl SagaContext {
             // step's failure but not the saga's); before it this cannot be.
             (Mode::Forward, Slot::Failed) if self.state.past_pivot.is_some() => {
                 let message = format!("step `{}` failed for good", S::NAME);
-                let halt = self.fail_after_pivot(Vec::new(), message).await;
+                let cause = SagaError::Aborted(message.clone());
+                let halt = self.fail_after_pivot(Vec::new(), &message, cause).await;
                 Err(self.stop(halt))
             }
             (Mode::Forward, Slot::Failed) => Err(self.stop(Halt::BadData(format!(
@@ -792,7 +793,8 @@ impl SagaContext {
         // Past the pivot the saga only goes forward: nothing is compensated, the saga ends
         // `Failed` for an operator to fix and retry, in the same commit as the failure.
         if self.state.past_pivot.is_some() {
-            return self.fail_after_pivot(vec![failed], error.to_string()).await;
+            let message = error.to_string();
+            return self.fail_after_pivot(vec![failed], &message, error).await;
         }
         let started = EventKind::CompensationStarted { reason: cause };
         match self
@@ -804,16 +806,22 @@ impl SagaContext {
         }
     }
 
-    /// Ends the saga `Failed` (kind `AfterPivot`) with `events` before it, in one commit.
-    async fn fail_after_pivot(&mut self, mut events: Vec<EventKind>, message: String) -> Halt {
-        let error = after_pivot_error(&self.state, &message);
+    /// Ends the saga `Failed` (kind `AfterPivot`) with `events` before it, in one commit; the
+    /// workflow gets `cause` back from any later call.
+    async fn fail_after_pivot(
+        &mut self,
+        mut events: Vec<EventKind>,
+        message: &str,
+        cause: SagaError,
+    ) -> Halt {
+        let error = after_pivot_error(&self.state, message);
         tracing::error!(%error, "saga failed after its pivot");
         events.push(EventKind::SagaFailed {
             kind: crate::FailureKind::AfterPivot,
             error: error.clone(),
         });
         match self.commit(events, Schedule::Finished).await {
-            Ok(_) => Halt::FailedAfterPivot(SagaError::Aborted(error)),
+            Ok(_) => Halt::FailedAfterPivot(cause),
             Err(halt) => halt,
         }
     }

@@ -142,7 +142,7 @@ mod tests {
                     saga: &mut SagaContext,
                     input: DealRequest,
                 ) -> Result<DealOutcome, SagaError> {
-                    todo!()
+                    Ok(DealOutcome::from(input))
                 }
             },
         );
