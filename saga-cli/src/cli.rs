@@ -100,6 +100,8 @@ pub(crate) enum Command {
         #[arg(long, default_value = "cancelled by an operator (saga-cli)")]
         reason: String,
     },
+    /// Send a signal to a saga, for its workflow's `wait_for_signal(NAME)` (now or later).
+    Signal(SignalArgs),
     /// Stop a saga for good WITHOUT compensating what remains (it ends failed/abandoned).
     Abandon {
         /// The saga id (a UUID).
@@ -155,7 +157,7 @@ pub(crate) struct ApiArgs {
     pub(crate) command: ApiCommand,
 }
 
-/// `saga api start|status|wait|cancel`.
+/// `saga api start|status|wait|cancel|signal`.
 #[derive(Debug, Subcommand)]
 pub(crate) enum ApiCommand {
     /// Start a saga of a registered type (needs the `start` scope).
@@ -190,6 +192,27 @@ pub(crate) enum ApiCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Send a signal to a saga (needs `operate`).
+    Signal(SignalArgs),
+}
+
+/// `saga signal` and `saga api signal`: which saga, which signal, its payload and key.
+#[derive(Debug, Args)]
+pub(crate) struct SignalArgs {
+    /// The saga id (a UUID).
+    pub(crate) id: String,
+    /// The signal's name, as the workflow waits for it, e.g. `approval`.
+    pub(crate) name: String,
+    /// The payload as JSON, e.g. `'{"approved": true}'` (default `null`).
+    #[arg(long, conflicts_with = "payload_file")]
+    pub(crate) payload: Option<String>,
+    /// Read the JSON payload from this file instead.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) payload_file: Option<std::path::PathBuf>,
+    /// The signal's key (required): the same key twice delivers once, so a command repeated
+    /// after a lost answer does not signal twice. Use a new key for a new signal.
+    #[arg(long)]
+    pub(crate) key: String,
 }
 
 /// `saga token ...`.

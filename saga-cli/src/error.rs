@@ -6,8 +6,8 @@ use saga_core::{EngineError, SagaId, StoreError};
 
 /// The exit status of a command that failed.
 pub(crate) const EXIT_FAILURE: u8 = 1;
-/// The exit status of an action the saga's state refuses (a cancel past the pivot): nothing
-/// was changed, and trying again will not help.
+/// The exit status of an action the saga's state refuses (a cancel past the pivot, a signal
+/// to a saga that has ended): nothing was changed, and trying again will not help.
 pub(crate) const EXIT_REFUSED: u8 = 3;
 
 /// A failed command. Its message is a single line.

@@ -71,6 +71,12 @@ pub enum CompensationReason {
         /// The reason given with the request.
         reason: String,
     },
+    /// This saga is a child, and its parent is compensating: what the child did is undone as
+    /// part of the parent's undo (a completed child is reopened for it).
+    ParentCompensating {
+        /// The parent saga.
+        parent: crate::SagaId,
+    },
 }
 
 impl std::fmt::Display for CompensationReason {
@@ -86,6 +92,9 @@ impl std::fmt::Display for CompensationReason {
             }
             CompensationReason::Aborted { message } => write!(f, "workflow aborted: {message}"),
             CompensationReason::Cancelled { reason } => write!(f, "cancelled: {reason}"),
+            CompensationReason::ParentCompensating { parent } => {
+                write!(f, "its parent saga {parent} is compensating")
+            }
         }
     }
 }
@@ -125,6 +134,13 @@ pub enum EventKind {
         /// The idempotency key it was started with, if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<String>,
+        /// The saga that started this one as a child, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parent: Option<crate::ParentLink>,
+        /// The journal format the history is written in (absent: format 1, from before
+        /// parallel branches, signals and child sagas).
+        #[serde(default = "crate::state::legacy_journal_format")]
+        journal_format: u32,
     },
     /// A coordinator took the saga's lease.
     LeaseAcquired {
@@ -272,6 +288,29 @@ pub enum EventKind {
         /// Its journal position.
         position: u32,
     },
+    /// A signal reached the saga's inbox (appended by the sender, outside any lease). The
+    /// workflow takes it when it waits for a signal of this name.
+    SignalReceived {
+        /// The signal's name.
+        name: String,
+        /// The sender's key (a second delivery with the same key is dropped).
+        key: String,
+        /// The payload.
+        payload: Value,
+    },
+    /// A waiting workflow could not take a signal: its payload does not decode as the type
+    /// the wait asked for. The signal stays in the inbox, set aside; the wait goes on (send
+    /// a corrected signal with a new key).
+    SignalRejected {
+        /// The signal's name.
+        name: String,
+        /// Its sequence number in the inbox.
+        sequence: u64,
+        /// The sender's key.
+        key: String,
+        /// Why it does not decode.
+        error: String,
+    },
     /// Terminal: every step succeeded.
     SagaCompleted {
         /// The workflow output.
@@ -287,6 +326,12 @@ pub enum EventKind {
         reason: String,
         /// The status it resumes in.
         status: SagaStatus,
+    },
+    /// A completed child saga was reopened to be compensated, because its parent is
+    /// compensating: it undoes its steps in reverse order and ends `Compensated`.
+    SagaReopened {
+        /// Why (the parent's compensation).
+        reason: CompensationReason,
     },
     /// Terminal (`Failed`, kind `Abandoned`): an operator stopped the saga without
     /// compensating what remains.
@@ -322,11 +367,14 @@ impl EventKind {
             EventKind::CompensationAttemptFailed { .. } => "CompensationAttemptFailed",
             EventKind::StepCompensated { .. } => "StepCompensated",
             EventKind::CompensationSkipped { .. } => "CompensationSkipped",
+            EventKind::SignalReceived { .. } => "SignalReceived",
+            EventKind::SignalRejected { .. } => "SignalRejected",
             EventKind::SagaCompleted { .. } => "SagaCompleted",
             EventKind::SagaCompensated => "SagaCompensated",
             EventKind::SagaFailed { .. } => "SagaFailed",
             EventKind::SagaRetried { .. } => "SagaRetried",
             EventKind::SagaAbandoned { .. } => "SagaAbandoned",
+            EventKind::SagaReopened { .. } => "SagaReopened",
         }
     }
 }

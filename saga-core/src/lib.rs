@@ -11,6 +11,7 @@ mod event;
 mod guard;
 mod housekeeping;
 mod ids;
+mod journal_view;
 mod resources;
 mod retry;
 mod serde_duration;
@@ -28,20 +29,22 @@ pub use clock::{Clock, Timestamp, TokioClock};
 pub use context::StepContext;
 pub use coordinator::{Coordinator, CoordinatorReport, DEFAULT_RETENTION};
 pub use engine::{
-    ClientRetry, Engine, EngineBuilder, EngineConfig, EngineError, Interruption, Outcome,
-    RetryNotice, RetryingStore, RunOutcome, Saga, SagaContext, SagaError, SagaHandle, SagaOutcome,
+    Branch, ChildSaga, ClientRetry, Engine, EngineBuilder, EngineConfig, EngineError, Interruption,
+    Join, OnBranchFailure, Outcome, Parallel, RetryNotice, RetryingStore, RunOutcome, Saga,
+    SagaContext, SagaError, SagaHandle, SagaOutcome, SignalPart, SignalSent, SignalSpec,
     StartOptions, StartSaga, Started,
 };
 pub use event::{CompensationReason, EventKind, FailureKind, SagaEvent, StepError};
 pub use guard::{DEFAULT_IN_PROGRESS_TTL, GuardError, IdempotencyGuard};
 pub use ids::{Phase, SagaId, content_key, fingerprint, step_idempotency_key};
+pub use journal_view::{ChildLink, ParallelBlock, Waiting};
 pub use resources::{MissingResource, Resources};
 pub use retry::{
     DEFAULT_CLIENT_RETRY_FOR, GiveUpReason, Jitter, RetryDecision, RetryPolicy, RetryPolicyError,
 };
 pub use state::{
-    CompensationRecord, CompensationStatus, FoldError, PivotPoint, SagaState, StepRecord,
-    StepStatus,
+    CompensationRecord, CompensationStatus, FoldError, JOURNAL_FORMAT, ParentLink, PivotPoint,
+    SagaState, StepRecord, StepStatus,
 };
 pub use status::{SagaStatus, UnknownStatus};
 pub use step::{Compensation, Reconciled, Step};

@@ -108,6 +108,11 @@ pub struct StepRecord {
     /// Undo progress, once compensation has reached this entry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation: Option<CompensationRecord>,
+    /// Its place in the order in which the saga's steps completed (1 for the first; see
+    /// [`SagaState::completions`]); `None` until it succeeds, and for sagas written before
+    /// the order was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed: Option<u32>,
 }
 
 /// The folded state of one saga.
@@ -161,6 +166,44 @@ pub struct SagaState {
     /// A cancel request that arrived past the pivot was recorded as refused.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_refused: bool,
+    /// Inbox sequence numbers of signals the workflow set aside because their payload did
+    /// not decode (see `SignalRejected`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected_signals: Vec<u64>,
+    /// The saga that started this one as a child, and where in its journal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentLink>,
+    /// How many journal entries have completed so far: each completed step records its
+    /// place in this count, so that compensation runs in reverse order of completion even
+    /// when parallel branches completed in another order than their positions.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub completions: u32,
+    /// The journal format the saga's history is written in (see [`JOURNAL_FORMAT`]).
+    #[serde(default = "legacy_journal_format")]
+    pub journal_format: u32,
+}
+
+/// The journal format this engine writes: 2 added parallel branches, signals and child
+/// sagas (and the completion order of steps). A saga written in format 1 (no such entries)
+/// replays unchanged; a saga written in a newer format than the engine knows is set aside
+/// rather than run by code that would misread it.
+pub const JOURNAL_FORMAT: u32 = 2;
+
+/// The format of a history or state that does not say (written before formats existed).
+pub(crate) fn legacy_journal_format() -> u32 {
+    1
+}
+
+/// Where a child saga hangs in its parent: the parent's id, type, and the journal position
+/// of the step that started the child.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentLink {
+    /// The parent saga.
+    pub id: SagaId,
+    /// Its type.
+    pub saga_type: String,
+    /// The journal position in the parent that started this child.
+    pub position: u32,
 }
 
 /// The pivot step a saga passed: its point of no return.
@@ -219,6 +262,10 @@ impl SagaState {
             resumes: 0,
             past_pivot: None,
             cancel_refused: false,
+            rejected_signals: Vec::new(),
+            parent: None,
+            completions: 0,
+            journal_format: JOURNAL_FORMAT,
         }
     }
 
@@ -262,6 +309,8 @@ impl SagaState {
             version,
             input,
             idempotency_key,
+            parent,
+            journal_format,
         } = &first.kind
         else {
             return Err(FoldError {
@@ -279,6 +328,8 @@ impl SagaState {
             idempotency_key.clone(),
             first.at,
         );
+        state.parent = parent.clone();
+        state.journal_format = *journal_format;
         for (seq, event) in events.iter().enumerate().skip(1) {
             state.apply(seq as u64, event)?;
         }
@@ -370,6 +421,7 @@ impl SagaState {
                 EventKind::CancelRequested { .. }
                     | EventKind::SagaRetried { .. }
                     | EventKind::SagaAbandoned { .. }
+                    | EventKind::SagaReopened { .. }
             )
         {
             return Err(fail(format!("the saga is already {}", self.status)));
@@ -411,6 +463,7 @@ impl SagaState {
                         finished_at: None,
                         next_retry_at: None,
                         compensation: None,
+                        completed: None,
                     });
                 } else if *position < len {
                     let record = self.record_mut(seq, name, *position)?;
@@ -452,12 +505,23 @@ impl SagaState {
                 pivot,
                 ..
             } => {
+                // Format 1 (written before completion orders were kept) counts nothing, so
+                // that the fold of such a history still equals the state its code stored.
+                let counting = self.journal_format >= 2;
+                let order = self.completions + 1;
                 let record = self.open_record(seq, name, *position, step)?;
+                if counting && record.completed.is_none() {
+                    record.completed = Some(order);
+                }
+                let counted = counting && record.completed == Some(order);
                 record.status = StepStatus::Succeeded;
                 record.attempts = (*attempt).max(record.attempts);
                 record.output = Some(output.clone());
                 record.finished_at = Some(event.at);
                 record.next_retry_at = None;
+                if counted {
+                    self.completions = order;
+                }
                 if *pivot && self.past_pivot.is_none() {
                     self.past_pivot = Some(PivotPoint {
                         position: *position,
@@ -521,6 +585,7 @@ impl SagaState {
                     finished_at: Some(event.at),
                     next_retry_at: None,
                     compensation: None,
+                    completed: None,
                 });
             }
             EventKind::CancelRequested { .. } => {
@@ -528,6 +593,13 @@ impl SagaState {
             }
             EventKind::CancelRefused { .. } => {
                 self.cancel_refused = true;
+            }
+            // Delivered outside the lease: the inbox holds it, the journal records its use.
+            EventKind::SignalReceived { .. } => {}
+            EventKind::SignalRejected { sequence, .. } => {
+                if !self.rejected_signals.contains(sequence) {
+                    self.rejected_signals.push(*sequence);
+                }
             }
             EventKind::CompensationStarted { reason } => {
                 if self.status != SagaStatus::Running {
@@ -623,6 +695,16 @@ impl SagaState {
                         }
                     }
                 }
+            }
+            EventKind::SagaReopened { reason } => {
+                if self.status != SagaStatus::Completed {
+                    return Err(fail(format!(
+                        "only a completed saga can be reopened for compensation, not a {} one",
+                        self.status
+                    )));
+                }
+                self.status = SagaStatus::Compensating;
+                self.compensation_reason = Some(reason.clone());
             }
             EventKind::SagaRetried { status, .. } => {
                 if !matches!(status, SagaStatus::Running | SagaStatus::Compensating) {

@@ -41,6 +41,16 @@ pub const DUE_SAGAS: &str = "saga_due_sagas";
 /// type and workflow version (`version="unknown"` for sagas stored before versions were
 /// kept), so an operator sees when an old version has drained.
 pub const ACTIVE_SAGAS: &str = "saga_active_sagas";
+/// Counter `saga_signals_total{outcome}`: signals by what became of them (`delivered` to
+/// an inbox, `duplicate` key dropped, `taken` by a wait, `rejected` because the payload did
+/// not decode as the wait's type).
+pub const SIGNALS_TOTAL: &str = "saga_signals_total";
+/// Counter `saga_timers_fired_total{kind}`: durable waits that ended by their clock (`sleep`,
+/// `signal_timeout`).
+pub const TIMERS_FIRED_TOTAL: &str = "saga_timers_fired_total";
+/// Counter `saga_children_started_total{saga_type}`: child sagas started by a parent, by the
+/// child's type.
+pub const CHILDREN_STARTED_TOTAL: &str = "saga_children_started_total";
 
 /// Describes every engine metric (unit and help text) to the installed recorder.
 pub fn describe() {
@@ -99,6 +109,21 @@ pub fn describe() {
         Unit::Count,
         "Running and compensating sagas by saga_type and version (published by coordinator housekeeping)."
     );
+    metrics::describe_counter!(
+        SIGNALS_TOTAL,
+        Unit::Count,
+        "Signals by outcome (delivered, duplicate, taken by a wait, rejected for a payload that does not decode)."
+    );
+    metrics::describe_counter!(
+        TIMERS_FIRED_TOTAL,
+        Unit::Count,
+        "Durable waits that ended by their clock, by kind (sleep, signal_timeout)."
+    );
+    metrics::describe_counter!(
+        CHILDREN_STARTED_TOTAL,
+        Unit::Count,
+        "Child sagas started by a parent saga, by the child's saga_type."
+    );
     metrics::describe_histogram!(
         DURATION_SECONDS,
         Unit::Seconds,
@@ -135,6 +160,30 @@ pub(crate) fn idempotency_hit() {
 
 pub(crate) fn resumed(reason: &'static str) {
     metrics::counter!(RESUMED_TOTAL, "reason" => reason).increment(1);
+}
+
+pub(crate) fn signal(outcome: &'static str) {
+    metrics::counter!(SIGNALS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn signal_taken() {
+    signal("taken");
+}
+
+pub(crate) fn signal_rejected() {
+    signal("rejected");
+}
+
+pub(crate) fn signal_wait_timed_out() {
+    timer_fired("signal_timeout");
+}
+
+pub(crate) fn timer_fired(kind: &'static str) {
+    metrics::counter!(TIMERS_FIRED_TOTAL, "kind" => kind).increment(1);
+}
+
+pub(crate) fn child_started(saga_type: &'static str) {
+    metrics::counter!(CHILDREN_STARTED_TOTAL, "saga_type" => saga_type).increment(1);
 }
 
 pub(crate) fn quarantined() {

@@ -7,7 +7,8 @@
 //!
 //! let events = vec![
 //!     SagaEvent { seq: 0, at: Timestamp(1_000), kind: EventKind::SagaStarted {
-//!         saga_type: "deal_flow".into(), version: 1, input: serde_json::json!({}), idempotency_key: None } },
+//!         saga_type: "deal_flow".into(), version: 1, input: serde_json::json!({}),
+//!         idempotency_key: None, parent: None, journal_format: 2 } },
 //!     SagaEvent { seq: 1, at: Timestamp(1_250), kind: EventKind::SagaCompensated },
 //! ];
 //! let text = timeline::render(&events);
@@ -18,6 +19,8 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use serde_json::Value;
+
 use crate::{EventKind, SagaEvent, StepError};
 
 /// Renders `events` (one saga's history, oldest first) as indented lines.
@@ -27,8 +30,21 @@ pub fn render(events: &[SagaEvent]) -> String {
     let Some(first) = events.first() else {
         return "(no events)\n".to_owned();
     };
+    // Parallel blocks seen so far: (first branch position, branches).
+    let mut blocks: Vec<(u32, u32)> = Vec::new();
     for (index, event) in events.iter().enumerate() {
         let offset = format_offset(event.at.since(first.at));
+        if let EventKind::ValueRecorded {
+            position,
+            name,
+            value,
+        } = &event.kind
+            && name == crate::engine::PARALLEL
+        {
+            let branches = value.get("branches").and_then(Value::as_u64).unwrap_or(0);
+            blocks.push((position + 1, u32::try_from(branches).unwrap_or(u32::MAX)));
+        }
+        let lane = branch_lane(&blocks, &event.kind);
         let gave_up = matches!(
             (&event.kind, events.get(index + 1).map(|next| &next.kind)),
             (
@@ -59,9 +75,34 @@ pub fn render(events: &[SagaEvent]) -> String {
             kind => describe(kind),
         };
         // Writing to a String cannot fail.
-        let _ = writeln!(out, "  {offset:>9}  {line}");
+        let _ = writeln!(out, "  {offset:>9}  {lane}{line}");
     }
     out
+}
+
+/// The lane of a step event inside a parallel block: branches are indented by their index
+/// so that they read side by side; empty outside blocks.
+fn branch_lane(blocks: &[(u32, u32)], kind: &EventKind) -> String {
+    let position = match kind {
+        EventKind::StepStarted { position, .. }
+        | EventKind::StepSucceeded { position, .. }
+        | EventKind::StepAttemptFailed { position, .. }
+        | EventKind::StepFailed { position, .. }
+        | EventKind::CompensationAttemptFailed { position, .. }
+        | EventKind::StepCompensated { position, .. }
+        | EventKind::CompensationSkipped { position, .. } => *position,
+        _ => return String::new(),
+    };
+    blocks
+        .iter()
+        .rev()
+        .find(|(first, branches)| position >= *first && position - first < *branches)
+        .map(|(first, branches)| {
+            let branch = position - first;
+            let indent = "  ".repeat(usize::try_from(branch.min(8)).unwrap_or(8));
+            format!("{indent}[branch {}/{branches}] ", branch + 1)
+        })
+        .unwrap_or_default()
 }
 
 /// One line describing an event, without its time.
@@ -102,11 +143,34 @@ pub fn describe(kind: &EventKind) -> String {
         | EventKind::CompensationAttemptFailed { .. }
         | EventKind::StepCompensated { .. }
         | EventKind::CompensationSkipped { .. } => describe_compensation_event(kind),
+        EventKind::SignalReceived { name, payload, .. }
+            if name == crate::engine::CHILD_FINISHED =>
+        {
+            format!(
+                "child saga {} finished ({})",
+                payload.get("child").and_then(Value::as_str).unwrap_or("?"),
+                payload.get("status").and_then(Value::as_str).unwrap_or("?")
+            )
+        }
+        EventKind::SignalReceived { name, key, .. } => {
+            format!("signal `{name}` received (key `{key}`)")
+        }
+        EventKind::SignalRejected {
+            name,
+            sequence,
+            key,
+            error,
+        } => format!(
+            "signal `{name}` #{sequence} (key `{key}`) REJECTED: its payload does not decode ({error}); the wait goes on"
+        ),
         EventKind::SagaCompleted { .. } => "COMPLETED".to_owned(),
         EventKind::SagaCompensated => "COMPENSATED: every completed step undone".to_owned(),
         EventKind::SagaFailed { kind, error } => format!("FAILED ({kind:?}): {error}"),
         EventKind::SagaRetried { reason, status } => {
             format!("RETRIED by an operator ({reason}); resumes {status}")
+        }
+        EventKind::SagaReopened { reason } => {
+            format!("REOPENED to compensate: {reason}")
         }
         EventKind::SagaAbandoned { reason } => {
             format!("ABANDONED by an operator without compensating: {reason}")
@@ -129,8 +193,17 @@ fn describe_step_event(kind: &EventKind) -> String {
             attempt,
             reconciled,
             pivot,
-            ..
+            output,
         } => {
+            if step == crate::engine::START_CHILD
+                && let Some(child) = output.get("id").and_then(Value::as_str)
+            {
+                let child_type = output
+                    .get("saga_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?");
+                return format!("#{position} started child saga {child_type} {child}");
+            }
             let done = if *reconciled {
                 format!(
                     "{} found applied by its reconciliation check (not re-run)",
@@ -183,7 +256,34 @@ fn describe_step_event(kind: &EventKind) -> String {
                     crate::Timestamp(ms).to_rfc3339()
                 )
             }
-            _ => format!("#{position} journaled {name}() = {value}"),
+            (n, Some(ms)) if n.starts_with(crate::engine::SIGNAL_DEADLINE) => {
+                let signal = n
+                    .strip_prefix(crate::engine::SIGNAL_DEADLINE)
+                    .and_then(|rest| rest.strip_prefix(':'))
+                    .unwrap_or("?");
+                format!(
+                    "#{position} waiting for signal `{signal}` until {}",
+                    crate::Timestamp(ms).to_rfc3339()
+                )
+            }
+            _ if name == crate::engine::PARALLEL => format!(
+                "#{position} parallel block: {} branches at #{}..#{}",
+                value.get("branches").and_then(Value::as_u64).unwrap_or(0),
+                position + 1,
+                u64::from(*position) + value.get("branches").and_then(Value::as_u64).unwrap_or(0)
+            ),
+            _ if name == crate::engine::CHILD_OUTCOME => format!(
+                "#{position} child saga {} ended {}",
+                value.get("id").and_then(Value::as_str).unwrap_or("?"),
+                value.get("status").and_then(Value::as_str).unwrap_or("?")
+            ),
+            _ => match name.strip_prefix(crate::engine::SIGNAL_PREFIX) {
+                Some(signal) => match value.get("sequence").and_then(Value::as_u64) {
+                    Some(sequence) => format!("#{position} took signal `{signal}` #{sequence}"),
+                    None => format!("#{position} TIMED OUT waiting for signal `{signal}`"),
+                },
+                None => format!("#{position} journaled {name}() = {value}"),
+            },
         },
         // `describe` sends only the kinds above here; shown raw rather than panicking in a
         // display path should that ever change.

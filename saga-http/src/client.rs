@@ -29,9 +29,10 @@
 //! **Retries.** Transient errors ([`ClientError::is_transient`]: no connection, a broken
 //! connection, a timeout, 408, 502, 503, 504) are retried with jittered exponential backoff
 //! for up to [`ApiClient::retry_for`] (30 s by default) by calls that are safe to repeat:
-//! [`status`](ApiClient::status), [`wait`](ApiClient::wait) and a
+//! [`status`](ApiClient::status), [`wait`](ApiClient::wait), a
 //! [`start`](ApiClient::start) with an idempotency key (the key makes a repeated start find
-//! the first one's saga). A start without a key and a [`cancel`](ApiClient::cancel) are sent
+//! the first one's saga) and a [`signal`](ApiClient::signal) (its key makes a repeated signal
+//! a duplicate). A start without a key and a [`cancel`](ApiClient::cancel) are sent
 //! again only when the request certainly did not reach the server (no connection, or a
 //! connection refused for being over the server's limit).
 
@@ -88,6 +89,16 @@ pub struct Started {
     pub created: bool,
     /// Its status when the server answered (`running` for a new saga).
     pub status: String,
+}
+
+/// The answer to a signal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SignalReceipt {
+    /// The signal's place in the saga's inbox (of the first delivery, for a duplicate).
+    pub sequence: u64,
+    /// `true` when the key had been sent before with the same payload: nothing changed.
+    pub duplicate: bool,
 }
 
 /// How a wait ended.
@@ -327,6 +338,57 @@ impl ApiClient {
             &[StatusCode::ACCEPTED],
         )?;
         Ok(())
+    }
+
+    /// Sends the signal `name` with `payload` to saga `id` (`POST /sagas/{id}/signals/{name}`)
+    /// under `key`, for a workflow waiting in `wait_for_signal(name)` (now or later). The key
+    /// makes a resent signal a duplicate, so transient errors are retried: a retry after a
+    /// lost answer reports [`SignalReceipt::duplicate`] rather than delivering twice.
+    ///
+    /// # Errors
+    /// [`ClientError::Api`] for the server's refusals (404 unknown saga, 409 `saga_finished`
+    /// or `signal_conflict`, 422 `invalid_signal`, 400 a malformed name or key, 413
+    /// `signal_inbox_full`, 401/403), [`ClientError::BadRequest`] for a payload that does not
+    /// encode, transport errors after the retries.
+    pub async fn signal<T: serde::Serialize + ?Sized>(
+        &self,
+        id: SagaId,
+        name: &str,
+        payload: &T,
+        key: &str,
+    ) -> Result<SignalReceipt, ClientError> {
+        let path = format!("/sagas/{id}/signals/{}", encode_segment(name));
+        let body = serde_json::to_vec(payload).map_err(|err| ClientError::BadRequest {
+            request: self.describe(&Method::POST, &path),
+            problem: format!("the payload of signal `{name}` cannot be encoded as JSON: {err}"),
+        })?;
+        let call = Call {
+            method: Method::POST,
+            path,
+            body: Some(body),
+            headers: vec![(crate::IDEMPOTENCY_KEY, key)],
+        };
+        let answer = self
+            .retried("signal", ClientError::is_transient, self.retry_for, || {
+                self.send(&call, Duration::ZERO)
+            })
+            .await?;
+        let request = self.describe(&call.method, &call.path);
+        let body = expect(&request, &answer, &[StatusCode::ACCEPTED, StatusCode::OK])?;
+        let sequence =
+            body["sequence"]
+                .as_u64()
+                .ok_or_else(|| ClientError::UnexpectedResponse {
+                    request: request.clone(),
+                    status: answer.status.as_u16(),
+                    problem: format!("no signal sequence number in {body}"),
+                })?;
+        Ok(SignalReceipt {
+            sequence,
+            duplicate: body["duplicate"]
+                .as_bool()
+                .unwrap_or(answer.status == StatusCode::OK),
+        })
     }
 
     /// Checks that the server answers (`GET /healthz`, no token needed). Not retried: a

@@ -20,6 +20,9 @@ use serde_json::{Map, Value, json};
 /// | `IdempotencyConflict` | 409 (with `saga_id`) |
 /// | `Busy`, `Quarantined`, `WrongStatus` | 409 |
 /// | `PastPivot` | 409 `past_pivot` (with `pivot_step`, `pivot_position`) |
+/// | `InvalidSignal` | 422 `invalid_signal` (with `id`, `signal`, `problem`); from the signal route a malformed name is 400 `invalid_signal_name`, a malformed key 400 `bad_idempotency_key` |
+/// | `SignalConflict` | 409 `signal_conflict` (with `id`, `signal`, `idempotency_key`) |
+/// | `WrongStatus` from the signal route | 409 `saga_finished` (with `id`, `signal`, `status`) |
 /// | `WaitTimedOut` | 202 (with `id`, `status`) — not a failure: the saga is still running |
 /// | `Interrupted` | 503 (with `id` and `cause`: `fenced`, `store_unavailable`, `store_rejected`, `lease_lapsed`, `shutting_down`, `other`) |
 /// | `Encoding`, `Config` | 500 |
@@ -27,7 +30,8 @@ use serde_json::{Map, Value, json};
 /// | anything newer | 500 with its message |
 ///
 /// Client mistakes found before the engine is called: 400 (`bad_json`, `bad_saga_id`,
-/// `bad_idempotency_key`, `bad_query`, `bad_format`, `invalid_version`, `bad_path`), 413 (`body_too_large`),
+/// `bad_idempotency_key`, `missing_idempotency_key`, `bad_query`, `bad_format`, `invalid_version`,
+/// `bad_path`), 413 (`body_too_large`),
 /// 415 (`unsupported_media_type`), 404 (`unknown_saga_type`, `no_route`), 405
 /// (`method_not_allowed`). Before the route: 401 (`unauthenticated` without a token or with a
 /// malformed `Authorization` header, `bad_token` for a token nobody issued; with a
@@ -167,6 +171,18 @@ impl From<EngineError> for ApiError {
                     .with("status", status.as_str())
                     .with("terminal", false)
             }
+            EngineError::InvalidSignal {
+                saga,
+                name,
+                problem,
+                ..
+            } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_signal", message)
+                .with("id", saga.to_string())
+                .with("signal", name)
+                .with("problem", problem),
+            EngineError::SignalConflict { saga, name, key } => {
+                signal_conflict(message, saga, name, key)
+            }
             EngineError::Interrupted { saga, cause } => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "interrupted", message)
                     .with("id", saga.to_string())
@@ -193,8 +209,9 @@ impl ApiError {
     /// | error | status |
     /// |---|---|
     /// | `NotFound` | 404 |
-    /// | `IdempotencyConflict`, `NotWritable`, `Fenced` | 409 |
+    /// | `IdempotencyConflict`, `NotWritable`, `Fenced`, `SignalConflict` | 409 |
     /// | `TooLarge` | 413 (the input is over the store's limit) |
+    /// | `InboxFull` | 413 `signal_inbox_full` (with `id`, `limit`: the saga has taken all the signals it may) |
     /// | `Invalid` | 400 |
     /// | `Unavailable` | 503 |
     /// | `Corrupt` | 500 (`store_corrupt`) |
@@ -215,12 +232,20 @@ impl ApiError {
                     .with("id", saga.to_string())
                     .with("status", status.as_str())
             }
+            StoreError::SignalConflict { saga, name, key } => {
+                signal_conflict(message, saga, name, key)
+            }
             StoreError::Fenced { saga, .. } => {
                 Self::new(StatusCode::CONFLICT, "fenced", message).with("id", saga.to_string())
             }
             StoreError::TooLarge { size, limit, .. } => {
                 Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
                     .with("size", size)
+                    .with("limit", limit)
+            }
+            StoreError::InboxFull { saga, limit } => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "signal_inbox_full", message)
+                    .with("id", saga.to_string())
                     .with("limit", limit)
             }
             StoreError::Invalid(_) => Self::bad_request("invalid_request", message),
@@ -244,6 +269,20 @@ impl ApiError {
             }
         }
     }
+}
+
+/// A signal key sent before with another payload: the key names one signal, so the second
+/// payload is refused rather than delivered or dropped.
+fn signal_conflict(
+    message: String,
+    saga: saga_core::SagaId,
+    name: String,
+    key: String,
+) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "signal_conflict", message)
+        .with("id", saga.to_string())
+        .with("signal", name)
+        .with("idempotency_key", key)
 }
 
 /// A machine-readable name for why a run was interrupted (the `cause` of a 503

@@ -371,6 +371,11 @@ pub(crate) async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 
 fn saga_id(path: Result<Path<String>, PathRejection>) -> Result<SagaId, ApiError> {
     let Path(raw) = path.map_err(|err| path_rejection(&err))?;
+    parse_saga_id(&raw)
+}
+
+/// The saga id of a path.
+pub(crate) fn parse_saga_id(raw: &str) -> Result<SagaId, ApiError> {
     raw.parse::<SagaId>().map_err(|err| {
         ApiError::bad_request(
             "bad_saga_id",
@@ -379,7 +384,7 @@ fn saga_id(path: Result<Path<String>, PathRejection>) -> Result<SagaId, ApiError
     })
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -417,7 +422,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// Checks that the body is declared as JSON (`application/json` or `application/*+json`).
 /// Without a body (`required` false) a missing Content-Type is fine.
-fn require_json(headers: &HeaderMap, required: bool) -> Result<(), ApiError> {
+pub(crate) fn require_json(headers: &HeaderMap, required: bool) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         if required {
             return Err(unsupported("no Content-Type header"));
@@ -464,7 +469,7 @@ fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
     })
 }
 
-fn body_rejection(err: &BytesRejection) -> ApiError {
+pub(crate) fn body_rejection(err: &BytesRejection) -> ApiError {
     let status = err.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError::new(
@@ -488,7 +493,7 @@ fn body_rejection(err: &BytesRejection) -> ApiError {
     )
 }
 
-fn path_rejection(err: &PathRejection) -> ApiError {
+pub(crate) fn path_rejection(err: &PathRejection) -> ApiError {
     let status = if err.status().is_server_error() {
         err.status()
     } else {
@@ -552,9 +557,32 @@ fn state_json(state: &SagaState, quarantined: Option<&str>) -> Value {
         "compensation_reason": state.compensation_reason,
         "failure": failure_json(state.failure.as_ref()),
         "resumes": state.resumes,
+        "parent": state.parent,
+        "children": state.children(),
+        "waiting": state.waiting().as_ref().map(waiting_json),
+        "parallel": state.parallel_blocks(),
+        "signals_taken": state.signals_taken().into_iter().map(|(name, sequence)| json!({
+            "name": name,
+            "sequence": sequence,
+        })).collect::<Vec<_>>(),
         "steps": { "total": steps.count(), "succeeded": succeeded },
         "journal": journal,
     })
+}
+
+/// What a suspended saga waits for, with its deadline as a readable time.
+fn waiting_json(waiting: &saga_core::Waiting) -> Value {
+    let mut value = serde_json::to_value(waiting).unwrap_or(Value::Null);
+    let until = match waiting {
+        saga_core::Waiting::Sleep { until, .. } | saga_core::Waiting::Signal { until, .. } => {
+            Some(*until)
+        }
+        _ => None,
+    };
+    if let (Some(until), Some(object)) = (until, value.as_object_mut()) {
+        object.insert("until".into(), time(until));
+    }
+    value
 }
 
 fn record_json(record: &StepRecord) -> Value {

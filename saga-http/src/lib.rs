@@ -1,6 +1,7 @@
 //! An HTTP API for the saga engine, for services that are not written in Rust: start sagas of
 //! registered types with JSON input and an idempotency key, read their status and history,
-//! long-poll for their outcome, cancel them, and expose health checks and Prometheus metrics.
+//! long-poll for their outcome, cancel them, send them signals, and expose health checks and
+//! Prometheus metrics.
 //!
 //! The router works on any [`Engine`] (and therefore any store). It only submits and reads
 //! sagas: run a [`Coordinator`](saga_core::Coordinator) in the same process (or elsewhere)
@@ -17,12 +18,15 @@
 //! | `GET /sagas/{id}/history[?format=text]` | `read` | 200 `{"id","events","timeline"}`, or the timeline as `text/plain` | 400, 404 |
 //! | `GET /sagas/{id}/wait[?timeout_ms=N]` | `read` | 200 the outcome once terminal (or `quarantined`); 202 `{"id","status","terminal":false}` when the wait ends first | 400, 404 |
 //! | `POST /sagas/{id}/cancel` (optional `{"reason": "..."}`) | `operate` | 202 `{"id","cancel":"requested"}` | 409 already finished, 409 `past_pivot` (with `pivot_step`, `pivot_position`: the saga only goes forward), 400, 404 |
+//! | `POST /sagas/{id}/signals/{name}` (JSON payload, `null` for none; `Idempotency-Key` required) | `operate` | 202 `{"id","signal","key","sequence","delivered":true,"duplicate":false}`: in the saga's inbox for its `wait_for_signal(name)`, now or later; 200 with `delivered:false`, `duplicate:true` and the first delivery's `sequence` for a key sent before with the same payload | 400 `missing_idempotency_key`, `invalid_signal_name`, `bad_idempotency_key` (a name or key is 1 to 128 letters, digits, `_-.:`), `bad_json`; 404 unknown saga; 409 `saga_finished` (with `status`), 409 `signal_conflict` (the key was sent with another payload); 413 `body_too_large`, or `signal_inbox_full` (the saga took its 1000 signals); 415 not JSON; 422 `invalid_signal` (a name the saga's type does not declare, or a payload that does not decode as declared, with `problem`) |
 //! | `GET /healthz` | none | 200 always | |
 //! | `GET /readyz` | none (or `metrics`) | 200 when the store answers a read and accepts a write in time (can take work) | 503 with the error |
 //! | `GET /metrics` | `metrics` (or none) | 200 Prometheus text | 404 without a metrics handle |
 //!
-//! Idempotency keys are scoped to the principal that sent them: the same key from two
-//! principals starts two sagas, so no client can squat or probe another's keys.
+//! Idempotency keys of starts are scoped to the principal that sent them: the same key from
+//! two principals starts two sagas, so no client can squat or probe another's keys. A
+//! signal's key is the signal's own, not scoped: the same name and key sent by anyone (the
+//! CLI, another principal, the engine) is the same signal, delivered once.
 //!
 //! Every error is a JSON object `{"error": "<message>", "code": "<machine code>", ...}`; see
 //! [`ApiError`] for how engine and store errors map to statuses. Client mistakes are 4xx,
@@ -84,6 +88,7 @@ mod error;
 mod handlers;
 mod metrics;
 mod serve;
+mod signals;
 
 use std::any::Any;
 use std::future::Future;
@@ -316,6 +321,10 @@ impl HttpApi {
                 "/sagas/{id}/cancel",
                 guard.scope(post(handlers::cancel), Scope::Operate),
             )
+            .route(
+                "/sagas/{id}/signals/{name}",
+                guard.scope(post(signals::signal), Scope::Operate),
+            )
             .route("/healthz", get(handlers::healthz))
             .route("/readyz", readyz)
             .route("/metrics", metrics)
@@ -388,8 +397,7 @@ async fn bound_request(
     request: Request,
     next: Next,
 ) -> Response {
-    let is_wait = request.uri().path().ends_with("/wait");
-    let timeout = if is_wait {
+    let timeout = if is_wait(request.uri().path()) {
         bounds.request_timeout + bounds.max_wait
     } else {
         bounds.request_timeout
@@ -412,6 +420,20 @@ async fn bound_request(
         return response;
     };
     response
+}
+
+/// Whether `path` is `/sagas/{id}/wait` (and not, say, a signal named `wait`).
+fn is_wait(path: &str) -> bool {
+    let mut segments = path.split('/').filter(|s| !s.is_empty());
+    matches!(
+        (
+            segments.next(),
+            segments.next(),
+            segments.next(),
+            segments.next()
+        ),
+        (Some("sagas"), Some(_), Some("wait"), None)
+    )
 }
 
 /// Turns a panicking handler into a 500 JSON response.
@@ -448,6 +470,13 @@ mod tests {
     use tower::ServiceExt as _;
 
     use super::*;
+
+    #[test]
+    fn only_the_wait_route_gets_the_longer_bound() {
+        assert!(is_wait("/sagas/6f1c/wait"));
+        assert!(!is_wait("/sagas/6f1c/signals/wait"));
+        assert!(!is_wait("/sagas/wait"));
+    }
 
     #[tokio::test]
     async fn a_panicking_handler_answers_500_json() {

@@ -86,6 +86,24 @@ impl KeyLayout {
         format!("{}events:{id}", self.partition_base(self.partition_of(id)))
     }
 
+    /// The saga's signal inbox: `<prefix>:{pNN}:signals:<id>`, a list of encoded signals,
+    /// oldest first; a signal's sequence number is its position plus one (append only).
+    #[must_use]
+    pub fn signals(&self, id: SagaId) -> String {
+        format!("{}signals:{id}", self.partition_base(self.partition_of(id)))
+    }
+
+    /// The saga's delivered signal keys: `<prefix>:{pNN}:signal_keys:<id>`, a hash from
+    /// `<byte length of the name>:<name><key>` to the sequence number of the first delivery
+    /// (the length prefix keeps every (name, key) pair distinct, whatever bytes they hold).
+    #[must_use]
+    pub fn signal_keys(&self, id: SagaId) -> String {
+        format!(
+            "{}signal_keys:{id}",
+            self.partition_base(self.partition_of(id))
+        )
+    }
+
     /// The partition's due set (id → due time in ms; a leased saga is due at its expiry).
     #[must_use]
     pub fn due(&self, p: u16) -> String {
@@ -164,6 +182,8 @@ mod tests {
         for key in [
             layout.saga(id),
             layout.events(id),
+            layout.signals(id),
+            layout.signal_keys(id),
             layout.due(p),
             layout.ids(p),
             layout.status(p, SagaStatus::Failed),

@@ -8,8 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use saga_core::store::{
-    CancelOutcome, ClaimOutcome, ClaimRequest, CommitOutcome, CreateOutcome, GuardClaim, Lease,
-    ListPage, ListQuery, NewSaga, Schedule, StoredSaga, Transition, VersionCount,
+    CancelOutcome, ClaimOutcome, ClaimRequest, CommitOutcome, CreateOutcome, DeliveryOutcome,
+    GuardClaim, Lease, ListPage, ListQuery, NewSaga, Schedule, SignalDelivery, StoredSaga,
+    StoredSignal, Transition, VersionCount,
 };
 use saga_core::{SagaId, SagaStatus, SagaStore, StoreError};
 use uuid::Uuid;
@@ -23,8 +24,9 @@ use crate::keys::KeyLayout;
 use crate::scripts::call::{Answer, Call, ReplyCode};
 use crate::scripts::reply::Reply;
 use crate::scripts::{
-    claim, commit, count_versions, create, events, guard_claim, guard_complete, guard_release,
-    list, load, operator_transition, purge, quarantine, release, renew, request_cancel,
+    claim, commit, count_versions, create, deliver_signal, events, guard_claim, guard_complete,
+    guard_release, list, load, operator_transition, purge, quarantine, release, renew,
+    request_cancel, signals,
 };
 use crate::wake::Wakeups;
 
@@ -133,12 +135,18 @@ impl RedisStore {
     /// Tells the due hints when a saga this store just wrote becomes due without a lease.
     pub(crate) fn note_schedule(&self, id: SagaId, schedule: Schedule) {
         let p = self.inner.keys.partition_of(id);
+        let hints = &self.inner.hints;
         match schedule {
-            Schedule::WakeAfter(delay) if delay.is_zero() => self.inner.hints.mark_dirty(p),
-            Schedule::WakeAfter(delay) => self
-                .inner
-                .hints
-                .note_due(p, client_now_ms().saturating_add(ms(delay))),
+            Schedule::WakeAfter(delay) if delay.is_zero() => hints.mark_dirty(p),
+            Schedule::WakeAfter(delay) => {
+                hints.note_due(p, client_now_ms().saturating_add(ms(delay)));
+            }
+            Schedule::AwaitSignal { timeout, .. } => {
+                // Due at once if a signal beyond `seen` was already in the inbox, which only
+                // the script knew: a dirty mark costs at most one visit of the partition.
+                hints.mark_dirty(p);
+                hints.note_due(p, client_now_ms().saturating_add(ms(timeout)));
+            }
             _ => {}
         }
     }
@@ -188,6 +196,18 @@ impl SagaStore for RedisStore {
 
     async fn request_cancel(&self, id: SagaId, event: String) -> Result<CancelOutcome, StoreError> {
         request_cancel::request_cancel(self, id, &event).await
+    }
+
+    async fn deliver_signal(
+        &self,
+        id: SagaId,
+        delivery: SignalDelivery,
+    ) -> Result<DeliveryOutcome, StoreError> {
+        deliver_signal::deliver_signal(self, id, delivery).await
+    }
+
+    async fn signals(&self, id: SagaId, after: u64) -> Result<Vec<StoredSignal>, StoreError> {
+        signals::signals(self, id, after).await
     }
 
     async fn quarantine(&self, id: SagaId, reason: &str) -> Result<(), StoreError> {

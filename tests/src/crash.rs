@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use saga_core::store::{
-    CancelOutcome, ClaimOutcome, ClaimRequest, CommitOutcome, CreateOutcome, GuardClaim, Lease,
-    ListPage, ListQuery, NewSaga, StoredSaga, Transition,
+    CancelOutcome, ClaimOutcome, ClaimRequest, CommitOutcome, CreateOutcome, DeliveryOutcome,
+    GuardClaim, Lease, ListPage, ListQuery, NewSaga, SignalDelivery, StoredSaga, StoredSignal,
+    Transition,
 };
 use saga_core::{SagaId, SagaStatus, SagaStore, StoreError};
 
@@ -135,6 +136,49 @@ impl<S: SagaStore> SagaStore for CrashingStore<S> {
     async fn request_cancel(&self, id: SagaId, event: String) -> Result<CancelOutcome, StoreError> {
         self.alive()?;
         self.inner.request_cancel(id, event).await
+    }
+
+    async fn operator_transition(
+        &self,
+        id: SagaId,
+        expected: &[SagaStatus],
+        transition: Transition,
+    ) -> Result<CommitOutcome, StoreError> {
+        self.alive()?;
+        self.inner
+            .operator_transition(id, expected, transition)
+            .await
+    }
+
+    async fn count_quarantined(&self) -> Result<u64, StoreError> {
+        self.alive()?;
+        self.inner.count_quarantined().await
+    }
+
+    async fn count_active_by_version(
+        &self,
+    ) -> Result<Vec<saga_core::store::VersionCount>, StoreError> {
+        self.alive()?;
+        self.inner.count_active_by_version().await
+    }
+
+    async fn due_backlog(&self) -> Result<Option<Vec<u64>>, StoreError> {
+        self.alive()?;
+        self.inner.due_backlog().await
+    }
+
+    async fn deliver_signal(
+        &self,
+        id: SagaId,
+        delivery: SignalDelivery,
+    ) -> Result<DeliveryOutcome, StoreError> {
+        self.alive()?;
+        self.inner.deliver_signal(id, delivery).await
+    }
+
+    async fn signals(&self, id: SagaId, after: u64) -> Result<Vec<StoredSignal>, StoreError> {
+        self.alive()?;
+        self.inner.signals(id, after).await
     }
 
     async fn quarantine(&self, id: SagaId, reason: &str) -> Result<(), StoreError> {

@@ -127,6 +127,22 @@ impl<S: SagaStore> SagaStore for SlowStore<S> {
         self.enter("request_cancel").await;
         self.inner.request_cancel(id, event).await
     }
+    async fn deliver_signal(
+        &self,
+        id: SagaId,
+        delivery: saga_core::store::SignalDelivery,
+    ) -> Result<saga_core::store::DeliveryOutcome, StoreError> {
+        self.enter("deliver_signal").await;
+        self.inner.deliver_signal(id, delivery).await
+    }
+    async fn signals(
+        &self,
+        id: SagaId,
+        after: u64,
+    ) -> Result<Vec<saga_core::store::StoredSignal>, StoreError> {
+        self.enter("signals").await;
+        self.inner.signals(id, after).await
+    }
     async fn quarantine(&self, id: SagaId, reason: &str) -> Result<(), StoreError> {
         self.enter("quarantine").await;
         self.inner.quarantine(id, reason).await

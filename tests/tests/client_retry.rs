@@ -202,6 +202,22 @@ impl SagaStore for FlakyStore {
             .await
     }
 
+    async fn deliver_signal(
+        &self,
+        id: SagaId,
+        delivery: saga_core::store::SignalDelivery,
+    ) -> Result<saga_core::store::DeliveryOutcome, StoreError> {
+        self.inner.deliver_signal(id, delivery).await
+    }
+
+    async fn signals(
+        &self,
+        id: SagaId,
+        after: u64,
+    ) -> Result<Vec<saga_core::store::StoredSignal>, StoreError> {
+        self.inner.signals(id, after).await
+    }
+
     async fn quarantine(&self, id: SagaId, reason: &str) -> Result<(), StoreError> {
         self.inner.quarantine(id, reason).await
     }

@@ -1,4 +1,4 @@
-//! `saga api start|status|wait|cancel`: the coordinators' HTTP API with a bearer token, for
+//! `saga api start|status|wait|cancel|signal`: the coordinators' HTTP API with a bearer token, for
 //! operators and scripts that may not reach Redis. Needs no store.
 
 use std::time::Duration;
@@ -106,12 +106,26 @@ pub(crate) async fn run(
                 json,
             )
         }
+        ApiCommand::Signal(args) => {
+            let id = parse_id(&args.id)?;
+            let payload = super::signal::payload(args)?;
+            let receipt = client
+                .signal(id, &args.name, &payload, &args.key)
+                .await
+                .map_err(|err| api_error(&err))?;
+            output::render(
+                &super::signal::SignalReport::new(args, id, receipt.sequence, receipt.duplicate),
+                json,
+            )
+        }
     }
 }
 
 fn api_error(err: &saga_http::ClientError) -> CliError {
     match err {
-        saga_http::ClientError::Api { code, .. } if code == "past_pivot" => {
+        saga_http::ClientError::Api { code, .. }
+            if code == "past_pivot" || code == "saga_finished" =>
+        {
             CliError::refused(err.to_string())
         }
         _ => CliError::new(err.to_string()),

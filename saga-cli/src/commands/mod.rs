@@ -6,6 +6,7 @@ mod list;
 mod operator;
 mod purge;
 mod show;
+mod signal;
 mod stats;
 mod token;
 
@@ -65,6 +66,10 @@ async fn run_with(cli: Cli, retry: &saga_core::ClientRetry) -> Result<String, Cl
         Command::Cancel { id, reason } => {
             let engine = connect::engine(store)?;
             emit(&operator::cancel(&engine, &id, &reason).await?, json)
+        }
+        Command::Signal(args) => {
+            let engine = connect::engine(store)?;
+            emit(&signal::run(&engine, &args).await?, json)
         }
         Command::Abandon { id, reason } => {
             let engine = connect::engine(store)?;

@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 
 use saga_core::store::StoredSaga;
 use saga_core::{
-    CompensationRecord, Engine, EventKind, SagaEvent, SagaState, SagaStore, StepError, StepRecord,
-    timeline,
+    ChildLink, CompensationRecord, Engine, EventKind, ParallelBlock, ParentLink, SagaEvent,
+    SagaState, SagaStore, StepError, StepRecord, Waiting, timeline,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -28,6 +28,14 @@ pub(crate) struct ShowReport {
     cancel_requested: bool,
     /// The pivot step it passed (`#position name`): it only goes forward now.
     past_pivot: Option<String>,
+    /// The saga that started this one as its child.
+    parent: Option<ParentLink>,
+    /// The child sagas it started.
+    children: Vec<ChildLink>,
+    /// What it is suspended in: a durable sleep, a signal wait, a child's outcome.
+    waiting: Option<Waiting>,
+    /// Its parallel blocks.
+    parallel: Vec<ParallelBlock>,
     created_at: Option<String>,
     updated_at: String,
     /// When it is next due to run (lease expiry while held).
@@ -178,6 +186,10 @@ fn build(
         past_pivot: state
             .and_then(|s| s.past_pivot.as_ref())
             .map(|p| format!("#{} {}", p.position, p.step)),
+        parent: state.and_then(|s| s.parent.clone()),
+        children: state.map(SagaState::children).unwrap_or_default(),
+        waiting: state.and_then(SagaState::waiting),
+        parallel: state.map(SagaState::parallel_blocks).unwrap_or_default(),
         created_at: state.map(|s| s.created_at.to_rfc3339()),
         updated_at: stored.updated_at.to_rfc3339(),
         due_at: stored.due_at.map(|at| at.to_rfc3339()),
@@ -343,6 +355,47 @@ impl Report for ShowReport {
                 "requested"
             };
             fields.row(vec!["cancel".into(), refused.into()]);
+        }
+        if let Some(parent) = &self.parent {
+            fields.row(vec![
+                "parent".into(),
+                format!(
+                    "{} ({}, started at its #{})",
+                    parent.id, parent.saga_type, parent.position
+                ),
+            ]);
+        }
+        for child in &self.children {
+            let outcome = child
+                .outcome
+                .map_or_else(|| "running".to_owned(), |status| status.to_string());
+            fields.row(vec![
+                "child".into(),
+                format!(
+                    "{} ({}, started at #{}): {outcome}",
+                    child.id, child.saga_type, child.position
+                ),
+            ]);
+        }
+        for block in &self.parallel {
+            fields.row(vec![
+                "parallel".into(),
+                format!(
+                    "#{}: {} of {} branches completed",
+                    block.position, block.completed, block.branches
+                ),
+            ]);
+        }
+        if let Some(waiting) = &self.waiting {
+            let text = match waiting {
+                Waiting::Sleep { until, .. } => format!("sleeping until {}", until.to_rfc3339()),
+                Waiting::Signal { name, until, .. } => {
+                    format!("signal `{name}` until {}", until.to_rfc3339())
+                }
+                Waiting::Child { id, .. } => format!("child saga {id}"),
+                other => format!("{other:?}"),
+            };
+            fields.row(vec!["waiting for".into(), text]);
         }
         let lease = match &self.lease {
             Some(lease) => format!(

@@ -372,6 +372,29 @@ impl SagaStore for RetryingStore {
             .await
     }
 
+    async fn deliver_signal(
+        &self,
+        id: SagaId,
+        delivery: crate::store::SignalDelivery,
+    ) -> Result<crate::store::DeliveryOutcome, StoreError> {
+        // A retried delivery whose first reply was lost finds its own signal: a duplicate.
+        self.retry
+            .store("deliver_signal", || {
+                self.inner.deliver_signal(id, delivery.clone())
+            })
+            .await
+    }
+
+    async fn signals(
+        &self,
+        id: SagaId,
+        after: u64,
+    ) -> Result<Vec<crate::store::StoredSignal>, StoreError> {
+        self.retry
+            .store("signals", || self.inner.signals(id, after))
+            .await
+    }
+
     async fn quarantine(&self, id: SagaId, reason: &str) -> Result<(), StoreError> {
         self.retry
             .store("quarantine", || self.inner.quarantine(id, reason))

@@ -42,7 +42,20 @@ enum UndoCheck {
 /// Runs the compensations still owed, newest first. Returns the terminal status reached
 /// (`Compensated`, or `Failed` when a compensation gave up), or the halt that stopped it.
 pub(crate) async fn compensate(ctx: &mut SagaContext) -> Result<SagaStatus, Halt> {
-    let steps = ctx.take_steps();
+    let mut steps = ctx.take_steps();
+    // Parallel branches complete in any order: undo them newest completion first. Steps that
+    // did not complete (in flight, failed) stay last, in the order seen, so they are looked
+    // at first. A saga written before completion orders were kept (journal format 1) has
+    // none: its steps stay in the order the workflow reached them, which was its order.
+    if ctx.state().journal_format >= 2 {
+        let state = ctx.state();
+        steps.sort_by_key(|r| {
+            state
+                .record(r.position)
+                .and_then(|record| record.completed)
+                .unwrap_or(u32::MAX)
+        });
+    }
     // A saga loaded while `Compensating` may have had an undo running when its previous
     // coordinator stopped (a crash, a lost lease): the history records an undo's outcome, not
     // its start. That can only be the first undo this run gets to run (skips before it may

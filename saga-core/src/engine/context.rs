@@ -1,5 +1,13 @@
 //! The workflow context: executes steps, or replays them from the journal.
 
+mod children;
+mod parallel;
+mod signals;
+
+pub use children::ChildSaga;
+pub(crate) use parallel::PARALLEL;
+pub use parallel::{Branch, Join, OnBranchFailure, Parallel};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -375,7 +383,7 @@ impl SagaContext {
     /// A time, journaled under `name`: `make` gets the clock's time on the first run.
     fn journaled_time(
         &mut self,
-        name: &'static str,
+        name: &str,
         make: impl FnOnce(Timestamp) -> Timestamp,
     ) -> Result<Timestamp, SagaError> {
         let value = self.journaled_value(name, |shared| {
@@ -403,6 +411,11 @@ impl SagaContext {
             }
             let remaining = until.since(self.shared.clock.now());
             if remaining.is_zero() {
+                // Counted once: when nothing after the sleep is recorded yet (a replay of a
+                // sleep that ended long ago is not a timer firing).
+                if self.state.record(self.position).is_none() {
+                    crate::telemetry::timer_fired("sleep");
+                }
                 return Ok(());
             }
             if remaining > self.shared.config.inline_wait_max {
@@ -444,7 +457,7 @@ impl SagaContext {
 
     fn journaled_value(
         &mut self,
-        name: &'static str,
+        name: &str,
         make: impl FnOnce(&Shared) -> Value,
     ) -> Result<Value, SagaError> {
         if let Some(halt) = &self.halt {
@@ -555,7 +568,9 @@ impl SagaContext {
         // A saga that completed or compensated never runs again: keep it compact (its
         // history holds the journal), which roughly halves what a finished saga costs the
         // store until retention removes it.
+        // A child is kept whole: its parent may reopen it to compensate.
         let finished = matches!(schedule, Schedule::Finished)
+            && self.state.parent.is_none()
             && matches!(
                 self.state.status,
                 SagaStatus::Completed | SagaStatus::Compensated
@@ -584,6 +599,16 @@ impl SagaContext {
         match self.shared.commit(&self.lease, transition).await {
             Ok(outcome) => {
                 self.pending.clear();
+                if matches!(schedule, Schedule::Finished)
+                    && let Some(parent) = &self.state.parent
+                {
+                    let engine = super::Engine {
+                        shared: Arc::clone(&self.shared),
+                    };
+                    engine
+                        .notify_parent(self.state.id, parent, self.state.status)
+                        .await;
+                }
                 if outcome.cancel_requested {
                     self.state.cancel_requested = true;
                     self.refuse_cancel_past_pivot()?;

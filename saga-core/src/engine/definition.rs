@@ -35,6 +35,14 @@ pub trait Saga: Send + Sync + 'static {
     /// `saga retry` once its version is deployed again.
     const VERSION: u32 = 1;
 
+    /// The signals the workflow waits for, with their payload types
+    /// (`&[SignalSpec::of::<Approval>("committee_approval")]`). When the list is not empty, a
+    /// signal of another name, or whose payload does not decode, is refused when it is sent
+    /// ([`EngineError::InvalidSignal`](crate::EngineError::InvalidSignal), HTTP 422) instead of
+    /// being found out by the waiting workflow. Empty (the default): any signal is accepted,
+    /// and one the workflow cannot decode is set aside when it waits.
+    const SIGNALS: &'static [super::SignalSpec] = &[];
+
     /// The workflow. Implement it with a plain `async fn`; the future must be `Send`.
     fn run(
         &self,
@@ -47,6 +55,7 @@ pub trait Saga: Send + Sync + 'static {
 pub(crate) trait ErasedSaga: Send + Sync {
     fn name(&self) -> &'static str;
     fn version(&self) -> u32;
+    fn signals(&self) -> &'static [super::SignalSpec];
     async fn run_erased(&self, saga: &mut SagaContext, input: Value) -> Result<Value, SagaError>;
     /// Whether `input` decodes as the saga's input type; on failure, the path of the
     /// offending field (`.` for the top level) and serde's message.
@@ -63,6 +72,10 @@ impl<S: Saga> ErasedSaga for TypedSaga<S> {
 
     fn version(&self) -> u32 {
         S::VERSION
+    }
+
+    fn signals(&self) -> &'static [super::SignalSpec] {
+        S::SIGNALS
     }
 
     fn check_input(&self, input: &Value) -> Result<(), (String, String)> {
@@ -96,7 +109,11 @@ pub(crate) trait ErasedStep: Send + Sync {
     fn name(&self) -> &'static str;
     fn compensation(&self) -> Compensation;
     fn compensation_policy(&self) -> RetryPolicy;
+    fn retry_policy(&self) -> RetryPolicy;
     fn timeout(&self) -> Option<Duration>;
+    /// One forward attempt with the input and output encoded (for parallel branches, whose
+    /// attempts run apart from the workflow's context).
+    async fn forward(&self, ctx: &StepContext, input: &Value) -> Result<Value, StepError>;
     async fn compensate(
         &self,
         ctx: &StepContext,
@@ -163,6 +180,25 @@ impl<S: Step> ErasedStep for TypedStep<S> {
 
     fn compensation_policy(&self) -> RetryPolicy {
         self.0.compensation_retry_policy()
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        self.0.retry_policy()
+    }
+
+    async fn forward(&self, ctx: &StepContext, input: &Value) -> Result<Value, StepError> {
+        let input: S::Input = serde_json::from_value(input.clone())
+            .map_err(|err| decode_error("input", S::NAME, &err))?;
+        let output = self
+            .0
+            .forward(ctx, input)
+            .await
+            .map_err(|err| step_error(&err))?;
+        serde_json::to_value(output).map_err(|err| StepError {
+            message: format!("output of step `{}` does not encode: {err}", S::NAME),
+            class: crate::ErrorClass::Permanent,
+            timeout: false,
+        })
     }
 
     fn timeout(&self) -> Option<Duration> {

@@ -62,6 +62,14 @@ impl Engine {
         if state.status.is_terminal() {
             return Ok(RunOutcome::Finished(SagaOutcome::from_state(&state)));
         }
+        if state.journal_format > crate::JOURNAL_FORMAT {
+            let reason = format!(
+                "the saga's journal is in format {}, newer than this coordinator reads (up to {}): it was written by a newer release of saga; run it on a coordinator of that release (or newer), then retry it",
+                state.journal_format,
+                crate::JOURNAL_FORMAT
+            );
+            return Err(self.quarantine(id, reason).await);
+        }
         let registry = &self.shared.registry;
         let Some(saga) = registry.get(&state.saga_type, state.version).cloned() else {
             let reason = registry.missing_reason(&state.saga_type, state.version);

@@ -186,12 +186,52 @@ pub enum EngineError {
         /// Its status when the wait ended.
         status: SagaStatus,
     },
+    /// A signal was refused before delivery: its name or key is malformed, the saga's type
+    /// declares no signal of that name, or its payload does not decode as the declared type.
+    /// Nothing was delivered.
+    #[error("signal `{name}` to saga {saga} refused: {problem}")]
+    InvalidSignal {
+        /// The saga.
+        saga: SagaId,
+        /// The signal's name.
+        name: String,
+        /// Which part of the signal is wrong.
+        part: SignalPart,
+        /// What is wrong, and how to send it right.
+        problem: String,
+    },
+    /// The signal key was sent before with another payload. Nothing was delivered.
+    #[error(
+        "signal `{name}` with key `{key}` was sent to saga {saga} before with a different payload; use a new key for a new signal"
+    )]
+    SignalConflict {
+        /// The saga.
+        saga: SagaId,
+        /// The signal's name.
+        name: String,
+        /// The reused key.
+        key: String,
+    },
     /// The engine configuration is invalid.
     #[error("invalid engine configuration: {0}")]
     Config(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Which part of a signal [`EngineError::InvalidSignal`] refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SignalPart {
+    /// The name is malformed or reserved.
+    Name,
+    /// The key is malformed.
+    Key,
+    /// The saga's type declares no signal of this name.
+    Undeclared,
+    /// The payload does not decode as the type the saga's type declares for it.
+    Payload,
 }
 
 /// Why a run of a saga stopped before a terminal state ([`EngineError::Interrupted`]). In

@@ -9,6 +9,7 @@
 
 mod attempt;
 mod builder;
+mod child;
 mod client_retry;
 mod compensate;
 mod context;
@@ -25,20 +26,31 @@ mod queries;
 mod registry;
 mod run;
 mod shared;
+mod signal;
 mod start;
 mod wait;
 
 use std::sync::Arc;
 
 pub use builder::{EngineBuilder, EngineConfig};
+pub(crate) use child::{CHILD_FINISHED, CHILD_OUTCOME, START_CHILD};
 pub use client_retry::{ClientRetry, RetryNotice, RetryingStore};
+pub(crate) use context::PARALLEL;
 pub use context::SagaContext;
+pub use context::{Branch, ChildSaga, Join, OnBranchFailure, Parallel};
 pub use definition::Saga;
-pub use error::{EngineError, Interruption, SagaError};
+pub use error::{EngineError, Interruption, SagaError, SignalPart};
 pub use handle::{Outcome, SagaHandle, StartSaga};
+pub use signal::{SignalSent, SignalSpec};
 
 /// The journaled-value name of a durable sleep's wake-up time ([`SagaContext::sleep`]).
 pub(crate) const SLEEP_UNTIL: &str = "sleep_until";
+/// The journaled-value name of a signal wait's deadline ([`SagaContext::wait_for_signal`]);
+/// `:` and the signal's name follow.
+pub(crate) const SIGNAL_DEADLINE: &str = "signal_deadline";
+/// The prefix of the journaled value that records what a signal wait got: the signal's
+/// name follows.
+pub(crate) const SIGNAL_PREFIX: &str = "signal:";
 pub use outcome::{RunOutcome, SagaOutcome, StartOptions, Started};
 
 pub(crate) use local::{Dispatch, Handoff, LocalState};

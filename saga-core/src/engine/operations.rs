@@ -26,7 +26,8 @@ impl Shared {
     /// the saga is read once after subscribing, so that a cancel made since the run last
     /// heard from the store is not missed, and again after the store's wake-up signal
     /// changes (at most every [`CANCEL_CHECK_GAP`]), so that a cancel from another process
-    /// wakes it too. Without it only this engine's cancels wake the wait (an in-process
+    /// wakes it too, and so does anything else that made the saga due before its timer (a
+    /// signal). Without it only this engine's cancels wake the wait (an in-process
     /// backoff, short and holding the lease, learns of others at its next commit).
     pub(crate) async fn sleep_unless_cancelled(
         &self,
@@ -47,7 +48,7 @@ impl Shared {
         };
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
-        if watch_store && self.cancel_stored(id).await {
+        if watch_store && self.due_early(id).await {
             return true;
         }
         let mut next_read = tokio::time::Instant::now() + CANCEL_CHECK_GAP;
@@ -75,12 +76,29 @@ impl Shared {
                 }
                 () = tokio::time::sleep_until(next_read), if read_due => {
                     read_due = false;
-                    if self.cancel_stored(id).await {
+                    if self.due_early(id).await {
                         return true;
                     }
                     next_read = tokio::time::Instant::now() + CANCEL_CHECK_GAP;
                 }
             }
+        }
+    }
+
+    /// `true` when a saga on a durable timer must run before the timer: a cancel is to be
+    /// acted on, or something (a signal) made it due already while nobody holds it.
+    async fn due_early(&self, id: SagaId) -> bool {
+        if self.cancel_stored(id).await {
+            return true;
+        }
+        let now = self.clock.now();
+        match self.store.load(id).await {
+            Ok(Some(stored)) => {
+                !stored.status.is_terminal()
+                    && stored.lease.is_none()
+                    && stored.due_at.is_some_and(|due| due <= now)
+            }
+            Ok(None) | Err(_) => false,
         }
     }
 
@@ -320,14 +338,14 @@ impl Engine {
         Ok(())
     }
 
-    fn decode(&self, id: SagaId, text: &str) -> Result<SagaState, EngineError> {
+    pub(super) fn decode(&self, id: SagaId, text: &str) -> Result<SagaState, EngineError> {
         serde_json::from_str(text).map_err(|source| EngineError::Encoding {
             what: format!("stored state of saga {id}"),
             source,
         })
     }
 
-    async fn operator_commit(
+    pub(super) async fn operator_commit(
         &self,
         id: SagaId,
         expected: SagaStatus,

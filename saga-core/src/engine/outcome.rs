@@ -16,6 +16,8 @@ pub struct StartOptions {
     /// of the saga type to start (`None`: the newest registered). A typed start runs the
     /// version of the type it names.
     pub version: Option<u32>,
+    /// Set by the engine for a child saga: its parent and the position that started it.
+    pub(crate) parent: Option<crate::ParentLink>,
 }
 
 impl StartOptions {
@@ -24,7 +26,7 @@ impl StartOptions {
     pub fn key(key: impl Into<String>) -> Self {
         Self {
             idempotency_key: Some(key.into()),
-            version: None,
+            ..Self::default()
         }
     }
 

@@ -179,13 +179,14 @@ impl Engine {
         claim: Option<ClaimRequest>,
     ) -> Result<(Started, Option<(Lease, SagaState)>), EngineError> {
         let key = options.idempotency_key;
+        let parent = options.parent;
         let id = match &key {
             Some(key) => SagaId::from_idempotency_key(name, key),
             None => SagaId::random(),
         };
         let print = fingerprint("start", &serde_json::json!([name, version, input]));
         let now = self.shared.clock.now();
-        let state = SagaState::new(
+        let mut state = SagaState::new(
             id,
             name.to_owned(),
             version,
@@ -193,6 +194,7 @@ impl Engine {
             key.clone(),
             now,
         );
+        state.parent.clone_from(&parent);
         let started = SagaEvent {
             seq: 0,
             at: now,
@@ -201,6 +203,8 @@ impl Engine {
                 version,
                 input,
                 idempotency_key: key.clone(),
+                parent,
+                journal_format: crate::JOURNAL_FORMAT,
             },
         };
         let encode = |what: &str, source| EngineError::Encoding {

@@ -9,9 +9,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    CancelOutcome, ClaimOutcome, ClaimRequest, CommitOutcome, CreateOutcome, GuardClaim, Lease,
-    LeaseInfo, ListPage, ListQuery, NewSaga, SagaStore, SagaSummary, Schedule, StoreError,
-    StoredSaga, Transition, VersionCount,
+    CancelOutcome, ClaimOutcome, ClaimRequest, CommitOutcome, CreateOutcome, DeliveryOutcome,
+    GuardClaim, Lease, LeaseInfo, ListPage, ListQuery, MAX_SIGNALS_PER_SAGA, NewSaga, SagaStore,
+    SagaSummary, Schedule, SignalDelivery, StoreError, StoredSaga, StoredSignal, Transition,
+    VersionCount,
 };
 use crate::{Clock, SagaId, SagaStatus, Timestamp, TokioClock};
 
@@ -53,6 +54,8 @@ struct Entry {
     updated_at: Timestamp,
     /// The `commit_id` of the latest applied transition (none before the first commit).
     last_commit: Option<String>,
+    /// The signal inbox, oldest first (sequence = index + 1).
+    signals: Vec<StoredSignal>,
 }
 
 #[derive(Debug)]
@@ -236,6 +239,7 @@ impl SagaStore for MemoryStore {
                 quarantined: None,
                 updated_at: now,
                 last_commit: None,
+                signals: Vec::new(),
             },
         );
         let lease = match &new.claim {
@@ -389,11 +393,21 @@ impl SagaStore for MemoryStore {
                 entry.lease = None;
                 Some(now.plus(delay))
             }
+            Schedule::AwaitSignal { timeout, seen } => {
+                entry.lease = None;
+                // A signal that arrived after the waiter read the inbox ends the wait now.
+                if entry.signals.len() as u64 > seen {
+                    Some(now)
+                } else {
+                    Some(now.plus(timeout))
+                }
+            }
             Schedule::Finished => {
                 entry.lease = None;
                 None
             }
         };
+        let due_now = due == Some(now);
         inner.set_due(lease.saga_id, due);
         drop(inner);
         if matches!(transition_schedule, Schedule::Finished) {
@@ -401,10 +415,81 @@ impl SagaStore for MemoryStore {
             let _ = self.changes.send(lease.saga_id);
         }
         // A finished saga is reported on `saga_changes`; only new work wakes coordinators.
-        if matches!(transition_schedule, Schedule::WakeAfter(d) if d.is_zero()) {
+        if due_now && !matches!(transition_schedule, Schedule::Continue { .. }) {
             self.wake();
         }
         Ok(outcome)
+    }
+
+    async fn deliver_signal(
+        &self,
+        id: SagaId,
+        delivery: SignalDelivery,
+    ) -> Result<DeliveryOutcome, StoreError> {
+        self.check_size("signal payload", &delivery.payload)?;
+        self.check_size("event", &delivery.event)?;
+        let now = self.clock.now();
+        let mut inner = self.lock();
+        let entry = inner.sagas.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        if entry.status.is_terminal() {
+            return Ok(DeliveryOutcome::AlreadyFinished(entry.status));
+        }
+        if let Some(earlier) = entry
+            .signals
+            .iter()
+            .find(|s| s.name == delivery.name && s.key == delivery.key)
+        {
+            if earlier.payload != delivery.payload {
+                return Err(StoreError::SignalConflict {
+                    saga: id,
+                    name: delivery.name,
+                    key: delivery.key,
+                });
+            }
+            return Ok(DeliveryOutcome::Duplicate {
+                sequence: earlier.sequence,
+            });
+        }
+        if entry.signals.len() >= MAX_SIGNALS_PER_SAGA {
+            return Err(StoreError::InboxFull {
+                saga: id,
+                limit: MAX_SIGNALS_PER_SAGA,
+            });
+        }
+        let sequence = entry.signals.len() as u64 + 1;
+        entry.signals.push(StoredSignal {
+            sequence,
+            name: delivery.name,
+            key: delivery.key,
+            payload: delivery.payload,
+            at: delivery.at,
+        });
+        entry.events.push(delivery.event);
+        entry.updated_at = now;
+        let held = entry
+            .lease
+            .as_ref()
+            .is_some_and(|lease| lease.expires_at > now);
+        let wake = !held && entry.quarantined.is_none();
+        if wake {
+            inner.set_due(id, Some(now));
+        }
+        drop(inner);
+        if wake {
+            self.wake();
+        }
+        Ok(DeliveryOutcome::Delivered { sequence })
+    }
+
+    async fn signals(&self, id: SagaId, after: u64) -> Result<Vec<StoredSignal>, StoreError> {
+        let inner = self.lock();
+        let entry = inner.sagas.get(&id).ok_or(StoreError::NotFound(id))?;
+        Ok(entry
+            .signals
+            .iter()
+            .filter(|s| s.sequence > after)
+            .cloned()
+            .collect())
     }
 
     async fn request_cancel(&self, id: SagaId, event: String) -> Result<CancelOutcome, StoreError> {

@@ -11,6 +11,7 @@
 //! the engine.
 
 mod memory;
+mod signal;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use memory::{DEFAULT_MAX_PAYLOAD, MemoryStore};
+pub use signal::{DeliveryOutcome, MAX_SIGNALS_PER_SAGA, SignalDelivery, StoredSignal};
 
 use crate::{SagaId, SagaStatus, Timestamp};
 
@@ -187,6 +189,15 @@ pub enum Schedule {
     },
     /// Release the lease; due again after this delay (a durable timer).
     WakeAfter(Duration),
+    /// Release the lease to wait for a signal: due again after `timeout` (the wait's durable
+    /// timer), or at once when the saga's inbox already holds more than `seen` signals (one
+    /// arrived after the writer last read the inbox, so the wait must look again).
+    AwaitSignal {
+        /// How long until the wait times out.
+        timeout: Duration,
+        /// The highest signal sequence number the writer has read (0 for none).
+        seen: u64,
+    },
     /// Terminal: remove it from the due set and release the lease.
     Finished,
 }
@@ -389,6 +400,29 @@ pub enum StoreError {
         /// Its status.
         status: SagaStatus,
     },
+    /// A signal key was delivered before with a different payload.
+    #[error(
+        "saga {saga}: signal `{name}` with key `{key}` was delivered before with a different payload; use a new key for a new signal"
+    )]
+    SignalConflict {
+        /// The saga.
+        saga: SagaId,
+        /// The signal's name.
+        name: String,
+        /// The reused key.
+        key: String,
+    },
+    /// The saga's signal inbox holds [`MAX_SIGNALS_PER_SAGA`] signals already. Nothing was
+    /// delivered.
+    #[error(
+        "saga {saga}: its signal inbox is full ({limit} signals); a saga takes at most that many signals in its life, so look for a sender in a loop"
+    )]
+    InboxFull {
+        /// The saga.
+        saga: SagaId,
+        /// The limit.
+        limit: usize,
+    },
     /// A value is larger than the store accepts.
     #[error(
         "{what} is {size} bytes, over the store's limit of {limit} bytes; make step inputs and outputs smaller (store references, not documents)"
@@ -459,6 +493,8 @@ impl StoreError {
             StoreError::Fenced { .. }
             | StoreError::NotFound(_)
             | StoreError::IdempotencyConflict { .. }
+            | StoreError::SignalConflict { .. }
+            | StoreError::InboxFull { .. }
             | StoreError::NotWritable { .. }
             | StoreError::TooLarge { .. }
             | StoreError::Corrupt { .. }
@@ -540,6 +576,40 @@ pub trait SagaStore: Send + Sync + 'static {
     /// [`CancelOutcome::Requested`] and write nothing. A terminal saga answers
     /// [`CancelOutcome::AlreadyFinished`] and is not touched.
     async fn request_cancel(&self, id: SagaId, event: String) -> Result<CancelOutcome, StoreError>;
+
+    /// Stores a signal in the saga's inbox and appends `delivery.event` to its history, in
+    /// one atomic operation, unless the same name and key were delivered before (same
+    /// payload: [`DeliveryOutcome::Duplicate`], nothing written; another payload:
+    /// [`StoreError::SignalConflict`]). A saga that nobody holds becomes due at once (a held
+    /// one keeps its lease: the holder reads the inbox, and a wait it commits with
+    /// [`Schedule::AwaitSignal`] is made due at once by the store). Needs no lease, and
+    /// works on a quarantined saga (kept for when it is released). A terminal saga answers
+    /// [`DeliveryOutcome::AlreadyFinished`] and is not touched; an unknown one is
+    /// [`StoreError::NotFound`]; an inbox already holding [`MAX_SIGNALS_PER_SAGA`] signals is
+    /// [`StoreError::InboxFull`]; an oversized payload or event is [`StoreError::TooLarge`].
+    ///
+    /// The default answers [`StoreError::Invalid`]: a store that supports signals overrides
+    /// it and [`signals`](Self::signals), and handles [`Schedule::AwaitSignal`].
+    async fn deliver_signal(
+        &self,
+        id: SagaId,
+        delivery: SignalDelivery,
+    ) -> Result<DeliveryOutcome, StoreError> {
+        let _ = (id, delivery);
+        Err(StoreError::Invalid(
+            "this store does not support signals".into(),
+        ))
+    }
+
+    /// The saga's inbox, oldest first, with sequence numbers above `after` (0 for all).
+    /// [`StoreError::NotFound`] for an unknown (or purged) id. Purging a saga removes its
+    /// inbox.
+    async fn signals(&self, id: SagaId, after: u64) -> Result<Vec<StoredSignal>, StoreError> {
+        let _ = (id, after);
+        Err(StoreError::Invalid(
+            "this store does not support signals".into(),
+        ))
+    }
 
     /// Sets a saga aside with a reason: it leaves the due set, its lease is dropped (the
     /// former holder's writes are [`StoreError::NotWritable`]) and no worker claims it again

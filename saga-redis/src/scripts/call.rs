@@ -47,7 +47,7 @@ pub(crate) enum ReplyCode {
     Created,
     /// `existing` (create).
     Existing,
-    /// `conflict` (create, guard_claim).
+    /// `conflict` (create, guard_claim, deliver_signal).
     Conflict,
     /// `claimed` (claim, guard_claim).
     Claimed,
@@ -57,7 +57,7 @@ pub(crate) enum ReplyCode {
     NotRunnable,
     /// `requested` (request_cancel).
     Requested,
-    /// `finished` (request_cancel).
+    /// `finished` (request_cancel, deliver_signal).
     Finished,
     /// `completed` (guard_claim).
     Completed,
@@ -65,10 +65,16 @@ pub(crate) enum ReplyCode {
     InProgress,
     /// `lost` (guard_complete).
     Lost,
+    /// `delivered` (deliver_signal).
+    Delivered,
+    /// `duplicate` (deliver_signal).
+    Duplicate,
+    /// `inbox_full` (deliver_signal).
+    InboxFull,
 }
 
 impl ReplyCode {
-    const NAMES: [(ReplyCode, &'static str); 18] = [
+    const NAMES: [(ReplyCode, &'static str); 21] = [
         (ReplyCode::Ok, "ok"),
         (ReplyCode::NotFound, "not_found"),
         (ReplyCode::Fenced, "fenced"),
@@ -87,6 +93,9 @@ impl ReplyCode {
         (ReplyCode::Completed, "completed"),
         (ReplyCode::InProgress, "in_progress"),
         (ReplyCode::Lost, "lost"),
+        (ReplyCode::Delivered, "delivered"),
+        (ReplyCode::Duplicate, "duplicate"),
+        (ReplyCode::InboxFull, "inbox_full"),
     ];
 
     /// The code named `text`; an unknown name is an unexpected reply of `op`.

@@ -12,6 +12,7 @@ pub(crate) mod claim_due;
 pub(crate) mod commit;
 pub(crate) mod count_versions;
 pub(crate) mod create;
+pub(crate) mod deliver_signal;
 pub(crate) mod events;
 pub(crate) mod guard_claim;
 pub(crate) mod guard_complete;
@@ -25,6 +26,7 @@ pub(crate) mod quarantine;
 pub(crate) mod release;
 pub(crate) mod renew;
 pub(crate) mod request_cancel;
+pub(crate) mod signals;
 
 use saga_core::store::{CommitOutcome, Schedule, Transition};
 use saga_core::{SagaId, StoreError};

@@ -1,9 +1,9 @@
 -- purge.lua: deletes up to `limit` finished sagas of ONE partition last written at least
 -- `older_than` ms ago (by the terminal index's scores), with their histories and index
--- entries.
+-- entries and signal inboxes.
 --
--- Key names: the saga hash, events list and type index of each saga are NOT in KEYS; the
--- script builds them from the partition's key base (ARGV[1], e.g. 'saga:{p07}:'), the id and
+-- Key names: the saga hash, events list, signal inbox, signal keys hash and type index of
+-- each saga are NOT in KEYS; the script builds them from the partition's key base (ARGV[1], e.g. 'saga:{p07}:'), the id and
 -- the hash's type_key field. They share the partition's hash tag, so they are in the same
 -- slot as KEYS by construction (Redis Cluster safe); the script checks that every KEYS entry
 -- starts with that base.
@@ -65,7 +65,8 @@ for _, id in ipairs(ids) do
   elseif f and not TERMINAL[f.status] then
     redis.call('ZREM', KEYS[1], id)
   elseif (f == nil or expect_type(type_index, 'zset') == nil) and expect_type(events, 'list') == nil then
-    redis.call('DEL', key, events)
+    -- The signal keys go with the saga whatever their type: nothing reads them once it is gone.
+    redis.call('DEL', key, events, base .. 'signals:' .. id, base .. 'signal_keys:' .. id)
     if type_index then
       redis.call('ZREM', type_index, id)
     end

@@ -47,6 +47,7 @@ mod lease;
 mod limits;
 mod listing;
 mod operator;
+mod signals;
 mod versions;
 
 use std::future::Future;
@@ -62,6 +63,7 @@ pub use lease::*;
 pub use limits::*;
 pub use listing::*;
 pub use operator::*;
+pub use signals::*;
 pub use versions::*;
 
 use crate::store::{
@@ -228,6 +230,13 @@ macro_rules! store_conformance_tests {
                 operator_transition_rejects_continue_and_mismatched_schedules,
                 operator_transition_retried_with_same_id_applies_once,
                 wakeups_signal_new_work_and_finished_sagas,
+                deliver_signal_stores_each_key_once,
+                deliver_signal_makes_an_unheld_saga_due,
+                deliver_signal_leaves_a_held_saga_with_its_holder,
+                await_signal_ends_with_a_signal_or_the_timeout,
+                deliver_signal_to_finished_or_unknown_saga,
+                signals_of_quarantined_and_purged_sagas,
+                signal_inbox_is_bounded,
             ],
             sized_cases: [
                 oversized_create_is_rejected,

@@ -1,0 +1,317 @@
+//! Parallel branches: `SagaContext::all` / `map` / `join` run steps at once; each branch has
+//! the journal position of its index; a branch that fails for good stops the others and every
+//! completed step is compensated in reverse order of completion; a crash mid-block resumes
+//! without running the done branches again. Paused time orders completions deterministically.
+
+// Tests: a failed unwrap is a failed test, with the error in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use saga_core::{
+    Branch, Engine, HttpStatus, MemoryStore, Outcome, Parallel, Saga, SagaContext, SagaError,
+    SagaStore, StepContext, saga_step,
+};
+use saga_tests::CrashingStore;
+
+/// What the steps did, in order.
+#[derive(Clone, Debug, Default)]
+struct Effects(Arc<Mutex<Vec<String>>>);
+
+impl Effects {
+    fn push(&self, what: String) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(what);
+    }
+
+    fn all(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+fn effects(ctx: &StepContext) -> Result<Effects, HttpStatus> {
+    ctx.resource::<Effects>()
+        .cloned()
+        .map_err(|_| HttpStatus::new(500))
+}
+
+/// Pulls one source for a company; takes `millis` of (paused) time; a negative `millis`
+/// fails for good after that long.
+#[saga_step(compensate = drop_pull, timeout = "none")]
+async fn pull(ctx: &StepContext, source: (String, i64)) -> Result<String, HttpStatus> {
+    let (name, millis) = source;
+    tokio::time::sleep(Duration::from_millis(millis.unsigned_abs())).await;
+    if millis < 0 {
+        return Err(HttpStatus::new(400));
+    }
+    effects(ctx)?.push(format!("pull {name}"));
+    Ok(format!("data-{name}"))
+}
+
+async fn drop_pull(
+    ctx: &StepContext,
+    _source: (String, i64),
+    data: String,
+) -> Result<(), HttpStatus> {
+    effects(ctx)?.push(format!("drop {data}"));
+    Ok(())
+}
+
+#[saga_step(no_compensation, timeout = "none")]
+async fn score(ctx: &StepContext, data: Vec<String>) -> Result<usize, HttpStatus> {
+    if data.iter().any(|d| d.contains("reject")) {
+        return Err(HttpStatus::new(422));
+    }
+    effects(ctx)?.push(format!("score {}", data.join(",")));
+    Ok(data.len())
+}
+
+/// Pulls every source at once (at most `limit` at a time), then scores them.
+struct Sourcing;
+
+impl Saga for Sourcing {
+    type Input = (Vec<(String, i64)>, usize);
+    type Output = Vec<String>;
+    const NAME: &'static str = "sourcing";
+
+    async fn run(
+        &self,
+        saga: &mut SagaContext,
+        (sources, limit): Self::Input,
+    ) -> Result<Vec<String>, SagaError> {
+        let data = saga.map(limit, sources, |s| Branch::new(Pull, s)).await?;
+        saga.run(Score, data.clone()).await?;
+        Ok(data)
+    }
+}
+
+fn engine(store: Arc<dyn SagaStore>, effects: &Effects) -> Engine {
+    Engine::builder_shared(store)
+        .register(Sourcing)
+        .resource(effects.clone())
+        .inline_wait_max(Duration::from_millis(50))
+        .build()
+        .unwrap()
+}
+
+fn sources(list: &[(&str, i64)]) -> Vec<(String, i64)> {
+    list.iter().map(|(n, ms)| ((*n).to_owned(), *ms)).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn branches_run_at_once_and_return_in_branch_order() {
+    let effects = Effects::default();
+    let engine = engine(Arc::new(MemoryStore::new()), &effects);
+    let input = (sources(&[("a", 30), ("b", 10), ("c", 20)]), 8);
+    let outcome = engine
+        .start(Sourcing, input)
+        .await
+        .unwrap()
+        .run_to_end()
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        Outcome::Completed(vec!["data-a".into(), "data-b".into(), "data-c".into()])
+    );
+    assert_eq!(
+        effects.all(),
+        ["pull b", "pull c", "pull a", "score data-a,data-b,data-c"],
+        "completion order follows the durations; the outputs follow the branch order"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_step_after_the_block_undoes_branches_in_reverse_completion_order() {
+    let effects = Effects::default();
+    let engine = engine(Arc::new(MemoryStore::new()), &effects);
+    let input = (sources(&[("a", 30), ("reject", 10), ("c", 20)]), 8);
+    let handle = engine.start(Sourcing, input).await.unwrap();
+    let outcome = handle.run_to_end().await.unwrap();
+    assert!(
+        matches!(outcome, Outcome::Compensated { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        effects.all(),
+        [
+            "pull reject",
+            "pull c",
+            "pull a",
+            "drop data-a",
+            "drop data-c",
+            "drop data-reject"
+        ]
+    );
+    let timeline = saga_core::timeline::render(&handle.history().await.unwrap());
+    assert!(
+        timeline.contains("parallel block: 3 branches at #1..#3"),
+        "{timeline}"
+    );
+    assert!(timeline.contains("[branch 2/3] #2 pull"), "{timeline}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_branch_stops_the_others_and_compensates_the_completed_ones() {
+    let effects = Effects::default();
+    let engine = engine(Arc::new(MemoryStore::new()), &effects);
+    // Two at a time: a (10 ms) and the failing b (-20 ms) start; c starts when a is done;
+    // b fails while c runs (c finishes, then compensation); d never starts.
+    let input = (sources(&[("a", 10), ("b", -20), ("c", 30), ("d", 5)]), 2);
+    let handle = engine.start(Sourcing, input).await.unwrap();
+    let outcome = handle.run_to_end().await.unwrap();
+    assert!(
+        matches!(outcome, Outcome::Compensated { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        effects.all(),
+        ["pull a", "pull c", "drop data-c", "drop data-a"],
+        "d never started; the completed a and c are undone newest first"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn let_others_finish_runs_every_branch_before_compensating() {
+    struct Patient;
+    impl Saga for Patient {
+        type Input = Vec<(String, i64)>;
+        type Output = Vec<String>;
+        const NAME: &'static str = "patient";
+        async fn run(
+            &self,
+            saga: &mut SagaContext,
+            sources: Self::Input,
+        ) -> Result<Vec<String>, SagaError> {
+            let branches = sources.into_iter().map(|s| Branch::new(Pull, s));
+            saga.all_with(Parallel::new().limit(1).let_others_finish(), branches)
+                .await
+        }
+    }
+    let effects = Effects::default();
+    let engine = Engine::builder_shared(Arc::new(MemoryStore::new()))
+        .register(Patient)
+        .resource(effects.clone())
+        .inline_wait_max(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let input = sources(&[("a", 10), ("b", -20), ("c", 30)]);
+    let outcome = engine
+        .start(Patient, input)
+        .await
+        .unwrap()
+        .run_to_end()
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, Outcome::Compensated { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        effects.all(),
+        ["pull a", "pull c", "drop data-c", "drop data-a"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn join_runs_different_steps_together() {
+    #[saga_step(no_compensation, timeout = "none")]
+    async fn count(_ctx: &StepContext, n: u32) -> Result<u32, HttpStatus> {
+        Ok(n * 2)
+    }
+    struct Joined;
+    impl Saga for Joined {
+        type Input = ();
+        type Output = (String, u32);
+        const NAME: &'static str = "joined";
+        async fn run(&self, saga: &mut SagaContext, (): ()) -> Result<(String, u32), SagaError> {
+            saga.join((
+                Branch::new(Pull, ("x".to_owned(), 5)),
+                Branch::new(Count, 21),
+            ))
+            .await
+        }
+    }
+    let effects = Effects::default();
+    let engine = Engine::builder_shared(Arc::new(MemoryStore::new()))
+        .register(Joined)
+        .resource(effects.clone())
+        .build()
+        .unwrap();
+    let outcome = engine
+        .start(Joined, ())
+        .await
+        .unwrap()
+        .run_to_end()
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Completed(("data-x".to_owned(), 42)));
+}
+
+/// A crash after every number of commits in turn: the resumed saga completes, and no
+/// branch that was recorded done runs again.
+#[tokio::test(start_paused = true)]
+async fn a_crash_at_every_commit_resumes_without_rerunning_done_branches() {
+    for allowed in 1..12 {
+        let memory = MemoryStore::new();
+        let effects = Effects::default();
+        let crashing: Arc<dyn SagaStore> =
+            Arc::new(CrashingStore::after_commits(memory.clone(), allowed));
+        let doomed = Engine::builder_shared(crashing)
+            .register(Sourcing)
+            .resource(effects.clone())
+            .owner("doomed")
+            .lease_ttl(Duration::from_millis(300))
+            .inline_wait_max(Duration::from_millis(50))
+            .build()
+            .unwrap();
+        let input = (sources(&[("a", 30), ("b", 10), ("c", 20), ("d", 5)]), 2);
+        let handle = doomed.start(Sourcing, input).await.unwrap();
+        // The run either crashes mid-way or (when more commits are allowed than it makes)
+        // completes; either way a fresh engine brings the saga to its end.
+        let _ = doomed.run_once(handle.id()).await;
+        // The crashed run's lease lapses: paused time is advanced, not waited for.
+        tokio::time::advance(Duration::from_millis(400)).await;
+        let resumed = engine(Arc::new(memory), &effects);
+        let outcome = resumed.run_to_end(handle.id()).await.unwrap();
+        assert_eq!(
+            outcome.status,
+            saga_core::SagaStatus::Completed,
+            "crash after {allowed} commits"
+        );
+        let all = effects.all();
+        for source in ["a", "b", "c", "d"] {
+            let pulls = all
+                .iter()
+                .filter(|e| **e == format!("pull {source}"))
+                .count();
+            assert!(
+                (1..=2).contains(&pulls),
+                "crash after {allowed}: {source} pulled {pulls} times: {all:?}"
+            );
+        }
+        // A branch whose success was committed before the crash never runs again.
+        let history = resumed.history(handle.id()).await.unwrap();
+        let succeeded: Vec<u32> = history
+            .iter()
+            .filter_map(|e| match &e.kind {
+                saga_core::EventKind::StepSucceeded { position, .. } => Some(*position),
+                _ => None,
+            })
+            .collect();
+        let mut unique = succeeded.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(
+            succeeded.len(),
+            unique.len(),
+            "crash after {allowed}: a success recorded twice"
+        );
+    }
+}
