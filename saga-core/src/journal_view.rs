@@ -162,7 +162,9 @@ impl SagaState {
                     .unwrap_or(0);
                 let completed = (1..=branches)
                     .filter(|i| {
-                        self.record(r.position + i)
+                        r.position
+                            .checked_add(*i)
+                            .and_then(|position| self.record(position))
                             .is_some_and(|b| b.status == StepStatus::Succeeded)
                     })
                     .count();

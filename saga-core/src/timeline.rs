@@ -42,7 +42,10 @@ pub fn render(events: &[SagaEvent]) -> String {
             && name == crate::engine::PARALLEL
         {
             let branches = value.get("branches").and_then(Value::as_u64).unwrap_or(0);
-            blocks.push((position + 1, u32::try_from(branches).unwrap_or(u32::MAX)));
+            blocks.push((
+                position.saturating_add(1),
+                u32::try_from(branches).unwrap_or(u32::MAX),
+            ));
         }
         let lane = branch_lane(&blocks, &event.kind);
         let gave_up = matches!(
@@ -269,7 +272,7 @@ fn describe_step_event(kind: &EventKind) -> String {
             _ if name == crate::engine::PARALLEL => format!(
                 "#{position} parallel block: {} branches at #{}..#{}",
                 value.get("branches").and_then(Value::as_u64).unwrap_or(0),
-                position + 1,
+                u64::from(*position) + 1,
                 u64::from(*position) + value.get("branches").and_then(Value::as_u64).unwrap_or(0)
             ),
             _ if name == crate::engine::CHILD_OUTCOME => format!(

@@ -26,18 +26,22 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod crash;
+mod effects;
 mod harness;
 mod ledger;
+mod running;
 mod script;
 mod slow;
 mod steps;
 
 pub use crash::CrashingStore;
+pub use effects::{Effects, effects};
 pub use harness::{
     Harness, OWNER, assert_fold_matches, compensated_positions, count, events_named, kinds,
     single_terminal, skipped_positions, started_attempts, until,
 };
 pub use ledger::{Call, Effect, Ledger};
+pub use running::RunningCoordinator;
 pub use script::{Behavior, Gate, Script};
 pub use slow::SlowStore;
 pub use steps::{

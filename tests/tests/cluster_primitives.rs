@@ -9,18 +9,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::store::ListQuery;
 use saga_core::{
-    Coordinator, CoordinatorReport, Engine, EventKind, HttpStatus, Outcome, Saga, SagaContext,
-    SagaError, SagaId, SagaStatus, SagaStore, StepContext, saga_step,
+    Engine, EventKind, HttpStatus, Outcome, Saga, SagaContext, SagaError, SagaId, SagaStatus,
+    SagaStore, StepContext, saga_step,
 };
 use saga_redis::RedisStore;
 use saga_redis_testkit::{can_spawn_servers, shared_cluster, unique_prefix};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use saga_tests::{Effects, RunningCoordinator, effects};
 
 /// How long any one saga may take here before the test fails (never reached when it works).
 const BOUND: Duration = Duration::from_secs(60);
@@ -29,30 +28,6 @@ const BOUND: Duration = Duration::from_secs(60);
 const CHILDREN: usize = 6;
 
 /// What the steps did.
-#[derive(Clone, Debug, Default)]
-struct Effects(Arc<Mutex<Vec<String>>>);
-
-impl Effects {
-    fn push(&self, what: String) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(what);
-    }
-
-    fn all(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-}
-
-fn effects(ctx: &StepContext) -> Result<Effects, HttpStatus> {
-    ctx.resource::<Effects>()
-        .cloned()
-        .map_err(|_| HttpStatus::new(500))
-}
 
 #[saga_step(compensate = unbook, timeout = "none")]
 async fn book(ctx: &StepContext, what: String) -> Result<String, HttpStatus> {
@@ -158,30 +133,6 @@ fn engine(store: Arc<dyn SagaStore>, effects: &Effects, owner: &str) -> Engine {
         .unwrap()
 }
 
-/// A coordinator running in a task, stopped through a oneshot.
-struct Running {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<CoordinatorReport>,
-}
-
-impl Running {
-    fn spawn(engine: &Engine) -> Self {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let coordinator = Coordinator::new(engine.clone())
-            .workers(4)
-            .poll_interval(Duration::from_millis(50));
-        let task = tokio::spawn(coordinator.run(async {
-            let _ = stopped.await;
-        }));
-        Self { stop, task }
-    }
-
-    async fn stop(self) -> CoordinatorReport {
-        let _ = self.stop.send(());
-        self.task.await.unwrap()
-    }
-}
-
 async fn legs(store: &dyn SagaStore) -> Vec<(SagaId, SagaStatus)> {
     let query = ListQuery {
         saga_type: Some("cluster_leg".into()),
@@ -218,7 +169,7 @@ async fn children_in_other_partitions_complete_and_the_parent_gets_their_outcome
     let effects = Effects::default();
     let a = engine(redis.clone(), &effects, "coordinator-a");
     let b = engine(redis.clone(), &effects, "coordinator-b");
-    let (ra, rb) = (Running::spawn(&a), Running::spawn(&b));
+    let (ra, rb) = (RunningCoordinator::spawn(&a), RunningCoordinator::spawn(&b));
     let parent = a.start(Trip, false).await.unwrap();
     let outcome = a.wait(parent.id(), BOUND).await.unwrap();
     ra.stop().await;
@@ -257,7 +208,7 @@ async fn a_signal_resumes_a_saga_on_the_cluster() {
     };
     let effects = Effects::default();
     let a = engine(redis.clone(), &effects, "coordinator-a");
-    let running = Running::spawn(&a);
+    let running = RunningCoordinator::spawn(&a);
     let handle = a.start(Waiter, ()).await.unwrap();
     // Bounded wait until the saga is waiting (its deadline journaled, no lease held).
     let mut waiting = false;
@@ -298,7 +249,7 @@ async fn a_compensating_parent_reopens_and_undoes_its_completed_children() {
     let effects = Effects::default();
     let a = engine(redis.clone(), &effects, "coordinator-a");
     let b = engine(redis.clone(), &effects, "coordinator-b");
-    let (ra, rb) = (Running::spawn(&a), Running::spawn(&b));
+    let (ra, rb) = (RunningCoordinator::spawn(&a), RunningCoordinator::spawn(&b));
     let parent = a.start(Trip, true).await.unwrap();
     let outcome = a.wait(parent.id(), BOUND).await.unwrap();
     // The children compensate before the parent ends; wait for them with the same bound.

@@ -8,49 +8,22 @@
 // Tests: a failed unwrap is a failed test, with the error in the message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::store::ListQuery;
 use saga_core::{
-    CompensationReason, Coordinator, CoordinatorReport, Engine, HttpStatus, MemoryStore, Outcome,
-    Saga, SagaContext, SagaError, SagaId, SagaStatus, SagaStore, StepContext, saga_step,
+    CompensationReason, Engine, HttpStatus, MemoryStore, Outcome, Saga, SagaContext, SagaError,
+    SagaId, SagaStatus, SagaStore, StepContext, saga_step,
 };
 use saga_redis::RedisStore;
 use saga_redis_testkit::{RedisServer, ServerConfig, can_spawn_servers};
 use saga_tests::CrashingStore;
 use saga_tests::kinds;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use saga_tests::{Effects, RunningCoordinator, effects};
 
 /// How long any one saga may take here before the test fails (never reached when it works).
 const BOUND: Duration = Duration::from_secs(60);
-
-/// What the steps did, in order.
-#[derive(Clone, Debug, Default)]
-struct Effects(Arc<Mutex<Vec<String>>>);
-
-impl Effects {
-    fn push(&self, what: String) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(what);
-    }
-
-    fn all(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-}
-
-fn effects(ctx: &StepContext) -> Result<Effects, HttpStatus> {
-    ctx.resource::<Effects>()
-        .cloned()
-        .map_err(|_| HttpStatus::new(500))
-}
 
 #[saga_step(compensate = release_fund, timeout = "none")]
 async fn reserve_fund(ctx: &StepContext, company: String) -> Result<String, HttpStatus> {
@@ -144,30 +117,6 @@ fn engine(store: Arc<dyn SagaStore>, effects: &Effects, owner: &str) -> Engine {
         .unwrap()
 }
 
-/// A coordinator running in a task, stopped through a oneshot.
-struct Running {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<CoordinatorReport>,
-}
-
-impl Running {
-    fn spawn(engine: &Engine) -> Self {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let coordinator = Coordinator::new(engine.clone())
-            .workers(4)
-            .poll_interval(Duration::from_millis(50));
-        let task = tokio::spawn(coordinator.run(async {
-            let _ = stopped.await;
-        }));
-        Self { stop, task }
-    }
-
-    async fn stop(self) -> CoordinatorReport {
-        let _ = self.stop.send(());
-        self.task.await.unwrap()
-    }
-}
-
 async fn children_of(store: &dyn SagaStore) -> Vec<SagaId> {
     let query = ListQuery {
         saga_type: Some("deal".into()),
@@ -187,7 +136,7 @@ async fn children_of(store: &dyn SagaStore) -> Vec<SagaId> {
 async fn a_child_runs_and_its_typed_outcome_returns(store: Arc<dyn SagaStore>) {
     let effects = Effects::default();
     let engine = engine(Arc::clone(&store), &effects, "coordinator-a");
-    let running = Running::spawn(&engine);
+    let running = RunningCoordinator::spawn(&engine);
     let parent = engine
         .start(Sourcing, ("acme".into(), false))
         .await
@@ -232,7 +181,7 @@ async fn a_compensating_parent_undoes_its_completed_child_in_reverse_order(
 ) {
     let effects = Effects::default();
     let engine = engine(Arc::clone(&store), &effects, "coordinator-a");
-    let running = Running::spawn(&engine);
+    let running = RunningCoordinator::spawn(&engine);
     let parent = engine
         .start(Sourcing, ("refuse-corp".into(), false))
         .await
@@ -270,7 +219,7 @@ async fn a_compensating_parent_undoes_its_completed_child_in_reverse_order(
 async fn cancelling_the_parent_cancels_its_running_child(store: Arc<dyn SagaStore>) {
     let effects = Effects::default();
     let engine = engine(Arc::clone(&store), &effects, "coordinator-a");
-    let running = Running::spawn(&engine);
+    let running = RunningCoordinator::spawn(&engine);
     let parent = engine
         .start(Sourcing, ("globex".into(), true))
         .await
@@ -368,7 +317,7 @@ async fn a_crash_right_after_the_child_start_finds_the_same_child() {
     );
 
     let resumed = engine(Arc::clone(&store), &effects, "coordinator-b");
-    let running = Running::spawn(&resumed);
+    let running = RunningCoordinator::spawn(&resumed);
     let outcome = resumed.wait(parent.id(), BOUND).await.unwrap();
     assert_eq!(outcome.status, SagaStatus::Completed, "{outcome:?}");
     assert_eq!(

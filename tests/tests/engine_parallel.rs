@@ -6,7 +6,7 @@
 // Tests: a failed unwrap is a failed test, with the error in the message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::{
@@ -14,32 +14,7 @@ use saga_core::{
     SagaStore, StepContext, saga_step,
 };
 use saga_tests::CrashingStore;
-
-/// What the steps did, in order.
-#[derive(Clone, Debug, Default)]
-struct Effects(Arc<Mutex<Vec<String>>>);
-
-impl Effects {
-    fn push(&self, what: String) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(what);
-    }
-
-    fn all(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-}
-
-fn effects(ctx: &StepContext) -> Result<Effects, HttpStatus> {
-    ctx.resource::<Effects>()
-        .cloned()
-        .map_err(|_| HttpStatus::new(500))
-}
+use saga_tests::{Effects, effects};
 
 /// Pulls one source for a company; takes `millis` of (paused) time; a negative `millis`
 /// fails for good after that long.
@@ -314,4 +289,155 @@ async fn a_crash_at_every_commit_resumes_without_rerunning_done_branches() {
             "crash after {allowed}: a success recorded twice"
         );
     }
+}
+
+/// Fails transiently on its first attempt, then succeeds; the retry waits a minute.
+#[saga_step(
+    compensate = drop_flaky,
+    timeout = "none",
+    retry(max_attempts = 3, initial = "60s", max = "60s", jitter = "none")
+)]
+async fn flaky_pull(ctx: &StepContext, name: String) -> Result<String, HttpStatus> {
+    if ctx.attempt() == 1 {
+        return Err(HttpStatus::new(503));
+    }
+    effects(ctx)?.push(format!("pull {name}"));
+    Ok(format!("data-{name}"))
+}
+
+async fn drop_flaky(ctx: &StepContext, _name: String, data: String) -> Result<(), HttpStatus> {
+    effects(ctx)?.push(format!("drop {data}"));
+    Ok(())
+}
+
+/// A branch's long backoff is a durable timer: the run ends suspended (no lease, no worker
+/// held), and the saga completes when it is due.
+#[tokio::test(start_paused = true)]
+async fn a_long_branch_backoff_is_a_durable_timer() {
+    struct Backoff;
+    impl Saga for Backoff {
+        type Input = ();
+        type Output = Vec<String>;
+        const NAME: &'static str = "backoff";
+        async fn run(&self, saga: &mut SagaContext, (): ()) -> Result<Vec<String>, SagaError> {
+            let names = ["a".to_owned(), "b".to_owned()];
+            saga.map(2, names, |n| Branch::new(FlakyPull, n)).await
+        }
+    }
+    let store = Arc::new(MemoryStore::new());
+    let effects = Effects::default();
+    let engine = Engine::builder_shared(Arc::clone(&store) as Arc<dyn SagaStore>)
+        .register(Backoff)
+        .resource(effects.clone())
+        .inline_wait_max(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let handle = engine.start(Backoff, ()).await.unwrap();
+    let first = engine.run_once(handle.id()).await.unwrap();
+    assert!(
+        matches!(first, saga_core::RunOutcome::Suspended(_)),
+        "both branches wait a minute: the run suspends, got {first:?}"
+    );
+    assert!(
+        store
+            .load(handle.id())
+            .await
+            .unwrap()
+            .unwrap()
+            .lease
+            .is_none()
+    );
+    let outcome = handle.run_to_end().await.unwrap();
+    assert_eq!(
+        outcome,
+        Outcome::Completed(vec!["data-a".into(), "data-b".into()])
+    );
+    assert_eq!(effects.all(), ["pull a", "pull b"]);
+}
+
+/// A crash right after one branch failed for good, while another was still running: on
+/// resume the one cut off is resolved (run again with its key) before the compensation, so
+/// its effect is undone rather than left behind.
+#[tokio::test(start_paused = true)]
+async fn a_branch_cut_off_while_the_block_wound_down_is_resolved_then_undone() {
+    let memory = MemoryStore::new();
+    let effects = Effects::default();
+    // Commit 1 starts a and b; commit 2 records b's failure; a's success (commit 3) is lost.
+    let crashing: Arc<dyn SagaStore> = Arc::new(CrashingStore::after_commits(memory.clone(), 2));
+    let doomed = Engine::builder_shared(crashing)
+        .register(Sourcing)
+        .resource(effects.clone())
+        .lease_ttl(Duration::from_millis(300))
+        .inline_wait_max(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let input = (sources(&[("a", 30), ("b", -10)]), 2);
+    let handle = doomed.start(Sourcing, input).await.unwrap();
+    assert!(
+        doomed.run_once(handle.id()).await.is_err(),
+        "the run crashes"
+    );
+    tokio::time::advance(Duration::from_millis(400)).await;
+    let resumed = engine(Arc::new(memory), &effects);
+    let outcome = resumed.run_to_end(handle.id()).await.unwrap();
+    assert_eq!(outcome.status, saga_core::SagaStatus::Compensated);
+    assert_eq!(
+        effects.all(),
+        ["pull a", "pull a", "drop data-a"],
+        "a ran again with its key (its effect is idempotent by key), then was undone"
+    );
+}
+
+/// Past the pivot, a branch that fails for good ends the saga `Failed`, compensating nothing.
+#[tokio::test(start_paused = true)]
+async fn a_branch_failing_past_the_pivot_fails_the_saga_without_compensating() {
+    #[saga_step(pivot, timeout = "none")]
+    async fn sign_term_sheet(ctx: &StepContext, company: String) -> Result<String, HttpStatus> {
+        effects(ctx)?.push(format!("sign {company}"));
+        Ok(company)
+    }
+    struct Signed;
+    impl Saga for Signed {
+        type Input = Vec<(String, i64)>;
+        type Output = Vec<String>;
+        const NAME: &'static str = "signed";
+        async fn run(
+            &self,
+            saga: &mut SagaContext,
+            sources: Self::Input,
+        ) -> Result<Vec<String>, SagaError> {
+            saga.run(SignTermSheet, "acme".to_owned()).await?;
+            saga.all(sources.into_iter().map(|s| Branch::new(Pull, s)))
+                .await
+        }
+    }
+    let effects = Effects::default();
+    let engine = Engine::builder_shared(Arc::new(MemoryStore::new()))
+        .register(Signed)
+        .resource(effects.clone())
+        .build()
+        .unwrap();
+    let input = sources(&[("a", 5), ("b", -10)]);
+    let outcome = engine
+        .start(Signed, input)
+        .await
+        .unwrap()
+        .run_to_end()
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            &outcome,
+            Outcome::Failed {
+                kind: saga_core::FailureKind::AfterPivot,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        effects.all(),
+        ["sign acme", "pull a"],
+        "nothing undone past the pivot"
+    );
 }

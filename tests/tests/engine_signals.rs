@@ -7,7 +7,7 @@
 // Tests: a failed unwrap is a failed test, with the error in the message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::{
@@ -16,34 +16,9 @@ use saga_core::{
 };
 use saga_redis::RedisStore;
 use saga_redis_testkit::{RedisServer, ServerConfig, can_spawn_servers};
+use saga_tests::{Effects, effects};
 use saga_tests::{count, kinds};
 use serde::{Deserialize, Serialize};
-
-/// What the steps did, in order.
-#[derive(Clone, Debug, Default)]
-struct Effects(Arc<Mutex<Vec<String>>>);
-
-impl Effects {
-    fn push(&self, what: String) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(what);
-    }
-
-    fn all(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-}
-
-fn effects(ctx: &StepContext) -> Result<Effects, HttpStatus> {
-    ctx.resource::<Effects>()
-        .cloned()
-        .map_err(|_| HttpStatus::new(500))
-}
 
 #[saga_step(compensate = withdraw_deal, timeout = "none")]
 async fn create_deal(ctx: &StepContext, company: String) -> Result<String, HttpStatus> {

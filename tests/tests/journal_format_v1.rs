@@ -14,7 +14,7 @@
 // Tests: a failed unwrap is a failed test, with the error in the message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::store::NewSaga;
@@ -23,6 +23,7 @@ use saga_core::{
     SagaState, SagaStatus, SagaStore, StepContext, saga, saga_step,
 };
 use saga_tests::kinds;
+use saga_tests::{Effects, effects};
 use serde_json::Value;
 
 const SUSPENDED: &str = include_str!("../fixtures/journal_v1/suspended.json");
@@ -30,30 +31,6 @@ const COMPENSATING: &str = include_str!("../fixtures/journal_v1/compensating.jso
 const COMPLETED: &str = include_str!("../fixtures/journal_v1/completed.json");
 
 /// What the steps did, in order, each with its idempotency key.
-#[derive(Clone, Debug, Default)]
-struct Effects(Arc<Mutex<Vec<String>>>);
-
-impl Effects {
-    fn push(&self, what: String) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(what);
-    }
-
-    fn all(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-}
-
-fn effects(ctx: &StepContext) -> Result<Effects, HttpStatus> {
-    ctx.resource::<Effects>()
-        .cloned()
-        .map_err(|_| HttpStatus::new(500))
-}
 
 // The workflow exactly as the old engine ran it when the fixtures were recorded.
 

@@ -15,8 +15,8 @@ use serde_json::Value;
 use super::{Engine, EngineError, StartOptions};
 use crate::store::{SignalDelivery, StoreError};
 use crate::{
-    Classify, Compensation, CompensationReason, ErrorClass, EventKind, ParentLink, RetryPolicy,
-    SagaEvent, SagaId, SagaStatus, Step, StepContext,
+    Classify, Compensation, CompensationReason, ErrorClass, EventKind, ParentLink, Reconciled,
+    RetryPolicy, SagaEvent, SagaId, SagaStatus, Step, StepContext,
 };
 
 /// The name of the step that starts a child saga.
@@ -119,6 +119,28 @@ impl Step for StartChild {
         }
     }
 
+    /// Whether the child exists: an attempt whose create reached the store but whose reply
+    /// was lost (then timed out, or gave up) did start it, and then it must be undone.
+    async fn reconcile(
+        &self,
+        _ctx: &StepContext,
+        input: &ChildStart,
+    ) -> Result<Reconciled<ChildRef>, ChildError> {
+        let id = SagaId::from_idempotency_key(&input.saga_type, &input.key);
+        match self.engine.shared.store.load(id).await {
+            Ok(Some(_)) => Ok(Reconciled::Applied(ChildRef {
+                id,
+                saga_type: input.saga_type.clone(),
+                version: input.version,
+            })),
+            Ok(None) => Ok(Reconciled::NotApplied),
+            Err(err) => Err(ChildError {
+                message: format!("looking for child saga {id}: {err}"),
+                transient: err.is_transient(),
+            }),
+        }
+    }
+
     fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy::default().with_max_attempts(10)
     }
@@ -187,6 +209,15 @@ impl Engine {
     /// that is past its pivot, cannot be undone: a permanent error, so that the parent ends
     /// `Failed` for an operator.
     async fn undo_child(&self, parent: SagaId, child: SagaId) -> Result<(), ChildError> {
+        // A quarantined child runs nothing until an operator acts: waiting for it would keep
+        // the parent compensating for ever instead of asking for that operator.
+        if let Ok(Some(stored)) = self.shared.store.load(child).await
+            && let Some(reason) = stored.quarantined
+        {
+            return Err(ChildError::permanent(format!(
+                "child saga {child} is quarantined ({reason}); fix it and retry it, then retry this saga"
+            )));
+        }
         let state = match self.state(child).await {
             Ok(state) => state,
             // Purged by retention: it ended long ago and cannot be undone any more.

@@ -19,6 +19,7 @@ mod drive;
 mod error;
 mod guarded;
 mod handle;
+mod lease_keeper;
 mod local;
 mod operations;
 mod outcome;

@@ -12,7 +12,7 @@ use crate::{EventKind, SagaEvent, SagaId, SagaStatus};
 const MAX_NAME_LEN: usize = 128;
 
 /// Signal names starting with this are the engine's own.
-const RESERVED_PREFIX: &str = "saga.";
+const RESERVED_PREFIX: &str = crate::store::ENGINE_SIGNAL_PREFIX;
 
 /// What [`Engine::signal`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -205,6 +205,12 @@ fn lease_free(entry: &Entry, owner: &str, now: Timestamp) -> Result<(), LeaseInf
     }
 }
 
+/// The engine's own signals (a child waking its parent) are bounded by the journal that
+/// sends them, not by the inbox limit, so that senders in a loop cannot keep them out.
+fn is_engine_signal(name: &str) -> bool {
+    name.starts_with(super::ENGINE_SIGNAL_PREFIX)
+}
+
 fn new_token() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -450,7 +456,7 @@ impl SagaStore for MemoryStore {
                 sequence: earlier.sequence,
             });
         }
-        if entry.signals.len() >= MAX_SIGNALS_PER_SAGA {
+        if entry.signals.len() >= MAX_SIGNALS_PER_SAGA && !is_engine_signal(&delivery.name) {
             return Err(StoreError::InboxFull {
                 saga: id,
                 limit: MAX_SIGNALS_PER_SAGA,

@@ -20,7 +20,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use memory::{DEFAULT_MAX_PAYLOAD, MemoryStore};
-pub use signal::{DeliveryOutcome, MAX_SIGNALS_PER_SAGA, SignalDelivery, StoredSignal};
+pub use signal::{
+    DeliveryOutcome, ENGINE_SIGNAL_PREFIX, MAX_SIGNALS_PER_SAGA, SignalDelivery, StoredSignal,
+};
 
 use crate::{SagaId, SagaStatus, Timestamp};
 

@@ -12,7 +12,13 @@ use crate::{SagaStatus, Timestamp};
 /// How many signals one saga's inbox holds at most; a delivery past it is
 /// [`StoreError::InboxFull`](super::StoreError::InboxFull). Stores enforce it so that a client
 /// in a loop cannot grow one saga without bound.
+///
+/// Signals whose name starts with [`ENGINE_SIGNAL_PREFIX`] are the engine's own (a child saga
+/// waking its parent): they are delivered past the limit, which bounds what clients send.
 pub const MAX_SIGNALS_PER_SAGA: usize = 1000;
+
+/// The name prefix of the engine's own signals (clients cannot send them).
+pub const ENGINE_SIGNAL_PREFIX: &str = "saga.";
 
 /// A signal to deliver, for [`SagaStore::deliver_signal`](super::SagaStore::deliver_signal).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -69,7 +69,9 @@ if earlier then
   end
   return { 'duplicate', tonumber(earlier) }
 end
-if count >= max_signals then
+-- The engine's own signals (names starting with saga_core::store::ENGINE_SIGNAL_PREFIX,
+-- `saga.`: a child waking its parent) are not held back by the inbox limit.
+if count >= max_signals and string.sub(name, 1, 5) ~= 'saga.' then
   return { 'inbox_full', max_signals }
 end
 

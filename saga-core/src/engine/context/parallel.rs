@@ -26,10 +26,11 @@ use super::{AttemptLog, Halt, Interruption, Mode, Registered, SagaContext, Slot}
 use crate::engine::SagaError;
 use crate::engine::definition::{ErasedStep, TypedStep};
 use crate::engine::guarded::{Guarded, run_guarded};
+use crate::engine::lease_keeper::LeaseKeeper;
 use crate::store::Schedule;
 use crate::{
     Compensation, CompensationReason, EventKind, GiveUpReason, Phase, Reconciled, RetryDecision,
-    Step, StepError, step_idempotency_key,
+    Step, StepError, Timestamp, step_idempotency_key,
 };
 
 /// The journaled-value name that opens a parallel block.
@@ -407,10 +408,10 @@ impl SagaContext {
             };
         }
         // A branch recorded as failed: a run stopped while the block was winding down.
-        if let Some(index) = progress.iter().position(|p| matches!(p, Progress::Stopped)) {
-            let reason = self.give_up_reason(branch_position(first, index));
-            return Err(self.fail_block(first, &branches, index, reason).await);
-        }
+        let failed = progress
+            .iter()
+            .position(|p| matches!(p, Progress::Stopped))
+            .map(|index| (index, self.give_up_reason(branch_position(first, index))));
         let mut block = Block {
             first,
             limit: options.limit,
@@ -420,9 +421,14 @@ impl SagaContext {
             progress,
             tasks: JoinSet::new(),
             timers: Vec::new(),
-            failed: None,
+            failed,
             stopping: false,
         };
+        // Resumed after a branch failed for good: wind down again (the attempts that were
+        // cut off are resolved first), unless the others are to run their course.
+        if failed.is_some() && options.on_failure == OnBranchFailure::StopOthers {
+            block.stop();
+        }
         // Retries recorded before this run: their timers.
         for index in 0..block.progress.len() {
             if matches!(block.progress[index], Progress::Waiting) {
@@ -432,7 +438,7 @@ impl SagaContext {
                     .record(position)
                     .and_then(|r| r.next_retry_at)
                     .unwrap_or_else(|| self.shared.clock.now());
-                block.retry_at(index, at.since(self.shared.clock.now()));
+                block.retry_at(index, at, at.since(self.shared.clock.now()));
             }
         }
         let result = self.drive_block(&mut block).await;
@@ -451,6 +457,13 @@ impl SagaContext {
 
     async fn drive_block(&mut self, block: &mut Block<'_>) -> Result<Vec<Value>, Halt> {
         let mut shutting_down = false;
+        let ttl = self.shared.config.lease_ttl;
+        // One renewal task for the whole block: branch attempts run in tasks of their own and
+        // events may follow each other without a commit in between.
+        let mut keeper =
+            LeaseKeeper::spawn(Arc::clone(&self.shared.store), self.lease.clone(), ttl);
+        let mut local_cancels = self.shared.cancels.subscribe();
+        let id = self.state.id;
         loop {
             if self.state.cancel_pending() && !block.stopping {
                 block.stop();
@@ -470,33 +483,52 @@ impl SagaContext {
             if block.tasks.is_empty() {
                 break;
             }
-            let ttl = self.shared.config.lease_ttl;
-            let next = run_guarded(
-                &*self.shared.store,
-                &self.lease,
-                ttl,
-                None,
-                block.tasks.join_next(),
-            )
-            .await;
-            let event = match next {
-                Guarded::Done(Some(Ok(event))) => event,
+            // Only retry timers left, the nearest beyond the in-process wait: a durable timer,
+            // so that a long backoff holds neither the lease nor a worker.
+            if block.running() == 0
+                && let Some(at) = block.earliest_retry()
+                && at.since(self.shared.clock.now()) > self.shared.config.inline_wait_max
+            {
+                block.stop_timers();
+                let delay = at.since(self.shared.clock.now());
+                self.commit(Vec::new(), Schedule::WakeAfter(delay)).await?;
+                return Err(Halt::Suspended(at));
+            }
+            let event = tokio::select! {
+                news = keeper.changed() => {
+                    if let Some(cause) = news.lost {
+                        return Err(Halt::Interrupted(cause));
+                    }
+                    if news.cancel_requested && self.state.past_pivot.is_none() {
+                        self.state.cancel_requested = true;
+                    }
+                    continue;
+                }
+                heard = local_cancels.recv() => {
+                    if heard.is_ok_and(|cancelled| cancelled == id) && self.state.past_pivot.is_none() {
+                        self.state.cancel_requested = true;
+                    }
+                    continue;
+                }
+                joined = block.tasks.join_next() => joined,
+            };
+            let event = match event {
+                Some(Ok(event)) => event,
                 // A retry timer aborted as the block wound down.
-                Guarded::Done(Some(Err(joined))) if joined.is_cancelled() => continue,
+                Some(Err(joined)) if joined.is_cancelled() => continue,
                 // As a panic in a single step would: the run stops, the attempt counts as cut
                 // off, and the saga resumes (and gives up after `max_interruptions`).
-                Guarded::Done(Some(Err(joined))) => {
+                Some(Err(joined)) => {
                     tracing::error!(error = %joined, "a parallel branch's attempt panicked");
                     return Err(Halt::Interrupted(Interruption::Panicked {
                         what: format!("a parallel branch's attempt ({joined})"),
                     }));
                 }
-                Guarded::Done(None) => break,
-                Guarded::TimedOut(_) => continue,
-                Guarded::Lost(cause) => return Err(Halt::Interrupted(cause)),
+                None => break,
             };
             self.settle(block, event).await?;
         }
+        drop(keeper);
         if let Some((index, reason)) = block.failed {
             return Err(self
                 .fail_block(block.first, block.branches, index, reason)
@@ -516,9 +548,6 @@ impl SagaContext {
     /// Starts the ready branches that fit under the limit, in index order, with one commit
     /// for all their `StepStarted` events.
     async fn start_ready(&mut self, block: &mut Block<'_>) -> Result<(), Halt> {
-        if block.stopping {
-            return Ok(());
-        }
         let mut starting = Vec::new();
         let mut events = Vec::new();
         for index in 0..block.progress.len() {
@@ -533,6 +562,11 @@ impl SagaContext {
             else {
                 continue;
             };
+            // Winding down, only an attempt cut off mid-way still runs (after its check):
+            // whether it had its effect decides what the compensation must undo.
+            if block.stopping && !ambiguous {
+                continue;
+            }
             let position = branch_position(block.first, index);
             let branch = &block.branches[index];
             if ambiguous && self.reconciled(block, index).await? {
@@ -734,7 +768,7 @@ impl SagaContext {
                 self.commit(vec![failed], Schedule::Continue { ttl })
                     .await?;
                 block.progress[index] = Progress::Waiting;
-                block.retry_at(index, delay);
+                block.retry_at(index, next_retry_at, delay);
             }
             RetryDecision::RetryAfter(delay) => {
                 // Winding down: the failure is recorded as a retry that will not run here;
@@ -797,6 +831,18 @@ impl SagaContext {
     ) -> Halt {
         let position = branch_position(first, index);
         let name = branches[index].name;
+        if self.state.past_pivot.is_some() {
+            // Past the pivot nothing is compensated: the saga ends `Failed` for an operator
+            // to retry forward, as after a single step.
+            let message = format!("step `{name}` (parallel branch at #{position}) failed for good");
+            let cause = SagaError::StepFailed {
+                step: name.to_owned(),
+                position,
+                reason,
+                error: message.clone(),
+            };
+            return self.fail_after_pivot(Vec::new(), &message, cause).await;
+        }
         let record = self.state.record(position);
         let error = record
             .and_then(|r| r.error.as_ref())
@@ -870,8 +916,9 @@ struct Block<'a> {
     inputs: &'a [Value],
     progress: Vec<Progress>,
     tasks: JoinSet<Event>,
-    /// The retry timers waiting, by branch: aborted when the block winds down.
-    timers: Vec<tokio::task::AbortHandle>,
+    /// The retry timers waiting, with when they are due: aborted when the block winds down
+    /// or turns them into a durable timer.
+    timers: Vec<(Timestamp, tokio::task::AbortHandle)>,
     /// The first branch that failed for good, and why it was given up.
     failed: Option<(usize, GiveUpReason)>,
     /// No more starts or retries: attempts in flight finish, nothing else runs.
@@ -886,22 +933,44 @@ impl Block<'_> {
             .count()
     }
 
-    fn retry_at(&mut self, index: usize, delay: Duration) {
+    fn retry_at(&mut self, index: usize, due: Timestamp, delay: Duration) {
         let timer = self.tasks.spawn(async move {
             tokio::time::sleep(delay).await;
             Event::RetryDue { index }
         });
-        self.timers.push(timer);
+        self.timers.retain(|(_, handle)| !handle.is_finished());
+        self.timers.push((due, timer));
     }
 
-    /// Winds the block down: branches not running stop where they are.
-    fn stop(&mut self) {
-        self.stopping = true;
-        for timer in self.timers.drain(..) {
+    /// When the nearest retry timer still waiting is due.
+    fn earliest_retry(&self) -> Option<Timestamp> {
+        self.timers
+            .iter()
+            .filter(|(_, handle)| !handle.is_finished())
+            .map(|(due, _)| *due)
+            .min()
+    }
+
+    fn stop_timers(&mut self) {
+        for (_, timer) in self.timers.drain(..) {
             timer.abort();
         }
+    }
+
+    /// Winds the block down: branches not running stop where they are, except one whose
+    /// attempt was cut off mid-way, which is resolved first.
+    fn stop(&mut self) {
+        self.stopping = true;
+        self.stop_timers();
         for progress in &mut self.progress {
-            if matches!(progress, Progress::Ready { .. } | Progress::Waiting) {
+            let resolve = matches!(
+                progress,
+                Progress::Ready {
+                    ambiguous: true,
+                    ..
+                }
+            );
+            if !resolve && matches!(progress, Progress::Ready { .. } | Progress::Waiting) {
                 *progress = Progress::Stopped;
             }
         }

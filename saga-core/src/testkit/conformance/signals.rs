@@ -343,4 +343,13 @@ pub async fn signal_inbox_is_bounded(store: Arc<dyn SagaStore>) {
         MAX_SIGNALS_PER_SAGA + 1,
         "a refused delivery appends no event"
     );
+    // The engine's own signals (a child waking its parent) still get through.
+    let engine = deliver(&*store, id, signal("saga.child_finished", "child-1", 1)).await;
+    assert_eq!(
+        engine,
+        DeliveryOutcome::Delivered {
+            sequence: MAX_SIGNALS_PER_SAGA as u64 + 1
+        },
+        "an engine signal (name starting with `saga.`) is delivered past the limit"
+    );
 }
