@@ -192,3 +192,139 @@ impl SagaState {
             .collect()
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::json;
+
+    use crate::{EventKind, SagaEvent, SagaId, SagaState, SagaStatus, Timestamp, Waiting};
+
+    fn event(at: u64, kind: EventKind) -> SagaEvent {
+        SagaEvent {
+            seq: 0,
+            at: Timestamp(at),
+            kind,
+        }
+    }
+
+    fn value(position: u32, name: &str, value: serde_json::Value) -> EventKind {
+        EventKind::ValueRecorded {
+            position,
+            name: name.to_owned(),
+            value,
+        }
+    }
+
+    fn started(position: u32, step: &str) -> EventKind {
+        EventKind::StepStarted {
+            position,
+            step: step.to_owned(),
+            attempt: 1,
+            idempotency_key: format!("k{position}"),
+            input: Some(json!(null)),
+        }
+    }
+
+    fn succeeded(position: u32, step: &str, output: serde_json::Value) -> EventKind {
+        EventKind::StepSucceeded {
+            position,
+            step: step.to_owned(),
+            attempt: 1,
+            output,
+            reconciled: false,
+            pivot: false,
+        }
+    }
+
+    fn fold(kinds: Vec<EventKind>) -> SagaState {
+        let id = SagaId::random();
+        let mut events = vec![event(
+            0,
+            EventKind::SagaStarted {
+                saga_type: "sourcing".into(),
+                version: 1,
+                input: json!(null),
+                idempotency_key: None,
+                parent: None,
+                journal_format: crate::JOURNAL_FORMAT,
+            },
+        )];
+        events.extend(
+            kinds
+                .into_iter()
+                .enumerate()
+                .map(|(i, k)| event(i as u64 + 1, k)),
+        );
+        SagaState::fold(id, &events).unwrap()
+    }
+
+    #[test]
+    fn a_block_its_children_and_the_current_wait_are_read_from_the_journal() {
+        let child = SagaId::random();
+        let state = fold(vec![
+            value(0, "parallel", json!({ "branches": 2 })),
+            started(1, "pull"),
+            started(2, "pull"),
+            succeeded(2, "pull", json!("b")),
+            succeeded(1, "pull", json!("a")),
+            started(3, "start_child"),
+            succeeded(
+                3,
+                "start_child",
+                json!({ "id": child, "saga_type": "deal", "version": 1 }),
+            ),
+        ]);
+        let blocks = state.parallel_blocks();
+        assert_eq!(blocks.len(), 1);
+        assert_eq!(
+            (blocks[0].position, blocks[0].branches, blocks[0].completed),
+            (0, 2, 2)
+        );
+        // Completion order, not position order.
+        assert_eq!(state.record(2).unwrap().completed, Some(1));
+        assert_eq!(state.record(1).unwrap().completed, Some(2));
+        let children = state.children();
+        assert_eq!(children.len(), 1);
+        assert_eq!((children[0].id, children[0].outcome), (child, None));
+        assert_eq!(
+            state.waiting(),
+            Some(Waiting::Child {
+                position: 3,
+                id: child
+            })
+        );
+
+        let ended = fold(vec![
+            started(0, "start_child"),
+            succeeded(
+                0,
+                "start_child",
+                json!({ "id": child, "saga_type": "deal", "version": 1 }),
+            ),
+            value(
+                1,
+                "child_outcome",
+                json!({ "id": child, "status": "completed" }),
+            ),
+            value(2, "signal_deadline:committee_approval", json!(5_000)),
+        ]);
+        assert_eq!(ended.children()[0].outcome, Some(SagaStatus::Completed));
+        assert_eq!(
+            ended.waiting(),
+            Some(Waiting::Signal {
+                position: 2,
+                name: "committee_approval".into(),
+                until: Timestamp(5_000),
+            })
+        );
+        let slept = fold(vec![value(0, "sleep_until", json!(9_000))]);
+        assert_eq!(
+            slept.waiting(),
+            Some(Waiting::Sleep {
+                position: 0,
+                until: Timestamp(9_000),
+            })
+        );
+    }
+}
