@@ -441,3 +441,56 @@ async fn a_branch_failing_past_the_pivot_fails_the_saga_without_compensating() {
         "nothing undone past the pivot"
     );
 }
+
+/// On a real redis-server (AOF always): a block whose next step fails is undone in reverse
+/// order of completion, as the history records them, whatever the real timings were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_branches_compensate_in_reverse_completion_order() {
+    use saga_redis::RedisStore;
+    use saga_redis_testkit::{RedisServer, ServerConfig, can_spawn_servers};
+    if !can_spawn_servers("redis_branches_compensate_in_reverse_completion_order") {
+        return;
+    }
+    let server = RedisServer::start(ServerConfig::new().durable());
+    let store: Arc<dyn SagaStore> = Arc::new(
+        RedisStore::builder()
+            .url(server.url())
+            .key_prefix("parallel")
+            .connect()
+            .await
+            .expect("connect to the test redis-server"),
+    );
+    let effects = Effects::default();
+    let engine = engine(store, &effects);
+    let input = (sources(&[("a", 3), ("reject", 1), ("c", 2), ("d", 0)]), 3);
+    let handle = engine.start(Sourcing, input).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), handle.run_to_end())
+        .await
+        .expect("the saga ends")
+        .unwrap();
+    assert!(
+        matches!(outcome, Outcome::Compensated { .. }),
+        "{outcome:?}"
+    );
+    let history = handle.history().await.unwrap();
+    let order = |wanted: &str| -> Vec<u32> {
+        history
+            .iter()
+            .filter(|e| e.kind.name() == wanted)
+            .filter_map(|e| match &e.kind {
+                saga_core::EventKind::StepSucceeded { position, .. }
+                | saga_core::EventKind::StepCompensated { position, .. } => Some(*position),
+                _ => None,
+            })
+            .filter(|position| (1..=4).contains(position))
+            .collect()
+    };
+    let mut undone = order("StepCompensated");
+    undone.reverse();
+    assert_eq!(
+        order("StepSucceeded"),
+        undone,
+        "undone newest completion first"
+    );
+    assert_eq!(undone.len(), 4, "every branch was undone");
+}
