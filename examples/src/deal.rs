@@ -1,13 +1,17 @@
 //! The deal saga: create the deal in the CRM → update the portfolio valuation → notify the
-//! investment committee → write the audit-trail entry. Compensations, run in reverse: void the
-//! audit entry, retract the committee notice, revert the portfolio, delete the deal.
+//! investment committee → (when the request asks for a committee vote) wait for the
+//! committee's `committee_approval` signal → write the audit-trail entry. A rejection or no
+//! answer in time aborts the saga. Compensations, run in reverse: void the audit entry,
+//! retract the committee notice, revert the portfolio, delete the deal.
 //!
 //! Every step has two reconciliation checks that ask the back office about an idempotency
 //! key: `applied_by_key` for the forward effect, `undone_by_key` for its compensation (so an
 //! undo applied on an attempt that timed out still ends the saga compensated, even when the
 //! next attempts are refused).
 
-use saga_core::{SagaContext, SagaError, StepContext, saga_step};
+use std::time::Duration;
+
+use saga_core::{Saga, SagaContext, SagaError, SignalSpec, StepContext, saga_step};
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::BookChange;
@@ -26,6 +30,34 @@ pub struct DealRequest {
     pub score: u32,
     /// Under a compliance hold.
     pub watchlisted: bool,
+    /// The investment committee must approve the deal (by the [`COMMITTEE_APPROVAL`]
+    /// signal) before it is booked for good. `None`: no vote (deals submitted by the load
+    /// tool and the HTTP API without this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committee: Option<CommitteeVote>,
+}
+
+/// The signal the committee answers a deal with: a [`CommitteeDecision`].
+pub const COMMITTEE_APPROVAL: &str = "committee_approval";
+
+/// How the committee votes on a deal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitteeVote {
+    /// How long the deal waits for the committee's decision before it is withdrawn, in
+    /// milliseconds (counted from the first time the saga waits).
+    pub timeout_ms: u64,
+}
+
+/// The committee's answer, the payload of the [`COMMITTEE_APPROVAL`] signal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitteeDecision {
+    /// `true`: go ahead; `false`: the deal is withdrawn (the saga compensates).
+    pub approved: bool,
+    /// Who decided.
+    pub partner: String,
+    /// Why, for the timeline.
+    #[serde(default)]
+    pub note: String,
 }
 
 /// A deal in the CRM.
@@ -180,21 +212,56 @@ pub async fn void_audit_entry(
     office.effect(ctx, change).await
 }
 
-/// The deal saga: create the deal, update the portfolio, notify the committee, write the
-/// audit entry.
-#[saga_core::saga(name = "deal_flow", version = 1)]
-pub async fn deal_flow(
-    saga: &mut SagaContext,
-    request: DealRequest,
-) -> Result<DealOutcome, SagaError> {
-    let deal = saga.run(CreateDeal, request).await?;
-    saga.run(UpdatePortfolio, deal.clone()).await?;
-    saga.run(NotifyCommittee, deal.clone()).await?;
-    let audit_id = saga.run(WriteAuditEntry, deal.clone()).await?;
-    Ok(DealOutcome {
-        deal_id: deal.deal_id,
-        audit_id,
-    })
+/// The deal saga: create the deal, update the portfolio, notify the committee, wait for its
+/// approval when the request asks for a vote, write the audit entry.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DealFlow;
+
+impl Saga for DealFlow {
+    type Input = DealRequest;
+    type Output = DealOutcome;
+    const NAME: &'static str = "deal_flow";
+    const VERSION: u32 = 1;
+    const SIGNALS: &'static [SignalSpec] =
+        &[SignalSpec::of::<CommitteeDecision>(COMMITTEE_APPROVAL)];
+
+    async fn run(
+        &self,
+        saga: &mut SagaContext,
+        request: DealRequest,
+    ) -> Result<DealOutcome, SagaError> {
+        let vote = request.committee.clone();
+        let deal = saga.run(CreateDeal, request).await?;
+        saga.run(UpdatePortfolio, deal.clone()).await?;
+        saga.run(NotifyCommittee, deal.clone()).await?;
+        // Requests without a vote keep the journal of the saga before votes existed.
+        if let Some(vote) = vote {
+            let timeout = Duration::from_millis(vote.timeout_ms);
+            match saga
+                .wait_for_signal::<CommitteeDecision>(COMMITTEE_APPROVAL, timeout)
+                .await?
+            {
+                Some(decision) if decision.approved => {}
+                Some(decision) => {
+                    return Err(SagaError::Aborted(format!(
+                        "the investment committee rejected deal {} ({}: {})",
+                        deal.deal_id, decision.partner, decision.note
+                    )));
+                }
+                None => {
+                    return Err(SagaError::Aborted(format!(
+                        "no committee decision on deal {} within {timeout:?}: deal withdrawn",
+                        deal.deal_id
+                    )));
+                }
+            }
+        }
+        let audit_id = saga.run(WriteAuditEntry, deal.clone()).await?;
+        Ok(DealOutcome {
+            deal_id: deal.deal_id,
+            audit_id,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -272,6 +339,7 @@ mod tests {
             amount_musd: 5.0,
             score: 90,
             watchlisted: true,
+            committee: None,
         };
         let outcome = engine
             .execute::<DealFlow>(&request, StartOptions::key("watchlisted"))

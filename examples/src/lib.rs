@@ -11,6 +11,7 @@ pub mod deal;
 pub mod ledger;
 pub mod load;
 pub mod ops;
+pub mod partner;
 pub mod redis_office;
 pub mod report;
 pub mod scenario;

@@ -264,6 +264,7 @@ pub fn deal_request(seed: u64, index: usize, watchlist_rate: f64) -> DealRequest
         amount_musd: f64::from(rng.u32(1..=20)),
         score: rng.u32(70..=99),
         watchlisted: rng.f64() < watchlist_rate,
+        committee: None,
     }
 }
 

@@ -19,10 +19,24 @@ use saga_redis::RedisStore;
 #[derive(Debug, Parser)]
 #[command(name = "deal-flow", version)]
 struct Cli {
-    /// Companies to source (one sourcing saga each; high scores get a deal saga).
+    /// Companies to source (in batches, one sourcing saga each; each high score gets a child
+    /// deal saga).
     #[arg(long, default_value_t = 6)]
     companies: usize,
-    /// Seed for the company directory and the fault injection.
+    /// Companies per sourcing saga (their data is pulled in parallel, 4 branches at once).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=200))]
+    batch_size: u64,
+    /// How long a deal waits for the investment committee's approval before it is withdrawn.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    approval_timeout: std::time::Duration,
+    /// The simulated partner never answers: every deal times out waiting for the committee
+    /// and is compensated.
+    #[arg(long)]
+    no_approval: bool,
+    /// The durable sleep between two messages to the partners.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    partner_spacing: std::time::Duration,
+    /// Seed for the company directory, the fault injection and the partner's decisions.
     #[arg(long, default_value_t = 7)]
     seed: u64,
     /// Probability of a transient fault (503, timeout, 429 with retry-after) per call.
@@ -101,6 +115,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
     let settings = Settings {
         companies: cli.companies,
+        batch_size: usize::try_from(cli.batch_size).unwrap_or(usize::MAX),
         seed: cli.seed,
         fault_rate: cli.fault_rate,
         fail_at: cli.fail_at.clone(),
@@ -108,14 +123,26 @@ async fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
         concurrency: cli.concurrency,
         owner: "deal-flow-coordinator".into(),
         search_date: "2025-01-15".into(),
+        approval_timeout: cli.approval_timeout,
+        partner: !cli.no_approval,
+        partner_spacing: cli.partner_spacing,
     };
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "VC deal flow: {} companies, seed {}, fault rate {:.0}%{}{} — {}",
+        "VC deal flow: {} companies in batches of {}, seed {}, fault rate {:.0}%, committee {}{}{} — {}",
         settings.companies,
+        settings.batch_size,
         settings.seed,
         settings.fault_rate * 100.0,
+        if settings.partner {
+            format!("answers within {:?}", settings.approval_timeout)
+        } else {
+            format!(
+                "never answers (--no-approval: deals time out after {:?})",
+                settings.approval_timeout
+            )
+        },
         settings
             .fail_at
             .as_deref()
@@ -174,12 +201,13 @@ async fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
         }
     )?;
     writeln!(out, "  {}", totals.line())?;
+    writeln!(out, "  {}", report::primitives(&sagas).line())?;
     let check = report::check_ledger(&sagas, &office);
     if check.holds() {
         writeln!(
             out,
-            "Ledger check: OK — {} effects, each applied exactly once; {} compensations, each once and in reverse order; books match the outcomes",
-            check.effects, check.compensations
+            "Ledger check: OK — {} effects, each applied exactly once; {} compensations, each once and in reverse order; {} child sagas undone with their parents; books match the outcomes",
+            check.effects, check.compensations, check.children_undone
         )?;
     } else {
         writeln!(out, "Ledger check: FAILED")?;

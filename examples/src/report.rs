@@ -36,7 +36,9 @@ pub struct Totals {
     pub compensations: u64,
     /// Duplicate deliveries and repeated calls answered from a recorded result.
     pub idempotency_hits: u64,
-    /// Resumes from the journal.
+    /// Resumes from the journal after a run was cut off (a crash, a lost lease) or woke from
+    /// a retry timer; a saga waking from a signal, child or sleep wait is counted in
+    /// [`Primitives::wake_ups`] instead.
     pub resumes: u64,
 }
 
@@ -68,6 +70,8 @@ pub struct LedgerCheck {
     pub effects: usize,
     /// Compensations recorded.
     pub compensations: usize,
+    /// Child sagas of compensated parents, found compensated too.
+    pub children_undone: usize,
     /// Everything that is wrong; empty when the check holds.
     pub problems: Vec<String>,
 }
@@ -78,6 +82,100 @@ impl LedgerCheck {
     pub fn holds(&self) -> bool {
         self.problems.is_empty()
     }
+}
+
+/// What the workflows did with the engine's primitives, read from their journals.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Primitives {
+    /// Parallel blocks run.
+    pub parallel_blocks: u64,
+    /// Branches in them.
+    pub branches: u64,
+    /// Child sagas started.
+    pub children: u64,
+    /// Committee signals taken that approved.
+    pub approved: u64,
+    /// Committee signals taken that rejected.
+    pub rejected: u64,
+    /// Signal waits that timed out.
+    pub timed_out: u64,
+    /// Durable sleeps.
+    pub sleeps: u64,
+    /// Resumes that followed a wait (a signal, a child, a timer) rather than a crash (not
+    /// counted in [`Totals::resumes`]).
+    pub wake_ups: u64,
+}
+
+impl Primitives {
+    /// `parallel blocks N (branches N) | child sagas N | signals: approved N, rejected N,
+    /// timed out N | durable sleeps N`.
+    #[must_use]
+    pub fn line(&self) -> String {
+        format!(
+            "parallel blocks {} (branches {}) | child sagas {} | signals: approved {}, rejected {}, timed out {} | durable sleeps {} | wake-ups after a wait {}",
+            self.parallel_blocks,
+            self.branches,
+            self.children,
+            self.approved,
+            self.rejected,
+            self.timed_out,
+            self.sleeps,
+            self.wake_ups,
+        )
+    }
+}
+
+/// Counts the parallel blocks, children, signal waits and sleeps in every saga's journal.
+#[must_use]
+pub fn primitives(sagas: &[SagaReport]) -> Primitives {
+    let mut counts = Primitives::default();
+    for saga in sagas {
+        // The event before the new lease says why the run had ended: a crash leaves a step
+        // started (or anything), a wait leaves its wake-up or its deadline.
+        let mut last = None;
+        for event in &saga.events {
+            match &event.kind {
+                EventKind::LeaseAcquired { .. } => {}
+                EventKind::SagaResumed { .. } => {
+                    if matches!(
+                        last,
+                        Some(&EventKind::SignalReceived { .. } | &EventKind::ValueRecorded { .. })
+                    ) {
+                        counts.wake_ups += 1;
+                    }
+                }
+                kind => last = Some(kind),
+            }
+        }
+    }
+    for record in sagas.iter().flat_map(|s| &s.state.journal) {
+        let output = record.output.as_ref();
+        match (record.is_value, record.name.as_str()) {
+            (true, "parallel") => {
+                counts.parallel_blocks += 1;
+                counts.branches += output
+                    .and_then(|o| o.get("branches"))
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0);
+            }
+            (true, "sleep_until") => counts.sleeps += 1,
+            (true, name) if name.starts_with("signal:") => {
+                match output.and_then(|o| o.get("payload")) {
+                    Some(payload) if payload["approved"].as_bool() == Some(true) => {
+                        counts.approved += 1;
+                    }
+                    Some(_) => counts.rejected += 1,
+                    None if output.is_some() => counts.timed_out += 1,
+                    None => {}
+                }
+            }
+            (false, "start_child") if record.status == StepStatus::Succeeded => {
+                counts.children += 1;
+            }
+            _ => {}
+        }
+    }
+    counts
 }
 
 /// One saga's data for the report.
@@ -188,6 +286,8 @@ pub fn totals(sagas: &[SagaReport], duplicate_starts: u64, office: &OfficeState)
         }
     }
     totals.idempotency_hits = duplicate_starts + office.ledger.duplicates;
+    // A wait's wake-up is the flow working as designed, not a recovery.
+    totals.resumes = totals.resumes.saturating_sub(primitives(sagas).wake_ups);
     totals
 }
 
@@ -204,7 +304,9 @@ pub fn check_ledger(sagas: &[SagaReport], office: &OfficeState) -> LedgerCheck {
             .filter(|e| e.phase == Phase::Compensate)
             .count(),
         problems: repeated_entries(entries),
+        ..LedgerCheck::default()
     };
+    check.problems.extend(repeated_keys(entries));
     let mut by_saga: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
     for entry in entries {
         by_saga.entry(entry.saga.as_str()).or_default().push(entry);
@@ -214,8 +316,54 @@ pub fn check_ledger(sagas: &[SagaReport], office: &OfficeState) -> LedgerCheck {
         let mine = by_saga.get(id.as_str()).cloned().unwrap_or_default();
         check_saga(saga, &id, &mine, &mut check.problems);
     }
+    check.children_undone = check_children(sagas, &mut check.problems);
     check_books(sagas, office, &mut check.problems);
     check
+}
+
+/// A problem for every idempotency key under which more than one effect was applied.
+fn repeated_keys(entries: &[Entry]) -> Vec<String> {
+    let mut applied: BTreeMap<&str, usize> = BTreeMap::new();
+    for entry in entries {
+        *applied.entry(entry.key.as_str()).or_default() += 1;
+    }
+    applied
+        .iter()
+        .filter(|(_, count)| **count > 1)
+        .map(|(key, count)| format!("idempotency key {key} applied {count} times"))
+        .collect()
+}
+
+/// Every child saga names an existing parent, and every child of a compensated parent was
+/// compensated too (its own ledger entries are checked as any saga's). Returns how many
+/// children were undone with their parents.
+fn check_children(sagas: &[SagaReport], problems: &mut Vec<String>) -> usize {
+    let by_id: BTreeMap<String, &SagaReport> =
+        sagas.iter().map(|s| (s.state.id.to_string(), s)).collect();
+    let mut undone = 0;
+    for child in sagas {
+        let Some(link) = &child.state.parent else {
+            continue;
+        };
+        let Some(parent) = by_id.get(&link.id.to_string()) else {
+            problems.push(format!(
+                "child saga {} names parent {} which is not in the store",
+                child.state.id, link.id
+            ));
+            continue;
+        };
+        if parent.state.status == SagaStatus::Compensated {
+            if child.state.status == SagaStatus::Compensated {
+                undone += 1;
+            } else {
+                problems.push(format!(
+                    "saga {} compensated but its child {} is {}",
+                    parent.state.id, child.state.id, child.state.status
+                ));
+            }
+        }
+    }
+    undone
 }
 
 /// A problem for every effect or compensation applied more than once.
@@ -297,24 +445,39 @@ fn check_compensated(
     undone: &[&Entry],
     problems: &mut Vec<String>,
 ) {
-    // Every forward effect of a step that has a compensation must be undone once,
-    // newest first. Steps without compensation (notifications, reads) stay.
+    // Every forward effect of a step that has a compensation must be undone once, in
+    // reverse order of completion (which, for parallel branches, is not the order of their
+    // positions). Steps without compensation (notifications, reads) stay.
     let skipped = |p: u32| {
         saga.events.iter().any(|ev| {
             matches!(&ev.kind, EventKind::CompensationSkipped { position, .. } if *position == p)
         })
     };
-    let compensable: Vec<u32> = forward
+    let mut compensable: Vec<u32> = forward
         .iter()
         .map(|e| e.position)
         .filter(|p| !skipped(*p))
         .collect();
+    let completed = |p: u32| saga.state.record(p).and_then(|r| r.completed);
     let undone_positions: Vec<u32> = undone.iter().map(|e| e.position).collect();
-    let mut expected = compensable.clone();
-    expected.reverse();
-    if undone_positions != expected {
+    let mut have = undone_positions.clone();
+    have.sort_unstable();
+    let mut want = compensable.clone();
+    want.sort_unstable();
+    // Steps that completed are undone newest completion first; a step whose effect landed
+    // on an attempt it never heard back from (reconciled at compensation) has no place in
+    // that order, only its one undo.
+    let ordered: Vec<u32> = undone_positions
+        .iter()
+        .filter_map(|p| completed(*p))
+        .collect();
+    let in_reverse = ordered.windows(2).all(|w| w[0] > w[1]);
+    if have != want || !in_reverse {
+        compensable.sort_by_key(|p| completed(*p).unwrap_or(0));
+        let mut expected = compensable.clone();
+        expected.reverse();
         problems.push(format!(
-            "saga {id} compensated: effects at {compensable:?} but compensations ran at {undone_positions:?} (expected {expected:?})"
+            "saga {id} compensated: effects at {compensable:?} but compensations ran at {undone_positions:?} (expected {expected:?}, newest completion first)"
         ));
     }
 }

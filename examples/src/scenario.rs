@@ -1,18 +1,20 @@
-//! One run of the example: a sourcing saga per company, then a deal saga for each high
-//! score; optionally a simulated crash after N effects followed by a restart that resumes
-//! every unfinished saga from its journal.
+//! One run of the example: the companies are split into batches, one sourcing saga each
+//! (which starts a child deal saga per high score), run by an in-process coordinator while a
+//! simulated partner answers the deals' committee votes; optionally a simulated crash after N
+//! effects, followed by a restart that resumes every unfinished saga from its journal.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use saga_core::{Engine, EngineError, SagaId, SagaStatus, SagaStore, StartOptions, content_key};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use saga_core::{
+    Coordinator, Engine, EngineError, SagaId, SagaStatus, SagaStore, StartOptions, content_key,
+};
+use tokio::task::{JoinHandle, JoinSet};
 
-use crate::deal::{DealFlow, DealRequest};
+use crate::deal::{CommitteeVote, DealFlow};
 use crate::ledger::OfficeStore;
-use crate::services::{Backoffice, Company, Directory};
-use crate::sourcing::{Sourcing, SourcingOutcome, SourcingRequest};
+use crate::services::{Backoffice, Directory};
+use crate::sourcing::{Sourcing, SourcingRequest};
 use crate::world::{Faults, World};
 
 /// Settings of a run.
@@ -20,7 +22,9 @@ use crate::world::{Faults, World};
 pub struct Settings {
     /// Companies to source.
     pub companies: usize,
-    /// Seed for the directory and the faults.
+    /// Companies per sourcing saga.
+    pub batch_size: usize,
+    /// Seed for the directory, the faults and the partner's decisions.
     pub seed: u64,
     /// Probability of a transient fault per call.
     pub fault_rate: f64,
@@ -34,6 +38,12 @@ pub struct Settings {
     pub owner: String,
     /// The search date used in keys.
     pub search_date: String,
+    /// How long a deal waits for the committee's decision.
+    pub approval_timeout: Duration,
+    /// Whether the simulated partner answers (`false`: every deal times out).
+    pub partner: bool,
+    /// The pause between two messages to the partners.
+    pub partner_spacing: Duration,
 }
 
 /// What the run leaves behind for the report.
@@ -73,6 +83,61 @@ fn build_engine(
         .build()
 }
 
+/// The "process": a coordinator and the simulated partner on one engine. Dropping it is the
+/// abrupt stop of a crash (tasks aborted, leases left held).
+struct Process {
+    engine: Engine,
+    coordinator: JoinHandle<saga_core::CoordinatorReport>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    partner: Option<JoinHandle<()>>,
+}
+
+impl Process {
+    fn start(engine: Engine, settings: &Settings) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let coordinator = tokio::spawn(
+            Coordinator::new(engine.clone())
+                .workers(settings.concurrency)
+                .poll_interval(Duration::from_millis(50))
+                .retention(None)
+                .run(async {
+                    let _ = stopped.await;
+                }),
+        );
+        let partner = settings
+            .partner
+            .then(|| tokio::spawn(crate::partner::run(engine.clone(), settings.seed)));
+        Self {
+            engine,
+            coordinator,
+            stop: Some(stop),
+            partner,
+        }
+    }
+
+    /// Stops gracefully: every saga has ended, so nothing is in flight.
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(partner) = self.partner.take() {
+            partner.abort();
+        }
+        if let Err(err) = (&mut self.coordinator).await {
+            tracing::error!(error = %err, "the coordinator task failed");
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.coordinator.abort();
+        if let Some(partner) = &self.partner {
+            partner.abort();
+        }
+    }
+}
+
 /// Runs the whole scenario on `store`.
 ///
 /// # Errors
@@ -97,18 +162,20 @@ pub async fn run(
     if let Some(effects) = settings.crash_after {
         office.world.crash.arm(effects);
     }
-    let mut pending: Vec<Company> = office.directory.companies().to_vec();
+    let mut pending = batches(&office, settings);
     loop {
-        let (finished, dups, tripped) =
-            run_pipelines(&engine, &office, settings, &pending, &progress).await?;
+        let process = Process::start(engine.clone(), settings);
+        let (finished, dups, tripped) = run_batches(&process, &office, &pending, &progress).await?;
         duplicate_starts += dups;
         if !tripped {
+            process.stop().await;
             break;
         }
-        crashed = true;
-        pending.retain(|company| !finished.contains(&company.id));
-        // The "process" died: every task was aborted mid-flight, leases are still held in the
+        // The "process" died: every task is aborted mid-flight, leases are still held in the
         // store. The restarted coordinator keeps its owner id, so it reclaims them at once.
+        drop(process);
+        crashed = true;
+        pending.retain(|batch| !finished.contains(&batch.company_ids));
         office.world.crash.reset();
         engine = build_engine(&store, &office, &settings.owner)?;
         tracing::warn!(
@@ -124,31 +191,49 @@ pub async fn run(
     })
 }
 
-/// Runs the pipeline of every company; returns the ids that finished, the duplicate starts,
-/// and whether the crash switch tripped (in which case the rest were aborted).
-async fn run_pipelines(
-    engine: &Engine,
+/// The sourcing requests: the directory in batches of `batch_size`.
+fn batches(office: &Backoffice, settings: &Settings) -> Vec<SourcingRequest> {
+    let committee = Some(CommitteeVote {
+        timeout_ms: u64::try_from(settings.approval_timeout.as_millis()).unwrap_or(u64::MAX),
+    });
+    office
+        .directory
+        .companies()
+        .chunks(settings.batch_size.max(1))
+        .map(|batch| SourcingRequest {
+            company_ids: batch.iter().map(|c| c.id.clone()).collect(),
+            sectors: vec!["fintech".into(), "ai".into(), "climate".into()],
+            search_date: settings.search_date.clone(),
+            committee: committee.clone(),
+            partner_spacing_ms: u64::try_from(settings.partner_spacing.as_millis())
+                .unwrap_or(u64::MAX),
+        })
+        .collect()
+}
+
+/// Starts every batch's sourcing saga and waits for them all; returns the batches that
+/// finished, the duplicate starts, and whether the crash switch tripped (in which case the
+/// rest were abandoned with the process).
+async fn run_batches(
+    process: &Process,
     office: &Backoffice,
-    settings: &Settings,
-    companies: &[Company],
+    requests: &[SourcingRequest],
     progress: &Arc<dyn Progress>,
-) -> Result<(Vec<String>, u64, bool), EngineError> {
-    let limit = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+) -> Result<(Vec<Vec<String>>, u64, bool), EngineError> {
     let mut tasks = JoinSet::new();
-    for (index, company) in companies.iter().enumerate() {
-        let engine = engine.clone();
-        let company = company.clone();
-        let limit = Arc::clone(&limit);
+    for (index, request) in requests.iter().enumerate() {
+        let engine = process.engine.clone();
+        let request = request.clone();
         let progress = Arc::clone(progress);
-        let date = settings.search_date.clone();
-        // The first company's request is delivered twice, as a queue with at-least-once
+        // The first batch's request is delivered twice, as a queue with at-least-once
         // delivery would: the idempotency key makes the second start a no-op.
         let duplicate = index == 0;
         tasks.spawn(async move {
-            let _permit = limit.acquire().await;
-            let result = pipeline(&engine, &company, &date, duplicate).await;
-            progress.company_done();
-            (company.id, result)
+            let result = source(&engine, &request, duplicate).await;
+            for _ in &request.company_ids {
+                progress.company_done();
+            }
+            (request.company_ids, result)
         });
     }
     let mut finished = Vec::new();
@@ -158,15 +243,15 @@ async fn run_pipelines(
         tokio::select! {
             joined = tasks.join_next() => match joined {
                 None => return Ok((finished, duplicates, false)),
-                Some(Ok((id, Ok(dups)))) => {
+                Some(Ok((ids, Ok(dups)))) => {
                     duplicates += dups;
-                    finished.push(id);
+                    finished.push(ids);
                 }
-                Some(Ok((id, Err(err)))) => {
-                    tracing::error!(company = %id, error = %err, "pipeline failed");
-                    finished.push(id);
+                Some(Ok((ids, Err(err)))) => {
+                    tracing::error!(companies = ?ids, error = %err, "sourcing batch failed");
+                    finished.push(ids);
                 }
-                Some(Err(err)) => tracing::error!(error = %err, "pipeline task panicked"),
+                Some(Err(err)) => tracing::error!(error = %err, "sourcing task panicked"),
             },
             () = crash.wait_tripped() => {
                 tasks.abort_all();
@@ -177,46 +262,28 @@ async fn run_pipelines(
     }
 }
 
-/// Sources one company and, on a high score, books the deal. Every start is idempotent, so
-/// after a restart the same calls find the existing sagas and resume them.
-async fn pipeline(
+/// Starts (or, after a restart, finds) one batch's sourcing saga and waits for it to end;
+/// its deal sagas end before it does. Returns the duplicate starts.
+async fn source(
     engine: &Engine,
-    company: &Company,
-    date: &str,
+    request: &SourcingRequest,
     duplicate: bool,
 ) -> Result<u64, EngineError> {
     let mut duplicates = 0;
-    let request = SourcingRequest {
-        company_id: company.id.clone(),
-        sectors: vec!["fintech".into(), "ai".into(), "climate".into()],
-        search_date: date.to_owned(),
-    };
-    let key = StartOptions::key(content_key(&["sourcing", &company.id, date]));
-    let started = engine.start_with::<Sourcing>(&request, key.clone()).await?;
-    if duplicate && !engine.start_with::<Sourcing>(&request, key).await?.created {
+    let mut parts: Vec<&str> = vec!["sourcing", &request.search_date];
+    parts.extend(request.company_ids.iter().map(String::as_str));
+    let key = StartOptions::key(content_key(&parts));
+    let started = engine.start_with::<Sourcing>(request, key.clone()).await?;
+    if duplicate && !engine.start_with::<Sourcing>(request, key).await?.created {
         duplicates += 1;
     }
-    let sourced = engine.run_to_end(started.id).await?;
-    let Some(outcome) = sourced.output::<SourcingOutcome>()? else {
-        return Ok(duplicates);
-    };
-    if !outcome.high {
-        return Ok(duplicates);
-    }
-    let deal = DealRequest {
-        company_id: company.id.clone(),
-        company_name: company.name.clone(),
-        amount_musd: (f64::from(outcome.score) / 10.0).round(),
-        score: outcome.score,
-        watchlisted: company.watchlisted,
-    };
-    let key = StartOptions::key(content_key(&["deal", &company.id, date]));
-    let started = engine.start_with::<DealFlow>(&deal, key.clone()).await?;
-    if duplicate && !engine.start_with::<DealFlow>(&deal, key).await?.created {
-        duplicates += 1;
-    }
-    engine.run_to_end(started.id).await?;
+    wait_ended(engine, started.id).await?;
     Ok(duplicates)
+}
+
+/// Waits until saga `id` has ended (a long bound: the run is over long before).
+async fn wait_ended(engine: &Engine, id: SagaId) -> Result<SagaStatus, EngineError> {
+    Ok(engine.wait(id, Duration::from_secs(3600)).await?.status)
 }
 
 /// Every saga in the store, by id.

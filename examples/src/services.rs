@@ -1,5 +1,5 @@
-//! The simulated back office: company directory, financial-data API (rate-limited), deal
-//! records, CRM, portfolio book, investment committee, partners' inbox and audit trail.
+//! The simulated back office: company directory, two market-data APIs (Crunchbase-like and
+//! PitchBook-like, each rate-limited on its own), deal records, CRM, portfolio book, investment committee, partners' inbox and audit trail.
 //! Every mutating call is idempotent by the caller's key: a repeated key gets the recorded
 //! result and changes nothing.
 
@@ -120,7 +120,29 @@ impl Directory {
     }
 }
 
-/// A token bucket for the financial-data API.
+/// A third-party market-data provider, each with its own rate limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataSource {
+    /// Crunchbase-like: funding rounds and headcount, from which the growth rate.
+    Crunchbase,
+    /// PitchBook-like: financials, from which the annual recurring revenue.
+    PitchBook,
+}
+
+impl DataSource {
+    /// Both providers, in the order a company's pulls are made.
+    pub const ALL: [DataSource; 2] = [DataSource::Crunchbase, DataSource::PitchBook];
+
+    fn index(self) -> usize {
+        match self {
+            DataSource::Crunchbase => 0,
+            DataSource::PitchBook => 1,
+        }
+    }
+}
+
+/// A token bucket for one market-data API.
 #[derive(Debug)]
 struct RateLimiter {
     capacity: u32,
@@ -138,12 +160,13 @@ pub struct Backoffice {
     pub directory: Arc<Directory>,
     /// Books and ledger.
     pub state: Arc<dyn OfficeStore>,
-    limiter: Arc<Mutex<RateLimiter>>,
+    /// One bucket per [`DataSource`], by [`DataSource::index`].
+    limiters: Arc<[Mutex<RateLimiter>; 2]>,
 }
 
 impl Backoffice {
-    /// A back office over `world` and `directory`, with the data API limited to `per_window`
-    /// calls per 250 ms.
+    /// A back office over `world` and `directory`, with each market-data API limited to
+    /// `per_window` calls per 250 ms.
     #[must_use]
     pub fn new(
         world: World,
@@ -155,11 +178,13 @@ impl Backoffice {
             world,
             directory: Arc::new(directory),
             state,
-            limiter: Arc::new(Mutex::new(RateLimiter {
-                capacity: per_window,
-                window: Duration::from_millis(250),
-                window_start: tokio::time::Instant::now(),
-                used: 0,
+            limiters: Arc::new(std::array::from_fn(|_| {
+                Mutex::new(RateLimiter {
+                    capacity: per_window,
+                    window: Duration::from_millis(250),
+                    window_start: tokio::time::Instant::now(),
+                    used: 0,
+                })
             })),
         }
     }
@@ -188,13 +213,12 @@ impl Backoffice {
         read(self)
     }
 
-    /// Charges one call against the data API's rate limit.
+    /// Charges one call against `source`'s rate limit.
     ///
     /// # Errors
     /// 429 with the time until the window resets.
-    pub fn rate_limit(&self) -> Result<(), ServiceError> {
-        let mut limiter = self
-            .limiter
+    pub fn rate_limit(&self, source: DataSource) -> Result<(), ServiceError> {
+        let mut limiter = self.limiters[source.index()]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = tokio::time::Instant::now();

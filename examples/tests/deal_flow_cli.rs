@@ -48,7 +48,9 @@ fn default_run_shows_retries_and_a_compensation_and_passes_the_ledger_check() {
     // The compensated deal undoes its steps newest first.
     let undone: Vec<&str> = stdout
         .lines()
-        .filter(|line| line.contains("undone (compensation"))
+        .filter(|line| {
+            line.contains("undone (compensation") || line.contains("undone: its reconciliation")
+        })
         .map(|line| line.split_whitespace().nth(2).unwrap_or_default())
         .collect();
     assert_eq!(

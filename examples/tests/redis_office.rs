@@ -46,6 +46,7 @@ fn create_deal(deal_id: &str, company_id: &str, amount_musd: f64) -> BookChange 
         amount_musd,
         score: 80,
         watchlisted: false,
+        committee: None,
     };
     BookChange::CreateDeal {
         deal_id: deal_id.to_owned(),
@@ -480,6 +481,12 @@ async fn sixty_four_concurrent_sagas_on_redis_pass_the_ledger_check() {
         concurrency: 64,
         owner: "office-test".into(),
         search_date: "2025-01-15".into(),
+        // One company per sourcing saga, as before batches existed: the counts below are
+        // per company.
+        batch_size: 1,
+        approval_timeout: std::time::Duration::from_secs(3),
+        partner: true,
+        partner_spacing: std::time::Duration::from_millis(250),
     };
     let run = scenario::run(&settings, store, Arc::clone(&office), Arc::new(()))
         .await
