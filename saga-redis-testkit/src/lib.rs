@@ -67,6 +67,7 @@ pub const REDIS_CLUSTER_URLS_ENV: &str = "REDIS_CLUSTER_URLS";
 #[derive(Clone, Debug, Default)]
 pub struct ServerConfig {
     durable: bool,
+    fsync_every_second: bool,
     password: Option<String>,
     acl_users: Vec<String>,
     directives: Vec<String>,
@@ -86,6 +87,15 @@ impl ServerConfig {
     #[must_use]
     pub fn durable(mut self) -> Self {
         self.durable = true;
+        self
+    }
+
+    /// AOF on with `appendfsync everysec`: a kill may lose the writes of the last second or
+    /// so (what a deployment that chose `everysec` risks).
+    #[must_use]
+    pub fn fsync_every_second(mut self) -> Self {
+        self.durable = true;
+        self.fsync_every_second = true;
         self
     }
 
@@ -329,7 +339,12 @@ impl RedisServer {
         let _ = writeln!(conf, "logfile \"\"");
         if self.config.durable {
             let _ = writeln!(conf, "appendonly yes");
-            let _ = writeln!(conf, "appendfsync always");
+            let fsync = if self.config.fsync_every_second {
+                "everysec"
+            } else {
+                "always"
+            };
+            let _ = writeln!(conf, "appendfsync {fsync}");
         } else {
             let _ = writeln!(conf, "appendonly no");
         }
