@@ -41,6 +41,10 @@ pub const DUE_SAGAS: &str = "saga_due_sagas";
 /// type and workflow version (`version="unknown"` for sagas stored before versions were
 /// kept), so an operator sees when an old version has drained.
 pub const ACTIVE_SAGAS: &str = "saga_active_sagas";
+/// Counter `saga_compensation_failed_total{saga_type, step}`: sagas that ended `Failed` because
+/// a compensation gave up (the systems it touches may hold partial effects): alert on any
+/// increase.
+pub const COMPENSATION_FAILED_TOTAL: &str = "saga_compensation_failed_total";
 /// Counter `saga_signals_total{outcome}`: signals by what became of them (`delivered` to
 /// an inbox, `duplicate` key dropped, `taken` by a wait, `rejected` because the payload did
 /// not decode as the wait's type).
@@ -110,6 +114,11 @@ pub fn describe() {
         "Running and compensating sagas by saga_type and version (published by coordinator housekeeping)."
     );
     metrics::describe_counter!(
+        COMPENSATION_FAILED_TOTAL,
+        Unit::Count,
+        "Sagas that ended Failed because a compensation gave up, by saga_type and step; alert on any increase."
+    );
+    metrics::describe_counter!(
         SIGNALS_TOTAL,
         Unit::Count,
         "Signals by outcome (delivered, duplicate, taken by a wait, rejected for a payload that does not decode)."
@@ -160,6 +169,15 @@ pub(crate) fn idempotency_hit() {
 
 pub(crate) fn resumed(reason: &'static str) {
     metrics::counter!(RESUMED_TOTAL, "reason" => reason).increment(1);
+}
+
+pub(crate) fn compensation_failed(saga_type: &str, step: &'static str) {
+    metrics::counter!(
+        COMPENSATION_FAILED_TOTAL,
+        "saga_type" => saga_type.to_owned(),
+        "step" => step
+    )
+    .increment(1);
 }
 
 pub(crate) fn signal(outcome: &'static str) {

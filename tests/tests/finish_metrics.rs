@@ -29,6 +29,11 @@ impl Capture {
         self.0.lock().unwrap().push((key.name().to_owned(), labels));
     }
 
+    /// Whether a metric named `name` was recorded since the last take.
+    fn saw(&self, name: &str) -> bool {
+        self.0.lock().unwrap().iter().any(|(n, _)| n == name)
+    }
+
     /// The metrics recorded since the last call that carry a `status` label, as
     /// `(name, status)`.
     fn take_with_status(&self) -> BTreeSet<(String, String)> {
@@ -117,6 +122,7 @@ async fn every_finish_path_records_the_same_metric_set() {
         .await
         .unwrap();
     assert_eq!(outcome.status, SagaStatus::Compensated);
+    assert!(!capture.saw(telemetry::COMPENSATION_FAILED_TOTAL));
     assert_eq!(
         capture.take_with_status(),
         finish_set("compensated"),
@@ -134,6 +140,10 @@ async fn every_finish_path_records_the_same_metric_set() {
         .await
         .unwrap();
     assert_eq!(outcome.status, SagaStatus::Failed);
+    assert!(
+        capture.saw(telemetry::COMPENSATION_FAILED_TOTAL),
+        "a compensation that gave up is counted for alerting"
+    );
     assert_eq!(
         capture.take_with_status(),
         finish_set("failed"),

@@ -498,6 +498,7 @@ impl AttemptPhase for Undoing<'_> {
         };
         ctx.commit(vec![last_attempt, failed], Schedule::Finished)
             .await?;
+        crate::telemetry::compensation_failed(&ctx.state().saga_type, name);
         Ok(Some(SagaStatus::Failed))
     }
 }
