@@ -65,6 +65,45 @@ impl Recorder for Capture {
     }
 }
 
+/// Waits a day for `approval`, or for an hour when the input says so (and times out).
+struct AwaitsApproval;
+
+impl saga_core::Saga for AwaitsApproval {
+    type Input = bool;
+    type Output = bool;
+    const NAME: &'static str = "awaits_approval";
+
+    async fn run(
+        &self,
+        saga: &mut saga_core::SagaContext,
+        short: bool,
+    ) -> Result<bool, saga_core::SagaError> {
+        let wait = Duration::from_secs(if short { 3600 } else { 86_400 });
+        Ok(saga
+            .wait_for_signal::<bool>("approval", wait)
+            .await?
+            .is_some())
+    }
+}
+
+/// Starts one child that waits briefly, and returns whether it was approved.
+struct Parent;
+
+impl saga_core::Saga for Parent {
+    type Input = ();
+    type Output = bool;
+    const NAME: &'static str = "parent";
+
+    async fn run(
+        &self,
+        saga: &mut saga_core::SagaContext,
+        (): (),
+    ) -> Result<bool, saga_core::SagaError> {
+        let outcome = saga.child(AwaitsApproval, true).await?;
+        Ok(matches!(outcome, saga_core::Outcome::Completed(true)))
+    }
+}
+
 fn finish_set(status: &str) -> BTreeSet<(String, String)> {
     [telemetry::FINISHED_TOTAL, telemetry::DURATION_SECONDS]
         .into_iter()
@@ -165,6 +204,55 @@ async fn every_finish_path_records_the_same_metric_set() {
         finish_set("failed"),
         "non-deterministic"
     );
+
+    // The primitives' counters: a signal delivered and taken, a wait timed out by its
+    // timer, a child started.
+    let primitives = Engine::builder(saga_core::MemoryStore::new())
+        .register(AwaitsApproval)
+        .register(Parent)
+        .inline_wait_max(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let waiting = primitives
+        .start_with::<AwaitsApproval>(&false, StartOptions::default())
+        .await
+        .unwrap()
+        .id;
+    primitives
+        .signal(waiting, "approval", &true, "k1")
+        .await
+        .unwrap();
+    assert_eq!(
+        primitives.run_to_end(waiting).await.unwrap().status,
+        SagaStatus::Completed
+    );
+    let parent = primitives
+        .start_with::<Parent>(&(), StartOptions::default())
+        .await
+        .unwrap()
+        .id;
+    // The parent starts its child and suspends; the child times out; the parent ends.
+    assert!(matches!(
+        primitives.run_once(parent).await.unwrap(),
+        RunOutcome::Suspended(_)
+    ));
+    let child = primitives.state(parent).await.unwrap().children()[0].id;
+    assert_eq!(
+        primitives.run_to_end(child).await.unwrap().status,
+        SagaStatus::Completed
+    );
+    assert_eq!(
+        primitives.run_to_end(parent).await.unwrap().status,
+        SagaStatus::Completed
+    );
+    for name in [
+        telemetry::SIGNALS_TOTAL,
+        telemetry::TIMERS_FIRED_TOTAL,
+        telemetry::CHILDREN_STARTED_TOTAL,
+    ] {
+        assert!(capture.saw(name), "{name} was not recorded");
+    }
+    capture.take_with_status();
 
     // Failed: an operator abandons it.
     let h = Harness::new();
