@@ -177,8 +177,7 @@ impl SagaState {
             .collect()
     }
 
-    /// Whether a journal value records a signal the workflow took (for readers that list
-    /// the signals a saga used).
+    /// The signals the workflow took, as (name, inbox sequence number), in journal order.
     #[must_use]
     pub fn signals_taken(&self) -> Vec<(String, u64)> {
         self.journal

@@ -88,15 +88,13 @@ impl Shared {
     /// `true` when a saga on a durable timer must run before the timer: a cancel is to be
     /// acted on, or something (a signal) made it due already while nobody holds it.
     async fn due_early(&self, id: SagaId) -> bool {
-        if self.cancel_stored(id).await {
-            return true;
-        }
         let now = self.clock.now();
         match self.store.load(id).await {
             Ok(Some(stored)) => {
-                !stored.status.is_terminal()
-                    && stored.lease.is_none()
-                    && stored.due_at.is_some_and(|due| due <= now)
+                cancel_pending(&stored)
+                    || (!stored.status.is_terminal()
+                        && stored.lease.is_none()
+                        && stored.due_at.is_some_and(|due| due <= now))
             }
             Ok(None) | Err(_) => false,
         }
@@ -107,14 +105,19 @@ impl Shared {
     /// the run then notices the flag when it next runs, as it would have without the wake.
     async fn cancel_stored(&self, id: SagaId) -> bool {
         match self.store.load(id).await {
-            Ok(Some(stored)) if stored.cancel_requested && !stored.status.is_terminal() => {
-                // A state that does not decode is left to the run, which quarantines it.
-                serde_json::from_str::<SagaState>(&stored.state)
-                    .map_or(true, |state| state.past_pivot.is_none())
-            }
-            Ok(_) | Err(_) => false,
+            Ok(Some(stored)) => cancel_pending(&stored),
+            Ok(None) | Err(_) => false,
         }
     }
+}
+
+/// Whether `stored` has a cancel to be acted on: requested, not terminal, and not past the
+/// pivot (a state that does not decode is left to the run, which quarantines it).
+fn cancel_pending(stored: &crate::store::StoredSaga) -> bool {
+    stored.cancel_requested
+        && !stored.status.is_terminal()
+        && serde_json::from_str::<SagaState>(&stored.state)
+            .map_or(true, |state| state.past_pivot.is_none())
 }
 
 /// Completes with `true` when the store's wake-up signal changes, with `false` when it closed

@@ -193,7 +193,6 @@ impl SagaContext {
         if self.state.cancel_pending() {
             return Err(Halt::Cancelled);
         }
-        let store = || Halt::Interrupted;
         // The inbox is read before the child, so that a child finishing in between leaves a
         // wake-up the wait below sees (it is then due at once).
         let seen = self
@@ -201,7 +200,7 @@ impl SagaContext {
             .store
             .signals(self.state.id, 0)
             .await
-            .map_err(|err| store()(Interruption::from_store(err)))?
+            .map_err(|err| Halt::Interrupted(Interruption::from_store(err)))?
             .last()
             .map_or(0, |s| s.sequence);
         let stored = self
@@ -209,7 +208,7 @@ impl SagaContext {
             .store
             .load(child)
             .await
-            .map_err(|err| store()(Interruption::from_store(err)))?
+            .map_err(|err| Halt::Interrupted(Interruption::from_store(err)))?
             .ok_or_else(|| {
                 Halt::BadData(format!(
                     "child saga {child} (started at journal position {}) is not in the store",
