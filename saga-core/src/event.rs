@@ -106,7 +106,10 @@ impl std::fmt::Display for CompensationReason {
 pub enum FailureKind {
     /// A compensation failed for good; the systems it touches may hold partial effects.
     CompensationFailed,
-    /// The workflow code no longer matches the recorded journal.
+    /// The workflow code no longer matched the recorded journal. Only in histories written
+    /// before diverging workflows were quarantined: such a saga now stays where it was, set
+    /// aside with the diverging position, until the code it started under is deployed and it
+    /// is retried.
     NonDeterministic,
     /// The stored saga could not be decoded or its type is not registered.
     BadData,
@@ -320,7 +323,8 @@ pub enum EventKind {
     SagaCompensated,
     /// An operator asked for a `Failed` (or quarantined) saga to be tried again: it resumes
     /// where it stopped (compensation, with fresh attempt budgets for the compensations that
-    /// gave up; or forward, after a non-determinism failure whose code was fixed).
+    /// gave up; or forward, after a failure past the pivot or a quarantine whose cause was
+    /// fixed).
     SagaRetried {
         /// Who asked, and why.
         reason: String,

@@ -10,7 +10,8 @@ use saga_core::{
     Engine, EventKind, FailureKind, RunOutcome, SagaId, SagaState, SagaStatus, StartOptions,
 };
 use saga_tests::{
-    Behavior, Gate, Harness, Plan, PlanSaga, assert_fold_matches, fast_policy, single_terminal,
+    Behavior, Gate, Harness, Plan, PlanSaga, assert_fold_matches, count, fast_policy,
+    single_terminal,
 };
 
 /// Checks the fold and the terminal event of a finished saga and returns its state.
@@ -109,7 +110,8 @@ async fn folded_history_equals_the_stored_state_for_every_ending() {
     let state = check(&engine, outcome.id, SagaStatus::Failed).await;
     assert_eq!(state.failure.unwrap().0, FailureKind::CompensationFailed);
 
-    // Failed: the workflow diverged from its journal.
+    // Not finished: the workflow diverged from its journal, so the saga is set aside with
+    // its history intact and still folding to its state, and no terminal event.
     let h = Harness::new();
     h.script
         .forward(1, [Behavior::RetryAfter(Duration::from_secs(60))]);
@@ -130,9 +132,17 @@ async fn folded_history_equals_the_stored_state_for_every_ending() {
         RunOutcome::Suspended(_)
     ));
     let changed = timer(Plan::of([0, 2, 1]));
-    changed.run_to_end(id).await.unwrap();
-    let state = check(&changed, id, SagaStatus::Failed).await;
-    assert_eq!(state.failure.unwrap().0, FailureKind::NonDeterministic);
+    changed.run_to_end(id).await.unwrap_err();
+    let state = assert_fold_matches(&changed, id).await;
+    assert_eq!(state.status, SagaStatus::Running);
+    let history = changed.history(id).await.unwrap();
+    for terminal in ["SagaCompleted", "SagaCompensated", "SagaFailed"] {
+        assert_eq!(
+            count(&history, terminal),
+            0,
+            "no terminal event: {history:?}"
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -8,9 +8,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use saga_core::store::SagaStore as _;
 use saga_core::{
-    CompensationStatus, Engine, EngineError, EventKind, FailureKind, Phase, RunOutcome, Saga,
-    SagaContext, SagaError, SagaId, SagaState, SagaStatus, StartOptions, StepStatus, Timestamp,
+    CompensationStatus, Engine, EngineError, EventKind, Phase, RunOutcome, Saga, SagaContext,
+    SagaError, SagaId, SagaState, SagaStatus, StartOptions, StepStatus, Timestamp,
 };
 use saga_tests::{
     Behavior, CrashingStore, Effect, Gate, Harness, OWNER, Plan, PlanSaga, Scripted,
@@ -587,7 +588,7 @@ async fn reconcile_not_applied_re_runs_the_step_once() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn diverging_workflow_fails_the_saga_without_compensating() {
+async fn diverging_workflow_is_quarantined_without_compensating_until_its_code_is_back() {
     // Each alternative workflow diverges from a journal of step_a, step_b, then step_c
     // waiting on a durable timer.
     let alternatives = [
@@ -610,12 +611,16 @@ async fn diverging_workflow_fails_the_saga_without_compensating() {
         let before = original.state(id).await.unwrap();
 
         let changed = timer_engine(&h, alternative);
-        let outcome = changed.run_to_end(id).await.unwrap();
+        let err = changed.run_to_end(id).await.unwrap_err();
 
-        assert_eq!(outcome.status, SagaStatus::Failed, "{what}");
-        let (kind, error) = outcome.failure.clone().unwrap();
-        assert_eq!(kind, FailureKind::NonDeterministic, "{what}: {error}");
-        assert!(error.contains("non-deterministic"), "{what}: {error}");
+        let EngineError::Quarantined { reason, .. } = &err else {
+            panic!("{what}: expected Quarantined, got {err:?}");
+        };
+        assert!(reason.contains("non-deterministic"), "{what}: {reason}");
+        assert!(reason.contains("saga retry"), "{what}: {reason}");
+        let stored = h.store.load(id).await.unwrap().unwrap();
+        assert_eq!(stored.status, SagaStatus::Running, "{what}: not failed");
+        assert!(stored.quarantined.is_some(), "{what}: set aside");
         assert!(
             h.ledger.calls().iter().all(|c| c.phase == Phase::Forward),
             "{what}: nothing is undone"
@@ -628,11 +633,29 @@ async fn diverging_workflow_fails_the_saga_without_compensating() {
         let history = changed.history(id).await.unwrap();
         assert_eq!(count(&history, "CompensationStarted"), 0, "{what}");
         assert_eq!(count(&history, "StepCompensated"), 0, "{what}");
-        assert_eq!(single_terminal(&history), "SagaFailed");
+        assert_eq!(count(&history, "SagaFailed"), 0, "{what}");
         let state = assert_fold_matches(&changed, id).await;
         assert_eq!(
             state.journal, before.journal,
             "{what}: the journal is kept as it was"
+        );
+
+        // The code the saga started under is deployed again: a retry resumes it where it
+        // stopped, and recorded steps are not run again.
+        original.retry(id, "original code deployed").await.unwrap();
+        let outcome = original.run_to_end(id).await.unwrap();
+        assert_eq!(outcome.status, SagaStatus::Completed, "{what}");
+        let forward: Vec<u32> = h
+            .ledger
+            .calls()
+            .iter()
+            .filter(|c| c.phase == Phase::Forward && c.behavior == "ok")
+            .map(|c| c.position)
+            .collect();
+        assert_eq!(forward, [0, 1, 2, 3], "{what}: each step succeeded once");
+        assert_eq!(
+            single_terminal(&original.history(id).await.unwrap()),
+            "SagaCompleted"
         );
     }
 }
@@ -651,14 +674,16 @@ async fn diverging_step_name_is_reported() {
         original.run_once(id).await.unwrap(),
         RunOutcome::Suspended(_)
     ));
-    let outcome = timer_engine(&h, Plan::of([4, 1, 2]))
+    let err = timer_engine(&h, Plan::of([4, 1, 2]))
         .run_to_end(id)
         .await
-        .unwrap();
-    let (_, error) = outcome.failure.unwrap();
+        .unwrap_err();
+    let EngineError::Quarantined { reason, .. } = &err else {
+        panic!("expected Quarantined, got {err:?}");
+    };
     assert!(
-        error.contains("step_a") && error.contains("step_e") && error.contains("position 0"),
-        "{error}"
+        reason.contains("step_a") && reason.contains("step_e") && reason.contains("position 0"),
+        "{reason}"
     );
 }
 

@@ -375,8 +375,14 @@ async fn a_saga_in_a_newer_journal_format_is_not_run() {
         effects.all()
     );
     assert_ne!(stored.status, SagaStatus::Completed, "run: {run:?}");
+    let Err(saga_core::EngineError::Quarantined { reason, .. }) = &run else {
+        panic!("expected the saga to be quarantined, got {run:?}");
+    };
     assert!(
-        run.is_err() || stored.quarantined.is_some(),
-        "refused with an error or set aside; got {run:?}, stored {stored:?}"
+        reason.contains("format 3") && reason.contains("newer"),
+        "the reason names the format: {reason}"
     );
+    let why = stored.quarantined.as_deref().unwrap_or_default();
+    assert_eq!(why, reason, "the stored reason is the one returned");
+    assert_eq!(stored.status, SagaStatus::Running, "set aside, not failed");
 }

@@ -42,8 +42,9 @@ pub(super) enum Decision {
     Compensate,
     /// A durable timer was set: the saga is due again at this time.
     Suspend(Timestamp),
-    /// The workflow diverged from its journal: the saga fails without compensating.
-    FailNondeterministic { position: u32, message: String },
+    /// The workflow diverged from its journal: the saga is set aside (quarantined) without
+    /// compensating, until the code it started under is deployed again.
+    QuarantineNondeterministic { position: u32, message: String },
     /// The workflow returned an error past the pivot: the saga fails without compensating,
     /// for an operator to retry forward.
     FailAfterPivot(String),
@@ -72,7 +73,7 @@ pub(super) fn decide(ended: Ended<'_>) -> Decision {
                 let message = format!(
                     "the workflow finished after {position} journal entries but {recorded} are recorded"
                 );
-                return Decision::FailNondeterministic { position, message };
+                return Decision::QuarantineNondeterministic { position, message };
             }
             Decision::Complete(output)
         }
@@ -90,7 +91,7 @@ pub(super) fn decide(ended: Ended<'_>) -> Decision {
                 !r.is_value && r.status == StepStatus::Succeeded && !seen.contains(&r.position)
             });
             match missing {
-                Some(r) => Decision::FailNondeterministic {
+                Some(r) => Decision::QuarantineNondeterministic {
                     position: r.position,
                     message: format!(
                         "replaying for compensation, the workflow ended before it reached completed step `{}`",
@@ -102,7 +103,7 @@ pub(super) fn decide(ended: Ended<'_>) -> Decision {
         }
         (_, Some(Halt::Suspended(until)), _) => Decision::Suspend(until),
         (_, Some(Halt::NonDeterministic { position, message }), _) => {
-            Decision::FailNondeterministic { position, message }
+            Decision::QuarantineNondeterministic { position, message }
         }
         (_, Some(halt @ (Halt::Interrupted(_) | Halt::BadData(_) | Halt::Collected)), _) => {
             Decision::Stop(halt)
@@ -150,8 +151,8 @@ mod tests {
             Decision::Cancel => "cancel".into(),
             Decision::Compensate => "compensate".into(),
             Decision::Suspend(until) => format!("suspend {}", until.0),
-            Decision::FailNondeterministic { position, message } => {
-                format!("fail at {position}: {message}")
+            Decision::QuarantineNondeterministic { position, message } => {
+                format!("quarantine at {position}: {message}")
             }
             Decision::FailAfterPivot(message) => format!("fail after pivot: {message}"),
             Decision::Ended => "ended".into(),
@@ -211,7 +212,7 @@ mod tests {
             // Forward runs.
             (Mode::Forward, None, done(), 3, all(), "complete \"done\""),
             (Mode::Forward, None, done(), 1, all(),
-                "fail at 1: the workflow finished after 1 journal entries but 3 are recorded"),
+                "quarantine at 1: the workflow finished after 1 journal entries but 3 are recorded"),
             (Mode::Forward, None, Err(failed()), 3, all(),
                 "abort: card declined"),
             (Mode::Forward, Some(Halt::Cancelled), Err(failed()), 1, all(), "cancel"),
@@ -220,7 +221,7 @@ mod tests {
             (Mode::Forward, Some(Halt::Suspended(crate::Timestamp(42))), Err(failed()), 1,
                 all(), "suspend 42"),
             (Mode::Forward, Some(Halt::NonDeterministic { position: 2, message: "moved".into() }),
-                Err(failed()), 2, all(), "fail at 2: moved"),
+                Err(failed()), 2, all(), "quarantine at 2: moved"),
             (Mode::Forward, Some(Halt::Collected), done(), 3, all(), "stop Collected"),
             (Mode::Forward, Some(Halt::BadData("too big".into())), done(), 3, all(),
                 "stop BadData(\"too big\")"),
@@ -231,9 +232,9 @@ mod tests {
             (Mode::Collect, Some(Halt::Collected), Err(failed()), 3, all(), "compensate"),
             (Mode::Collect, Some(Halt::Cancelled), Err(failed()), 3, all(), "compensate"),
             (Mode::Collect, None, done(), 1, first_only(),
-                "fail at 2: replaying for compensation, the workflow ended before it reached completed step `charge`"),
+                "quarantine at 2: replaying for compensation, the workflow ended before it reached completed step `charge`"),
             (Mode::Collect, Some(Halt::Collected), Err(failed()), 1, first_only(),
-                "fail at 2: replaying for compensation, the workflow ended before it reached completed step `charge`"),
+                "quarantine at 2: replaying for compensation, the workflow ended before it reached completed step `charge`"),
             (Mode::Collect, Some(Halt::StepFailed(failed())), Err(failed()), 1,
                 first_only(), "compensate"),
             (Mode::Collect, Some(Halt::Suspended(crate::Timestamp(7))), Err(failed()), 1,

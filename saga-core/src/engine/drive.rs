@@ -153,12 +153,17 @@ impl Engine {
             }
             Decision::Compensate => true,
             Decision::Suspend(until) => return Ok(RunOutcome::Suspended(until)),
-            Decision::FailNondeterministic { position, message } => {
-                let error =
-                    format!("non-deterministic workflow at journal position {position}: {message}");
-                return self
-                    .fail(&mut ctx, FailureKind::NonDeterministic, error)
-                    .await;
+            Decision::QuarantineNondeterministic { position, message } => {
+                // Set aside rather than failed: the journal was written by other code, so
+                // the fix is a deploy, after which the saga resumes (`saga retry`). A
+                // terminal `Failed` would instead tell a waiting client or a parent saga that
+                // the work failed, and the parent would compensate for a deploy mistake.
+                let state = ctx.state();
+                let reason = format!(
+                    "non-deterministic workflow at journal position {position}: {message}; the journal was written by other code than the `{}` v{} registered on this coordinator: deploy the code the saga started under (a changed workflow needs a new `Saga::VERSION`), then `saga retry` it",
+                    state.saga_type, state.version
+                );
+                return Err(self.quarantine(id, reason).await);
             }
             Decision::FailAfterPivot(message) => {
                 let error = after_pivot_error(ctx.state(), &message);

@@ -253,8 +253,9 @@ impl Engine {
 
     /// Operator action: tries a stuck saga again. A `Failed` saga resumes where it stopped —
     /// its compensation (the compensations that gave up get a fresh attempt budget), or its
-    /// forward steps after a non-determinism failure once the code is fixed; a quarantined
-    /// saga is released from quarantine. Any worker picks it up at once. Recorded in the
+    /// forward steps (after a failure past the pivot); a quarantined saga (bad data, an
+    /// unregistered version, a workflow that diverged from its journal) is released from
+    /// quarantine once its cause is fixed. Any worker picks it up at once. Recorded in the
     /// history as `SagaRetried`.
     ///
     /// # Errors
