@@ -2,6 +2,7 @@
 //! and the idempotency guard.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::{IdempotencyGuard, MissingResource, Phase, Resources, SagaId, SagaStore};
 
@@ -18,6 +19,9 @@ pub struct StepContext {
     pub(crate) resources: Arc<Resources>,
     pub(crate) store: Arc<dyn SagaStore>,
     pub(crate) span: tracing::Span,
+    /// How long the engine may still run this step and phase under its key; see
+    /// [`StepContext::key_lifetime`].
+    pub(crate) key_lifetime: Option<Duration>,
 }
 
 impl std::fmt::Debug for StepContext {
@@ -30,6 +34,7 @@ impl std::fmt::Debug for StepContext {
             .field("attempt", &self.attempt)
             .field("phase", &self.phase)
             .field("idempotency_key", &self.idempotency_key)
+            .field("key_lifetime", &self.key_lifetime)
             .finish_non_exhaustive()
     }
 }
@@ -52,6 +57,7 @@ impl StepContext {
             resources: Arc::new(resources),
             store: Arc::new(crate::MemoryStore::new()),
             span: tracing::Span::none(),
+            key_lifetime: None,
         }
     }
 
@@ -107,10 +113,31 @@ impl StepContext {
         self.resources.get::<T>()
     }
 
-    /// The idempotency guard on the saga store, to make any side effect exactly-once.
+    /// The longest the engine may go on running this step and phase under
+    /// [`idempotency_key`](Self::idempotency_key) by itself, from its first attempt: the
+    /// step's retry schedule with every attempt taking its whole timeout
+    /// ([`RetryPolicy::schedule_span`](crate::RetryPolicy::schedule_span)), plus one lapsed
+    /// lease for each interruption the engine allows (`max_interruptions`) before another
+    /// coordinator resumes it. A record that deduplicates the key (an idempotency guard entry,
+    /// a downstream system's key store) must outlive this, or a late attempt could apply the
+    /// effect again. `None` when the step has no timeout (then no bound is known) or outside
+    /// an engine ([`StepContext::standalone`]). An operator's `saga retry` of a failed saga
+    /// reuses the key later still: keep records longer where that matters.
+    #[must_use]
+    pub fn key_lifetime(&self) -> Option<Duration> {
+        self.key_lifetime
+    }
+
+    /// The idempotency guard on the saga store, to make any side effect exactly-once. It
+    /// refuses a record TTL shorter than this step's [`key_lifetime`](Self::key_lifetime)
+    /// ([`GuardError::TtlTooShort`](crate::GuardError::TtlTooShort), before any effect runs).
     #[must_use]
     pub fn guard(&self) -> IdempotencyGuard {
-        IdempotencyGuard::new(Arc::clone(&self.store))
+        let guard = IdempotencyGuard::new(Arc::clone(&self.store));
+        match self.key_lifetime {
+            Some(lifetime) => guard.with_min_ttl(lifetime),
+            None => guard,
+        }
     }
 
     /// The `step` tracing span this attempt runs in.

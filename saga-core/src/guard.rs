@@ -41,12 +41,14 @@ pub const DEFAULT_IN_PROGRESS_TTL: Duration = Duration::from_secs(60);
 pub struct IdempotencyGuard {
     store: Arc<dyn SagaStore>,
     in_progress_ttl: Duration,
+    min_ttl: Option<Duration>,
 }
 
 impl std::fmt::Debug for IdempotencyGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdempotencyGuard")
             .field("in_progress_ttl", &self.in_progress_ttl)
+            .field("min_ttl", &self.min_ttl)
             .finish()
     }
 }
@@ -70,6 +72,20 @@ pub enum GuardError<E> {
         /// The key.
         key: String,
     },
+    /// The record TTL asked for is shorter than the time the key may still be used: a
+    /// late attempt could then find no record and apply the effect again. Permanent, and
+    /// raised before anything is claimed or run: configure a longer TTL.
+    #[error(
+        "idempotency key `{key}`: a record TTL of {ttl:?} is shorter than the {needed:?} this step may still run under its key (its retry schedule, timeouts and lease lapses); give the guard a TTL of at least {needed:?}"
+    )]
+    TtlTooShort {
+        /// The key.
+        key: String,
+        /// The TTL asked for.
+        ttl: Duration,
+        /// The shortest TTL that covers the key's life.
+        needed: Duration,
+    },
     /// The effect itself failed; the key was released so a retry can run it again.
     #[error(transparent)]
     Effect(E),
@@ -91,7 +107,9 @@ impl<E: Classify> Classify for GuardError<E> {
     fn classify(&self) -> ErrorClass {
         match self {
             GuardError::InProgress { retry_after, .. } => ErrorClass::retry_after(*retry_after),
-            GuardError::Conflict { .. } | GuardError::Encoding { .. } => ErrorClass::Permanent,
+            GuardError::Conflict { .. }
+            | GuardError::Encoding { .. }
+            | GuardError::TtlTooShort { .. } => ErrorClass::Permanent,
             GuardError::Effect(inner) => inner.classify(),
             GuardError::Store(err) if err.is_transient() => ErrorClass::TRANSIENT,
             GuardError::Store(_) => ErrorClass::Permanent,
@@ -106,7 +124,23 @@ impl IdempotencyGuard {
         Self {
             store,
             in_progress_ttl: DEFAULT_IN_PROGRESS_TTL,
+            min_ttl: None,
         }
+    }
+
+    /// Refuses record TTLs shorter than `ttl` ([`GuardError::TtlTooShort`]). The guard of a
+    /// step ([`StepContext::guard`](crate::StepContext::guard)) sets it to the step's
+    /// [`key_lifetime`](crate::StepContext::key_lifetime).
+    #[must_use]
+    pub fn with_min_ttl(mut self, ttl: Duration) -> Self {
+        self.min_ttl = Some(ttl);
+        self
+    }
+
+    /// The shortest record TTL this guard accepts, if any.
+    #[must_use]
+    pub fn min_ttl(&self) -> Option<Duration> {
+        self.min_ttl
     }
 
     /// How long a claim blocks duplicates if its holder dies before completing.
@@ -123,7 +157,9 @@ impl IdempotencyGuard {
     /// - key completed with the same `fingerprint`: returns the recorded result, no run;
     /// - key in progress elsewhere: [`GuardError::InProgress`] (transient, to be retried
     ///   after the in-progress TTL at the latest);
-    /// - key used with another fingerprint: [`GuardError::Conflict`] (permanent).
+    /// - key used with another fingerprint: [`GuardError::Conflict`] (permanent);
+    /// - `ttl` below the guard's [`min_ttl`](Self::min_ttl): [`GuardError::TtlTooShort`]
+    ///   (permanent), before anything is claimed or run.
     ///
     /// # Errors
     /// As above, plus [`GuardError::Effect`] and store or encoding failures.
@@ -143,6 +179,15 @@ impl IdempotencyGuard {
             key: key.to_owned(),
             source,
         };
+        if let Some(needed) = self.min_ttl
+            && ttl < needed
+        {
+            return Err(GuardError::TtlTooShort {
+                key: key.to_owned(),
+                ttl,
+                needed,
+            });
+        }
         let print = serde_json::to_value(fingerprint).map_err(encoding)?;
         let print = crate::fingerprint("guard", &print);
         let claim = self

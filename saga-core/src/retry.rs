@@ -275,6 +275,52 @@ impl RetryPolicy {
         }
     }
 
+    /// The longest time this policy keeps one step's attempts going, from the start of the
+    /// first attempt to the end of the last, when each attempt is bounded by `timeout`: every
+    /// attempt running for its whole timeout, with the longest delay the schedule allows
+    /// between them (jitter only shortens delays). With a `max_elapsed` limit it is at most
+    /// that limit plus one attempt. `None` when an attempt has no timeout (it could run for
+    /// ever). A retry-after hint from a server replaces the computed delay and is not
+    /// counted here: a hint longer than the schedule's delay extends the span.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use saga_core::{Jitter, RetryPolicy};
+    ///
+    /// let policy = RetryPolicy::default()
+    ///     .with_max_attempts(3)
+    ///     .with_initial_delay(Duration::from_secs(1))
+    ///     .with_max_delay(Duration::from_secs(10))
+    ///     .with_jitter(Jitter::Full);
+    /// // 3 attempts of at most 5 s, and at most 1 s then 2 s between them.
+    /// assert_eq!(policy.schedule_span(Some(Duration::from_secs(5))), Some(Duration::from_secs(18)));
+    /// assert_eq!(policy.schedule_span(None), None);
+    /// ```
+    #[must_use]
+    pub fn schedule_span(&self, timeout: Option<Duration>) -> Option<Duration> {
+        let timeout = timeout?;
+        // Sum the growing delays until they reach the cap; every later one is the cap, so
+        // a policy with millions of attempts costs as much as one with a few.
+        let mut delays = Duration::ZERO;
+        let mut failed = 1;
+        while failed < self.max_attempts {
+            let delay = self.base_delay(failed);
+            if delay >= self.max_delay {
+                let rest = self.max_attempts - failed;
+                delays = delays.saturating_add(self.max_delay.saturating_mul(rest));
+                break;
+            }
+            delays = delays.saturating_add(delay);
+            failed += 1;
+        }
+        let attempts = timeout.saturating_mul(self.max_attempts);
+        let span = delays.saturating_add(attempts);
+        Some(match self.max_elapsed {
+            Some(limit) => span.min(limit.saturating_add(timeout)),
+            None => span,
+        })
+    }
+
     /// What to do after attempt `failed_attempt` failed with `class`, `elapsed` after the
     /// first attempt started.
     #[must_use]
@@ -379,6 +425,34 @@ mod tests {
             &mut rng,
         );
         assert_eq!(decision, RetryDecision::RetryAfter(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn schedule_span_counts_timeouts_and_capped_delays_and_stops_at_the_elapsed_limit() {
+        let s = Duration::from_secs;
+        let policy = RetryPolicy::default()
+            .with_max_attempts(5)
+            .with_initial_delay(s(1))
+            .with_max_delay(s(3));
+        // Delays 1, 2, 3, 3 (capped); 5 attempts of 10 s.
+        assert_eq!(policy.schedule_span(Some(s(10))), Some(s(59)));
+        assert_eq!(
+            policy
+                .clone()
+                .with_max_elapsed(s(20))
+                .schedule_span(Some(s(10))),
+            Some(s(30)),
+            "at most the limit plus one attempt"
+        );
+        assert_eq!(
+            RetryPolicy::no_retry().schedule_span(Some(s(7))),
+            Some(s(7))
+        );
+        assert_eq!(
+            policy.with_max_attempts(u32::MAX).schedule_span(Some(s(1))),
+            Some(s(1 + 2 + 3 * u64::from(u32::MAX - 3) + u64::from(u32::MAX))),
+            "the capped delays are counted at once, not one by one"
+        );
     }
 
     #[test]

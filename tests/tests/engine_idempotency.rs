@@ -485,3 +485,211 @@ async fn guard_makes_a_re_run_step_apply_its_effect_once() {
     let store: &Arc<dyn SagaStore> = engine.store();
     assert!(store.load(id).await.unwrap().is_some());
 }
+
+/// Charges through the guard with a record TTL it is given, under a known schedule: at
+/// most 3 attempts of at most 5 s, 1 s then 2 s apart. It records the key lifetime it saw.
+struct ShortLivedCharge {
+    ttl: Duration,
+    seen_lifetime: Arc<Mutex<Option<Duration>>>,
+}
+
+impl Step for ShortLivedCharge {
+    type Input = u32;
+    type Output = u32;
+    type Error = GuardError<ScriptError>;
+    const NAME: &'static str = "short_lived_charge";
+    const COMPENSATION: Compensation = Compensation::None;
+
+    async fn forward(&self, ctx: &StepContext, amount: u32) -> Result<u32, Self::Error> {
+        *self.seen_lifetime.lock().unwrap() = ctx.key_lifetime();
+        let bank = ctx
+            .resource::<Arc<Bank>>()
+            .map_err(|e| GuardError::Effect(e.into()))?;
+        ctx.guard()
+            .once(ctx.idempotency_key(), &amount, self.ttl, || async {
+                Ok(bank.charges.fetch_add(1, Ordering::SeqCst) + 1)
+            })
+            .await
+    }
+
+    fn retry_policy(&self) -> saga_core::RetryPolicy {
+        saga_core::RetryPolicy::default()
+            .with_max_attempts(3)
+            .with_initial_delay(Duration::from_secs(1))
+            .with_max_delay(Duration::from_secs(10))
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        Some(Duration::from_secs(5))
+    }
+}
+
+struct ShortLivedCheckout {
+    ttl: Duration,
+    seen_lifetime: Arc<Mutex<Option<Duration>>>,
+}
+
+impl Saga for ShortLivedCheckout {
+    type Input = u32;
+    type Output = u32;
+    const NAME: &'static str = "short_lived_checkout";
+
+    async fn run(&self, saga: &mut SagaContext, amount: u32) -> Result<u32, SagaError> {
+        let step = ShortLivedCharge {
+            ttl: self.ttl,
+            seen_lifetime: Arc::clone(&self.seen_lifetime),
+        };
+        saga.run(step, amount).await
+    }
+}
+
+/// With a 10 s lease and 2 allowed interruptions: 3 × 5 s of attempts, 1 s + 2 s of
+/// backoff, 2 × 10 s of lapsed leases.
+const SHORT_LIVED_KEY_LIFETIME: Duration = Duration::from_secs(15 + 3 + 20);
+
+fn short_lived_engine(
+    h: &Harness,
+    bank: &Arc<Bank>,
+    ttl: Duration,
+) -> (saga_core::Engine, Arc<Mutex<Option<Duration>>>) {
+    let seen = Arc::new(Mutex::new(None));
+    let engine = h
+        .builder(Plan::default())
+        .lease_ttl(Duration::from_secs(10))
+        .max_interruptions(2)
+        .register(ShortLivedCheckout {
+            ttl,
+            seen_lifetime: Arc::clone(&seen),
+        })
+        .resource(Arc::clone(bank))
+        .build()
+        .unwrap();
+    (engine, seen)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_guard_ttl_shorter_than_the_keys_lifetime_is_refused_before_the_effect() {
+    let h = Harness::new();
+    let bank = Arc::new(Bank::default());
+    let too_short = SHORT_LIVED_KEY_LIFETIME - Duration::from_secs(1);
+    let (engine, seen) = short_lived_engine(&h, &bank, too_short);
+
+    let outcome = engine
+        .execute::<ShortLivedCheckout>(&100, StartOptions::default())
+        .await
+        .unwrap();
+
+    assert_eq!(*seen.lock().unwrap(), Some(SHORT_LIVED_KEY_LIFETIME));
+    assert_eq!(
+        bank.charges.load(Ordering::SeqCst),
+        0,
+        "nothing was charged"
+    );
+    assert_eq!(outcome.status, SagaStatus::Compensated);
+    let history = engine.history(outcome.id).await.unwrap();
+    let attempts = saga_tests::started_attempts(&history, 0);
+    assert_eq!(attempts, [1], "permanent: not retried");
+    let failed = serde_json::to_string(&history).unwrap();
+    assert!(
+        failed.contains("shorter than the 38s") && failed.contains("at least 38s"),
+        "the step's failure says what TTL is needed: {failed}"
+    );
+
+    // At the lifetime, the same step charges once.
+    let h = Harness::new();
+    let (engine, _) = short_lived_engine(&h, &bank, SHORT_LIVED_KEY_LIFETIME);
+    let outcome = engine
+        .execute::<ShortLivedCheckout>(&100, StartOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(outcome.status, SagaStatus::Completed);
+    assert_eq!(bank.charges.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn check_guard_ttl_rejects_a_short_ttl_at_configuration() {
+    let h = Harness::new();
+    let bank = Arc::new(Bank::default());
+    let (engine, _) = short_lived_engine(&h, &bank, HOUR);
+    let step = ShortLivedCharge {
+        ttl: HOUR,
+        seen_lifetime: Arc::default(),
+    };
+
+    let err = engine
+        .check_guard_ttl(&step, Duration::from_secs(30))
+        .unwrap_err();
+    let EngineError::Config(message) = &err else {
+        panic!("expected a configuration error, got {err:?}");
+    };
+    assert!(
+        message.contains("short_lived_charge")
+            && message.contains("forward")
+            && message.contains("30s")
+            && message.contains("at least 38s"),
+        "{message}"
+    );
+    engine
+        .check_guard_ttl(&step, SHORT_LIVED_KEY_LIFETIME)
+        .unwrap();
+    assert_eq!(
+        engine
+            .config()
+            .key_lifetime(&step.retry_policy(), step.timeout()),
+        Some(SHORT_LIVED_KEY_LIFETIME)
+    );
+
+    // A compensating step is checked over its compensation policy too (10 attempts of up
+    // to 30 s by default: 371 s here, against 110 s forward).
+    let err = engine
+        .check_guard_ttl(&Refund, Duration::from_secs(300))
+        .unwrap_err();
+    assert!(err.to_string().contains("compensation"), "{err}");
+    // A step without a timeout has no known bound: accepted.
+    engine
+        .check_guard_ttl(&Unbounded, Duration::from_secs(1))
+        .unwrap();
+}
+
+/// A compensating step with the default policies and timeout.
+struct Refund;
+
+impl Step for Refund {
+    type Input = u32;
+    type Output = u32;
+    type Error = ScriptError;
+    const NAME: &'static str = "refund";
+    const COMPENSATION: Compensation = Compensation::OnSuccess;
+
+    async fn forward(&self, _ctx: &StepContext, amount: u32) -> Result<u32, ScriptError> {
+        Ok(amount)
+    }
+
+    async fn compensate(
+        &self,
+        _ctx: &StepContext,
+        _amount: u32,
+        _output: Option<u32>,
+    ) -> Result<(), ScriptError> {
+        Ok(())
+    }
+}
+
+/// A step whose attempts have no timeout.
+struct Unbounded;
+
+impl Step for Unbounded {
+    type Input = u32;
+    type Output = u32;
+    type Error = ScriptError;
+    const NAME: &'static str = "unbounded";
+    const COMPENSATION: Compensation = Compensation::None;
+
+    async fn forward(&self, _ctx: &StepContext, amount: u32) -> Result<u32, ScriptError> {
+        Ok(amount)
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
+}

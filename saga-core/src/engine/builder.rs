@@ -52,6 +52,23 @@ impl Default for EngineConfig {
     }
 }
 
+impl EngineConfig {
+    /// How long an engine with these settings may go on running one step phase under its
+    /// idempotency key, for a phase retried by `policy` with attempts bounded by `timeout`:
+    /// [`RetryPolicy::schedule_span`] plus one lapsed lease per allowed interruption. `None`
+    /// when `timeout` is `None`. See [`StepContext::key_lifetime`](crate::StepContext::key_lifetime).
+    #[must_use]
+    pub fn key_lifetime(
+        &self,
+        policy: &RetryPolicy,
+        timeout: Option<Duration>,
+    ) -> Option<Duration> {
+        let span = policy.schedule_span(timeout)?;
+        let lapses = self.lease_ttl.saturating_mul(self.max_interruptions);
+        Some(span.saturating_add(lapses))
+    }
+}
+
 /// Builds an [`Engine`].
 pub struct EngineBuilder {
     store: Arc<dyn SagaStore>,

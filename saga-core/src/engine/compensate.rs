@@ -405,7 +405,9 @@ impl AttemptPhase for Undoing<'_> {
         let (position, name) = (self.record.position, self.registered.step.name());
         let attempt = current.number;
         let span = current.span.clone();
-        let step_ctx = ctx.step_context(name, position, attempt, Phase::Compensate, span);
+        let mut step_ctx = ctx.step_context(name, position, attempt, Phase::Compensate, span);
+        let step = &self.registered.step;
+        step_ctx.key_lifetime = ctx.key_lifetime(&step.compensation_policy(), step.timeout());
         let clock = tokio::time::Instant::now();
         self.decided = None;
         self.check_just_failed = false;

@@ -695,7 +695,18 @@ impl SagaContext {
             resources: Arc::clone(&self.shared.resources),
             store: Arc::clone(&self.shared.store),
             span,
+            key_lifetime: None,
         }
+    }
+
+    /// How long this engine may run a phase under one key (see
+    /// [`StepContext::key_lifetime`]), for the contexts of attempts, which can apply effects.
+    pub(crate) fn key_lifetime(
+        &self,
+        policy: &crate::RetryPolicy,
+        timeout: Option<std::time::Duration>,
+    ) -> Option<std::time::Duration> {
+        self.shared.config.key_lifetime(policy, timeout)
     }
 
     async fn reconcile<S: Step>(
@@ -997,7 +1008,7 @@ impl<S: Step> AttemptPhase for ForwardStep<S> {
     ) -> Result<Tried<S::Output>, Halt> {
         let (attempt, key, span) = (current.number, &current.key, &current.span);
         self.start(ctx, attempt, key).await?;
-        let step_ctx = ctx.step_context_with_key(
+        let mut step_ctx = ctx.step_context_with_key(
             S::NAME,
             self.position,
             attempt,
@@ -1005,6 +1016,7 @@ impl<S: Step> AttemptPhase for ForwardStep<S> {
             span.clone(),
             key.to_owned(),
         );
+        step_ctx.key_lifetime = ctx.key_lifetime(&self.step.retry_policy(), self.step.timeout());
         let input = match self.input.take() {
             Some(value) => value,
             None => serde_json::from_value(self.input_value.clone()).map_err(|err| {

@@ -30,7 +30,8 @@ pub enum SagaError {
     Cancelled(String),
     /// The workflow called a different step than its journal records at this position: the
     /// code changed under a running saga, or it depends on something not journaled (use
-    /// `SagaContext::now`/`uuid`). The saga ends `Failed` without compensating.
+    /// `SagaContext::now`/`uuid`). The saga is quarantined without compensating, until
+    /// the code it started under is deployed and it is retried.
     #[error("non-deterministic workflow at journal position {position}: {message}")]
     NonDeterministic {
         /// Journal position.

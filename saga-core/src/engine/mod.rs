@@ -32,6 +32,7 @@ mod start;
 mod wait;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use builder::{EngineBuilder, EngineConfig};
 pub(crate) use child::{CHILD_FINISHED, CHILD_OUTCOME, START_CHILD};
@@ -110,6 +111,46 @@ impl Engine {
     #[must_use]
     pub fn config(&self) -> &EngineConfig {
         &self.shared.config
+    }
+
+    /// Checks, at configuration time, that records kept for `ttl` outlive every use the
+    /// engine can make of `step`'s idempotency keys: its forward key over its retry policy
+    /// and, when it compensates, its compensation key over its compensation policy (see
+    /// [`StepContext::key_lifetime`](crate::StepContext::key_lifetime)). Call it at start-up
+    /// for each step whose effect is deduplicated for a fixed time (an
+    /// [`IdempotencyGuard`](crate::IdempotencyGuard) TTL, a downstream key store's
+    /// retention), so that a too-short TTL stops the deploy instead of allowing a duplicate.
+    ///
+    /// # Errors
+    /// [`EngineError::Config`] naming the step, the phase, the TTL and the shortest one that
+    /// would do. A step without a timeout has no known bound and is accepted; it is then
+    /// up to its TTL to be generous.
+    pub fn check_guard_ttl<S: crate::Step>(
+        &self,
+        step: &S,
+        ttl: Duration,
+    ) -> Result<(), EngineError> {
+        let config = &self.shared.config;
+        let mut phases = vec![("forward", step.retry_policy())];
+        if matches!(
+            S::COMPENSATION,
+            crate::Compensation::OnSuccess | crate::Compensation::Always
+        ) {
+            phases.push(("compensation", step.compensation_retry_policy()));
+        }
+        for (phase, policy) in phases {
+            if let Some(needed) = config.key_lifetime(&policy, step.timeout())
+                && ttl < needed
+            {
+                return Err(EngineError::Config(format!(
+                    "step `{}`: an idempotency record TTL of {ttl:?} is shorter than the {needed:?} its {phase} may still run under one key (retry schedule with every attempt timing out, plus {} lapsed leases of {:?}); use a TTL of at least {needed:?}, or shorten the step's retry policy or timeout",
+                    S::NAME,
+                    config.max_interruptions,
+                    config.lease_ttl
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// What this engine knows about the sagas it runs itself (for the local coordinator).

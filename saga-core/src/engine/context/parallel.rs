@@ -601,7 +601,7 @@ impl SagaContext {
                 branch = index,
                 idempotency_key = %key
             );
-            let step_ctx = self.step_context_with_key(
+            let mut step_ctx = self.step_context_with_key(
                 branch.name,
                 position,
                 attempt,
@@ -609,6 +609,8 @@ impl SagaContext {
                 span.clone(),
                 key,
             );
+            step_ctx.key_lifetime =
+                self.key_lifetime(&branch.step.retry_policy(), branch.step.timeout());
             let step = Arc::clone(&branch.step);
             let input = block.inputs[index].clone();
             block.tasks.spawn(
