@@ -11,7 +11,10 @@
 //!   the server require a client certificate (mutual TLS).
 //! - [`RedisCluster::start`] spawns a local Redis Cluster of masters (no replicas) and waits
 //!   until every node reports `cluster_state:ok`; [`RedisCluster::start_with`] configures
-//!   its nodes (AOF, ACL users).
+//!   its nodes (AOF, ACL users). [`RedisCluster::start_with_replicas`] adds replicas (with a
+//!   short `cluster-node-timeout`, so failovers take seconds), and the cluster's fault helpers
+//!   kill, restart, pause (`SIGSTOP`) and resume nodes, fail over by hand or by force, and
+//!   move slots between masters, every wait bounded.
 //! - [`shared_server`] and [`shared_cluster`] give one server (cluster) per test process,
 //!   shared by all its tests: each test then uses its own key prefix. They honour
 //!   `REDIS_URL` (and `REDIS_CLUSTER_URLS`, comma-separated) to use servers that already run.
@@ -47,6 +50,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+mod cluster;
+
+pub use cluster::{ClusterNode, RedisCluster};
 
 /// How long a server may take to answer `PING` (or a cluster to reach `cluster_state:ok`).
 pub const START_BOUND: Duration = Duration::from_secs(30);
@@ -507,84 +514,6 @@ impl Process {
         let _ = self.watchdog.wait();
         let _ = self.server.kill();
         let _ = self.server.wait();
-    }
-}
-
-/// A local Redis Cluster of masters without replicas, started by this test process.
-#[derive(Debug)]
-pub struct RedisCluster {
-    nodes: Vec<RedisServer>,
-}
-
-impl RedisCluster {
-    /// Starts `masters` cluster-enabled servers, joins them with
-    /// `redis-cli --cluster create ... --cluster-replicas 0 --cluster-yes`, and waits until
-    /// every node reports `cluster_state:ok`.
-    #[must_use]
-    pub fn start(masters: usize) -> Self {
-        Self::start_with(masters, &ServerConfig::new())
-    }
-
-    /// As [`start`](Self::start), each node configured with `config` (e.g.
-    /// [`ServerConfig::durable`], ACL users). The `default` user must keep the permissions
-    /// that `redis-cli --cluster create` and `CLUSTER INFO` need without a password; restrict
-    /// it afterwards (`ACL SETUSER` on each node) to test other rules.
-    #[must_use]
-    pub fn start_with(masters: usize, config: &ServerConfig) -> Self {
-        require_binary("redis-cli");
-        let nodes: Vec<RedisServer> = (0..masters)
-            .map(|_| RedisServer::start(config.clone().cluster_node()))
-            .collect();
-        let cluster = RedisCluster { nodes };
-        let mut create = Command::new(binary("redis-cli"));
-        create.arg("--cluster").arg("create");
-        for node in &cluster.nodes {
-            create.arg(format!("127.0.0.1:{}", node.port));
-        }
-        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
-        let output = create
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|err| panic!("cannot run redis-cli --cluster create: {err}"));
-        if !output.status.success() {
-            panic!(
-                "redis-cli --cluster create failed ({}):\n{}{}",
-                output.status,
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        let deadline = Instant::now() + START_BOUND;
-        for node in &cluster.nodes {
-            loop {
-                let info = cluster_info(&node.url());
-                if info.as_deref().is_ok_and(|info| {
-                    info.contains("cluster_state:ok")
-                        && info.contains(&format!("cluster_known_nodes:{masters}"))
-                }) {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "cluster node on port {} did not reach cluster_state:ok within {START_BOUND:?}: {info:?}",
-                    node.port
-                );
-                std::thread::sleep(POLL_PAUSE);
-            }
-        }
-        cluster
-    }
-
-    /// The nodes' URLs (`redis://127.0.0.1:<port>`).
-    #[must_use]
-    pub fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(RedisServer::url).collect()
-    }
-
-    /// The nodes.
-    #[must_use]
-    pub fn nodes(&self) -> &[RedisServer] {
-        &self.nodes
     }
 }
 

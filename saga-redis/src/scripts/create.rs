@@ -51,7 +51,11 @@ pub(crate) async fn create(store: &RedisStore, new: NewSaga) -> Result<CreateOut
                 });
                 Ok(Answer::Wrote(CreateOutcome::Created { lease }))
             }
-            ReplyCode::Existing => Ok(Answer::Read(CreateOutcome::Existing {
+            // The saga found may be this caller's own create whose replica wait failed (a
+            // retried start): answered only after the replica wait too, or a start would be
+            // acknowledged while its saga is on the primary alone. `WAIT` counts every write
+            // this connection made before it, that create included.
+            ReplyCode::Existing => Ok(Answer::Wrote(CreateOutcome::Existing {
                 status: reply.status(id)?,
             })),
             ReplyCode::Conflict => Err(StoreError::IdempotencyConflict { saga: id }),

@@ -47,7 +47,9 @@ pub(crate) async fn deliver_signal(
                 }
                 Ok(Answer::Wrote(DeliveryOutcome::Delivered { sequence }))
             }
-            ReplyCode::Duplicate => Ok(Answer::Read(DeliveryOutcome::Duplicate {
+            // The signal found may be this sender's own earlier delivery whose replica wait
+            // failed: answered only after the replica wait, as the delivery would have been.
+            ReplyCode::Duplicate => Ok(Answer::Wrote(DeliveryOutcome::Duplicate {
                 sequence: reply.uint()?,
             })),
             ReplyCode::Conflict => Err(StoreError::SignalConflict {

@@ -34,7 +34,10 @@ pub(crate) async fn guard_claim(
     store
         .call(call, |code, reply| match code {
             ReplyCode::Claimed => Ok(Answer::Wrote(GuardClaim::Claimed { token })),
-            ReplyCode::Completed => Ok(Answer::Read(GuardClaim::Completed {
+            // The record found may have been completed on this connection by a call whose
+            // replica wait failed: it is trusted (the effect not run again) only once the
+            // replicas have it too.
+            ReplyCode::Completed => Ok(Answer::Wrote(GuardClaim::Completed {
                 result: reply.string()?,
             })),
             ReplyCode::InProgress => Ok(Answer::Read(GuardClaim::InProgress)),

@@ -33,12 +33,11 @@ pub(crate) async fn request_cancel(
         .call(call, |code, reply| match code {
             ReplyCode::Requested => {
                 store.hints().mark_dirty(p);
-                // Only the first request appends (and so writes).
-                Ok(if reply.flag()? {
-                    Answer::Wrote(CancelOutcome::Requested)
-                } else {
-                    Answer::Read(CancelOutcome::Requested)
-                })
+                // Only the first request appends, but a repeated one may be the retry of a
+                // first whose replica wait failed: both are answered after the replica wait,
+                // so that a cancel is never acknowledged while it is on the primary alone.
+                let _first_request = reply.flag()?;
+                Ok(Answer::Wrote(CancelOutcome::Requested))
             }
             ReplyCode::Finished => Ok(Answer::Read(CancelOutcome::AlreadyFinished(
                 reply.status(id)?,
