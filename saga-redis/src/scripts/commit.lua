@@ -84,7 +84,15 @@ if refused then
   return refused
 end
 
--- Validated; write.
+-- Validated; write (the wake-up first: see publish_wake).
+if schedule == 'await' and redis.call('LLEN', KEYS[11]) > seen then
+  span = 0
+end
+if schedule == 'finished' then
+  publish_wake(KEYS[1], 'finished', id)
+elseif (schedule == 'wake' or schedule == 'await') and span == 0 then
+  publish_wake(KEYS[1], 'due', id)
+end
 local now = now_ms()
 for i = 12, 11 + n do
   redis.call('RPUSH', KEYS[2], ARGV[i])
@@ -102,19 +110,11 @@ elseif schedule == 'wake' then
   redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
   redis.call('ZADD', KEYS[3], int(now + span), id)
 elseif schedule == 'await' then
-  if redis.call('LLEN', KEYS[11]) > seen then
-    span = 0
-  end
   redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
   redis.call('ZADD', KEYS[3], int(now + span), id)
 else
   redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
   redis.call('ZREM', KEYS[3], id)
   redis.call('ZADD', KEYS[5], int(now), id)
-end
-if schedule == 'finished' then
-  publish_wake(KEYS[1], 'finished', id)
-elseif (schedule == 'wake' or schedule == 'await') and span == 0 then
-  publish_wake(KEYS[1], 'due', id)
 end
 return { 'ok', tonumber(f.cancel), 1 }

@@ -80,7 +80,10 @@ if key_type(KEYS[2]) ~= 'none' then
   return { 'corrupt', 'key ' .. KEYS[2] .. ' exists without its saga hash' }
 end
 
--- Validated; write.
+-- Validated; write (the wake-up first: see publish_wake).
+if owner == '' then
+  publish_wake(KEYS[1], 'created', id)
+end
 local now = now_ms()
 local fence, due = 0, now
 local fields = { 'type', saga_type, 'type_key', type_key, 'status', 'running', 'state', state,
@@ -108,7 +111,4 @@ redis.call('ZADD', KEYS[3], int(due), id)
 redis.call('ZADD', KEYS[4], 0, id)
 redis.call('ZADD', KEYS[5], 0, id)
 redis.call('ZADD', KEYS[6], 0, id)
-if owner == '' then
-  publish_wake(KEYS[1], 'created', id)
-end
 return { 'created', fence, now }

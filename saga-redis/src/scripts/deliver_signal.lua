@@ -75,18 +75,20 @@ if count >= max_signals and string.sub(name, 1, 5) ~= 'saga.' then
   return { 'inbox_full', max_signals }
 end
 
--- Validated; write.
+-- Validated; write (the wake-up first: see publish_wake).
 local now = now_ms()
 local sequence = count + 1
+local held = f.owner and f.lease_until > now
+local due = 0
+if not held and redis.call('HEXISTS', KEYS[4], id) == 0 then
+  due = 1
+  publish_wake(KEYS[1], 'signal', id)
+end
 redis.call('RPUSH', KEYS[5], entry)
 redis.call('HSET', KEYS[6], field, int(sequence))
 redis.call('HSET', KEYS[1], 'updated_at', int(now))
 redis.call('RPUSH', KEYS[2], event)
-local held = f.owner and f.lease_until > now
-local due = 0
-if not held and redis.call('HEXISTS', KEYS[4], id) == 0 then
+if due == 1 then
   redis.call('ZADD', KEYS[3], int(now), id)
-  due = 1
-  publish_wake(KEYS[1], 'signal', id)
 end
 return { 'delivered', sequence, due }

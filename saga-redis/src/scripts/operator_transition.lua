@@ -87,6 +87,8 @@ if not expected[f.status] then
 end
 
 -- Validated; write.
+-- The wake-up first: see publish_wake.
+publish_wake(KEYS[1], 'operator', id)
 local now = now_ms()
 for i = 10, 9 + n do
   redis.call('RPUSH', KEYS[2], ARGV[i])
@@ -106,5 +108,4 @@ else
   redis.call('ZREM', KEYS[3], id)
   redis.call('ZADD', KEYS[5], int(now), id)
 end
-publish_wake(KEYS[1], 'operator', id)
 return { 'ok', tonumber(f.cancel), 1 }

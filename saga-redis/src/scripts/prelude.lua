@@ -198,9 +198,14 @@ end
 -- Tells the prefix's subscribers that work may be waiting: PUBLISHes '<what> <id>' on
 -- '<prefix>:wake', the prefix being what precedes the partition tag in `saga_key`
 -- ('<prefix>:{pNN}:saga:<id>'; a prefix never contains braces). PUBLISH takes no key, so it
--- is cluster-safe, and a cluster delivers it to subscribers on every node. Call it last:
--- it is a write of the script (the message is fire-and-forget; a script that fails before
--- it publishes nothing).
+-- is cluster-safe, and a cluster delivers it to subscribers on every node. Call it after
+-- the checks and BEFORE the first write: PUBLISH is the one command of a write half the
+-- server may still refuse (an ACL user without permission on the channel; Redis 7 gives new
+-- users `resetchannels`), and a refusal after a write would leave the writes applied with
+-- the caller told the call failed. Publishing first is safe: a subscriber acts on the
+-- message with commands of its own, which run after this script; and a message whose
+-- writes are then refused (OOM at the first write) is a spurious wake-up, which callers
+-- allow.
 local function publish_wake(saga_key, what, id)
   local cut = string.find(saga_key, ':{p', 1, true)
   if cut then

@@ -28,7 +28,8 @@ if refused then
 end
 
 -- Validated; write.
+-- The wake-up first: see publish_wake.
+publish_wake(KEYS[1], 'released', id)
 redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
 redis.call('ZADD', KEYS[2], int(now_ms()), id)
-publish_wake(KEYS[1], 'released', id)
 return { 'ok' }

@@ -36,6 +36,8 @@ if f.cancel == '1' then
 end
 
 -- Validated; write.
+-- The wake-up first: see publish_wake.
+publish_wake(KEYS[1], 'cancel', id)
 local now = now_ms()
 redis.call('HSET', KEYS[1], 'cancel', '1', 'updated_at', int(now))
 redis.call('RPUSH', KEYS[2], event)
@@ -43,5 +45,4 @@ local held = f.owner and f.lease_until > now
 if not held and redis.call('HEXISTS', KEYS[4], id) == 0 then
   redis.call('ZADD', KEYS[3], int(now), id)
 end
-publish_wake(KEYS[1], 'cancel', id)
 return { 'requested', 1 }
