@@ -17,12 +17,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use saga_core::{Coordinator, CoordinatorReport, Engine};
+use saga_core::{Coordinator, CoordinatorReport, Engine, SagaStore};
 use saga_http::{HttpApi, ServeConfig};
 use tokio::sync::watch;
 use tokio::task::{JoinError, JoinHandle};
 
 use crate::api::ApiArgs;
+use crate::kill_plan::KillPlanStore;
 use crate::ledger::OfficeStore;
 use crate::ops::{self, BoxError, LogFormat, StoreArgs, WorldArgs};
 
@@ -85,6 +86,10 @@ pub struct CoordinatorArgs {
     /// The simulated services' faults and latency.
     #[command(flatten)]
     pub world: WorldArgs,
+    /// Fault-injection hook for tests, never for production: with this seed the process
+    /// SIGKILLs itself at a seeded point of each saga's life (see `saga_examples::kill_plan`).
+    #[arg(long, hide = true)]
+    pub kill_plan: Option<u64>,
 }
 
 /// `--retention`: a duration, or `off`.
@@ -177,6 +182,10 @@ pub async fn run(args: CoordinatorArgs) -> Result<CoordinatorReport, BoxError> {
 /// waits and client retries.
 async fn build_engine(args: &CoordinatorArgs, owner: &str) -> Result<Engine, BoxError> {
     let (store, office) = args.store.connect().await?;
+    let store: Arc<dyn SagaStore> = match args.kill_plan {
+        Some(seed) => Arc::new(KillPlanStore::wrap(store, &args.store, seed, args.workers).await?),
+        None => store,
+    };
     let office: Arc<dyn OfficeStore> = office;
     let engine = ops::engine_builder(store, owner)
         .resource(args.world.backoffice(office))

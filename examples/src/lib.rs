@@ -8,6 +8,7 @@
 pub mod api;
 pub mod coordinator;
 pub mod deal;
+pub mod kill_plan;
 pub mod ledger;
 pub mod load;
 pub mod ops;

@@ -160,7 +160,19 @@ impl Coordinator {
     /// poll interval passes), with several claims in flight when the store is slow; and a
     /// saga started on this engine while a worker is free is created with its lease and
     /// handed to that worker directly. A worker slot is freed the moment its run ends.
+    ///
+    /// An engine whose shutdown has begun ([`Engine::begin_shutdown`](crate::Engine::begin_shutdown), which a previous
+    /// coordinator's shutdown calls) runs nothing more: on such an engine `run` returns at
+    /// once with an empty report, and a shutdown begun elsewhere during the run ends it as
+    /// `shutdown` would. (Otherwise every saga claimed would stop at once and be due again,
+    /// claimed again, for ever.) Build a new engine for a new coordinator.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> CoordinatorReport {
+        if self.engine.is_shutting_down() {
+            tracing::warn!(
+                "coordinator not started: its engine was shut down (irreversibly); build a new engine for a new coordinator"
+            );
+            return CoordinatorReport::default();
+        }
         let store = Arc::clone(self.engine.store());
         let slots = Arc::new(Semaphore::new(self.workers));
         let (handoff_tx, mut handoffs) = mpsc::unbounded_channel::<Handoff>();
@@ -198,6 +210,10 @@ impl Coordinator {
                 () = &mut shutdown => break,
                 Some(joined) = running.join_next_with_id(), if !running.is_empty() => {
                     record(&mut report, &mut leases, joined);
+                    if self.engine.is_shutting_down() {
+                        tracing::warn!("the engine was shut down under its coordinator: the coordinator stops");
+                        break;
+                    }
                 }
                 Some(handoff) = handoffs.recv() => {
                     spawn_run(&self.engine, &mut running, &mut leases, handoff);

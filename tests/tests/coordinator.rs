@@ -447,3 +447,48 @@ async fn wait_times_out_when_nothing_runs_the_saga() {
         Err(EngineError::NotFound(missing)) if missing == unknown
     ));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_coordinator_on_a_shut_down_engine_runs_nothing_and_returns_at_once() {
+    let h = Harness::new();
+    let plan = Plan::linear(2);
+    let worker = engine_as(&h, plan.clone(), "coordinator-a", Duration::from_secs(30));
+    let first = Running::spawn(Coordinator::new(worker.clone()), worker.clone());
+    first.stop().await;
+    assert!(
+        worker.is_shutting_down(),
+        "a coordinator's shutdown shuts its engine down"
+    );
+    let client = h.engine(plan.clone());
+    let id = start(&client, 1).await;
+
+    // The stopped coordinator's engine again: returns without claiming, instead of claiming
+    // the due saga, stopping it at once and claiming it again for ever.
+    let report = Coordinator::new(worker)
+        .run(std::future::pending::<()>())
+        .await;
+    assert_eq!(report.runs, 0, "{report:?}");
+    let history = client.history(id).await.unwrap();
+    assert_eq!(count(&history, "LeaseAcquired"), 0, "{history:?}");
+
+    // A shutdown begun elsewhere while a coordinator runs ends that coordinator too.
+    let engine = engine_as(&h, plan, "coordinator-b", Duration::from_secs(30));
+    let running = Running::spawn(Coordinator::new(engine.clone()), engine.clone());
+    let outcome = client.wait(id, HOUR).await.unwrap();
+    assert_eq!(outcome.status, SagaStatus::Completed);
+    let second = start(&client, 2).await;
+    client.wait(second, HOUR).await.unwrap();
+    engine.begin_shutdown();
+    let third = start(&client, 3).await;
+    let report = running.task.await.unwrap();
+    assert!(
+        report.runs <= 3,
+        "at most the sagas due when it stopped: {report:?}"
+    );
+    let history = client.history(third).await.unwrap();
+    assert!(
+        count(&history, "LeaseAcquired") <= 1,
+        "the third saga is not claimed over and over: {history:?}"
+    );
+    drop(running.stop);
+}

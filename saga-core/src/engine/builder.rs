@@ -14,7 +14,8 @@ use crate::{Clock, Resources, RetryPolicy, TokioClock};
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// This coordinator's owner id, written into every lease it takes. Unique per live
-    /// process; a restarted process that keeps its id reclaims its own sagas at once.
+    /// process; a restarted process that keeps its id can claim its own sagas by id at
+    /// once ([`Engine::run_once`]), without waiting for their leases to lapse.
     /// The default (`saga-<pid>-<random>`) is new on every start, so a restarted process
     /// waits for its old leases to lapse: set a stable one with [`EngineBuilder::owner`].
     pub owner: String,
@@ -112,9 +113,12 @@ impl EngineBuilder {
     ///
     /// Give each coordinator process an id of its own that it keeps across restarts (a
     /// StatefulSet pod name, a systemd instance name, a name from its config): a store grants
-    /// a claim to the owner that already holds the lease, so a restarted process with the
-    /// same id reclaims its unfinished sagas at once, while with the random default they wait
-    /// for their leases to lapse ([`EngineConfig::lease_ttl`], 30 s by default). Never give
+    /// a claim by id to the owner that already holds the lease, so a restarted process with
+    /// the same id can take its unfinished sagas back at once with [`Engine::run_once`] (the
+    /// ids it knows), while with the random default they wait for their leases to lapse
+    /// ([`EngineConfig::lease_ttl`], 30 s by default). A [`Coordinator`](crate::Coordinator)'s
+    /// claim loop takes only due sagas, and a held saga is due when its lease expires, so a
+    /// restarted coordinator resumes its sagas then, with any id. Never give
     /// two live processes the same id: each would take the other's leases as its own, and
     /// both would run the same saga. There is no stable default for that reason: nothing a
     /// library can see (host name, process id) is both stable across restarts and unique
