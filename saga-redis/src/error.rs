@@ -111,11 +111,23 @@ pub(crate) fn is_auth_error(err: &RedisError) -> bool {
         || matches!(err.code(), Some("WRONGPASS" | "NOAUTH"))
 }
 
+/// Whether a command inside a script was refused by the ACL. Redis answers that with a plain
+/// `ERR` ("The user executing the script can't run this command or subcommand", "... can't
+/// access at least one of the keys ...", "... can't publish to the channel ..."), not
+/// `NOPERM`, and retrying it cannot help.
+fn is_script_acl_refusal(err: &RedisError) -> bool {
+    err.code() == Some("ERR")
+        && err
+            .detail()
+            .is_some_and(|detail| detail.contains("The user executing the script can't"))
+}
+
 /// Maps a Redis error of operation `op` to a store error, keeping the source:
 ///
 /// - `WRONGTYPE` (data of the wrong type under one of the store's keys) is
 ///   [`StoreError::Corrupt`];
-/// - `NOPERM` and refused credentials (`WRONGPASS`, `NOAUTH`) are [`StoreError::Refused`]:
+/// - `NOPERM`, an ACL refusal inside a script, and refused credentials (`WRONGPASS`,
+///   `NOAUTH`) are [`StoreError::Refused`]:
 ///   not transient, since only a change of the ACL or the URL fixes them, so clients fail at
 ///   once with what to change instead of retrying;
 /// - everything else is [`StoreError::Unavailable`], which callers retry: connection loss
@@ -133,6 +145,7 @@ pub(crate) fn redis_error(op: &str, saga: Option<SagaId>, err: RedisError) -> St
     }
     if matches!(err.kind(), ErrorKind::Server(ServerErrorKind::NoPerm))
         || err.code() == Some("NOPERM")
+        || is_script_acl_refusal(&err)
     {
         return StoreError::Refused {
             message: format!(
@@ -244,6 +257,10 @@ mod tests {
                 "invalid username-password pair or user is disabled.",
             ),
             server_error("NOAUTH", "Authentication required."),
+            server_error(
+                "ERR",
+                "The user executing the script can't publish to the channel mentioned in the command script: b0cd, on @user_script:1.",
+            ),
         ];
         for err in refused {
             let text = err.to_string();

@@ -429,7 +429,9 @@ async fn a_refused_wake_up_publish_writes_nothing() {
         let prefix = fx.store.keys().prefix().to_owned();
         let before = snapshot(&mut fx.conn, &prefix).await;
         let err = match op.run(&fx, &token).await {
-            Err(err) => err.to_string(),
+            // Refused, not retried: only a change of the ACL helps.
+            Err(err @ StoreError::Refused { .. }) => err.to_string(),
+            Err(err) => panic!("{op:?}: an ACL refusal must be `Refused`, got {err:?}"),
             Ok(()) => panic!("{op:?} publishes a wake-up, which `app` may not"),
         };
         assert!(err.contains("publish"), "{op:?}: {err}");
