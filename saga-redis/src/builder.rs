@@ -11,7 +11,7 @@ use saga_core::store::DEFAULT_MAX_PAYLOAD;
 
 use crate::check::{ServerFinding, ServerIssue, UnsafeServerConfig, check_server};
 use crate::connection::Connection;
-use crate::error::{ConnectError, is_auth_error, redact_url as redact};
+use crate::error::{ConnectError, is_auth_error, redact_url as redact, redis_error};
 use crate::hints::DueHints;
 use crate::keys::{KeyLayout, LAYOUT_VERSION};
 use crate::scripts;
@@ -387,6 +387,7 @@ impl RedisStoreBuilder {
         let findings = check_server(&connected.connection, &connected.node_name, &keys).await;
         self.refuse_unsafe(&findings)?;
         check_meta(&connected.connection, &keys, &connected.node_name).await?;
+        check_publish(&connected.connection, &keys, &connected.node_name).await?;
         Ok(self.store(connected, keys, findings))
     }
 
@@ -557,6 +558,35 @@ async fn check_meta(
             prefix: keys.prefix().to_owned(),
             recorded: layout,
             supported: LAYOUT_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that the user may `PUBLISH` on the prefix's wake channel, on every primary. Every
+/// script that changes what is due publishes there before its first write, so without that
+/// permission (Redis 7 gives a new ACL user `resetchannels`) every such write would be
+/// refused: better said once, at start-up, with the fix. The probe message is not a
+/// `<what> <id>` pair; subscribers take it as a hint to look for due work, which is harmless.
+async fn check_publish(
+    connection: &Connection,
+    keys: &KeyLayout,
+    node: &str,
+) -> Result<(), ConnectError> {
+    let channel = keys.wake_channel();
+    let mut cmd = redis::cmd("PUBLISH");
+    cmd.arg(&channel).arg("connected");
+    let mut connection = connection.clone();
+    for (at, reply) in connection.on_every_primary(node, cmd).await {
+        let Err(err) = reply else { continue };
+        return Err(match redis_error("connect", None, err) {
+            StoreError::Refused { message, source } => ConnectError::Store(StoreError::Refused {
+                message: format!(
+                    "{message}; at {at}: the user may not PUBLISH on the wake channel `{channel}`, which every write that makes a saga due does: allow it (`ACL SETUSER <user> &{channel}`)"
+                ),
+                source,
+            }),
+            other => ConnectError::Store(other),
         });
     }
     Ok(())

@@ -389,7 +389,8 @@ async fn a_damaged_key_in_any_write_half_fails_clearly_and_writes_nothing() {
 
 /// The wake-up `PUBLISH` is the one command a script runs that the server can refuse after
 /// the data checks: an ACL user without permission on the wake channel (Redis 7 gives new
-/// users `resetchannels` by default) gets an error from the `PUBLISH`. The scripts publish
+/// users `resetchannels` by default; `connect` refuses such a user, so here the permission
+/// is revoked after connecting) gets an error from the `PUBLISH`. The scripts publish
 /// before their first write, so the refusal writes nothing (a script that published last
 /// would fail with its writes applied, and the caller told it failed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,7 +399,7 @@ async fn a_refused_wake_up_publish_writes_nothing() {
         return;
     }
     let server = saga_redis_testkit::RedisServer::start(
-        saga_redis_testkit::ServerConfig::new().acl_user("app on >pw ~* +@all resetchannels"),
+        saga_redis_testkit::ServerConfig::new().acl_user("app on >pw ~* &* +@all"),
     );
     let url = server.url_with_credentials(Some("app"), "pw");
     let mut cases = 0;
@@ -419,11 +420,27 @@ async fn a_refused_wake_up_publish_writes_nothing() {
             // A signal to a held saga wakes nobody; one to a saga nobody holds does.
             fx.store.release(&fx.lease).await.unwrap();
         }
+        // `connect` refuses a user that may not publish on the wake channel; the permission
+        // is taken away once connected, as an operator's ACL change would.
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("app")
+            .arg("allchannels")
+            .query_async::<()>(&mut fx.conn)
+            .await
+            .unwrap();
         fx.store = RedisStore::builder()
             .url(&url)
             .key_prefix(fx.store.keys().prefix())
             .partitions(1)
             .connect()
+            .await
+            .unwrap();
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("app")
+            .arg("resetchannels")
+            .query_async::<()>(&mut fx.conn)
             .await
             .unwrap();
         let prefix = fx.store.keys().prefix().to_owned();

@@ -90,3 +90,32 @@ async fn acl_user_right_password_works_wrong_one_is_refused() {
         "alice-secret",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_that_may_not_publish_on_the_wake_channel_is_refused_at_connect() {
+    if !can_spawn_servers("a_user_that_may_not_publish_on_the_wake_channel_is_refused_at_connect") {
+        return;
+    }
+    // Redis 7 gives a new ACL user no channel unless told (`acl-pubsub-default resetchannels`).
+    let server = RedisServer::start(
+        ServerConfig::new()
+            .acl_user("nochannels on >pw ~* +@all resetchannels")
+            .acl_user("withchannels on >pw ~* &* +@all"),
+    );
+    let Err(err) = connect(&server.url_with_credentials(Some("nochannels"), "pw")).await else {
+        panic!("a user that may not publish wake-ups must be refused at connect");
+    };
+    let ConnectError::Store(store_err @ saga_core::StoreError::Refused { .. }) = &err else {
+        panic!("expected a refusal, got {err:?}");
+    };
+    let message = store_err.to_string();
+    assert!(
+        message.contains("PUBLISH") && message.contains(":wake") && message.contains("ACL SETUSER"),
+        "the message says what to allow: {message}"
+    );
+    assert!(
+        !message.contains("pw@"),
+        "no password in the message: {message}"
+    );
+    works(&server.url_with_credentials(Some("withchannels"), "pw")).await;
+}
