@@ -20,9 +20,15 @@
 //! proxy.set(Fault::None);
 //! # Ok(()) }
 //! ```
+//!
+//! [`nemesis`] is the harness behind the `saga-chaos` binary: coordinator processes on
+//! real redis-servers under a seeded schedule of kills, pauses past the lease, Redis
+//! restarts, `CLIENT PAUSE`, `maxmemory`, `SCRIPT FLUSH` and proxy faults, with the
+//! invariants checked from the participants' ledger afterwards.
 
 #![forbid(unsafe_code)]
 
+pub mod nemesis;
 mod proxy;
 
 pub use proxy::{
