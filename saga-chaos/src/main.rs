@@ -60,8 +60,9 @@ struct Cli {
     /// Coordinator processes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=16))]
     coordinators: u64,
-    /// Run against a local 3-master Redis Cluster instead of one standalone server (the
-    /// proxy faults and redis-restart do not apply there).
+    /// Run against a local Redis Cluster of 3 masters and 3 replicas instead of one
+    /// standalone server (the proxy faults and redis-restart do not apply there; failover
+    /// applies only there).
     #[arg(long)]
     cluster: bool,
     /// The fault kinds to draw from, comma-separated: kill (SIGKILL a coordinator, start
@@ -69,7 +70,8 @@ struct Cli {
     /// (SIGKILL redis-server, restart on its AOF), client-pause (CLIENT PAUSE ALL),
     /// maxmemory (writes refused with OOM for a few seconds), script-flush (SCRIPT FLUSH),
     /// proxy-latency, proxy-reset, proxy-blackhole, proxy-drop-replies (on one
-    /// coordinator's link). Default: every kind that applies to the mode. Each selected
+    /// coordinator's link), failover (cluster: CLUSTER FAILOVER on a master's replica under
+    /// load). Default: every kind that applies to the mode. Each selected
     /// kind is scheduled at least once when the run is long enough (0.5 s per kind).
     #[arg(long, value_delimiter = ',')]
     faults: Vec<FaultKind>,

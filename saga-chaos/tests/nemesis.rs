@@ -147,7 +147,14 @@ fn a_cluster_run_holds_every_invariant() {
     }
     let report = run(&["--seed", "5", "--seconds", "20", "--cluster"]);
     let kinds = kinds_of(&report);
-    for kind in ["kill", "pause", "client-pause", "maxmemory", "script-flush"] {
+    for kind in [
+        "kill",
+        "pause",
+        "client-pause",
+        "maxmemory",
+        "script-flush",
+        "failover",
+    ] {
         assert!(kinds.contains(kind), "{kind} not scheduled: {kinds:?}");
     }
     assert_eq!(report["mode"], "cluster");

@@ -122,6 +122,7 @@ impl Nemesis {
             }
             (FaultKind::Maxmemory, Target::Redis(n)) => maxmemory(rig, n, &mut obs, &mut pending),
             (FaultKind::ScriptFlush, Target::Redis(n)) => script_flush(rig, n, &mut obs),
+            (FaultKind::Failover, Target::Redis(n)) => failover(rig, n, &mut obs),
             (kind, Target::Coordinator(n)) => {
                 proxy_inject(rig, n, kind, fault.latency, &mut obs, &mut pending)
             }
@@ -421,6 +422,13 @@ fn maxmemory(
     obs.evidence.push(format!(
         "used_memory {used}; CONFIG SET maxmemory {limit}: {reply}; CONFIG GET: {got}"
     ));
+    Ok(())
+}
+
+fn failover(rig: &Rig, n: usize, obs: &mut Observation) -> Result<(), String> {
+    let (what, promoted) = rig.backend.manual_failover(n)?;
+    obs.fired = promoted;
+    obs.evidence.push(what);
     Ok(())
 }
 

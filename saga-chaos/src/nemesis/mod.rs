@@ -80,7 +80,7 @@ impl Options {
         }
         if let Some(kind) = self.faults.iter().find(|k| !k.applies(self.cluster)) {
             return Err(NemesisError::CannotRun(format!(
-                "the fault `{kind}` does not apply to a cluster run (no proxy in front of the nodes, no single-node restart); leave it out of --faults"
+                "the fault `{kind}` does not apply to this mode (a cluster has no proxy in front of its nodes and no single-node restart; a standalone server has no failover); leave it out of --faults"
             )));
         }
         Ok(self.faults.clone())

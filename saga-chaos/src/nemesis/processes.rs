@@ -32,7 +32,7 @@ pub enum Fsync {
 pub enum Backend {
     /// One durable standalone server.
     Standalone(RedisServer),
-    /// A local durable cluster of three masters.
+    /// A local durable cluster of three masters, each with one replica.
     Cluster(RedisCluster),
 }
 
@@ -51,7 +51,11 @@ impl Backend {
         // The testkit panics with an explanation when it cannot start a server.
         std::panic::catch_unwind(move || {
             if cluster {
-                Self::Cluster(RedisCluster::start_with(3, &config))
+                // Failure detection well above a loaded machine's stalls: a master the
+                // cluster fails over by itself while it is only slow would lose the writes
+                // its replica had not yet received (the example's office does not `WAIT`).
+                let config = config.directive("cluster-node-timeout 5000");
+                Self::Cluster(RedisCluster::start_with_replicas(3, 1, &config))
             } else {
                 Self::Standalone(RedisServer::start(config))
             }
@@ -110,6 +114,40 @@ impl Backend {
         }
     }
 
+    /// `CLUSTER FAILOVER` on the replica of the `pick`-th master (modulo the masters there
+    /// are now), waiting until it serves that master's slots and the cluster is healthy
+    /// again. Returns what happened, for the report, and whether the replica is now master.
+    ///
+    /// # Errors
+    /// A standalone server, no master with a replica, or the failover did not complete.
+    pub fn manual_failover(&self, pick: usize) -> Result<(String, bool), String> {
+        let Self::Cluster(cluster) = self else {
+            return Err("a failover needs a cluster".into());
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let masters = cluster.masters();
+            let master = *masters
+                .get(pick % masters.len().max(1))
+                .ok_or("the cluster lists no master")?;
+            let replica = *cluster
+                .replicas_of(master)
+                .first()
+                .ok_or_else(|| format!("node {master} has no replica"))?;
+            cluster.manual_failover(replica, FAILOVER_BOUND);
+            cluster.wait_until_healthy(FAILOVER_BOUND);
+            let promoted = cluster.masters().contains(&replica);
+            Ok((
+                format!(
+                    "CLUSTER FAILOVER on node {replica} (replica of node {master}): node {replica} {} master; masters now {:?}",
+                    if promoted { "is" } else { "is NOT" },
+                    cluster.masters()
+                ),
+                promoted,
+            ))
+        }))
+        .map_err(|panic| panic_text(&*panic))?
+    }
+
     /// Everything node `n` logged.
     #[must_use]
     pub fn log(&self, n: usize) -> String {
@@ -123,6 +161,9 @@ impl Backend {
         }
     }
 }
+
+/// How long a manual failover, and the cluster's agreement on it, may take.
+const FAILOVER_BOUND: Duration = Duration::from_secs(20);
 
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
     panic
