@@ -1,5 +1,4 @@
-//! Fault injection for the saga workspace, the first piece of the nemesis harness of
-//! issue 11.
+//! Fault injection for the saga workspace: a fault proxy and the nemesis harness.
 //!
 //! [`FaultProxy`] is a small TCP proxy on a loopback port that sits between coordinators
 //! (a [`RedisStore`](saga_redis::RedisStore) connected to [`FaultProxy::addr`]) and a Redis
@@ -23,8 +22,8 @@
 //!
 //! [`nemesis`] is the harness behind the `saga-chaos` binary: coordinator processes on
 //! real redis-servers under a seeded schedule of kills, pauses past the lease, Redis
-//! restarts, `CLIENT PAUSE`, `maxmemory`, `SCRIPT FLUSH` and proxy faults, with the
-//! invariants checked from the participants' ledger afterwards.
+//! restarts, `CLIENT PAUSE`, `maxmemory`, `SCRIPT FLUSH`, proxy faults and (on a cluster)
+//! failovers, with the invariants checked from the participants' ledger afterwards.
 
 #![forbid(unsafe_code)]
 
