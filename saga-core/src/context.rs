@@ -116,9 +116,9 @@ impl StepContext {
     /// The longest the engine may go on running this step and phase under
     /// [`idempotency_key`](Self::idempotency_key) by itself, from its first attempt: the
     /// step's retry schedule with every attempt taking its whole timeout
-    /// ([`RetryPolicy::schedule_span`](crate::RetryPolicy::schedule_span)), plus one lapsed
-    /// lease for each interruption the engine allows (`max_interruptions`) before another
-    /// coordinator resumes it. A record that deduplicates the key (an idempotency guard entry,
+    /// ([`RetryPolicy::schedule_span`](crate::RetryPolicy::schedule_span)), plus, for each
+    /// interruption the engine allows (`max_interruptions`), a lapsed lease before another
+    /// coordinator resumes it and the interrupted attempt run again. A record that deduplicates the key (an idempotency guard entry,
     /// a downstream system's key store) must outlive this, or a late attempt could apply the
     /// effect again. `None` when the step has no timeout (then no bound is known) or outside
     /// an engine ([`StepContext::standalone`]). An operator's `saga retry` of a failed saga

@@ -164,7 +164,7 @@ impl Coordinator {
     /// An engine whose shutdown has begun ([`Engine::begin_shutdown`](crate::Engine::begin_shutdown), which a previous
     /// coordinator's shutdown calls) runs nothing more: on such an engine `run` returns at
     /// once with an empty report, and a shutdown begun elsewhere during the run ends it as
-    /// `shutdown` would. (Otherwise every saga claimed would stop at once and be due again,
+    /// `shutdown` would, within a poll interval. (Otherwise every saga claimed would stop at once and be due again,
     /// claimed again, for ever.) Build a new engine for a new coordinator.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> CoordinatorReport {
         if self.engine.is_shutting_down() {
@@ -204,10 +204,20 @@ impl Coordinator {
         let mut leases: HashMap<tokio::task::Id, Lease> = HashMap::new();
         let mut report = CoordinatorReport::default();
         tokio::pin!(shutdown);
+        // How soon a shutdown begun elsewhere (`Engine::begin_shutdown`) is seen by an idle
+        // coordinator; a busy one sees it as each run ends.
+        let mut shutdown_check = tokio::time::interval(self.poll_interval);
+        shutdown_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
+                _ = shutdown_check.tick() => {
+                    if self.engine.is_shutting_down() {
+                        tracing::warn!("the engine was shut down under its coordinator: the coordinator stops");
+                        break;
+                    }
+                }
                 Some(joined) = running.join_next_with_id(), if !running.is_empty() => {
                     record(&mut report, &mut leases, joined);
                     if self.engine.is_shutting_down() {
@@ -428,7 +438,7 @@ fn record(
 ) {
     match joined {
         Ok((id, result)) => {
-            leases.remove(&id);
+            let lease = leases.remove(&id);
             match result {
                 Ok(RunOutcome::Finished(_)) => report.finished += 1,
                 Ok(RunOutcome::Suspended(_)) => report.suspended += 1,
@@ -445,7 +455,12 @@ fn record(
                 }
                 Err(err) => {
                     report.errors += 1;
-                    tracing::warn!(error = %err, "saga run failed");
+                    match lease {
+                        Some(lease) => {
+                            tracing::warn!(saga_id = %lease.saga_id, error = %err, "saga run failed");
+                        }
+                        None => tracing::warn!(error = %err, "saga run failed"),
+                    }
                 }
             }
         }

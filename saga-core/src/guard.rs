@@ -130,7 +130,10 @@ impl IdempotencyGuard {
 
     /// Refuses record TTLs shorter than `ttl` ([`GuardError::TtlTooShort`]). The guard of a
     /// step ([`StepContext::guard`](crate::StepContext::guard)) sets it to the step's
-    /// [`key_lifetime`](crate::StepContext::key_lifetime).
+    /// [`key_lifetime`](crate::StepContext::key_lifetime). That lifetime counts the step's own
+    /// schedule, not retry-after hints: a step whose attempts meet
+    /// [`GuardError::InProgress`] waits up to the in-progress TTL between them, so give such a
+    /// step's records extra life (the in-progress TTL once per attempt).
     #[must_use]
     pub fn with_min_ttl(mut self, ttl: Duration) -> Self {
         self.min_ttl = Some(ttl);

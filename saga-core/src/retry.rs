@@ -299,18 +299,33 @@ impl RetryPolicy {
     #[must_use]
     pub fn schedule_span(&self, timeout: Option<Duration>) -> Option<Duration> {
         let timeout = timeout?;
-        // Sum the growing delays until they reach the cap; every later one is the cap, so
-        // a policy with millions of attempts costs as much as one with a few.
+        // Sum the growing delays until they stop growing (the cap, or a multiplier of 1);
+        // every later delay is at most the last one, so the rest is counted at once. Each
+        // step is one multiplication (`base_delay` would walk the schedule from the start),
+        // and the walk is bounded, so any policy costs at most `MAX_WALK` steps.
+        const MAX_WALK: u32 = 100_000;
+        let cap_ms = self.max_delay.as_secs_f64() * 1000.0;
+        let mut next_ms = self.initial_delay.as_secs_f64() * 1000.0;
         let mut delays = Duration::ZERO;
         let mut failed = 1;
         while failed < self.max_attempts {
-            let delay = self.base_delay(failed);
-            if delay >= self.max_delay {
+            // Rounded up to whole milliseconds, so that the sum never undercounts
+            // `base_delay`'s rounding. A float-to-int `as` cast saturates.
+            let delay = Duration::from_millis(next_ms.min(cap_ms).ceil() as u64);
+            let grown = next_ms * f64::from(self.multiplier);
+            if next_ms >= cap_ms || grown <= next_ms || failed >= MAX_WALK {
+                // The cap is the most any later delay can be.
+                let rest_delay = if failed >= MAX_WALK {
+                    self.max_delay
+                } else {
+                    delay
+                };
                 let rest = self.max_attempts - failed;
-                delays = delays.saturating_add(self.max_delay.saturating_mul(rest));
+                delays = delays.saturating_add(rest_delay.saturating_mul(rest));
                 break;
             }
             delays = delays.saturating_add(delay);
+            next_ms = grown;
             failed += 1;
         }
         let attempts = timeout.saturating_mul(self.max_attempts);
@@ -447,6 +462,27 @@ mod tests {
         assert_eq!(
             RetryPolicy::no_retry().schedule_span(Some(s(7))),
             Some(s(7))
+        );
+        // A multiplier of 1 never reaches the cap: counted at once, not walked.
+        let flat = RetryPolicy::default()
+            .with_max_attempts(u32::MAX)
+            .with_initial_delay(s(1))
+            .with_multiplier(1.0)
+            .with_max_delay(s(3));
+        assert_eq!(
+            flat.schedule_span(Some(s(1))),
+            Some(s(u64::from(u32::MAX - 1) + u64::from(u32::MAX)))
+        );
+        // Barely growing: the walk is bounded and still an upper bound of every delay.
+        let slow = RetryPolicy::default()
+            .with_max_attempts(u32::MAX)
+            .with_initial_delay(Duration::from_millis(100))
+            .with_multiplier(1.000_001)
+            .with_max_delay(s(10));
+        let walked: Duration = (1..1000).map(|k| slow.base_delay(k)).sum();
+        assert!(
+            slow.schedule_span(Some(Duration::ZERO)) >= Some(walked),
+            "an upper bound of the first 999 delays ({walked:?})"
         );
         assert_eq!(
             policy.with_max_attempts(u32::MAX).schedule_span(Some(s(1))),

@@ -544,8 +544,8 @@ impl Saga for ShortLivedCheckout {
 }
 
 /// With a 10 s lease and 2 allowed interruptions: 3 × 5 s of attempts, 1 s + 2 s of
-/// backoff, 2 × 10 s of lapsed leases.
-const SHORT_LIVED_KEY_LIFETIME: Duration = Duration::from_secs(15 + 3 + 20);
+/// backoff, and twice a 10 s lapsed lease with the 5 s attempt again.
+const SHORT_LIVED_KEY_LIFETIME: Duration = Duration::from_secs(15 + 3 + 2 * (10 + 5));
 
 fn short_lived_engine(
     h: &Harness,
@@ -591,7 +591,7 @@ async fn a_guard_ttl_shorter_than_the_keys_lifetime_is_refused_before_the_effect
     assert_eq!(attempts, [1], "permanent: not retried");
     let failed = serde_json::to_string(&history).unwrap();
     assert!(
-        failed.contains("shorter than the 38s") && failed.contains("at least 38s"),
+        failed.contains("shorter than the 48s") && failed.contains("at least 48s"),
         "the step's failure says what TTL is needed: {failed}"
     );
 
@@ -626,7 +626,7 @@ async fn check_guard_ttl_rejects_a_short_ttl_at_configuration() {
         message.contains("short_lived_charge")
             && message.contains("forward")
             && message.contains("30s")
-            && message.contains("at least 38s"),
+            && message.contains("at least 48s"),
         "{message}"
     );
     engine
@@ -640,7 +640,7 @@ async fn check_guard_ttl_rejects_a_short_ttl_at_configuration() {
     );
 
     // A compensating step is checked over its compensation policy too (10 attempts of up
-    // to 30 s by default: 371 s here, against 110 s forward).
+    // to 30 s by default: 431 s here, against 170 s forward).
     let err = engine
         .check_guard_ttl(&Refund, Duration::from_secs(300))
         .unwrap_err();

@@ -8,10 +8,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use saga_core::store::SagaStore as _;
+use saga_core::store::{ClaimOutcome, ClaimRequest, SagaStore as _};
 use saga_core::{
-    CompensationStatus, Engine, EngineError, EventKind, Phase, RunOutcome, Saga, SagaContext,
-    SagaError, SagaId, SagaState, SagaStatus, StartOptions, StepStatus, Timestamp,
+    CompensationStatus, Engine, EngineError, EventKind, MemoryStore, Phase, RunOutcome, Saga,
+    SagaContext, SagaError, SagaId, SagaState, SagaStatus, StartOptions, StepStatus, Timestamp,
 };
 use saga_tests::{
     Behavior, CrashingStore, Effect, Gate, Harness, OWNER, Plan, PlanSaga, Scripted,
@@ -658,6 +658,78 @@ async fn diverging_workflow_is_quarantined_without_compensating_until_its_code_i
             "SagaCompleted"
         );
     }
+}
+
+/// Registered under the scripted saga's name: loses its lease to another coordinator in
+/// the middle of its replay (a long pause), then diverges from the journal.
+struct LosesItsLeaseThenDiverges {
+    store: MemoryStore,
+}
+
+impl Saga for LosesItsLeaseThenDiverges {
+    type Input = u32;
+    type Output = ();
+    const NAME: &'static str = PlanSaga::NAME;
+
+    async fn run(&self, saga: &mut SagaContext, input: u32) -> Result<(), SagaError> {
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let claimed = self
+            .store
+            .claim(
+                saga.saga_id(),
+                &ClaimRequest {
+                    owner: "coordinator-2".into(),
+                    ttl: Duration::from_secs(30),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(matches!(claimed, ClaimOutcome::Claimed(_)), "{claimed:?}");
+        saga.run(Scripted::<3>::default(), input).await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_coordinator_that_lost_the_lease_does_not_quarantine_a_diverging_saga() {
+    let h = Harness::new();
+    h.script.forward(1, [Behavior::RetryAfter(LONG)]);
+    let original = timer_engine(&h, Plan::linear(3));
+    let id = original
+        .start_with::<PlanSaga>(&0, StartOptions::default())
+        .await
+        .unwrap()
+        .id;
+    assert!(matches!(
+        original.run_once(id).await.unwrap(),
+        RunOutcome::Suspended(_)
+    ));
+    tokio::time::advance(LONG).await;
+
+    let stale = Engine::builder(h.store.clone())
+        .register(LosesItsLeaseThenDiverges {
+            store: h.store.clone(),
+        })
+        .clock(Arc::clone(&h.clock) as Arc<dyn saga_core::Clock>)
+        .owner("coordinator-1")
+        .build()
+        .unwrap();
+    let err = stale.run_once(id).await.unwrap_err();
+
+    assert!(
+        matches!(err, EngineError::Interrupted { .. }),
+        "a fenced run stops without writing: {err:?}"
+    );
+    let stored = h.store.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        stored.quarantined, None,
+        "the new owner's saga is not set aside"
+    );
+    assert_eq!(
+        stored.lease.map(|l| l.owner),
+        Some("coordinator-2".to_owned()),
+        "the new owner keeps its lease"
+    );
 }
 
 #[tokio::test(start_paused = true)]

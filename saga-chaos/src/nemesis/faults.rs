@@ -253,6 +253,10 @@ fn pause(
         pending.stopped_at = Some(Instant::now());
         rig.paused[n] = true;
         let owner = coordinator.owner.clone();
+        // Read its leases only once it has really stopped, so that nothing it sends
+        // afterwards can change them (a write already on its way can still land; the
+        // fencing check allows for a run that ended at the stop).
+        let _ = coordinator.wait_state(Duration::from_secs(1), |s| s == 'T');
         let held = held_by(rig, &owner);
         match &held {
             Ok(leases) if leases.is_empty() && tries < PAUSE_TRIES => {

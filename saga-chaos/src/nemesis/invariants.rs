@@ -319,6 +319,17 @@ pub fn pauses_fenced(
         let text = log(&pause.owner);
         let (before, after) = text.split_at(pause.log_offset.min(text.len()));
         let lines = FenceLines::count(after);
+        // A run that ended just before the stop is logged when the coordinator reaps it,
+        // which may be after the SIGCONT: when the first line about each taken-over saga
+        // after the stop says its run ended (interrupted or failed, by a store error say),
+        // it had no late write to be refused.
+        let ended_at_stop = !pause.taken_over_ids.is_empty()
+            && pause.taken_over_ids.iter().all(|id| {
+                let id = id.to_string();
+                after.lines().find(|l| l.contains(&id)).is_some_and(|l| {
+                    l.contains("saga run interrupted") || l.contains("saga run failed")
+                })
+            });
         // Its run of a saga had ended before the stop when the last line about the saga
         // says the run was interrupted.
         let ended_before = !pause.taken_over_ids.is_empty()
@@ -347,7 +358,7 @@ pub fn pauses_fenced(
         match (pause.held, pause.taken_over) {
             (Some(0), _) => evidence.push(format!("{what}: no write was pending")),
             (Some(_), Some(taken)) if taken > 0 && past_lease => {
-                if lines.total() == 0 && ended_before {
+                if lines.total() == 0 && (ended_before || ended_at_stop) {
                     evidence.push(format!(
                         "{what}: its runs of those sagas had been interrupted before the stop, so no write was pending"
                     ));

@@ -56,17 +56,24 @@ impl Default for EngineConfig {
 impl EngineConfig {
     /// How long an engine with these settings may go on running one step phase under its
     /// idempotency key, for a phase retried by `policy` with attempts bounded by `timeout`:
-    /// [`RetryPolicy::schedule_span`] plus one lapsed lease per allowed interruption. `None`
-    /// when `timeout` is `None`. See [`StepContext::key_lifetime`](crate::StepContext::key_lifetime).
+    /// [`RetryPolicy::schedule_span`], plus, for each interruption allowed
+    /// ([`max_interruptions`](Self::max_interruptions)), a lapsed lease and the whole attempt
+    /// again (an interrupted attempt is re-run under its own number, which the schedule counts
+    /// once). `None` when `timeout` is `None`. See
+    /// [`StepContext::key_lifetime`](crate::StepContext::key_lifetime).
     #[must_use]
     pub fn key_lifetime(
         &self,
         policy: &RetryPolicy,
         timeout: Option<Duration>,
     ) -> Option<Duration> {
-        let span = policy.schedule_span(timeout)?;
-        let lapses = self.lease_ttl.saturating_mul(self.max_interruptions);
-        Some(span.saturating_add(lapses))
+        let attempt = timeout?;
+        let span = policy.schedule_span(Some(attempt))?;
+        let interruptions = self
+            .lease_ttl
+            .saturating_add(attempt)
+            .saturating_mul(self.max_interruptions);
+        Some(span.saturating_add(interruptions))
     }
 }
 

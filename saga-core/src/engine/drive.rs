@@ -163,6 +163,17 @@ impl Engine {
                     "non-deterministic workflow at journal position {position}: {message}; the journal was written by other code than the `{}` v{} registered on this coordinator: deploy the code the saga started under (a changed workflow needs a new `Saga::VERSION`), then `saga retry` it",
                     state.saga_type, state.version
                 );
+                // The quarantine itself takes no lease, and this decision comes at the end of
+                // a replay: a coordinator that lost the saga meanwhile (paused, cut off) must
+                // not set aside a saga another owner now runs, maybe under the right code. A
+                // fenced renewal proves the lease is still this run's just before.
+                let ttl = self.shared.config.lease_ttl;
+                if let Err(err) = self.shared.store.renew(ctx.lease(), ttl).await {
+                    return Err(EngineError::Interrupted {
+                        saga: id,
+                        cause: super::Interruption::from_store(err),
+                    });
+                }
                 return Err(self.quarantine(id, reason).await);
             }
             Decision::FailAfterPivot(message) => {

@@ -143,7 +143,7 @@ impl Engine {
                 && ttl < needed
             {
                 return Err(EngineError::Config(format!(
-                    "step `{}`: an idempotency record TTL of {ttl:?} is shorter than the {needed:?} its {phase} may still run under one key (retry schedule with every attempt timing out, plus {} lapsed leases of {:?}); use a TTL of at least {needed:?}, or shorten the step's retry policy or timeout",
+                    "step `{}`: an idempotency record TTL of {ttl:?} is shorter than the {needed:?} its {phase} may still run under one key (retry schedule with every attempt timing out, plus {} interruptions, each a lapsed lease of {:?} and the attempt again); use a TTL of at least {needed:?}, or shorten the step's retry policy or timeout",
                     S::NAME,
                     config.max_interruptions,
                     config.lease_ttl

@@ -53,8 +53,9 @@ pub(crate) async fn create(store: &RedisStore, new: NewSaga) -> Result<CreateOut
             }
             // The saga found may be this caller's own create whose replica wait failed (a
             // retried start): answered only after the replica wait too, or a start would be
-            // acknowledged while its saga is on the primary alone. `WAIT` counts every write
-            // this connection made before it, that create included.
+            // acknowledged while its saga is on the primary alone. `WAIT` covers every write
+            // this connection made before it, that create included, as long as the store's
+            // multiplexed connection did not reconnect in between (then it proves less).
             ReplyCode::Existing => Ok(Answer::Wrote(CreateOutcome::Existing {
                 status: reply.status(id)?,
             })),
