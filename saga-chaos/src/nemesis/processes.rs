@@ -115,37 +115,50 @@ impl Backend {
     }
 
     /// `CLUSTER FAILOVER` on the replica of the `pick`-th master (modulo the masters there
-    /// are now), waiting until it serves that master's slots and the cluster is healthy
-    /// again. Returns what happened, for the report, and whether the replica is now master.
+    /// are now), waiting until the replica itself sees that it serves the master's slots and
+    /// the cluster is healthy again. A manual failover the cluster gives up on (its master
+    /// busy past the failover timeout, a node slow to answer on a loaded machine) is tried
+    /// again, up to three times. Returns what happened, for the report, and whether a
+    /// replica was promoted.
     ///
     /// # Errors
-    /// A standalone server, no master with a replica, or the failover did not complete.
+    /// A standalone server.
     pub fn manual_failover(&self, pick: usize) -> Result<(String, bool), String> {
         let Self::Cluster(cluster) = self else {
             return Err("a failover needs a cluster".into());
         };
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let masters = cluster.masters();
-            let master = *masters
-                .get(pick % masters.len().max(1))
-                .ok_or("the cluster lists no master")?;
-            let replica = *cluster
-                .replicas_of(master)
-                .first()
-                .ok_or_else(|| format!("node {master} has no replica"))?;
-            cluster.manual_failover(replica, FAILOVER_BOUND);
-            cluster.wait_until_healthy(FAILOVER_BOUND);
-            let promoted = cluster.masters().contains(&replica);
-            Ok((
-                format!(
-                    "CLUSTER FAILOVER on node {replica} (replica of node {master}): node {replica} {} master; masters now {:?}",
-                    if promoted { "is" } else { "is NOT" },
+        let mut tries = Vec::new();
+        for _ in 0..FAILOVER_TRIES {
+            let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let masters = cluster.masters();
+                let master = *masters
+                    .get(pick % masters.len().max(1))
+                    .ok_or("the cluster lists no master")?;
+                let replica = *cluster
+                    .replicas_of(master)
+                    .first()
+                    .ok_or_else(|| format!("node {master} has no replica"))?;
+                // Returns only once the replica serves the slots (it panics otherwise).
+                cluster.manual_failover(replica, FAILOVER_BOUND);
+                cluster.wait_until_healthy(FAILOVER_BOUND);
+                Ok::<_, String>(format!(
+                    "CLUSTER FAILOVER on node {replica} (replica of node {master}): node {replica} is master; masters now {:?}",
                     cluster.masters()
-                ),
-                promoted,
-            ))
-        }))
-        .map_err(|panic| panic_text(&*panic))?
+                ))
+            }));
+            match attempt {
+                Ok(Ok(what)) => {
+                    tries.push(what);
+                    return Ok((tries.join("; "), true));
+                }
+                Ok(Err(why)) => tries.push(why),
+                Err(panic) => tries.push(panic_text(&*panic)),
+            }
+        }
+        Ok((
+            format!("no failover took effect: {}", tries.join("; ")),
+            false,
+        ))
     }
 
     /// Everything node `n` logged.
@@ -164,6 +177,9 @@ impl Backend {
 
 /// How long a manual failover, and the cluster's agreement on it, may take.
 const FAILOVER_BOUND: Duration = Duration::from_secs(20);
+
+/// Manual failovers tried before the fault counts as not taking effect.
+const FAILOVER_TRIES: usize = 3;
 
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
     panic
