@@ -130,14 +130,14 @@ impl Backend {
         let mut tries = Vec::new();
         for _ in 0..FAILOVER_TRIES {
             let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // The picked master, or the next one that has a replica (a former master
+                // rejoining as a replica shows up a gossip round later).
+                cluster.wait_until_healthy(FAILOVER_BOUND);
                 let masters = cluster.masters();
-                let master = *masters
-                    .get(pick % masters.len().max(1))
-                    .ok_or("the cluster lists no master")?;
-                let replica = *cluster
-                    .replicas_of(master)
-                    .first()
-                    .ok_or_else(|| format!("node {master} has no replica"))?;
+                let (master, replica) = (0..masters.len())
+                    .map(|k| masters[(pick + k) % masters.len()])
+                    .find_map(|m| cluster.replicas_of(m).first().map(|r| (m, *r)))
+                    .ok_or_else(|| format!("no master has a replica: masters {masters:?}"))?;
                 // Returns only once the replica serves the slots (it panics otherwise).
                 cluster.manual_failover(replica, FAILOVER_BOUND);
                 cluster.wait_until_healthy(FAILOVER_BOUND);
