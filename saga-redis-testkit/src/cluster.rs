@@ -493,14 +493,39 @@ impl RedisCluster {
 
     /// `CLUSTER FAILOVER` on replica `index` (a coordinated failover: its master stops
     /// writes until the replica has caught up), then waits (within `bound`) until the
-    /// replica serves its former master's slots. Panics otherwise.
+    /// replica serves its former master's slots. Redis gives a manual failover five seconds
+    /// (`CLUSTER_MF_TIMEOUT`) and then drops it silently ("Manual failover timed out", seen
+    /// on a loaded machine when the master answers late), so the request is sent again each
+    /// time that window has passed without a promotion. Panics when `bound` runs out.
     pub fn manual_failover(&self, index: usize, bound: Duration) {
-        let answer: Result<String, String> =
-            self.query(index, redis::cmd("CLUSTER").arg("FAILOVER"));
-        if let Err(err) = answer {
-            panic!("CLUSTER FAILOVER on node {index}: {err}");
+        // Longer than Redis's own manual-failover timeout, so a live attempt is never cut
+        // short by a second request.
+        const RETRY_AFTER: Duration = Duration::from_secs(8);
+        let deadline = Instant::now() + bound;
+        loop {
+            let answer: Result<String, String> =
+                self.query(index, redis::cmd("CLUSTER").arg("FAILOVER"));
+            if let Err(err) = answer {
+                // A node already promoted refuses ("You should send CLUSTER FAILOVER to a
+                // replica"): an earlier request took effect after all.
+                if self.serves_slots(index) {
+                    return;
+                }
+                panic!("CLUSTER FAILOVER on node {index}: {err}");
+            }
+            let attempt_ends = (Instant::now() + RETRY_AFTER).min(deadline);
+            while Instant::now() < attempt_ends {
+                if self.serves_slots(index) {
+                    return;
+                }
+                std::thread::sleep(POLL_PAUSE);
+            }
+            if Instant::now() >= deadline {
+                // One last look, with the topology in the message.
+                self.wait_until_serving(index, Duration::ZERO);
+                return;
+            }
         }
-        self.wait_until_serving(index, bound);
     }
 
     /// `CLUSTER FAILOVER TAKEOVER` on replica `index`: promoted at once, without its master
@@ -519,6 +544,15 @@ impl RedisCluster {
             assert!(promoted, "CLUSTER FAILOVER TAKEOVER on node {index}: {err}");
         }
         self.wait_until_serving(index, bound);
+    }
+
+    /// Whether node `index` itself reports that it is a master serving slots.
+    fn serves_slots(&self, index: usize) -> bool {
+        self.topology_from(index).is_ok_and(|topology| {
+            topology
+                .iter()
+                .any(|n| n.index == Some(index) && n.master && !n.slots.is_empty())
+        })
     }
 
     fn wait_until_serving(&self, index: usize, bound: Duration) {
