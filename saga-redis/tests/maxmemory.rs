@@ -24,7 +24,7 @@ use saga_core::{
 };
 use saga_redis::{RedisStore, ServerIssue};
 use saga_redis_testkit::{RedisServer, ServerConfig, can_spawn_servers};
-use support::{LONG, event, ids_in_partition, new_saga, owner, raw, state, step};
+use support::{LONG, event, ids_in_partition, new_saga, owner, raw, snapshot, state, step};
 
 const STEPS: usize = 3;
 /// Each step's output is its input, so every commit adds about this much to the saga.
@@ -121,41 +121,6 @@ async fn fill_sagas(store: &dyn SagaStore) -> BTreeMap<SagaId, SagaStatus> {
         .unwrap();
     assert!(page.next.is_none(), "fewer than 1000 sagas");
     page.sagas.into_iter().map(|s| (s.id, s.status)).collect()
-}
-
-/// Every key under `prefix` with its `DUMP`.
-async fn snapshot(
-    conn: &mut redis::aio::MultiplexedConnection,
-    prefix: &str,
-) -> BTreeMap<String, Vec<u8>> {
-    let mut names = Vec::new();
-    let mut cursor = 0_u64;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await
-            .unwrap();
-        names.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    let mut keys = BTreeMap::new();
-    for name in names {
-        let dump: Vec<u8> = redis::cmd("DUMP")
-            .arg(&name)
-            .query_async(conn)
-            .await
-            .unwrap();
-        keys.insert(name, dump);
-    }
-    keys
 }
 
 /// A refusal for lack of memory: transient, and saying what to do.

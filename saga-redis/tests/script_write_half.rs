@@ -17,7 +17,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use redis::AsyncCommands;
@@ -25,43 +24,7 @@ use saga_core::store::{ClaimOutcome, GuardClaim, Lease, Schedule, SignalDelivery
 use saga_core::{SagaId, SagaStatus, SagaStore, StoreError, Timestamp};
 use saga_redis::RedisStore;
 use saga_redis_testkit::shared_server;
-use support::{LONG, builder, event, ids_in_partition, new_saga, owner, raw, state};
-
-/// Every key under `prefix`: its `DUMP` and whether it has a TTL.
-async fn snapshot(
-    conn: &mut redis::aio::MultiplexedConnection,
-    prefix: &str,
-) -> BTreeMap<String, (Vec<u8>, bool)> {
-    let mut names = Vec::new();
-    let mut cursor = 0_u64;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await
-            .unwrap();
-        names.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    let mut keys = BTreeMap::new();
-    for name in names {
-        let dump: Vec<u8> = redis::cmd("DUMP")
-            .arg(&name)
-            .query_async(conn)
-            .await
-            .unwrap();
-        let ttl: i64 = conn.pttl(&name).await.unwrap();
-        keys.insert(name, (dump, ttl >= 0));
-    }
-    keys
-}
+use support::{LONG, builder, event, ids_in_partition, new_saga, owner, raw, snapshot, state};
 
 /// A store with one partition holding saga `id`, claimed (`lease`), with one signal in its
 /// inbox (so the inbox and its keys hash exist), and an id `fresh` not created yet.

@@ -2,6 +2,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use saga_core::store::{ClaimRequest, NewSaga, Schedule, Transition};
@@ -138,4 +139,42 @@ pub async fn raw_create(
         .invoke_async(conn)
         .await
         .unwrap_or_else(|err| panic!("create.lua: {err}"))
+}
+
+/// Every key under `prefix`: its `DUMP` and whether it has a TTL (a test helper: a failed
+/// read fails the test).
+#[allow(clippy::unwrap_used)]
+pub async fn snapshot(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+) -> BTreeMap<String, (Vec<u8>, bool)> {
+    let mut names = Vec::new();
+    let mut cursor = 0_u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .unwrap();
+        names.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut keys = BTreeMap::new();
+    for name in names {
+        let dump: Vec<u8> = redis::cmd("DUMP")
+            .arg(&name)
+            .query_async(conn)
+            .await
+            .unwrap();
+        let ttl: i64 = redis::AsyncCommands::pttl(conn, &name).await.unwrap();
+        keys.insert(name, (dump, ttl >= 0));
+    }
+    keys
 }
