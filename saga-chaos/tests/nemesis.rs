@@ -114,7 +114,7 @@ fn a_fixed_seed_fires_every_fault_kind_and_every_invariant_holds() {
     if !can_spawn_servers("a_fixed_seed_fires_every_fault_kind_and_every_invariant_holds") {
         return;
     }
-    let report = run(&["--seed", "11", "--seconds", "45", "--coordinators", "3"]);
+    let report = run(&["--seed", "11", "--seconds", "30", "--coordinators", "3"]);
     let kinds = kinds_of(&report);
     for kind in STANDALONE_KINDS {
         assert!(kinds.contains(kind), "{kind} not scheduled: {kinds:?}");
